@@ -520,6 +520,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how Python 3's protocol-2 pickles store bytes; side-effect free
     }
 
     def find_class(self, module: str, name: str):
