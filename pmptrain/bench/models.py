@@ -1,0 +1,405 @@
+"""Model builders for ``pmptrain bench``, by name.
+
+``build_model(name, input_shape, num_classes, **kw)`` returns a plain ``torch.nn.Module`` made of
+Linear, Conv1d/Conv2d, BatchNorm, ReLU/Tanh, pooling, Dropout and Flatten only, so every
+controlled layer is visible to the PMP optimizers (and to discretisation) through
+``named_modules()``. Construction is deterministic given ``torch.manual_seed``: the only random
+numbers drawn are the layers' default initialisations, in module order.
+
+Inputs are channels-first: ``input_shape`` is ``(C, L)`` for 1-D signals (MNIST-1D: ``(1, 40)``),
+``(C, H, W)`` for images (``(1, 28, 28)``, ``(3, 32, 32)``) or ``(F,)`` for flat features. Models
+built for 1-D/2-D shapes pick Conv1d/Conv2d accordingly; MLPs flatten whatever they get.
+
+=================  =========================================================================
+name               network
+=================  =========================================================================
+``mlp``            Flatten → [Linear → (BN) → ReLU → (Dropout)]×len(widths) → Linear
+``cnn_small``      [Conv(3) → (BN) → ReLU → MaxPool(2)]×len(channels) → FC(hidden) → ReLU → FC
+``ref_mlp``        Li & Hao (2018) MNIST: 784-2048-2048-2048-10, no biases, BN after every layer
+``ref_vgg``        Li & Hao CIFAR-10: C128-C128-MP-C256-C256-MP-C512-C512-MP-FC1024-FC1024-FC10
+``ref_vgg_svhn``   the same with ``width_mult=0.5`` (half conv widths), their SVHN network
+``restanh``        residual tanh network of the E-MSA toy (:class:`ResTanh`)
+``resnet_small``   CIFAR-style ResNet-(6n+2) (He et al., 2016, §4.2); ``resnet8``, ``resnet20``
+=================  =========================================================================
+
+Reference: Q. Li and S. Hao, "An optimal control approach to deep learning and applications to
+discrete-weight neural networks", ICML 2018 (networks as in their released notebooks; see
+``ALGORITHMS.md`` §3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MODELS",
+    "build_model",
+    "mlp",
+    "cnn_small",
+    "ref_mlp",
+    "ref_vgg",
+    "ResTanh",
+    "restanh",
+    "resnet_small",
+    "BasicBlock",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _shape(input_shape) -> Tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError:
+        shape = (int(input_shape),) if isinstance(input_shape, int) else ()
+    if not shape or any(s < 1 for s in shape) or len(shape) > 3:
+        raise ValueError(f"input_shape must be 1 to 3 positive ints (F,), (C, L) or (C, H, W); "
+                         f"got {input_shape!r}")
+    return shape
+
+
+def _pos_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def _widths(name: str, v) -> Tuple[int, ...]:
+    if isinstance(v, int):
+        v = (v,)
+    try:
+        out = tuple(v)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of positive ints, got {v!r}") from None
+    for w in out:
+        _pos_int(name, w)
+    return out
+
+
+def _prob(name: str, v) -> float:
+    if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+    return float(v)
+
+
+def _spatial_layers(input_shape: Tuple[int, ...], what: str):
+    """(ConvNd, BatchNormNd, MaxPoolNd, AdaptiveAvgPoolNd) for a (C, L) or (C, H, W) shape."""
+    if len(input_shape) == 2:
+        return nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d
+    if len(input_shape) == 3:
+        return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d
+    raise ValueError(f"input_shape: {what} needs (C, L) or (C, H, W) inputs, got {input_shape}")
+
+
+@torch.no_grad()
+def _out_features(body: nn.Module, input_shape: Tuple[int, ...]) -> int:
+    """Flattened output size of ``body`` for one input (a dry run on zeros; draws no RNG)."""
+    was = body.training
+    body.eval()
+    n = body(torch.zeros(1, *input_shape)).numel()
+    body.train(was)
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# MLPs
+
+
+def mlp(input_shape, num_classes: int, widths: Sequence[int] = (256, 256), batchnorm: bool = False,
+        dropout: float = 0.0, bias: bool = True) -> nn.Sequential:
+    """Multi-layer perceptron.
+
+    ``Flatten → [Linear(d_{i-1}, d_i, bias) → BatchNorm1d(d_i)? → ReLU → Dropout(p)?]_i →
+    Linear(d_last, num_classes, bias)`` with ``d_0 = prod(input_shape)``.
+
+    Args:
+        input_shape: shape of one example (flattened). num_classes: outputs.
+        widths: hidden widths; default ``(256, 256)`` (``()`` gives a linear model).
+        batchnorm: BatchNorm1d after each hidden Linear; default False.
+        dropout: dropout probability after each hidden ReLU; default 0 (none).
+        bias: biases in the Linear layers; default True.
+    """
+    shape = _shape(input_shape)
+    num_classes = _pos_int("num_classes", num_classes)
+    widths = _widths("widths", widths)
+    dropout = _prob("dropout", dropout)
+    layers = [nn.Flatten()]
+    d = math.prod(shape)
+    for w in widths:
+        layers.append(nn.Linear(d, w, bias=bias))
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(w))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        d = w
+    layers.append(nn.Linear(d, num_classes, bias=bias))
+    return nn.Sequential(*layers)
+
+
+def ref_mlp(input_shape=(1, 28, 28), num_classes: int = 10, widths: Sequence[int] = (2048, 2048, 2048)
+            ) -> nn.Sequential:
+    """Reference discrete-protocol MLP (Li & Hao, ICML 2018, MNIST): 784-2048-2048-2048-10.
+
+    ``Flatten → [Linear(no bias) → BatchNorm1d → ReLU]×3 → Linear(no bias) → BatchNorm1d``.
+    Every Linear is a discrete layer (first and last included) followed by BatchNorm, whose
+    affine parameters take the role of the biases. Parameters for 28×28 inputs:
+    784·2048 + 2·2048² + 2048·10 = 10,014,720 weights and 2·(3·2048 + 10) = 12,308 BN affine.
+    """
+    shape = _shape(input_shape)
+    num_classes = _pos_int("num_classes", num_classes)
+    widths = _widths("widths", widths)
+    layers = [nn.Flatten()]
+    d = math.prod(shape)
+    for w in widths:
+        layers += [nn.Linear(d, w, bias=False), nn.BatchNorm1d(w), nn.ReLU()]
+        d = w
+    layers += [nn.Linear(d, num_classes, bias=False), nn.BatchNorm1d(num_classes)]
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------------------------
+# CNNs
+
+
+def cnn_small(input_shape, num_classes: int, channels: Sequence[int] = (32, 64), hidden: int = 128,
+              batchnorm: bool = False, dropout: float = 0.0, bias: bool = True) -> nn.Sequential:
+    """Small CNN for 1-D (``(C, L)``, Conv1d) or 2-D (``(C, H, W)``, Conv2d) inputs.
+
+    ``[Conv(k=3, pad=1, bias) → BN? → ReLU → MaxPool(2)]×len(channels) → Flatten →
+    Linear(·, hidden) → ReLU → Dropout? → Linear(hidden, num_classes)``. For MNIST-1D (1, 40)
+    the defaults give 40 → 20 → 10 positions; for 28×28, 7×7; for 32×32, 8×8.
+
+    Args:
+        channels: conv widths; default ``(32, 64)``. hidden: FC width; default 128.
+        batchnorm: BatchNorm after each conv; default False. dropout: before the last Linear;
+        default 0. bias: biases in conv and Linear layers; default True.
+    """
+    shape = _shape(input_shape)
+    num_classes = _pos_int("num_classes", num_classes)
+    channels = _widths("channels", channels)
+    hidden = _pos_int("hidden", hidden)
+    dropout = _prob("dropout", dropout)
+    Conv, BN, Pool, _ = _spatial_layers(shape, "cnn_small")
+    layers = []
+    c = shape[0]
+    for w in channels:
+        layers.append(Conv(c, w, 3, padding=1, bias=bias))
+        if batchnorm:
+            layers.append(BN(w))
+        layers += [nn.ReLU(), Pool(2)]
+        c = w
+    layers.append(nn.Flatten())
+    feats = _out_features(nn.Sequential(*layers), shape)
+    layers += [nn.Linear(feats, hidden, bias=bias), nn.ReLU()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(hidden, num_classes, bias=bias))
+    return nn.Sequential(*layers)
+
+
+def ref_vgg(input_shape=(3, 32, 32), num_classes: int = 10, width_mult: float = 1.0,
+            fc_widths: Sequence[int] = (1024, 1024)) -> nn.Sequential:
+    """Reference discrete-protocol VGG-like net (Li & Hao, ICML 2018, CIFAR-10 / SVHN).
+
+    C128-C128-MP-C256-C256-MP-C512-C512-MP-FC1024-FC1024-FC10: 3×3 convs (padding 1), 2×2 max
+    pooling, no biases anywhere, BatchNorm after every conv and FC layer (the last included),
+    ReLU after every BN but the last. A block is ``Conv → BN → ReLU`` and pooling follows the
+    ReLU. ``width_mult`` scales the conv widths only (SVHN: 0.5 → 64-64-128-128-256-256).
+
+    note: where pooling sits relative to BN/ReLU is not fixed by the published description;
+    this order (pool last) is the common VGG one.
+    """
+    shape = _shape(input_shape)
+    num_classes = _pos_int("num_classes", num_classes)
+    if not isinstance(width_mult, (int, float)) or width_mult <= 0:
+        raise ValueError(f"width_mult must be > 0, got {width_mult!r}")
+    fc_widths = _widths("fc_widths", fc_widths)
+    Conv, BN, Pool, _ = _spatial_layers(shape, "ref_vgg")
+    layers = []
+    c = shape[0]
+    for base in (128, 256, 512):
+        w = max(1, int(round(base * width_mult)))
+        for _ in range(2):
+            layers += [Conv(c, w, 3, padding=1, bias=False), BN(w), nn.ReLU()]
+            c = w
+        layers.append(Pool(2))
+    layers.append(nn.Flatten())
+    d = _out_features(nn.Sequential(*layers), shape)
+    for w in fc_widths:
+        layers += [nn.Linear(d, w, bias=False), nn.BatchNorm1d(w), nn.ReLU()]
+        d = w
+    layers += [nn.Linear(d, num_classes, bias=False), nn.BatchNorm1d(num_classes)]
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------------------------
+# residual tanh network (E-MSA toy)
+
+
+class TanhResidualBlock(nn.Module):
+    """``h ← h + step · tanh(W h + b)`` with ``W, b`` one ``nn.Linear(width, width)``."""
+
+    def __init__(self, width: int, step: float = 1.0):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.step = step
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.step * torch.tanh(self.linear(h))
+
+
+class ResTanh(nn.Module):
+    """Residual tanh network of the E-MSA toy problem (a forward-Euler discretised ODE).
+
+    ``h_0 = A x + a`` (``self.inp = Linear(in_features, width)``), then ``depth`` blocks
+    ``h_{t+1} = h_t + step · tanh(W_t h_t + b_t)`` (``self.blocks[t].linear``), then
+    ``y = C h_T + c`` (``self.out = Linear(width, out_features)``). Inputs of any shape
+    ``(N, ...)`` are flattened to ``(N, in_features)``.
+
+    Args:
+        depth: number of residual blocks; default 20. width: state dimension; default 5.
+        in_features, out_features: default 1, 1 (scalar regression, e.g. fitting ``sin``).
+        step: the Euler step ``δt`` multiplying each residual; default 1.0.
+    """
+
+    def __init__(self, depth: int = 20, width: int = 5, in_features: int = 1, out_features: int = 1,
+                 step: float = 1.0):
+        super().__init__()
+        for name, v in (("depth", depth), ("width", width), ("in_features", in_features),
+                        ("out_features", out_features)):
+            _pos_int(name, v)
+        if not isinstance(step, (int, float)) or not step > 0:
+            raise ValueError(f"step must be > 0, got {step!r}")
+        self.depth, self.width = depth, width
+        self.inp = nn.Linear(in_features, width)
+        self.blocks = nn.ModuleList(TanhResidualBlock(width, float(step)) for _ in range(depth))
+        self.out = nn.Linear(width, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x.flatten(1))
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+def restanh(input_shape=(1,), num_classes: int = 1, depth: int = 20, width: int = 5,
+            step: float = 1.0) -> ResTanh:
+    """:class:`ResTanh` with ``in_features = prod(input_shape)`` and ``out_features = num_classes``."""
+    shape = _shape(input_shape)
+    return ResTanh(depth, width, math.prod(shape), _pos_int("num_classes", num_classes), step)
+
+
+# --------------------------------------------------------------------------------------------
+# small ResNet
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: ``relu(BN(conv(relu(BN(conv(x))))) + shortcut(x))``.
+
+    Both convs are 3×3 (padding 1), the first with ``stride``; the shortcut is the identity,
+    or ``BN(conv1×1(x, stride))`` when the shape changes (He et al. 2016, option B).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, Conv, BN, bias: bool = False):
+        super().__init__()
+        self.conv1 = Conv(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+        self.bn1 = BN(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = Conv(c_out, c_out, 3, stride=1, padding=1, bias=bias)
+        self.bn2 = BN(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(Conv(c_in, c_out, 1, stride=stride, bias=bias), BN(c_out))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+def resnet_small(input_shape=(3, 32, 32), num_classes: int = 10, depth: int = 8, width: int = 16,
+                 bias: bool = False) -> nn.Sequential:
+    """CIFAR-style ResNet-``depth`` (He et al., "Deep residual learning", CVPR 2016, §4.2).
+
+    ``depth = 6n + 2``: a 3×3 stem conv (``width`` channels) + BN + ReLU, three stages of ``n``
+    :class:`BasicBlock` with ``width, 2·width, 4·width`` channels (stride 1, 2, 2), global
+    average pooling and a Linear classifier. ``depth=8`` (n=1, ~78k parameters at width 16) and
+    ``depth=20`` (n=3, ~0.27M) are the usual small ones. Works for 32×32, 28×28 and 1-D inputs.
+
+    Args:
+        depth: 6n+2 with n ≥ 1; default 8. width: channels of the first stage; default 16.
+        bias: biases in the convs (BN follows each); default False. The classifier has a bias.
+    """
+    shape = _shape(input_shape)
+    num_classes = _pos_int("num_classes", num_classes)
+    width = _pos_int("width", width)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth must be 6n+2 with n >= 1 (8, 14, 20, 32, ...), got {depth!r}")
+    Conv, BN, _, AvgPool = _spatial_layers(shape, "resnet_small")
+    n = (depth - 2) // 6
+    layers = [Conv(shape[0], width, 3, padding=1, bias=bias), BN(width), nn.ReLU()]
+    c = width
+    for stage, w in enumerate((width, 2 * width, 4 * width)):
+        for i in range(n):
+            stride = 2 if stage > 0 and i == 0 else 1
+            layers.append(BasicBlock(c, w, stride, Conv, BN, bias))
+            c = w
+    layers += [AvgPool(1), nn.Flatten(), nn.Linear(c, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+
+def _ref_vgg_svhn(input_shape=(3, 32, 32), num_classes: int = 10, **kw) -> nn.Sequential:
+    kw.setdefault("width_mult", 0.5)
+    return ref_vgg(input_shape, num_classes, **kw)
+
+
+def _resnet(depth: int) -> Callable[..., nn.Module]:
+    def build(input_shape=(3, 32, 32), num_classes: int = 10, **kw) -> nn.Module:
+        if "depth" in kw:
+            raise ValueError(f"depth: resnet{depth} fixes depth={depth}; use resnet_small(depth=...)")
+        return resnet_small(input_shape, num_classes, depth=depth, **kw)
+
+    return build
+
+
+#: Builders by name: ``MODELS[name](input_shape, num_classes, **kw)``.
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "cnn_small": cnn_small,
+    "ref_mlp": ref_mlp,
+    "ref_vgg": ref_vgg,
+    "ref_vgg_svhn": _ref_vgg_svhn,
+    "restanh": restanh,
+    "resnet_small": resnet_small,
+    "resnet8": _resnet(8),
+    "resnet20": _resnet(20),
+}
+
+
+def build_model(name: str, input_shape, num_classes: int, **kw) -> nn.Module:
+    """Build model ``name`` (see ``MODELS``; ``-`` and ``_`` are interchangeable, case ignored).
+
+    Args:
+        name: registry name, e.g. ``"mlp"``, ``"cnn-small"``, ``"ref_mlp"``, ``"resnet20"``.
+        input_shape: one example's shape, channels first. num_classes: number of outputs.
+        **kw: builder-specific options (e.g. ``widths=(512,)``, ``batchnorm=True``,
+            ``width_mult=0.5``); an unknown option raises ``TypeError`` naming it.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the valid names) or bad arguments.
+    """
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in MODELS:
+        raise ValueError(f"name: unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
+    return MODELS[key](input_shape, num_classes, **kw)
