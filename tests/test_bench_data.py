@@ -242,8 +242,11 @@ def test_cifar_tarball_and_directory(tmp_path):
     np.testing.assert_array_equal((pix * 255).round().to(torch.uint8).numpy().reshape(3, 3072), x0)
     assert ds.train_y[:3].tolist() == y0
     # the extracted directory gives the same arrays
+    ext = tmp_path / "e" / "cifar-10-batches-py"
+    ext.mkdir(parents=True)
     with tarfile.open(tmp_path / "c" / "cifar-10-python.tar.gz") as tar:
-        tar.extractall(tmp_path / "e", filter="data")
+        for m in tar.getmembers():
+            (ext / Path(m.name).name).write_bytes(tar.extractfile(m).read())
     a, b = D.read_cifar10(tmp_path / "e" / "cifar-10-batches-py"), D.read_cifar10(
         tmp_path / "c" / "cifar-10-python.tar.gz")
     for u, v in zip(a, b):

@@ -692,7 +692,8 @@ def load_dataset(
     Args:
         name: one of ``DATASETS`` (aliases like ``mnist-1d``, ``fashion_mnist``, ``cifar-10``
             accepted). Default ``"mnist1d"``.
-        data_dir: first directory searched (``--data-dir``); default ``None``.
+        data_dir: first directory searched (``--data-dir``); default ``None``. MNIST-1D ignores
+            ``data_dir``, ``download`` and ``fetch`` (it is generated, cached in ``cache_dir()``).
         download: fetch missing files from the official URLs (MD5-checked). ``None`` (default)
             means "only if ``$PMPTRAIN_DOWNLOAD`` is 1/true/yes".
         val_fraction: fraction in ``[0, 1)`` of the training set moved to ``val_x/val_y``,
