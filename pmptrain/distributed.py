@@ -1,0 +1,73 @@
+"""Rank-safe collective helpers: no-ops without an initialised ``torch.distributed`` group.
+
+Algorithm code calls these unconditionally and never branches on rank.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["world_size", "all_reduce_sum_", "all_reduce_mean_", "all_gather_rows", "is_rank_zero"]
+
+
+def world_size(group=None) -> int:
+    """Number of ranks in ``group`` (1 without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def is_rank_zero(group=None) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    return dist.get_rank(group) == 0
+
+
+def all_reduce_sum_(tensors: Sequence[Tensor], group=None) -> None:
+    """Sum every tensor across ranks in place (flattened into one buffer per dtype)."""
+    if world_size(group) == 1 or not tensors:
+        return
+    by_dtype = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def all_reduce_mean_(tensors: Sequence[Tensor], group=None) -> None:
+    """Average every tensor across ranks in place."""
+    n = world_size(group)
+    if n == 1:
+        return
+    all_reduce_sum_(tensors, group)
+    for t in tensors:
+        t.div_(n)
+
+
+def all_gather_rows(t: Tensor, group=None) -> Tensor:
+    """Concatenate ``t`` (rows × …) of every rank along dim 0, in rank order.
+
+    Ranks may hold different numbers of rows.
+    """
+    n = world_size(group)
+    if n == 1:
+        return t
+    count = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
+    counts = [torch.zeros_like(count) for _ in range(n)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c.item()) for c in counts]
+    width = max(counts)
+    padded = t.new_zeros((width,) + tuple(t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
