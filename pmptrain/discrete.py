@@ -231,49 +231,60 @@ def _check_rho_lam(rho: float, lam: float) -> None:
         raise ValueError(f"lam: must be a finite number >= 0, got {lam!r}")
 
 
-def _tie_rank(grid: Grid, device=None) -> Tensor:
-    """Tie-break rank of each grid value: smaller |q| first, then the smaller value."""
-    v = grid.values
-    order = sorted(range(len(v)), key=lambda i: (abs(v[i]), v[i]))
-    rank = [0] * len(v)
-    for r, i in enumerate(order):
-        rank[i] = r
-    return torch.tensor(rank, dtype=torch.long, device=device)
+def _is_binary(grid: Grid) -> bool:
+    return grid.values == (-1.0, 1.0)
 
 
-def _chunks(n: int, g: int, budget: int = 1 << 22):
-    step = max(1, budget // max(g, 1))
-    for s in range(0, n, step):
-        yield s, min(n, s + step)
+def _is_ternary(grid: Grid) -> bool:
+    return grid.values == (-1.0, 0.0, 1.0)
 
 
-def _scores(w: Tensor, m: Tensor, q: Tensor, qabs: Tensor, rho_k, lam: float) -> Tensor:
-    """``S[i, g] = M_i q_g - λ|q_g| - (ρ_k/2)(q_g - W_i)^2`` for 1-D ``w``, ``m`` (a [n, G] tensor).
+def _argmax_ternary(w: Tensor, m: Tensor, rho_k, lam: float) -> Tensor:
+    """Closed form of the ternary rule (exact arithmetic, ``r = ρ_k``). For ``W = ±1`` with
+    ``u = M W``: ``-W`` if ``u < -(λ + 3r/2)``, else ``0`` if ``u < λ - r/2``, else ``W``. For
+    ``W = 0``: ``sign(M)`` if ``|M| > λ + r/2``, else 0. (From ``s(q) - s(W)``; ties keep ``W``, and
+    the 0/-W tie goes to 0, the closer value.)"""
+    r = rho_k
+    u = m * w
+    out = torch.where(u < -(lam + 1.5 * r), -w, torch.where(u < lam - 0.5 * r, torch.zeros_like(w), w))
+    jump = m.abs() > lam + 0.5 * r
+    return torch.where(w == 0, torch.where(jump, torch.sign(m), w), out)
+
+
+def _score(m: Tensor, w: Tensor, q: float, rho_k, lam: float) -> Tensor:
+    """``S = (M q - λ|q|) - (ρ_k/2)(q - W)^2`` elementwise for one grid value ``q``.
 
     The brute-force reference in the tests evaluates exactly these operations in this order."""
-    d = q - w.unsqueeze(-1)
-    s = m.unsqueeze(-1) * q - lam * qabs
-    return s - (0.5 * rho_k) * (d * d)
+    d = q - w
+    return (m * q - lam * abs(q)) - (0.5 * rho_k) * (d * d)
 
 
-def _argmax_keep(w: Tensor, s: Tensor, q: Tensor, rank: Tensor) -> Tensor:
-    """Row-wise argmax of ``s`` over the grid with the tie rule: the current value ``w`` if it is a
-    maximiser, else the maximiser closest to ``w``, then the one of smaller |q|, then the smaller q."""
-    best = s.max(dim=-1, keepdim=True).values
-    cand = s == best
-    dist = (q - w.unsqueeze(-1)).abs()
-    dist = torch.where(cand, dist, torch.full_like(dist, math.inf))
-    cand = cand & (dist == dist.min(dim=-1, keepdim=True).values)
-    big = torch.full_like(rank, q.numel()).expand_as(cand)
-    pick = torch.where(cand, rank.expand_as(cand), big).argmin(dim=-1)
-    return q[pick]
+def _argmax_general(w: Tensor, m: Tensor, grid: Grid, rho_k, lam: float) -> Tensor:
+    """Elementwise argmax over the grid, one grid value at a time (memory O(n)). Tie rule: the current
+    value if it is a maximiser, else the maximiser closest to ``W``, then smaller ``|q|``, then smaller ``q``."""
+    best_q = w.clone()
+    # the current value's score: W is on the grid, so this equals the score of that grid value
+    d0 = torch.zeros_like(w)
+    best = (m * w - lam * w.abs()) - (0.5 * rho_k) * (d0 * d0)
+    best_dist = torch.zeros_like(w)
+    for q in grid.values:
+        sq = _score(m, w, q, rho_k, lam)
+        dist = (q - w).abs()
+        closer = (dist < best_dist) | ((dist == best_dist) & ((abs(q) < best_q.abs()) | ((abs(q) == best_q.abs()) & (q < best_q))))
+        take = (sq > best) | ((sq == best) & closer)
+        best = torch.where(take, sq, best)
+        best_q = torch.where(take, torch.full_like(w, q), best_q)
+        best_dist = torch.where(take, dist, best_dist)
+    return best_q
 
 
-def _unpenalised_wrong(w: Tensor, m: Tensor, q: Tensor, qabs: Tensor, lam: float) -> Tensor:
+def _unpenalised_wrong(w: Tensor, m: Tensor, grid: Grid, lam: float) -> Tensor:
     """Mask of entries whose current value is *not* a maximiser of ``M q - λ|q|`` over the grid."""
-    s = m.unsqueeze(-1) * q - lam * qabs
-    cur = m * w - lam * w.abs()
-    return cur < s.max(dim=-1).values
+    best = None
+    for q in grid.values:
+        sq = m * q - lam * abs(q)
+        best = sq if best is None else torch.maximum(best, sq)
+    return (m * w - lam * w.abs()) < best
 
 
 def penalty_scale(acc: Tensor, weight: Tensor, grid: Grid, rho: float, lam: float = 0.0) -> Tuple[Tensor, bool]:
@@ -282,6 +293,9 @@ def penalty_scale(acc: Tensor, weight: Tensor, grid: Grid, rho: float, lam: floa
     The set is the *wrong set*: entries whose current value is not a maximiser of the unpenalised
     Hamiltonian (for binary: ``M_ij W_ij < 0``; an exact tie counts as right). ``ρ`` is relative to
     the largest wrong accumulator, hence scale-free in the loss.
+
+    Binary fast path (exact arithmetic; λ is a constant there): ``ρ_k = ρ · max(0, max(-M∘W))``.
+    Other grids compare ``M W - λ|W|`` with ``max_q (M q - λ|q|)`` in floating point.
 
     Args:
         acc: the accumulator M (same shape as ``weight``).
@@ -298,30 +312,34 @@ def penalty_scale(acc: Tensor, weight: Tensor, grid: Grid, rho: float, lam: floa
     if acc.shape != weight.shape:
         raise ValueError(f"acc: shape {tuple(acc.shape)} != weight shape {tuple(weight.shape)}")
     dtype = torch.promote_types(acc.dtype, weight.dtype)
-    q = grid.tensor(dtype, acc.device)
-    qabs = q.abs()
     w = weight.detach().reshape(-1).to(dtype)
     m = acc.detach().reshape(-1).to(dtype)
-    worst = torch.zeros((), dtype=dtype, device=acc.device)
-    any_wrong = False
-    for s, e in _chunks(w.numel(), len(grid)):
-        wrong = _unpenalised_wrong(w[s:e], m[s:e], q, qabs, lam)
-        if bool(wrong.any()):
-            any_wrong = True
-            worst = torch.maximum(worst, m[s:e].abs()[wrong].max())
-    return rho * worst, not any_wrong
+    if w.numel() == 0:
+        return torch.zeros((), dtype=dtype, device=acc.device), True
+    if _is_binary(grid):
+        worst = (m * w).neg_().clamp_(min=0).max()  # = max |M| over M W < 0, or 0
+    else:
+        if _is_ternary(grid):  # closed form: W = ±1 is right iff M W >= λ; W = 0 iff |M| <= λ
+            wrong = torch.where(w == 0, m.abs() > lam, m * w < lam)
+        else:
+            wrong = _unpenalised_wrong(w, m, grid, lam)
+        worst = torch.where(wrong, m.abs(), torch.zeros_like(m)).max()
+    empty = not bool(worst > 0) if _is_binary(grid) else not bool(wrong.any())
+    return rho * worst, empty
 
 
 def discrete_argmax(weight: Tensor, acc: Tensor, grid: Grid, rho_k, lam: float = 0.0) -> Tensor:
     """Elementwise ``W_ij <- argmax_{q∈Q} [ M_ij q - λ|q| - (ρ_k/2)(q - W_ij)^2 ]``.
 
     Ties keep the current value (``W`` must be on the grid); among other tied maximisers the one
-    closest to ``W_ij`` wins, then the smaller ``|q|``, then the smaller ``q``. Evaluated as a
-    ``[n, G]`` score table in chunks, which is exactly the brute-force rule.
+    closest to ``W_ij`` wins, then the smaller ``|q|``, then the smaller ``q``. General grids are
+    evaluated one grid value at a time with exactly the brute-force score expression.
 
-    Special cases: binary flips ``W_ij`` iff ``-M_ij W_ij > ρ_k``; for a uniform grid the result is
-    ``W + M/ρ_k`` rounded to the grid after the λ shrinkage. ``rho_k = None`` (an empty wrong set)
-    returns an unchanged copy.
+    Binary fast path: ``W_ij`` flips iff ``-M_ij W_ij > ρ_k`` (the exact-arithmetic form of the rule,
+    which does not depend on λ). Ternary fast path: thresholds on ``M W`` (see ``_argmax_ternary``).
+    Fast paths can differ from a floating-point evaluation of the scores only within rounding of
+    an exact tie (tests: identical on random float64 inputs and on exact dyadic ties). For a uniform grid the result is ``W + M/ρ_k`` rounded to the
+    grid after the λ shrinkage. ``rho_k = None`` (an empty wrong set) returns an unchanged copy.
 
     Args:
         weight: current codes W (any shape, on ``grid``).
@@ -344,14 +362,14 @@ def discrete_argmax(weight: Tensor, acc: Tensor, grid: Grid, rho_k, lam: float =
         raise ValueError(f"rho_k: must be a finite number >= 0, got {rho_k!r}")
     _check_rho_lam(0.0, lam)
     dtype = torch.promote_types(acc.dtype, weight.dtype)
-    q = grid.tensor(dtype, acc.device)
-    qabs, rank = q.abs(), _tie_rank(grid, acc.device)
     w = weight.detach().reshape(-1).to(dtype)
     m = acc.detach().reshape(-1).to(dtype)
-    out = torch.empty_like(w)
-    for s, e in _chunks(w.numel(), len(grid)):
-        sc = _scores(w[s:e], m[s:e], q, qabs, rho_k, lam)
-        out[s:e] = _argmax_keep(w[s:e], sc, q, rank)
+    if _is_binary(grid):
+        out = torch.where((m * w).neg_() > rho_k, w.neg(), w)
+    elif _is_ternary(grid):
+        out = _argmax_ternary(w, m, rho_k, lam)
+    else:
+        out = _argmax_general(w, m, grid, rho_k, lam)
     return out.reshape(weight.shape).to(weight.dtype)
 
 
@@ -396,7 +414,7 @@ def discrete_msa_step(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam: 
         flips=flips,
         numel=n,
         flip_ratio=flips / n if n else 0.0,
-        density=float((new != 0).sum()) / n if n else 0.0,
+        density=(float(torch.count_nonzero(new)) / n if n else 0.0) if grid.has_zero else 1.0,
         rho_k=float(rho_k),
         empty=bool(empty),
         acc_abs_mean=float(a.mean()) if n else 0.0,

@@ -163,6 +163,10 @@ def test_argmax_equals_brute_force(gname, lam, rho):
     assert new2.shape == (20, 15) and new2.reshape(-1).tolist() == new.tolist()
     assert stats.flips == int((new != w).sum()) and stats.flip_ratio == stats.flips / n
     assert stats.density == float((new != 0).sum()) / n and stats.rho_k == ref_rho_k
+    # the general (grid-loop) path agrees with the fast paths
+    from pmptrain.discrete import _argmax_general
+
+    assert _argmax_general(w, m, grid, float(rho_k), lam).tolist() == new.tolist()
 
 
 def test_argmax_exact_ties_keep_current():
@@ -191,13 +195,16 @@ def test_argmax_exact_ties_keep_current():
 def test_ties_on_random_dyadic_inputs_match_brute_force():
     # Dyadic accumulators and rho on a dyadic grid make many exact ties; compare with brute force.
     gen = torch.Generator().manual_seed(0)
-    grid = custom_grid([-1.0, -0.5, 0.0, 0.5, 1.0])
-    w = random_on_grid(grid, 500, gen)
-    m = torch.randint(-8, 9, (500,), generator=gen).double() / 8
-    for rho_k in [0.0, 0.5, 1.0]:
-        for lam in [0.0, 0.25]:
-            new = discrete_argmax(w, m, grid, rho_k, lam)
-            assert new.tolist() == brute_argmax(w.tolist(), m.tolist(), grid.values, rho_k, lam)
+    for grid in [custom_grid([-1.0, -0.5, 0.0, 0.5, 1.0]), ternary_grid(), binary_grid(), uniform_grid(2, zero=True)]:
+        w = random_on_grid(grid, 500, gen)
+        m = torch.randint(-16, 17, (500,), generator=gen).double() / 16
+        for rho_k in [0.0, 0.25, 0.5, 1.0]:
+            for lam in [0.0, 0.125, 0.25]:
+                new = discrete_argmax(w, m, grid, rho_k, lam)
+                assert new.tolist() == brute_argmax(w.tolist(), m.tolist(), grid.values, rho_k, lam)
+                ref_rho, ref_empty = brute_rho_k(w.tolist(), m.tolist(), grid.values, 0.5, lam)
+                got_rho, got_empty = penalty_scale(m, w, grid, 0.5, lam)
+                assert (float(got_rho), got_empty) == (ref_rho, ref_empty)
 
 
 def test_binary_rho_zero_flips_every_wrong_sign_and_rho_one_freezes():
