@@ -138,10 +138,18 @@ def eigh_psd(
     ``float64=True`` solves in float64 and casts back (accuracy for tiny or ill-conditioned
     problems). Rounding can make tiny eigenvalues slightly negative; they are clamped at ``floor``
     (default 0: the proximal weight δ > 0 already keeps every denominator positive).
+    Raises ``torch.linalg.LinAlgError`` only for non-finite input (after a float64 retry).
     """
     work = mat.double() if (float64 and mat.dtype != torch.float64) else mat
     work = 0.5 * (work + work.T)
-    evals, evecs = torch.linalg.eigh(work)
+    try:
+        evals, evecs = torch.linalg.eigh(work)
+    except torch.linalg.LinAlgError:
+        if not bool(torch.isfinite(work).all()):
+            raise
+        # LAPACK's divide-and-conquer can fail on (numerically) repeated eigenvalues; a float64
+        # solve of the same matrix is the documented remedy.
+        evals, evecs = torch.linalg.eigh(work.double())
     evals = evals.clamp_min(floor)
     return evals.to(mat.dtype), evecs.to(mat.dtype)
 

@@ -338,7 +338,12 @@ class PMPOptimizer(torch.optim.Optimizer):
                 handled.update(id(p) for p in own)  # not called this step: left unchanged
                 continue
             group = self.param_groups[group_of[id(own[0])]]
-            ups, cms = self._module_update(name, module, kind, records, group, inv_scale)
+            try:
+                ups, cms = self._module_update(name, module, kind, records, group, inv_scale)
+            except torch.linalg.LinAlgError:
+                # only non-finite statistics make the eigen/Cholesky solves fail (δ > 0)
+                self._skip(f"non-finite statistics in module {name!r}")
+                return
             updates += ups
             commits += cms
             handled.update(id(p) for p in own)
