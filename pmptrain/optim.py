@@ -119,13 +119,23 @@ class PMPOptimizer(torch.optim.Optimizer):
         self._controlled: Dict[str, Tuple[nn.Module, str]] = {}
         self._select_modules()
         self.capture: Optional[ModuleCapture] = ModuleCapture(
-            {name: module for name, (module, _) in self._controlled.items()}
+            {
+                name: module
+                for name, (module, kind) in self._controlled.items()
+                if self._kind_needs_capture(kind)
+            }
         )
 
     # ------------------------------------------------------------------ module selection
     def _module_kind(self, name: str, module: nn.Module) -> Optional[str]:
-        """The rule for ``module`` (a string the subclass understands) or None for fallback."""
+        """The rule for ``module``'s own parameters: a string the subclass understands,
+        ``"fallback"`` for the fallback step by design, or None when the module is unsupported
+        (fallback step with a warning; an error when ``strict``)."""
         raise NotImplementedError
+
+    def _kind_needs_capture(self, kind: str) -> bool:
+        """Whether modules of this kind need recorded states/costates (else only gradients)."""
+        return True
 
     def _select_modules(self) -> None:
         in_groups = {id(p) for g in self.param_groups for p in g["params"]}
@@ -135,10 +145,13 @@ class PMPOptimizer(torch.optim.Optimizer):
             own = [p for p in module.parameters(recurse=False) if id(p) in in_groups]
             if not own:
                 continue
-            kind = None if name in self._excluded else self._module_kind(name, module)
+            kind = "fallback" if name in self._excluded else self._module_kind(name, module)
+            if kind is None and isinstance(module, FALLBACK_MODULE_TYPES):
+                kind = "fallback"
             if kind is None:
-                if name not in self._excluded and not isinstance(module, FALLBACK_MODULE_TYPES):
-                    self._unsupported(name, module)
+                self._unsupported(name, module)
+                continue
+            if kind == "fallback":
                 continue
             candidates[name] = (module, kind)
             for p in own:
@@ -304,10 +317,10 @@ class PMPOptimizer(torch.optim.Optimizer):
                 "loss.backward() on a loss computed by the model in train() mode, with gradients "
                 "enabled, before step()"
             )
-        if self._controlled and not has_records and world == 1:
+        if self.capture.records and not has_records and world == 1:
             ungated = [
-                n for n, (m, _) in self._controlled.items()
-                if any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters(recurse=False))
+                n for n, (m, kind) in self._controlled.items()
+                if self._kind_needs_capture(kind) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters(recurse=False))
             ]
             if ungated:
                 raise RuntimeError(
@@ -332,9 +345,10 @@ class PMPOptimizer(torch.optim.Optimizer):
         handled = set()
         n_controlled = 0
         for name, (module, kind) in self._controlled.items():
-            records = self.capture.pop(name)
+            needs_capture = self._kind_needs_capture(kind)
+            records = self.capture.pop(name) if needs_capture else []
             own = list(module.parameters(recurse=False))
-            if not records or all(p.grad is None for p in own):
+            if (needs_capture and not records) or all(p.grad is None for p in own):
                 handled.update(id(p) for p in own)  # not called this step: left unchanged
                 continue
             group = self.param_groups[group_of[id(own[0])]]
