@@ -2,11 +2,55 @@
 
 Public API (everything else may change):
 
-* :class:`EMSA`, :class:`MSA` — continuous E-MSA / basic MSA as ``torch.optim.Optimizer`` s.
+* continuous optimizers: :class:`EMSA`, :class:`MSA` (``torch.optim.Optimizer`` s taking the model);
+* low precision: :func:`discretize_`, :func:`discrete_parameters`, grids (:func:`make_grid`, …),
+  activation quantisers (:func:`sign_ste`, :class:`SignActivation`, …), export
+  (:func:`summary`, :func:`export_packed`, :func:`load_packed`);
+* baselines for fair comparisons: :class:`BinaryConnect`, :class:`TWN`, :class:`Bop`.
 """
 
+from .baselines import TWN, BinaryConnect, Bop
+from .discrete import Grid, binary_grid, custom_grid, make_grid, ternary_grid, uniform_grid
+from .export import PackedFileError, export_packed, load_packed, summary
 from .optim import EMSA, MSA, PMPOptimizer, StepInfo
+from .quant import (
+    DiscreteTensor,
+    QuantizedActivation,
+    SignActivation,
+    discrete_parameters,
+    discretize_,
+    is_discrete_module,
+    sign_ste,
+    uniform_quantize_ste,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["EMSA", "MSA", "PMPOptimizer", "StepInfo", "__version__"]
+__all__ = [
+    "EMSA",
+    "MSA",
+    "PMPOptimizer",
+    "StepInfo",
+    "Grid",
+    "make_grid",
+    "binary_grid",
+    "ternary_grid",
+    "uniform_grid",
+    "custom_grid",
+    "discretize_",
+    "discrete_parameters",
+    "is_discrete_module",
+    "DiscreteTensor",
+    "sign_ste",
+    "uniform_quantize_ste",
+    "SignActivation",
+    "QuantizedActivation",
+    "summary",
+    "export_packed",
+    "load_packed",
+    "PackedFileError",
+    "BinaryConnect",
+    "TWN",
+    "Bop",
+    "__version__",
+]
