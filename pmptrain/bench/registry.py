@@ -1,0 +1,255 @@
+"""Optimizers of ``pmptrain bench`` by name, with documented defaults and tuning grids.
+
+Every entry is an :class:`OptimizerSpec`: a builder ``build(model, **overrides) -> optimizer``,
+whether (and onto which grid) the model must be discretised first, the name and default value of
+its *step-size hyper-parameter* (what ``--lr`` sets and ``--tune lr`` sweeps — the learning rate
+for gradient methods, ``ρ`` for discrete MSA, ``γ`` for Bop), and a small tuning grid.
+
+=================  ==============  ===========================  =========  ====================
+name               weights         optimizer (defaults)         ``--lr``   ``--tune lr`` grid
+=================  ==============  ===========================  =========  ====================
+sgd                float           SGD, momentum 0.9            lr 0.05    0.01, 0.03, 0.1
+adam               float           Adam                         lr 1e-3    3e-4, 1e-3, 3e-3
+msa                float           MSA (basic, ρ = 0)           lr 0.1     0.03, 0.1, 0.3
+emsa               float           EMSA closed form, ρ = 1      lr 0.5     0.2, 0.5, 1.0
+emsa-iterative     float           EMSA solver="iterative"      lr 0.5     0.2, 0.5, 1.0
+                                   (10 Adam inner steps, 0.01)
+binary-msa         {−1, +1}        DiscreteMSA, decay 0.999     ρ 0.5      0.2, 0.35, 0.5
+ternary-msa        {−1, 0, +1}     DiscreteMSA, decay 0.999     ρ 0.5      0.2, 0.35, 0.5
+kbit-msa           2-bit uniform   DiscreteMSA, decay 0.999     ρ 0.5      0.2, 0.35, 0.5
+binaryconnect      {−1, +1}        BinaryConnect (Adam on       lr 1e-3    1e-3, 3e-3, 1e-2
+                                   latents, latent_scale 0.05)
+twn                {−1, 0, +1}     TWN (latent_scale 0.05)      lr 1e-3    1e-3, 3e-3, 1e-2
+bop                {−1, +1}        Bop, threshold 1e-8          γ 1e-3     1e-4, 1e-3, 1e-2
+=================  ==============  ===========================  =========  ====================
+
+Fallback: parameters without a maximiser / rule (biases, BatchNorm affine, the full-precision first
+and last layers of a mixed-precision model) are trained by the optimizer's own fallback (Adam with
+lr 1e-3 for every PMP optimizer and discrete baseline).
+
+note: ``latent_scale=0.05`` for BinaryConnect/TWN departs from their classes' default 1.0: the
+weights handed to them are already codes ±1 (from :func:`pmptrain.quant.discretize_`), and with
+latents at the clipping bound ±1 a weight needs ~1000 Adam steps of 1e-3 to flip, i.e. it would not
+train within a short benchmark. Bop's γ = 1e-3 (class default 1e-4) for the same reason.
+
+``DiscreteMSA`` (``pmptrain.discrete_optim``) is imported lazily, when a discrete MSA optimizer is
+built, so this registry works before that module exists. Per-epoch shrinking of ``1 − decay`` by
+``gamma`` (ALGORITHMS.md §3) is passed to the optimizer if its constructor takes ``gamma``;
+otherwise the runner applies it to the param groups' ``decay`` at the start of every epoch
+(:func:`epoch_decay`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "get_spec", "build_optimizer", "epoch_decay",
+           "optimizer_names", "UnknownOptimizerError"]
+
+
+class UnknownOptimizerError(ValueError):
+    """An optimizer name that is not in :data:`OPTIMIZERS`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """One benchmark optimizer.
+
+    Attributes:
+        name: registry name.
+        builder: ``builder(model, **kwargs) -> torch.optim.Optimizer``; ``kwargs`` are
+            ``defaults`` updated with the user's overrides.
+        defaults: documented default keyword arguments (including the step-size hyper-parameter).
+        lr_key: the keyword that ``--lr`` sets and ``--tune lr`` sweeps (``"lr"``, ``"rho"``,
+            ``"gamma"``).
+        tune_grid: the values ``--tune lr`` tries.
+        levels: ``None`` for full-precision models, else the grid passed to
+            ``discretize_(model, levels=...)`` before the optimizer is built.
+        takes_wrapper: hand a ``DistributedDataParallel`` wrapper to the builder (PMP optimizers,
+            which unwrap it themselves) instead of the bare module.
+        description: one line for ``--help`` and the results.
+    """
+
+    name: str
+    builder: Callable[..., torch.optim.Optimizer]
+    defaults: Dict[str, Any]
+    lr_key: str
+    tune_grid: Tuple[float, ...]
+    levels: Union[None, str, int] = None
+    takes_wrapper: bool = False
+    description: str = ""
+
+    @property
+    def default_lr(self) -> float:
+        """Default value of the step-size hyper-parameter ``lr_key``."""
+        return self.defaults[self.lr_key]
+
+    @property
+    def discrete(self) -> bool:
+        """Whether the model must be discretised before the optimizer is built."""
+        return self.levels is not None
+
+    def build(self, model: nn.Module, **overrides) -> torch.optim.Optimizer:
+        """Build the optimizer for ``model`` with ``defaults`` updated by ``overrides``."""
+        kwargs = dict(self.defaults)
+        kwargs.update(overrides)
+        return self.builder(model, **kwargs)
+
+
+def _params(model: nn.Module):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _sgd(model, lr, momentum=0.9, weight_decay=0.0, nesterov=False):
+    return torch.optim.SGD(_params(model), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov)
+
+
+def _adam(model, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    return torch.optim.Adam(_params(model), lr=lr, betas=tuple(betas), eps=eps,
+                            weight_decay=weight_decay)
+
+
+def _emsa(model, **kw):
+    from ..optim import EMSA
+
+    if "betas" in kw:
+        kw["betas"] = tuple(kw["betas"])
+    return EMSA(model, **kw)
+
+
+def _msa(model, **kw):
+    from ..optim import MSA
+
+    return MSA(model, **kw)
+
+
+def _discrete_msa_class():
+    try:
+        from ..discrete_optim import DiscreteMSA
+    except ImportError as e:  # written separately; absent in early checkouts
+        raise RuntimeError(
+            "the discrete MSA optimizers need pmptrain.discrete_optim.DiscreteMSA, which this "
+            f"installation does not have ({e})") from e
+    return DiscreteMSA
+
+
+def discrete_msa_available() -> bool:
+    """Whether ``pmptrain.discrete_optim.DiscreteMSA`` can be imported."""
+    try:
+        _discrete_msa_class()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _discrete_msa(model, gamma=None, **kw):
+    cls = _discrete_msa_class()
+    try:
+        accepts = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        accepts = {}
+    if gamma is not None and "gamma" in accepts:
+        kw["gamma"] = gamma
+    opt = cls(model, **kw)
+    # the runner shrinks 1 - decay by gamma per epoch when the optimizer does not do it itself
+    opt._bench_gamma = None if "gamma" in accepts else gamma
+    return opt
+
+
+def _binaryconnect(model, **kw):
+    from ..baselines import BinaryConnect
+
+    return BinaryConnect(model, **kw)
+
+
+def _twn(model, **kw):
+    from ..baselines import TWN
+
+    return TWN(model, **kw)
+
+
+def _bop(model, **kw):
+    from ..baselines import Bop
+
+    return Bop(model, **kw)
+
+
+_RHO_GRID = (0.2, 0.35, 0.5)
+
+#: The benchmark optimizers by name (see the module docstring for the table).
+OPTIMIZERS: Dict[str, OptimizerSpec] = {
+    s.name: s
+    for s in (
+        OptimizerSpec("sgd", _sgd, {"lr": 0.05, "momentum": 0.9}, "lr", (0.01, 0.03, 0.1),
+                      description="SGD with momentum 0.9 (torch.optim.SGD)"),
+        OptimizerSpec("adam", _adam, {"lr": 1e-3}, "lr", (3e-4, 1e-3, 3e-3),
+                      description="Adam (torch.optim.Adam)"),
+        OptimizerSpec("msa", _msa, {"lr": 0.1}, "lr", (0.03, 0.1, 0.3), takes_wrapper=True,
+                      description="basic MSA (rho = 0) with proximal step lr"),
+        OptimizerSpec("emsa", _emsa, {"lr": 0.5, "rho": 1.0}, "lr", (0.2, 0.5, 1.0),
+                      takes_wrapper=True, description="closed-form E-MSA, rho 1, delta = 1/lr"),
+        OptimizerSpec("emsa-iterative", _emsa,
+                      {"lr": 0.5, "rho": 1.0, "solver": "iterative", "inner_steps": 10,
+                       "inner_lr": 0.01, "inner_optimizer": "adam"},
+                      "lr", (0.2, 0.5, 1.0), takes_wrapper=True,
+                      description="iterative E-MSA: 10 Adam steps on the augmented Hamiltonian"),
+        OptimizerSpec("binary-msa", _discrete_msa, {"rho": 0.5, "decay": 0.999}, "rho", _RHO_GRID,
+                      levels="binary", takes_wrapper=True,
+                      description="latent-free discrete MSA on {-1, +1}"),
+        OptimizerSpec("ternary-msa", _discrete_msa, {"rho": 0.5, "decay": 0.999}, "rho", _RHO_GRID,
+                      levels="ternary", takes_wrapper=True,
+                      description="latent-free discrete MSA on {-1, 0, +1}"),
+        OptimizerSpec("kbit-msa", _discrete_msa, {"rho": 0.5, "decay": 0.999}, "rho", _RHO_GRID,
+                      levels=2, takes_wrapper=True,
+                      description="latent-free discrete MSA on the symmetric 2-bit grid"),
+        OptimizerSpec("binaryconnect", _binaryconnect, {"lr": 1e-3, "latent_scale": 0.05}, "lr",
+                      (1e-3, 3e-3, 1e-2), levels="binary",
+                      description="BinaryConnect / STE, Adam on clipped latents"),
+        OptimizerSpec("twn", _twn, {"lr": 1e-3, "latent_scale": 0.05}, "lr", (1e-3, 3e-3, 1e-2),
+                      levels="ternary", description="Ternary Weight Networks, Adam on latents"),
+        OptimizerSpec("bop", _bop, {"gamma": 1e-3, "threshold": 1e-8}, "gamma", (1e-4, 1e-3, 1e-2),
+                      levels="binary", description="Bop: latent-free flips on a gradient EMA"),
+    )
+}
+
+
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace("_", "-")
+
+
+def optimizer_names() -> Tuple[str, ...]:
+    """Registry names in table order."""
+    return tuple(OPTIMIZERS)
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    """The :class:`OptimizerSpec` of ``name`` (case and ``_``/``-`` ignored).
+
+    Raises:
+        UnknownOptimizerError: unknown name; the message lists the valid names.
+    """
+    key = _key(name)
+    if key not in OPTIMIZERS:
+        raise UnknownOptimizerError(
+            f"--optimizers: unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[key]
+
+
+def build_optimizer(name: str, model: nn.Module, **overrides) -> torch.optim.Optimizer:
+    """``get_spec(name).build(model, **overrides)``; the model must already be discretised if
+    the spec needs it (``spec.levels``)."""
+    return get_spec(name).build(model, **overrides)
+
+
+def epoch_decay(decay0: float, gamma: Optional[float], epoch: int) -> float:
+    """EMA coefficient of epoch ``epoch`` (0-based): ``1 − (1 − decay0)·gamma^epoch``
+    (ALGORITHMS.md §3: ``1 − a`` shrinks by ``γ`` per epoch); ``decay0`` if ``gamma`` is None."""
+    if gamma is None:
+        return decay0
+    return 1.0 - (1.0 - decay0) * gamma ** epoch
