@@ -1,0 +1,359 @@
+"""The ``pmptrain`` command line: ``pmptrain bench`` and ``pmptrain train``.
+
+``main(argv=None)`` is the console script (``setup.cfg``: ``pmptrain = pmptrain.bench.cli:main``)
+and ``python -m pmptrain`` / ``torchrun -m pmptrain``. See ``docs/cli.md`` and ``pmptrain bench
+--help``. Precedence of settings: built-in defaults < ``--preset`` < ``--config`` file < explicit
+command-line options. Returns the exit status (0 ok, 2 bad arguments or data, 1 other failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .registry import OPTIMIZERS, UnknownOptimizerError, get_spec
+from .runner import DEFAULT_OPTIMIZERS, LOSSES, BenchConfig
+
+__all__ = ["main", "PRESETS", "build_parser"]
+
+#: Named protocols: a partial :class:`~pmptrain.bench.runner.BenchConfig` each.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "mnist1d-default": {
+        "_doc": "the embedded default: MNIST-1D, mlp, sgd/adam/emsa/binary-msa/binaryconnect, "
+                "20 epochs, 3 seeds (~2 min on 2 cores)",
+    },
+    "lihao-binary-mnist": {
+        "_doc": "Li & Hao (ICML 2018) binary MNIST protocol: ref_mlp 784-2048x3-10, every layer "
+                "binary (no scale), uniform init, binary-msa rho 0.5, decay 0.999, gamma 0.95, "
+                "batch 100, squared-hinge loss (epochs 10: ours, not the paper's)",
+        "dataset": "mnist", "model": "ref_mlp", "optimizers": ["binary-msa"],
+        "optimizer_args": {"binary-msa": {"rho": 0.5, "decay": 0.999, "gamma": 0.95}},
+        "batch_size": 100, "loss": "squared-hinge", "keep": [], "scale": None, "init": "uniform",
+        "epochs": 10, "seeds": [0], "target_acc": 0.95,
+    },
+    "lihao-ternary-mnist": {
+        "_doc": "the same protocol with ternary-msa (rho 0.5 in the half-square convention = "
+                "their 0.25)",
+        "dataset": "mnist", "model": "ref_mlp", "optimizers": ["ternary-msa"],
+        "optimizer_args": {"ternary-msa": {"rho": 0.5, "decay": 0.999, "gamma": 0.95}},
+        "batch_size": 100, "loss": "squared-hinge", "keep": [], "scale": None, "init": "uniform",
+        "epochs": 10, "seeds": [0], "target_acc": 0.95,
+    },
+}
+
+# options that may differ when resuming a bench directory
+_RESUMABLE = {"epochs", "tensorboard", "threads", "data_dir", "download"}
+
+
+def _optimizer_table() -> str:
+    lines = ["optimizers (--optimizers; '--lr' sets the column 'hp', '--tune lr' tries 'grid'):"]
+    for s in OPTIMIZERS.values():
+        w = "float" if s.levels is None else f"discrete {s.levels}"
+        grid = ", ".join(f"{v:g}" for v in s.tune_grid)
+        lines.append(f"  {s.name:<15} {w:<17} hp {s.lr_key}={s.default_lr:g}  grid [{grid}]  "
+                     f"{s.description}")
+    return "\n".join(lines)
+
+
+def _preset_table() -> str:
+    return "presets (--preset):\n" + "\n".join(f"  {k:<20} {v['_doc']}" for k, v in PRESETS.items())
+
+
+_EPILOG = """\
+{optimizers}
+
+{presets}
+
+outputs (in --out, default runs/<timestamp>):
+  config.json                 config, versions (python/torch/pmptrain), git hash, world size
+  results.txt / .json / .csv  the table: final/best test accuracy (median [min-max] over seeds),
+                              epochs and seconds to --target-acc, median step time and its ratio
+                              to SGD in the same bench, peak RSS, optimizer-state size
+  acc_vs_epoch.png, acc_vs_seconds.png   one line per optimizer, band = seed spread
+  runs/<opt>[/<hp>=<v>]/seed<k>/{{checkpoint.pt,run.json}}   per-run record, atomic checkpoints
+  tensorboard/<opt>[/<hp>=<v>]/seed<k>/   TensorBoard logs (train/test loss & accuracy, step
+                              time, PMP diagnostics: Hamiltonian gain, flip ratio, density)
+
+distributed: torchrun --nproc-per-node N -m pmptrain bench ...  (gloo; each global batch of
+--batch-size is split across ranks; only rank 0 writes and prints)
+
+examples:
+  pmptrain bench
+  pmptrain bench --dataset fashion-mnist --model mlp --optimizers sgd,adam,emsa --epochs 5 --seeds 3
+  pmptrain bench --optimizers sgd,emsa --tune lr
+  pmptrain bench --preset lihao-binary-mnist
+  pmptrain train --config experiments/configs/X.yaml --resume runs/X
+"""
+
+
+def _yaml_value(text: str, opt: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{opt}: cannot parse {text!r}: {e}") from None
+
+
+def _parse_seeds(text: str):
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--seeds: expected a count (3) or a list (0,1,2), got {text!r}") from None
+
+
+def _parse_lr(text: str):
+    try:
+        if "=" in text:
+            out = {}
+            for part in text.split(","):
+                k, _, v = part.partition("=")
+                out[k.strip()] = float(v)
+            return out
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--lr: expected a number or name=value pairs (emsa=0.5,sgd=0.1), got {text!r}") from None
+
+
+def _parse_opt_args(items: List[str]) -> Dict[str, Dict[str, Any]]:
+    out: Dict[str, Dict[str, Any]] = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        name, dot, arg = key.partition(".")
+        if not eq or not dot or not name or not arg:
+            raise ValueError(f"--opt-arg: expected OPTIMIZER.KEY=VALUE (e.g. emsa.rho=2), got {item!r}")
+        name = get_spec(name).name
+        out.setdefault(name, {})[arg.strip()] = _yaml_value(val, "--opt-arg")
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS  # unset options do not override preset/config values
+    g = p.add_argument_group("what to run")
+    g.add_argument("--preset", default=S, choices=sorted(PRESETS), metavar="NAME",
+                   help=f"start from a named protocol ({', '.join(PRESETS)}); see below")
+    g.add_argument("--dataset", default=S,
+                   help="mnist1d (default; generated locally), mnist, fashion-mnist, cifar10, svhn")
+    g.add_argument("--model", default=S,
+                   help="model name: mlp (default), cnn_small, ref_mlp, ref_vgg, ref_vgg_svhn, "
+                        "restanh, resnet_small, resnet8, resnet20")
+    g.add_argument("--model-args", default=S, metavar="YAML",
+                   help="builder keyword arguments as a YAML mapping, e.g. "
+                        "'{widths: [512, 512], batchnorm: true}' (default {})")
+    g.add_argument("--optimizers", default=S, metavar="LIST",
+                   help=f"comma-separated names (default {','.join(DEFAULT_OPTIMIZERS)}); see below")
+    g.add_argument("--opt-arg", action="append", default=S, metavar="OPT.KEY=VALUE",
+                   help="override an optimizer keyword, e.g. emsa.rho=2 or binary-msa.gamma=0.95 "
+                        "(repeatable; VALUE is parsed as YAML)")
+    g.add_argument("--loss", default=S, choices=sorted(LOSSES),
+                   help="training loss (default cross-entropy); squared-hinge uses one-hot ±1 targets")
+    g = p.add_argument_group("training budget")
+    g.add_argument("--epochs", type=int, default=S, help="epochs per run (default 20)")
+    g.add_argument("--seeds", default=S, metavar="N|LIST",
+                   help="a count (3 -> seeds 0,1,2) or a comma list of seeds (default 3)")
+    g.add_argument("--batch-size", type=int, default=S,
+                   help="global batch size, split across ranks under torchrun (default 128)")
+    g.add_argument("--lr", default=S, metavar="X|OPT=X,...",
+                   help="each optimizer's step-size hyper-parameter (lr; rho for *-msa; gamma for "
+                        "bop): one value for all or per name (default: registry defaults)")
+    g.add_argument("--tune", default=S, choices=["lr"],
+                   help="try every value of each optimizer's grid; report the best (median final "
+                        "validation accuracy over seeds) as 'best of grid'")
+    g.add_argument("--val-fraction", type=float, default=S,
+                   help="validation split of the training set (default 0.1 with --tune, else 0)")
+    g.add_argument("--target-acc", type=float, default=S,
+                   help="test accuracy (fraction) for epochs/seconds-to-target (default 0.6)")
+    g = p.add_argument_group("discretisation (discrete optimizers only)")
+    g.add_argument("--keep", default=S, metavar="first,last|none",
+                   help="layers kept full precision (default first,last; 'none' = all discrete)")
+    g.add_argument("--scale", default=S, choices=["none", "tensor", "channel"],
+                   help="fixed scale alpha = mean|W| of the initial weights (default tensor)")
+    g.add_argument("--init", default=S, choices=["sign", "uniform"],
+                   help="initial codes: nearest grid value of W/mean|W| (sign, default) or uniform")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=S, help="first directory searched for data files")
+    g.add_argument("--download", action="store_true", default=S,
+                   help="download missing data files (MD5-checked); default: only if "
+                        "$PMPTRAIN_DOWNLOAD=1")
+    g.add_argument("--max-train", type=int, default=S, help="use only the first N training examples")
+    g.add_argument("--max-test", type=int, default=S, help="use only the first N test examples")
+    g.add_argument("--mnist1d-samples", type=int, default=S,
+                   help="size of the generated MNIST-1D set, 80/20 train/test (default 5000)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, metavar="DIR", help="output directory (default runs/<timestamp>)")
+    g.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the bench in DIR exactly where it stopped (finished runs are "
+                        "kept; --epochs may be raised)")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=S,
+                   help="write TensorBoard logs (default on)")
+    g.add_argument("--threads", type=int, default=S, help="torch.set_num_threads (default: torch's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``pmptrain``."""
+    epilog = _EPILOG.format(optimizers=_optimizer_table(), presets=_preset_table())
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="pmptrain", formatter_class=fmt, epilog=epilog,
+                                description="Benchmark and train networks with Pontryagin-maximum-"
+                                            "principle optimizers.")
+    sub = p.add_subparsers(dest="command", metavar="{bench,train}")
+    b = sub.add_parser("bench", formatter_class=fmt, epilog=epilog,
+                       help="compare optimizers (default: MNIST-1D, ~2 minutes offline)",
+                       description="Train every optimizer x seed on one data set and model, then "
+                                   "write a results table (text/JSON/CSV) and accuracy plots.")
+    _add_common(b)
+    t = sub.add_parser("train", formatter_class=fmt, epilog=epilog,
+                       help="run a bench described by a YAML config file",
+                       description="Like 'bench', with the settings read from a YAML file whose "
+                                   "keys are the option names (dataset, model, model_args, "
+                                   "optimizers, optimizer_args, epochs, seeds, batch_size, lr, "
+                                   "tune, target_acc, loss, keep, scale, init, ...). Command-line "
+                                   "options override the file.")
+    t.add_argument("--config", default=None, metavar="X.yaml", help="the YAML config (required "
+                   "unless --resume names a bench directory)")
+    _add_common(t)
+    return p
+
+
+def _cli_overrides(ns: argparse.Namespace) -> Dict[str, Any]:
+    d = {k: v for k, v in vars(ns).items()
+         if k not in ("command", "config", "out", "resume", "preset")}
+    if "model_args" in d:
+        d["model_args"] = _yaml_value(d["model_args"], "--model-args")
+        if not isinstance(d["model_args"], dict):
+            raise ValueError(f"--model-args: expected a YAML mapping, got {ns.model_args!r}")
+    if "opt_arg" in d:
+        d["optimizer_args"] = _parse_opt_args(d.pop("opt_arg"))
+    if "optimizers" in d:
+        d["optimizers"] = [s.strip() for s in d["optimizers"].split(",") if s.strip()]
+        for n in d["optimizers"]:
+            get_spec(n)
+    if "seeds" in d:
+        d["seeds"] = _parse_seeds(d["seeds"])
+    if "lr" in d:
+        d["lr"] = _parse_lr(d["lr"])
+    return d
+
+
+def _load_yaml(path: str) -> Dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config: file not found: {path}")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config: {path} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of options")
+    return d
+
+
+def _merge(base: Dict[str, Any], upd: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in upd.items():
+        k = k.replace("-", "_")
+        if k == "optimizer_args" and isinstance(v, dict) and isinstance(out.get(k), dict):
+            merged = {n: dict(a) for n, a in out[k].items()}
+            for n, a in v.items():
+                merged.setdefault(n, {}).update(a or {})
+            out[k] = merged
+        else:
+            out[k] = v
+    return out
+
+
+def _preset(name: str) -> Dict[str, Any]:
+    d = {k: v for k, v in PRESETS[name].items() if not k.startswith("_")}
+    d["preset"] = name
+    return d
+
+
+def _resolve(ns: argparse.Namespace) -> (BenchConfig, Path, bool):
+    cli = _cli_overrides(ns)
+    settings: Dict[str, Any] = {}
+    preset = getattr(ns, "preset", None)
+    file_cfg: Dict[str, Any] = {}
+    if getattr(ns, "config", None):
+        file_cfg = _load_yaml(ns.config)
+        preset = file_cfg.pop("preset", None) if preset is None else preset
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"preset: unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    if preset:
+        settings = _merge(settings, _preset(preset))
+    settings = _merge(settings, file_cfg)
+    settings = _merge(settings, cli)
+
+    if ns.resume:
+        out = Path(ns.resume)
+        stored_path = out / "config.json"
+        if not stored_path.is_file():
+            raise ValueError(f"--resume: {out} is not a bench directory (no config.json)")
+        stored = json.loads(stored_path.read_text())["config"]
+        if ns.out and Path(ns.out) != out:
+            raise ValueError("--out: cannot differ from --resume DIR")
+        cfg = BenchConfig.from_dict(stored, where=str(stored_path))
+        if file_cfg or cli or preset:
+            given = BenchConfig.from_dict(_merge(stored, settings), where="--config/options")
+            diff = [k for k in stored if k not in _RESUMABLE and k in settings
+                    and getattr(given, k) != getattr(cfg, k)]
+            if diff:
+                raise ValueError(f"--resume: options {diff} differ from the bench in {out}; only "
+                                 f"{sorted(_RESUMABLE)} may change when resuming")
+            cfg = given
+        return cfg, out, True
+    if ns.command == "train" and not getattr(ns, "config", None):
+        raise ValueError("--config: 'pmptrain train' needs --config X.yaml (or --resume DIR)")
+    cfg = BenchConfig.from_dict(settings, where="options")
+    out = Path(ns.out) if ns.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    return cfg, out, False
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``pmptrain`` command; returns the exit status."""
+    parser = build_parser()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
+        args = ["bench"] + args  # `pmptrain` alone runs the default bench
+    ns = parser.parse_args(args)
+    if ns.command is None:
+        parser.print_help()
+        return 0
+
+    from . import runner
+    from .data import DataError
+
+    try:
+        cfg, out, resume = _resolve(ns)
+    except (ValueError, UnknownOptimizerError) as e:
+        print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    rank, world = runner.init_distributed()
+    try:
+        out = Path(runner._broadcast(str(out), rank, world))
+        runner.run_bench(cfg, out, resume=resume)
+    except (ValueError, DataError) as e:
+        if rank == 0:
+            print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if rank == 0:
+            print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
