@@ -247,8 +247,9 @@ class PMPOptimizer(torch.optim.Optimizer):
         group: Dict[str, Any],
         inv_scale: float,
     ) -> Tuple[List[Tuple[Tensor, Tensor]], List[Callable[[], None]]]:
-        """Return ``([(param, Δparam)], [commit callbacks])`` for one module. Pure w.r.t. state:
-        state changes go into the callbacks, run only if the whole step is accepted."""
+        """Return ``([(param, Δparam) or (param, t, α)], [commit callbacks])`` for one module
+        (``(param, t, α)`` means ``Δparam = α·t``, applied as ``param.add_(t, alpha=α)``). Pure
+        w.r.t. state: state changes go into the callbacks, run only if the whole step is accepted."""
         raise NotImplementedError
 
     def _fallback_update(
@@ -340,7 +341,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             self._skip("non-finite loss or gradient")
             return
 
-        updates: List[Tuple[Tensor, Tensor]] = []
+        updates: List[Tuple] = []
         commits: List[Callable[[], None]] = []
         handled = set()
         n_controlled = 0
@@ -373,14 +374,15 @@ class PMPOptimizer(torch.optim.Optimizer):
                 commits.append(commit)
                 n_fallback += 1
 
-        if not _all_finite([d.sum() for _, d in updates]):
+        if not _all_finite([u[1].sum() for u in updates]):
             self._skip("non-finite update (statistics overflowed)")
             return
         gains = []
-        for p, d in updates:
+        for p, d, *scale in updates:  # (param, Δ) or (param, t, α) meaning Δ = α·t
+            alpha = scale[0] if scale else 1.0
             if p.grad is not None:
-                gains.append(torch.dot(p.grad.reshape(-1), d.reshape(-1).to(p.grad.dtype)))
-            p.add_(d.to(p.dtype))
+                gains.append(torch.dot(p.grad.reshape(-1), d.reshape(-1).to(p.grad.dtype)) * alpha)
+            p.add_(d.to(p.dtype), alpha=alpha)
         gain = -torch.stack(gains).sum() * inv_scale if gains else 0.0
         for commit in commits:
             commit()
@@ -565,9 +567,9 @@ class EMSA(PMPOptimizer):
             gw = gw * inv_scale
             gb = gb * inv_scale if gb is not None else None
         if rho == 0.0:  # basic MSA with proximal term: exactly SGD
-            ups = [(w, (-lr) * gw.reshape(w.shape))]
+            ups = [(w, gw.reshape(w.shape), -lr)]  # applied as w.add_(g, alpha=-lr), like SGD
             if b is not None:
-                ups.append((b, (-lr) * gb))
+                ups.append((b, gb, -lr))
             return ups, []
 
         cdtype = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
