@@ -1,0 +1,114 @@
+"""One spawn helper for multi-process tests: N ranks on CPU with the gloo backend.
+
+``run_distributed(fn, world_size=2, args=())`` starts ``world_size`` fresh processes
+(``torch.multiprocessing`` *spawn*), initialises ``torch.distributed`` in each (gloo,
+``tcp://127.0.0.1:<free port>``), calls ``fn(rank, world_size, *args)`` and returns the list of the
+ranks' return values (index = rank). Return values travel through ``torch.save`` files in a
+temporary directory, so they may hold tensors. An exception in any child is re-raised in the parent
+as ``torch.multiprocessing.ProcessRaisedException`` whose message carries the child's traceback; a
+child that dies without an exception raises ``ProcessExitedException``; ranks that hang (a collective
+one rank never reaches) are killed after ``timeout`` seconds and a ``TimeoutError`` is raised.
+
+``fn`` must be importable by the children (a module-level function of a test module or of this
+file). Every child runs with ``torch.set_num_threads(1)``.
+(Modelled on kfac-pytorch ``testing/distributed.py``.)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, List, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["run_distributed", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, fn: Callable, world_size: int, port: int, args: Sequence, out_dir: str):
+    # ``rank`` is supplied first by torch.multiprocessing.start_processes
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        result = fn(rank, world_size, *args)
+        tmp = os.path.join(out_dir, f"rank{rank}.pt.tmp")
+        torch.save(result, tmp)
+        os.replace(tmp, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    except BaseException:
+        # written before the process group goes down, i.e. before the other ranks fail in turn
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable[..., Any], world_size: int = 2, args: Sequence = (), timeout: float = 120.0
+) -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned gloo ranks; return the results."""
+    with tempfile.TemporaryDirectory(prefix="pmptrain-dist-") as out_dir:
+        ctx = mp.start_processes(
+            _worker,
+            args=(fn, world_size, free_port(), tuple(args), out_dir),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            # raises on the first failing rank and terminates the others
+            while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        if p.is_alive():
+                            p.kill()
+                    for p in ctx.processes:
+                        p.join()
+                    raise TimeoutError(
+                        f"distributed test {getattr(fn, '__qualname__', fn)} did not finish within "
+                        f"{timeout} s (a rank is probably stuck in a collective)"
+                    )
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            # The first rank to die is often a *victim* (its collective lost its peer); report every
+            # rank's own traceback, root cause included.
+            reports = []
+            for rank in range(world_size):
+                path = os.path.join(out_dir, f"rank{rank}.err")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        reports.append(f"---- rank {rank} ----\n{f.read()}")
+            if not reports:
+                raise
+            raise RuntimeError(
+                f"distributed test {getattr(fn, '__qualname__', fn)} failed:\n" + "\n".join(reports)
+            ) from exc
+        results = []
+        for rank in range(world_size):
+            path = os.path.join(out_dir, f"rank{rank}.pt")
+            try:
+                results.append(torch.load(path, weights_only=False))
+            except FileNotFoundError:  # pragma: no cover - join() would have raised
+                raise RuntimeError(f"rank {rank} exited without a result:\n{traceback.format_exc()}")
+        return results
