@@ -40,6 +40,8 @@ __all__ = [
     "penalty_scale",
     "discrete_argmax",
     "discrete_msa_step",
+    "discrete_msa_delta",
+    "has_fast_path",
     "DiscreteStepStats",
     "init_scale",
     "pack_codes",
@@ -371,6 +373,80 @@ def discrete_argmax(weight: Tensor, acc: Tensor, grid: Grid, rho_k, lam: float =
     else:
         out = _argmax_general(w, m, grid, rho_k, lam)
     return out.reshape(weight.shape).to(weight.dtype)
+
+
+def has_fast_path(grid: Grid) -> bool:
+    """Whether :func:`discrete_msa_delta` supports ``grid`` (the binary and the ternary grid)."""
+    return _is_binary(grid) or _is_ternary(grid)
+
+
+def _indicator_lt(t: Tensor, u: Tensor) -> Tensor:
+    """``1{u < t}`` as a float tensor, exactly: ``relu(sign(t - u))``. The sign of a floating-point
+    difference of finite numbers is the sign of the exact difference (gradual underflow) and
+    ``sign(±0) = 0``, so ties and signed zeros give 0 like the comparison ``u < t``."""
+    return torch.sub(t, u).sign_().clamp_(min=0)
+
+
+def discrete_msa_delta(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused, synchronisation-free form of :func:`penalty_scale` + :func:`discrete_argmax` for the
+    binary and ternary grids (the optimizer's hot path).
+
+    Same mathematics and *bit-identical decisions* as the reference functions (tested against them,
+    ties included): with ``u = M∘W``,
+
+    * ``ρ_k = ρ · max{|M_ij| : ij wrong}`` (0 for an empty wrong set), a 0-dim tensor, never ``-0``;
+    * binary: ``W_ij`` flips iff ``u_ij + ρ_k < 0`` (⇔ ``-M_ij W_ij > ρ_k``);
+    * ternary: for ``W = ±1`` the new value is ``W·(1 - 1{u < λ - ρ_k/2} - 1{u < -(λ + 3ρ_k/2)})``;
+      for ``W = 0`` it is ``1{M > λ + ρ_k/2} - 1{M < -(λ + ρ_k/2)}``.
+
+    An empty wrong set needs no branch: then ``ρ_k = 0`` and every ``W_ij`` already maximises the
+    (unpenalised = penalised) score, so the tie rule keeps it. Only float arithmetic is used
+    (comparisons and ``torch.where`` on bool tensors are several times slower on CPU); indicators
+    are ``relu(sign(·))`` of exact differences (see ``_indicator_lt``). No ``.item()``.
+
+    Args:
+        weight: current codes W (on ``grid``), any shape.
+        acc: the accumulator M, same shape and dtype as ``weight``.
+        grid: the binary or ternary grid (ValueError otherwise; see :func:`has_fast_path`).
+        rho: ρ >= 0. lam: λ >= 0 (default 0; no effect on the binary rule).
+
+    Returns:
+        ``(delta, rho_k, acc_abs_max)``: ``delta = W_new - W`` (integers, so ``W + delta`` is exactly
+        ``W_new``), the 0-dim ``ρ_k`` and the 0-dim ``max|M|`` (a by-product).
+    """
+    if not has_fast_path(grid):
+        raise ValueError(f"grid: the fused rule supports the binary and ternary grids, got {grid.name} {list(grid.values)}")
+    _check_rho_lam(rho, lam)
+    if acc.shape != weight.shape or acc.dtype != weight.dtype:
+        raise ValueError(f"acc: shape/dtype {tuple(acc.shape)}/{acc.dtype} != weight's {tuple(weight.shape)}/{weight.dtype}")
+    w = weight.detach()
+    m = acc.detach()
+    if w.numel() == 0:
+        z = torch.zeros((), dtype=w.dtype, device=w.device)
+        return torch.zeros_like(w), z, z.clone()
+    u = m * w
+    umin, umax = torch.aminmax(u)
+    worst = torch.clamp(-umin, min=0.0)  # max |M| over M W < 0 (W = ±1), or 0
+    if _is_binary(grid):
+        rho_k = (worst * rho).add_(0.0)  # + 0.0 turns a -0 into +0 (copysign below)
+        acc_max = torch.maximum(-umin, umax)
+        # keep iff u + ρ_k >= +0: copysign gives +1 there (an exact tie sums to +0), -1 to flip
+        s = torch.copysign(torch.ones((), dtype=w.dtype, device=w.device), u.add_(rho_k))
+        return s.sub_(1.0).mul_(w), rho_k, acc_max
+    # ternary: zm = M on the W = 0 entries, ±0 elsewhere
+    zm = w.abs().neg_().add_(1.0).mul_(m)
+    zmin, zmax = torch.aminmax(zm)
+    zabs = torch.maximum(-zmin, zmax)  # max |M| over W = 0 (0 if none)
+    acc_max = torch.maximum(torch.maximum(-umin, umax), zabs)
+    if lam > 0:  # W = ±1 with 0 <= u < λ are wrong too (|M| = u)
+        worst = torch.maximum(worst, (_indicator_lt(torch.tensor(lam, dtype=w.dtype), u).mul_(u)).amax())
+    worst = torch.maximum(worst, zabs * (zabs > lam))  # W = 0 is wrong iff |M| > λ
+    rho_k = (rho * worst).add_(0.0)
+    r = rho_k
+    t0 = lam + 0.5 * r
+    delta = _indicator_lt(lam - 0.5 * r, u).add_(_indicator_lt(-(lam + 1.5 * r), u)).mul_(w).neg_()
+    delta.add_(_indicator_lt(zm, t0)).sub_(_indicator_lt(-t0, zm))  # W = 0: sign(M)·1{|M| > t0}
+    return delta, rho_k, acc_max
 
 
 @dataclass
