@@ -70,7 +70,8 @@ _EPILOG = """\
 
 outputs (in --out, default runs/<timestamp>):
   config.json                 config, versions (python/torch/pmptrain), git hash, world size
-  results.txt / .json / .csv  the table: final/best test accuracy (median [min-max] over seeds),
+  results.txt, results.json, results.csv
+                              the table: final/best test accuracy (median [min-max] over seeds),
                               epochs and seconds to --target-acc, median step time and its ratio
                               to SGD in the same bench, peak RSS, optimizer-state size
   acc_vs_epoch.png, acc_vs_seconds.png   one line per optimizer, band = seed spread
@@ -309,6 +310,13 @@ def _resolve(ns: argparse.Namespace) -> (BenchConfig, Path, bool):
                                  f"{sorted(_RESUMABLE)} may change when resuming")
             cfg = given
         return cfg, out, True
+    if "optimizers" not in settings:
+        from .registry import discrete_msa_available
+
+        if not discrete_msa_available():
+            print("pmptrain: note: pmptrain.discrete_optim.DiscreteMSA is not available; the "
+                  "default bench runs without binary-msa", file=sys.stderr)
+            settings["optimizers"] = [n for n in DEFAULT_OPTIMIZERS if not n.endswith("-msa")]
     if ns.command == "train" and not getattr(ns, "config", None):
         raise ValueError("--config: 'pmptrain train' needs --config X.yaml (or --resume DIR)")
     cfg = BenchConfig.from_dict(settings, where="options")

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "get_spec", "build_optimizer", "epoch_decay",
-           "optimizer_names", "UnknownOptimizerError"]
+           "optimizer_names", "UnknownOptimizerError", "discrete_msa_available"]
 
 
 class UnknownOptimizerError(ValueError):
