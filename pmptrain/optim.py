@@ -44,6 +44,7 @@ from .modules import FALLBACK_MODULE_TYPES, AffineAdapter, adapter_for
 __all__ = ["PMPOptimizer", "EMSA", "MSA", "StepInfo"]
 
 _FLOAT_TYPES = (torch.float32, torch.float64)
+_MAX_GRAM_ROWS = 16384  # a forced Gram route beyond this many rows is a configuration error
 
 
 class StepInfo(dict):
@@ -585,6 +586,11 @@ class EMSA(PMPOptimizer):
         # p̂ = −B·∂J/∂y with the local B (each rank's loss is a mean over its own batch)
         p_rows = g_rows * (-float(batch) * inv_scale)
 
+        if group["route"] == "gram" and rows_total > _MAX_GRAM_ROWS:
+            raise RuntimeError(
+                f"route='gram' would eigendecompose a {rows_total}×{rows_total} Gram matrix for "
+                f"module {name!r} ({rows_total} rows = batch × output positions); use route='auto'"
+            )
         decay = float(group["stat_decay"])
         use_rows = group["costate"] == "isotropic" or (
             decay == 0.0
