@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["world_size", "all_reduce_sum_", "all_reduce_mean_", "all_gather_rows", "is_rank_zero"]
+__all__ = ["world_size", "all_reduce_sum_", "all_reduce_mean_", "all_gather_rows", "all_gather_parts", "is_rank_zero"]
 
 
 def world_size(group=None) -> int:
@@ -53,14 +53,12 @@ def all_reduce_mean_(tensors: Sequence[Tensor], group=None) -> None:
         t.div_(n)
 
 
-def all_gather_rows(t: Tensor, group=None) -> Tensor:
-    """Concatenate ``t`` (rows × …) of every rank along dim 0, in rank order.
-
-    Ranks may hold different numbers of rows.
-    """
+def all_gather_parts(t: Tensor, group=None) -> List[Tensor]:
+    """Every rank's ``t`` (rows × …), as a list in rank order; ranks may hold different numbers of
+    rows. ``[t]`` without torch.distributed."""
     n = world_size(group)
     if n == 1:
-        return t
+        return [t]
     count = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
     counts = [torch.zeros_like(count) for _ in range(n)]
     dist.all_gather(counts, count, group=group)
@@ -70,4 +68,10 @@ def all_gather_rows(t: Tensor, group=None) -> Tensor:
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(n)]
     dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+    return [p[:c] for p, c in zip(parts, counts)]
+
+
+def all_gather_rows(t: Tensor, group=None) -> Tensor:
+    """Concatenate ``t`` (rows × …) of every rank along dim 0, in rank order."""
+    parts = all_gather_parts(t, group)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

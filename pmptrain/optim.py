@@ -295,6 +295,11 @@ class PMPOptimizer(torch.optim.Optimizer):
                 loss = closure()
         try:
             self._step_impl(loss)
+        except BaseException:
+            # GradScaler removes the attributes it set only after a successful step()
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
         finally:
             self.capture.clear()
         return loss
@@ -679,11 +684,12 @@ class EMSA(PMPOptimizer):
         world = self._world()
         calls = []
         for r in records:
-            x, p = r.x, r.grad * (-float(batch) * inv_scale)
-            if world > 1:
-                x = pdist.all_gather_rows(x, self.process_group)
-                p = pdist.all_gather_rows(p.contiguous(), self.process_group)
-            calls.append((x, p, (r.args[1:], r.kwargs)))
+            p = r.grad * (-float(batch) * inv_scale)
+            # one call per rank: a module such as BatchNorm must see each rank's batch on its own,
+            # exactly as that rank's forward pass did (further tensor inputs stay local)
+            xs = pdist.all_gather_parts(r.x, self.process_group)
+            ps = pdist.all_gather_parts(p.contiguous(), self.process_group)
+            calls += [(x_r, p_r, (r.args[1:], r.kwargs)) for x_r, p_r in zip(xs, ps)]
         batch_total = batch * world
 
         def fn(theta, x, extra):

@@ -214,13 +214,6 @@ def test_unscale_before_step_raises():
         assert torch.equal(p.detach(), q)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: when scaler.step(opt) raises inside opt.step(), GradScaler never deletes the "
-    "grad_scale/found_inf attributes it set, and PMPOptimizer keeps reading them: every later plain "
-    "opt.step() raises the unscale_ error (or, with a stale grad_scale, silently rescales). "
-    "Fix: drop them in step() when it raises.",
-)
 def test_optimizer_usable_without_scaler_after_failed_scaler_step():
     model, ref = mlp(), mlp()
     opt, ref_opt = make_opt(model), make_opt(ref)

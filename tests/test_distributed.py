@@ -254,11 +254,5 @@ def test_iterative_gain_step_distributed_affine(dist_results):
     _check_gain_step(dist_results[0]["iterative_gain_step"], ["fc1.weight", "fc2.weight", "fc2.bias", "fc3.weight"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: EMSA._iterative_update concatenates the ranks' gathered inputs into ONE call, so a "
-    "BatchNorm (any module mixing samples) is re-evaluated with union-batch statistics that no rank's "
-    "forward used; ∇H(θ_k) ≠ −∇J for its weight. Fix: keep one call per rank.",
-)
 def test_iterative_batchnorm_calls_are_not_merged(dist_results):
     _check_gain_step(dist_results[0]["iterative_gain_step"], ["bn.weight", "bn.bias"])
