@@ -246,3 +246,55 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert abs(h1[0]["test_acc"] - h2[0]["test_acc"]) <= 1 / 40 + 1e-9, opt
         for k in m1:
             assert torch.allclose(m1[k], m2[k], rtol=1e-4, atol=1e-5), (opt, k)
+
+
+# ---------------------------------------------------------------------------------- discrete MSA
+
+
+class _FakeDiscreteMSA(torch.optim.Optimizer):
+    """Stand-in with DiscreteMSA's signature (no ``gamma``): flips a binary weight when an EMA of
+    the gradient agrees with it in sign and exceeds rho times its largest entry."""
+
+    def __init__(self, model, rho=0.5, decay=0.999):
+        from pmptrain.quant import discrete_parameters
+
+        params = [d.param for d in discrete_parameters(model)]
+        ids = {id(p) for p in params}
+        super().__init__(params, dict(rho=rho, decay=decay))
+        self.fallback = torch.optim.Adam([p for p in model.parameters() if id(p) not in ids])
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                m = self.state[p].setdefault("m", torch.zeros_like(p))
+                m.mul_(g["decay"]).add_(p.grad, alpha=1 - g["decay"])
+                flip = (m * p > g["rho"] * m.abs().max())
+                p.copy_(torch.where(flip, -p, p))
+        self.fallback.step()
+
+    def zero_grad(self, set_to_none=True):
+        super().zero_grad(set_to_none)
+        self.fallback.zero_grad(set_to_none)
+
+
+def test_discrete_msa_is_lazy_and_gamma_shrinks_decay(tmp_path, monkeypatch):
+    import types
+
+    fake = types.ModuleType("pmptrain.discrete_optim")
+    fake.DiscreteMSA = _FakeDiscreteMSA
+    monkeypatch.setitem(sys.modules, "pmptrain.discrete_optim", fake)
+    out = tmp_path / "d"
+    assert cli.main(["bench", "--optimizers", "binary-msa", "--epochs", "2", "--seeds", "1",
+                     "--opt-arg", "binary-msa.gamma=0.5", "--out", str(out), *TINY]) == 0
+    ck = torch.load(out / "runs" / "binary-msa" / "seed0" / "checkpoint.pt", weights_only=False)
+    assert ck["optimizer"]["param_groups"][0]["decay"] == pytest.approx(1 - 0.001 * 0.5)
+    assert _results(out)["rows"][0]["setting"] == "rho=0.5"
+
+
+def test_missing_discrete_msa_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pmptrain.discrete_optim", None)  # import fails
+    assert not registry.discrete_msa_available()
+    code = cli.main(["bench", "--optimizers", "binary-msa", "--epochs", "1", "--seeds", "1",
+                     "--out", str(tmp_path / "m"), *TINY])
+    assert code == 1 and "DiscreteMSA" in capsys.readouterr().err

@@ -162,6 +162,10 @@ def plot(results: Dict[str, Any], out_dir: Path) -> List[Path]:
             if len(runs) > 1:
                 ax.fill_between(x, acc.min(axis=0), acc.max(axis=0), color=line.get_color(), alpha=0.2,
                                 linewidth=0)
+        if xkey == "epoch":
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.axhline(100 * results["target_acc"], color="grey", linestyle=":", linewidth=1)
         cfgd = results["meta"]["config"]
         ax.set_xlabel(xlabel)
