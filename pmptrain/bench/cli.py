@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .registry import OPTIMIZERS, UnknownOptimizerError, get_spec
 from .runner import DEFAULT_OPTIMIZERS, LOSSES, BenchConfig
@@ -277,7 +277,7 @@ def _preset(name: str) -> Dict[str, Any]:
     return d
 
 
-def _resolve(ns: argparse.Namespace) -> (BenchConfig, Path, bool):
+def _resolve(ns: argparse.Namespace) -> Tuple[BenchConfig, Path, bool]:
     cli = _cli_overrides(ns)
     settings: Dict[str, Any] = {}
     preset = getattr(ns, "preset", None)

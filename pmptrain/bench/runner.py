@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -760,11 +760,11 @@ def run_bench(cfg: BenchConfig, out_dir: Path, resume: bool = False,
             "optimizers' costate scaling assumes equal shards")
     meta = {"config": cfg.to_dict(), "versions": versions(), "world_size": world,
             "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    data = load_data(cfg)  # before creating anything: missing data leaves no empty bench dir
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not (resume and (out_dir / "config.json").is_file()):
             atomic_write_json(meta, out_dir / "config.json")
-    data = load_data(cfg)
     say(f"data: {data!r}")
 
     runs: List[Dict[str, Any]] = []
