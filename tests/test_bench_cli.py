@@ -298,3 +298,14 @@ def test_missing_discrete_msa_is_a_clear_error(tmp_path, monkeypatch, capsys):
     code = cli.main(["bench", "--optimizers", "binary-msa", "--epochs", "1", "--seeds", "1",
                      "--out", str(tmp_path / "m"), *TINY])
     assert code == 1 and "DiscreteMSA" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_DMSA, reason="pmptrain.discrete_optim.DiscreteMSA not available")
+def test_real_discrete_msa_gamma_via_end_epoch(tmp_path):
+    out = tmp_path / "g"
+    assert cli.main(["bench", "--optimizers", "binary-msa,ternary-msa", "--epochs", "2", "--seeds",
+                     "1", "--opt-arg", "binary-msa.gamma=0.5", "--out", str(out), *TINY]) == 0
+    ck = torch.load(out / "runs" / "binary-msa" / "seed0" / "checkpoint.pt", weights_only=False)
+    assert ck["optimizer"]["param_groups"][0]["decay"] == pytest.approx(1 - 0.001 * 0.25)
+    row = _results(out)["rows"][1]
+    assert row["optimizer"] == "ternary-msa" and 0 < row["final_density"] <= 1

@@ -34,9 +34,10 @@ train within a short benchmark. Bop's γ = 1e-3 (class default 1e-4) for the sam
 
 ``DiscreteMSA`` (``pmptrain.discrete_optim``) is imported lazily, when a discrete MSA optimizer is
 built, so this registry works before that module exists. Per-epoch shrinking of ``1 − decay`` by
-``gamma`` (ALGORITHMS.md §3) is passed to the optimizer if its constructor takes ``gamma``;
-otherwise the runner applies it to the param groups' ``decay`` at the start of every epoch
-(:func:`epoch_decay`).
+``gamma`` (ALGORITHMS.md §3; the bench key is ``gamma``) is handed to the optimizer as
+``decay_gamma`` when it has that argument and an ``end_epoch()`` method (the runner calls
+``end_epoch()`` after every epoch, before the checkpoint); otherwise the runner sets the param
+groups' ``decay`` to :func:`epoch_decay` at the start of every epoch.
 """
 
 from __future__ import annotations
@@ -154,11 +155,12 @@ def _discrete_msa(model, gamma=None, **kw):
         accepts = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         accepts = {}
-    if gamma is not None and "gamma" in accepts:
-        kw["gamma"] = gamma
+    native = "decay_gamma" in accepts and hasattr(cls, "end_epoch")
+    if gamma is not None and native:
+        kw["decay_gamma"] = gamma  # the optimizer shrinks 1 - decay in end_epoch()
     opt = cls(model, **kw)
-    # the runner shrinks 1 - decay by gamma per epoch when the optimizer does not do it itself
-    opt._bench_gamma = None if "gamma" in accepts else gamma
+    # otherwise the runner shrinks 1 - decay by gamma at the start of every epoch
+    opt._bench_gamma = None if native else gamma
     return opt
 
 

@@ -656,6 +656,8 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
                     if max_steps is not None and len(step_times) >= max_steps:
                         break
                 bar.close()
+                if max_steps is None and callable(getattr(opt, "end_epoch", None)):
+                    opt.end_epoch()  # e.g. DiscreteMSA: 1 - decay shrinks by decay_gamma
                 if max_steps is not None:
                     if hasattr(opt, "detach"):
                         opt.detach()
