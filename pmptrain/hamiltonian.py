@@ -320,15 +320,16 @@ def solve_affine_rows_isotropic(
     r"""Fast approximate maximiser: the costate penalty ``ρ C_p`` replaced by its isotropic part.
 
     ``ρ C_p ΔW ≈ ρ·(tr C_p / m)·ΔW``, so the Sylvester equation becomes
-    ``ΔW (ρ C'_x + δ_e I) = G'`` with ``δ_e = δ + ρ tr(C_p)/m``. The Woodbury/push-through
-    identity gives, with ``A = K½X``, ``P_k = K½P̂``:
+    ``ΔW (ρ C'_x + δ_e I) = G'`` with ``δ_e = δ + ρ tr(C_p)/m``. With ``A = K½X``, ``P_k = K½P̂``
+    (see :func:`solve_affine_rows`) the push-through identity gives
 
-    * Gram (N < n): ``ΔW = [(ρAAᵀ + δ_e I)⁻¹ P_k]ᵀ A`` — one N×N Cholesky solve;
-    * primal: ``ΔW = G'(ρAᵀA + δ_e I)⁻¹`` — one n×n Cholesky solve.
+    * Gram form (N < n): ``ΔW = [(ρAAᵀ + δ_e I)⁻¹ P_k]ᵀ A`` — one N×N Cholesky solve;
+    * primal form: ``ΔW = G'(ρC'_x + δ_e I)⁻¹`` — one n×n Cholesky solve.
 
-    Exact when ``C_p`` is a multiple of the identity, and in general when ``ρ‖C_p‖ ≪ ρλ(C'_x) + δ``
-    (measured on MLPs: C_p carries well under 1% of the trace of C_x — see docs/algorithms.md).
-    Bias: exactly as in :func:`solve_affine_rows`.
+    ``A`` is never formed: ``AAᵀ`` and ``(·)ᵀA`` are computed from ``X`` with rank-one
+    corrections for the centring ``K½``. Exact when ``C_p`` is a multiple of the identity, and
+    close when ``ρ‖C_p‖ ≪ ρλ(C'_x) + δ`` (see docs/algorithms.md). Bias: exactly as in
+    :func:`solve_affine_rows`. Arguments as in :func:`solve_affine_rows`.
     """
     if delta <= 0.0:
         raise ValueError(f"delta must be > 0 for a well-posed maximisation, got {delta}")
@@ -337,26 +338,37 @@ def solve_affine_rows_isotropic(
     b = float(batch_size)
     L = n_rows / b
     c = bias_coupling(rho, delta, L, has_bias)
-    alpha = 1.0 - math.sqrt(1.0 - min(c * L, 1.0))
-    a_rows = _center_half(x_rows, alpha, b)
-    pk_rows = _center_half(p_rows, alpha, b)
-    delta_e = delta + rho * float(p_rows.pow(2).sum()) / (b * n_out)
+    delta_e = delta + rho * p_rows.pow(2).sum() / (b * n_out)
+    x_sum = x_rows.sum(0) if has_bias else None
+    p_sum = p_rows.sum(0) if has_bias else None
     if n_rows < n_in:
-        gram = rho * (a_rows @ a_rows.T)
+        alpha = 1.0 - math.sqrt(1.0 - min(c * L, 1.0))
+        gram = x_rows @ x_rows.T
+        pk = p_rows
+        if alpha != 0.0:
+            x_bar = x_sum / n_rows  # row mean
+            u = x_rows @ x_bar
+            gram = gram - alpha * (u[:, None] + u[None, :]) + (alpha * alpha) * torch.dot(x_bar, x_bar)
+            pk = p_rows - alpha * (p_sum / n_rows)
+        gram = gram * (rho / b)
         gram.diagonal().add_(delta_e)
-        chol = torch.linalg.cholesky(gram)
-        y = torch.cholesky_solve(pk_rows, chol)
-        dW = y.T @ a_rows
+        y = torch.cholesky_solve(pk, torch.linalg.cholesky(gram))  # = (ρAAᵀ+δ_e)⁻¹ P_k·√B
+        dW = y.T @ x_rows
+        if alpha != 0.0:
+            dW -= alpha * torch.outer(y.sum(0), x_bar)
+        dW /= b
     else:
-        mat = rho * (a_rows.T @ a_rows)
+        g = p_rows.T @ x_rows / b
+        mat = x_rows.T @ x_rows * (rho / b)
+        if c != 0.0:
+            x_mean = x_sum / b
+            g -= c * torch.outer(p_sum / b, x_mean)
+            mat -= (rho * c) * torch.outer(x_mean, x_mean)
         mat.diagonal().add_(delta_e)
-        chol = torch.linalg.cholesky(mat)
-        dW = torch.cholesky_solve((pk_rows.T @ a_rows).T, chol).T
+        dW = torch.cholesky_solve(g.T, torch.linalg.cholesky(mat)).T
     db = None
     if has_bias:
-        g_b = p_rows.sum(0) / b
-        x_mean = x_rows.sum(0) / b
-        db = (g_b - rho * (dW @ x_mean)) / (rho * L + delta)
+        db = (p_sum / b - rho * (dW @ (x_sum / b))) / (rho * L + delta)
     return dW, db
 
 

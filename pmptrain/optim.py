@@ -304,6 +304,14 @@ class PMPOptimizer(torch.optim.Optimizer):
             self.capture.clear()
         return loss
 
+    @staticmethod
+    def _skip_reason(loss, params_with_grad, where: str) -> str:
+        if isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            return "non-finite loss"
+        if not _all_finite([p.grad.sum() for p in params_with_grad]):
+            return "non-finite gradient"
+        return f"non-finite statistics in {where}"
+
     def _skip(self, reason: str) -> None:
         self.skipped_steps += 1
         self.last_step = StepInfo(
@@ -340,12 +348,9 @@ class PMPOptimizer(torch.optim.Optimizer):
         if found_inf:
             self._skip("inf/nan gradients reported by GradScaler")
             return
-        sums = [p.grad.sum() for p in params_with_grad]
-        if loss is not None and isinstance(loss, Tensor):
-            sums.append(loss.detach().sum())
-        if not _all_finite(sums):
-            self._skip("non-finite loss or gradient")
-            return
+        # Non-finite losses, gradients and statistics all propagate into the updates (or make a
+        # LinAlgError), so one check of the updates below covers them; the reason is worked out
+        # only on that rare path.
 
         updates: List[Tuple] = []
         commits: List[Callable[[], None]] = []
@@ -363,7 +368,7 @@ class PMPOptimizer(torch.optim.Optimizer):
                 ups, cms = self._module_update(name, module, kind, records, group, inv_scale)
             except torch.linalg.LinAlgError:
                 # only non-finite statistics make the eigen/Cholesky solves fail (δ > 0)
-                self._skip(f"non-finite statistics in module {name!r}")
+                self._skip(self._skip_reason(loss, params_with_grad, f"module {name!r}"))
                 return
             updates += ups
             commits += cms
@@ -380,16 +385,25 @@ class PMPOptimizer(torch.optim.Optimizer):
                 commits.append(commit)
                 n_fallback += 1
 
-        if not _all_finite([u[1].sum() for u in updates]):
-            self._skip("non-finite update (statistics overflowed)")
-            return
-        gains = []
+        # ⟨∇J, Δθ⟩ per tensor: the first-order gain of H, and at the same time the finiteness
+        # check of Δθ (a NaN/Inf entry of Δθ makes the product non-finite, even where ∇J = 0).
+        terms = []
         for p, d, *scale in updates:  # (param, Δ) or (param, t, α) meaning Δ = α·t
             alpha = scale[0] if scale else 1.0
             if p.grad is not None:
-                gains.append(torch.dot(p.grad.reshape(-1), d.reshape(-1).to(p.grad.dtype)) * alpha)
-            p.add_(d.to(p.dtype), alpha=alpha)
-        gain = -torch.stack(gains).sum() * inv_scale if gains else 0.0
+                terms.append(torch.dot(p.grad.reshape(-1), d.reshape(-1).to(p.grad.dtype)) * alpha)
+            else:
+                terms.append(d.sum() * 0.0)
+        if loss is not None and isinstance(loss, Tensor):
+            terms.append(loss.detach().sum() * 0.0)
+        stacked = torch.stack([t.float() for t in terms]) if terms else None
+        if stacked is not None and not bool(torch.isfinite(stacked).all()):
+            self._skip(self._skip_reason(loss, params_with_grad, "an update"))
+            return
+        for p, d, *scale in updates:
+            p.add_(d.to(p.dtype), alpha=scale[0] if scale else 1.0)
+        n_grad_terms = len(updates)
+        gain = -stacked[:n_grad_terms].sum() * inv_scale if updates else 0.0
         for commit in commits:
             commit()
         self.last_step = StepInfo(
@@ -458,9 +472,13 @@ class EMSA(PMPOptimizer):
         rho: ρ ≥ 0, weight of the feasibility penalties (default 1.0).
         route: ``"auto"`` (default) | ``"primal"`` | ``"gram"`` — how the exact solve is carried out
             (both exact; auto picks, per side of each module, the smaller eigenproblem).
-        costate: ``"exact"`` (default) solves the Sylvester equation exactly;
-            ``"isotropic"`` replaces ``ρC_p`` by ``ρ·tr(C_p)/m·I`` (one Cholesky solve, faster;
-            see docs/algorithms.md for when this holds).
+        costate: how the costate penalty ``ρC_p`` enters. ``"exact"`` solves the Sylvester
+            equation exactly (two eigendecompositions per module); ``"isotropic"`` replaces ``ρC_p``
+            by ``ρ·tr(C_p)/m·I`` (one Cholesky solve; exact when C_p is isotropic, see
+            docs/algorithms.md); ``"auto"`` (default) uses ``"isotropic"`` for modules solved in
+            Gram form (rows < features: wide Linear layers, where C_p is measured to be tiny and
+            the eigendecompositions would dominate the step) and ``"exact"`` otherwise
+            (convolutions, narrow layers, running averages).
         stat_decay: β ∈ [0, 1): running averages ``C ← βC + (1−β)C_batch`` of ``C_x, x̄, C_p``
             (default 0: this batch only). β > 0 forces the primal route.
         eig_refresh: recompute the eigenbases every k steps when ``stat_decay > 0`` (default 1).
@@ -497,7 +515,7 @@ class EMSA(PMPOptimizer):
         lr: float = 0.5,
         rho: float = 1.0,
         route: str = "auto",
-        costate: str = "exact",
+        costate: str = "auto",
         stat_decay: float = 0.0,
         eig_refresh: int = 1,
         eig_floor: float = 0.0,
@@ -539,7 +557,12 @@ class EMSA(PMPOptimizer):
 
         check("rho", lambda v: isinstance(v, (int, float)) and v >= 0 and math.isfinite(v), "must be a finite number >= 0")
         check("route", lambda v: v in ("auto", "primal", "gram"), "must be 'auto', 'primal' or 'gram'")
-        check("costate", lambda v: v in ("exact", "isotropic"), "must be 'exact' or 'isotropic'")
+        check("costate", lambda v: v in ("auto", "exact", "isotropic"), "must be 'auto', 'exact' or 'isotropic'")
+        if group["costate"] == "isotropic" and group["stat_decay"] > 0:
+            raise ValueError(
+                "invalid stat_decay with costate='isotropic': running averages apply to the exact "
+                "primal solve (use costate='exact' or 'auto')"
+            )
         check("stat_decay", lambda v: 0 <= v < 1, "must be in [0, 1)")
         check("eig_refresh", lambda v: isinstance(v, int) and v >= 1, "must be an int >= 1")
         check("eig_floor", lambda v: v >= 0, "must be >= 0")
@@ -597,15 +620,17 @@ class EMSA(PMPOptimizer):
                 f"module {name!r} ({rows_total} rows = batch × output positions); use route='auto'"
             )
         decay = float(group["stat_decay"])
-        use_rows = group["costate"] == "isotropic" or (
-            decay == 0.0
-            and (choose_side(n, rows_total, group["route"]) or choose_side(m, rows_total, group["route"]))
+        gram = decay == 0.0 and (
+            choose_side(n, rows_total, group["route"]) or choose_side(m, rows_total, group["route"])
         )
-        if use_rows:
+        costate = group["costate"]
+        if costate == "auto":
+            costate = "isotropic" if gram else "exact"
+        if gram or costate == "isotropic":
             if world > 1:
                 x_rows = pdist.all_gather_rows(x_rows, self.process_group)
                 p_rows = pdist.all_gather_rows(p_rows, self.process_group)
-            if group["costate"] == "isotropic":
+            if costate == "isotropic":
                 dW, db = solve_affine_rows_isotropic(
                     x_rows, p_rows, batch_total, rho, delta, b is not None
                 )
