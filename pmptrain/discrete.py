@@ -431,7 +431,8 @@ def discrete_msa_delta(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam:
         rho_k = (worst * rho).add_(0.0)  # + 0.0 turns a -0 into +0 (copysign below)
         acc_max = torch.maximum(-umin, umax)
         # keep iff u + ρ_k >= +0: copysign gives +1 there (an exact tie sums to +0), -1 to flip
-        s = torch.copysign(torch.ones((), dtype=w.dtype, device=w.device), u.add_(rho_k))
+        u.add_(rho_k)
+        s = torch.copysign(torch.ones((), dtype=w.dtype, device=w.device), u, out=u)  # no new buffer
         return s.sub_(1.0).mul_(w), rho_k, acc_max
     # ternary: zm = M on the W = 0 entries, ±0 elsewhere
     zm = w.abs().neg_().add_(1.0).mul_(m)
