@@ -338,37 +338,34 @@ def solve_affine_rows_isotropic(
     b = float(batch_size)
     L = n_rows / b
     c = bias_coupling(rho, delta, L, has_bias)
-    delta_e = delta + rho * p_rows.pow(2).sum() / (b * n_out)
-    x_sum = x_rows.sum(0) if has_bias else None
+    delta_e = delta + rho * torch.linalg.vector_norm(p_rows).square() / (b * n_out)
     p_sum = p_rows.sum(0) if has_bias else None
+    x_mean = x_rows.sum(0).div_(b) if has_bias else None
     if n_rows < n_in:
+        # K½ = (I − α11ᵀ/N)/√B is applied to N-vectors only (never to the N×n matrix X)
         alpha = 1.0 - math.sqrt(1.0 - min(c * L, 1.0))
         gram = x_rows @ x_rows.T
         pk = p_rows
         if alpha != 0.0:
-            x_bar = x_sum / n_rows  # row mean
-            u = x_rows @ x_bar
-            gram = gram - alpha * (u[:, None] + u[None, :]) + (alpha * alpha) * torch.dot(x_bar, x_bar)
-            pk = p_rows - alpha * (p_sum / n_rows)
-        gram = gram * (rho / b)
-        gram.diagonal().add_(delta_e)
-        y = torch.cholesky_solve(pk, torch.linalg.cholesky(gram))  # = (ρAAᵀ+δ_e)⁻¹ P_k·√B
-        dW = y.T @ x_rows
+            r = gram.mean(1)
+            gram.sub_(r[:, None], alpha=alpha).sub_(r[None, :], alpha=alpha).add_(r.mean() * alpha * alpha)
+            pk = p_rows - (alpha / n_rows) * p_sum
+        gram.mul_(rho / b).diagonal().add_(delta_e)
+        y = torch.cholesky_solve(pk, torch.linalg.cholesky(gram))  # (ρAAᵀ + δ_e I)⁻¹ P_k·√B
         if alpha != 0.0:
-            dW -= alpha * torch.outer(y.sum(0), x_bar)
-        dW /= b
+            y.sub_(y.mean(0), alpha=alpha)
+        dW = torch.mm(y.mul_(1.0 / b).T, x_rows)  # = [(ρAAᵀ + δ_e I)⁻¹ P_k]ᵀ A
     else:
-        g = p_rows.T @ x_rows / b
-        mat = x_rows.T @ x_rows * (rho / b)
+        g = torch.mm(p_rows.T, x_rows).div_(b)
+        mat = torch.mm(x_rows.T, x_rows).mul_(rho / b)
         if c != 0.0:
-            x_mean = x_sum / b
-            g -= c * torch.outer(p_sum / b, x_mean)
-            mat -= (rho * c) * torch.outer(x_mean, x_mean)
+            g.addr_(p_sum, x_mean, alpha=-c / b)
+            mat.addr_(x_mean, x_mean, alpha=-rho * c)
         mat.diagonal().add_(delta_e)
         dW = torch.cholesky_solve(g.T, torch.linalg.cholesky(mat)).T
     db = None
     if has_bias:
-        db = (p_sum / b - rho * (dW @ (x_sum / b))) / (rho * L + delta)
+        db = (p_sum / b - rho * torch.mv(dW, x_mean)) / (rho * L + delta)
     return dW, db
 
 
