@@ -3,6 +3,8 @@
 Public API (everything else may change):
 
 * continuous optimizers: :class:`EMSA`, :class:`MSA` (``torch.optim.Optimizer`` s taking the model);
+* discrete-weight MSA: :class:`DiscreteMSA` (latent-free), :class:`GroupScheduler` (schedules any
+  param-group key, e.g. ρ);
 * low precision: :func:`discretize_`, :func:`discrete_parameters`, grids (:func:`make_grid`, …),
   activation quantisers (:func:`sign_ste`, :class:`SignActivation`, …), export
   (:func:`summary`, :func:`export_packed`, :func:`load_packed`);
@@ -10,6 +12,7 @@ Public API (everything else may change):
 """
 
 from .baselines import TWN, BinaryConnect, Bop
+from .discrete_optim import DiscreteMSA, GroupScheduler
 from .discrete import Grid, binary_grid, custom_grid, make_grid, ternary_grid, uniform_grid
 from .export import PackedFileError, export_packed, load_packed, summary
 from .optim import EMSA, MSA, PMPOptimizer, StepInfo
@@ -31,6 +34,8 @@ __all__ = [
     "MSA",
     "PMPOptimizer",
     "StepInfo",
+    "DiscreteMSA",
+    "GroupScheduler",
     "Grid",
     "make_grid",
     "binary_grid",
