@@ -23,19 +23,12 @@ from .discrete import (
     has_fast_path,
     penalty_scale,
 )
-from .optim import EMSA
+from .optim import EMSA, _unwrap
 from .quant import DiscreteTensor, ScaleParametrization, discrete_parameters, is_discrete_module
 
 __all__ = ["DiscreteMSA", "GroupScheduler", "DiscreteDiagnostics"]
 
 _ACC_INIT_MAX = 1e-6
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "module", None)
-    if isinstance(inner, nn.Module) and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
-        return inner
-    return model
 
 
 def _number(v) -> bool:
@@ -159,7 +152,7 @@ class DiscreteMSA(EMSA):
             and with BatchNorm after every layer Adam at 1e-3 is what trains the rest there; it is
             also what the baselines (BinaryConnect, TWN, Bop) use, so comparisons stay fair.
         emsa_lr, emsa_rho: ``lr`` (δ = 1/lr) and ρ of the closed-form E-MSA for those layers
-            (defaults 0.5 and 1.0, :class:`~pmptrain.optim.EMSA`'s). ``emsa_lr`` is the group's
+            (defaults 1.0 and 1.0, :class:`~pmptrain.optim.EMSA`'s). ``emsa_lr`` is the group's
             ``"lr"`` key (what a torch LR scheduler changes); it does not affect discrete tensors.
         fallback, fallback_lr, betas, eps, momentum, weight_decay: the fallback step (defaults
             ``"adam"``, 1e-3, (0.9, 0.999), 1e-8, 0.9, 0), as in :class:`~pmptrain.optim.EMSA`.
@@ -196,7 +189,7 @@ class DiscreteMSA(EMSA):
         decay_floor: float = 0.0,
         acc_init: float = 1e-12,
         continuous: str = "fallback",
-        emsa_lr: float = 0.5,
+        emsa_lr: float = 1.0,
         emsa_rho: float = 1.0,
         fallback: str = "adam",
         fallback_lr: float = 1e-3,

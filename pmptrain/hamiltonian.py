@@ -432,8 +432,8 @@ def iterative_maximise(
     rho: float,
     delta: float,
     steps: int = 10,
-    lr: float = 0.01,
-    method: str = "adam",
+    lr: float = 1.0,
+    method: str = "lbfgs",
 ) -> Dict[str, Tensor]:
     """Maximise :func:`augmented_hamiltonian` by ``steps`` iterations of an inner optimiser.
 
@@ -442,9 +442,9 @@ def iterative_maximise(
         calls: ``(x, p̂, extra)`` per recorded call (module input, costate at its output, the
             call's further inputs passed through to ``fn``).
         steps: inner iterations (default 10, the budget of the reference implementation).
-        lr: inner step size (default 0.01).
-        method: ``"adam"`` (default), ``"sgd"`` (gradient ascent) or ``"lbfgs"`` (``steps``
-            iterations with a strong-Wolfe line search).
+        lr: inner step size (default 1.0, L-BFGS's natural scale).
+        method: ``"lbfgs"`` (default: ``steps`` iterations with a strong-Wolfe line search),
+            ``"adam"`` or ``"sgd"`` (``steps`` steps of gradient ascent).
 
     Returns the new parameters θ (detached), started from θ_k.
     """

@@ -440,7 +440,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         self.skipped_steps = int(extra["skipped_steps"])
         self.module_state = {}
         for name, st in extra["module_state"].items():
-            device = self._controlled[name][0].weight.device
+            device = next(self._controlled[name][0].parameters(recurse=False)).device
             self.module_state[name] = {
                 k: (v.to(device).clone() if isinstance(v, Tensor) else v) for k, v in st.items()
             }
@@ -466,7 +466,7 @@ class EMSA(PMPOptimizer):
             manager).
         params: optional iterable of parameters or param-group dicts (default: every parameter
             of the model that requires grad, one group). Any key below may be set per group.
-        lr: proximal step size, ``δ = 1/lr`` (default 0.5). With ``rho=0`` the update is exactly
+        lr: proximal step size, ``δ = 1/lr`` (default 1.0). With ``rho=0`` the update is exactly
             ``θ ← θ − lr·∇J`` (SGD). Schedulers may change it; ``lr=0`` freezes the controlled
             modules.
         rho: ρ ≥ 0, weight of the feasibility penalties (default 1.0).
@@ -491,9 +491,12 @@ class EMSA(PMPOptimizer):
         momentum: SGD fallback momentum (default 0.9).
         weight_decay: decoupled weight decay of the fallback (default 0).
         solver: ``"closed"`` (default) or ``"iterative"`` — the reference-style E-MSA that runs
-            ``inner_steps`` iterations of ``inner_optimizer`` (``"adam"``, ``"sgd"``, ``"lbfgs"``) with
-            step ``inner_lr`` on the augmented Hamiltonian of *every* module with parameters.
-        inner_steps, inner_lr, inner_optimizer: defaults 10, 0.01, ``"adam"``.
+            ``inner_steps`` iterations of ``inner_optimizer`` (``"lbfgs"``, ``"adam"``, ``"sgd"``)
+            with step ``inner_lr`` on the augmented Hamiltonian of *every* module with parameters.
+        inner_steps, inner_lr, inner_optimizer: defaults 10, 1.0, ``"lbfgs"`` (L-BFGS with a
+            strong-Wolfe line search, the reference implementation's choice; Adam with a fixed
+            step moves every coordinate by ~inner_lr per iteration whatever the curvature, which
+            measured 60 % on Fashion-MNIST with lr 0.01 against 87 % for L-BFGS).
         exclude: names of modules (``model.named_modules()``) that take the fallback step.
         strict: raise instead of warning when a module with parameters has no maximiser.
         process_group: ``torch.distributed`` group for unwrapped models (default: the world group
@@ -512,7 +515,7 @@ class EMSA(PMPOptimizer):
         model: nn.Module,
         params: Optional[Iterable] = None,
         *,
-        lr: float = 0.5,
+        lr: float = 1.0,
         rho: float = 1.0,
         route: str = "auto",
         costate: str = "auto",
@@ -528,8 +531,8 @@ class EMSA(PMPOptimizer):
         weight_decay: float = 0.0,
         solver: str = "closed",
         inner_steps: int = 10,
-        inner_lr: float = 0.01,
-        inner_optimizer: str = "adam",
+        inner_lr: float = 1.0,
+        inner_optimizer: str = "lbfgs",
         exclude: Sequence[str] = (),
         strict: bool = False,
         process_group=None,

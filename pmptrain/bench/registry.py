@@ -11,9 +11,9 @@ name               weights         optimizer (defaults)         ``--lr``   ``--t
 sgd                float           SGD, momentum 0.9            lr 0.05    0.01, 0.03, 0.1
 adam               float           Adam                         lr 1e-3    3e-4, 1e-3, 3e-3
 msa                float           MSA (basic, ρ = 0)           lr 0.1     0.03, 0.1, 0.3
-emsa               float           EMSA closed form, ρ = 1      lr 0.5     0.2, 0.5, 1.0
-emsa-iterative     float           EMSA solver="iterative"      lr 0.5     0.2, 0.5, 1.0
-                                   (10 Adam inner steps, 0.01)
+emsa               float           EMSA closed form, ρ = 1      lr 1.0     0.3, 1.0, 3.0
+emsa-iterative     float           EMSA solver="iterative"      lr 1.0     0.3, 1.0, 3.0
+                                   (10 L-BFGS inner iterations)
 binary-msa         {−1, +1}        DiscreteMSA, decay 0.999     ρ 0.5      0.2, 0.35, 0.5
 ternary-msa        {−1, 0, +1}     DiscreteMSA, decay 0.999     ρ 0.5      0.2, 0.35, 0.5
 kbit-msa           2-bit uniform   DiscreteMSA, decay 0.999     ρ 0.5      0.2, 0.35, 0.5
@@ -194,13 +194,13 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       description="Adam (torch.optim.Adam)"),
         OptimizerSpec("msa", _msa, {"lr": 0.1}, "lr", (0.03, 0.1, 0.3), takes_wrapper=True,
                       description="basic MSA (rho = 0) with proximal step lr"),
-        OptimizerSpec("emsa", _emsa, {"lr": 0.5, "rho": 1.0}, "lr", (0.2, 0.5, 1.0),
+        OptimizerSpec("emsa", _emsa, {"lr": 1.0, "rho": 1.0}, "lr", (0.3, 1.0, 3.0),
                       takes_wrapper=True, description="closed-form E-MSA, rho 1, delta = 1/lr"),
         OptimizerSpec("emsa-iterative", _emsa,
-                      {"lr": 0.5, "rho": 1.0, "solver": "iterative", "inner_steps": 10,
-                       "inner_lr": 0.01, "inner_optimizer": "adam"},
-                      "lr", (0.2, 0.5, 1.0), takes_wrapper=True,
-                      description="iterative E-MSA: 10 Adam steps on the augmented Hamiltonian"),
+                      {"lr": 1.0, "rho": 1.0, "solver": "iterative", "inner_steps": 10,
+                       "inner_lr": 1.0, "inner_optimizer": "lbfgs"},
+                      "lr", (0.3, 1.0, 3.0), takes_wrapper=True,
+                      description="iterative E-MSA: 10 L-BFGS iterations on the augmented Hamiltonian"),
         OptimizerSpec("binary-msa", _discrete_msa, {"rho": 0.5, "decay": 0.999}, "rho", _RHO_GRID,
                       levels="binary", takes_wrapper=True,
                       description="latent-free discrete MSA on {-1, +1}"),
