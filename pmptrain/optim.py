@@ -248,7 +248,8 @@ class PMPOptimizer(torch.optim.Optimizer):
         group: Dict[str, Any],
         inv_scale: float,
     ) -> Tuple[List[Tuple[Tensor, Tensor]], List[Callable[[], None]]]:
-        """Return ``([(param, Δparam) or (param, t, α)], [commit callbacks])`` for one module
+        """Return ``([(param, Δparam) or (param, t, α)], [commit callbacks])`` for one module, or
+        None when the rule does not apply this step (its parameters then take the fallback step)
         (``(param, t, α)`` means ``Δparam = α·t``, applied as ``param.add_(t, alpha=α)``). Pure
         w.r.t. state: state changes go into the callbacks, run only if the whole step is accepted."""
         raise NotImplementedError
@@ -320,7 +321,7 @@ class PMPOptimizer(torch.optim.Optimizer):
 
     def _step_impl(self, loss) -> None:
         inv_scale, found_inf = self._amp_inv_scale()
-        group_of = self._group_index()
+        group_of = self._step_group_of = self._group_index()
         world = self._world()
         has_records = self.capture.has_records()
         params_with_grad = [
@@ -363,13 +364,16 @@ class PMPOptimizer(torch.optim.Optimizer):
             if (needs_capture and not records) or all(p.grad is None for p in own):
                 handled.update(id(p) for p in own)  # not called this step: left unchanged
                 continue
-            group = self.param_groups[group_of[id(own[0])]]
+            group = self.param_groups[next(group_of[id(p)] for p in own if id(p) in group_of)]
             try:
-                ups, cms = self._module_update(name, module, kind, records, group, inv_scale)
+                result = self._module_update(name, module, kind, records, group, inv_scale)
             except torch.linalg.LinAlgError:
                 # only non-finite statistics make the eigen/Cholesky solves fail (δ > 0)
                 self._skip(self._skip_reason(loss, params_with_grad, f"module {name!r}"))
                 return
+            if result is None:  # the rule does not apply this step: fallback for its parameters
+                continue
+            ups, cms = result
             updates += ups
             commits += cms
             handled.update(id(p) for p in own)
@@ -588,13 +592,15 @@ class EMSA(PMPOptimizer):
 
     def _affine_update(self, name, module, adapter: AffineAdapter, records, group, inv_scale):
         w, b = module.weight, module.bias
+        if w.grad is None or id(w) not in self._step_group_of:
+            return None  # frozen weight: the bias (if trained) takes the fallback step
+        if b is not None and (b.grad is None or id(b) not in self._step_group_of):
+            b = None  # frozen bias: maximise over W with b fixed (the no-bias closed form)
         m, n = adapter.weight_shape_2d(module)
         lr, rho = float(group["lr"]), float(group["rho"])
         delta = 1.0 / lr
         gw = w.grad.reshape(m, n)
-        gb = b.grad if (b is not None) else None
-        if gb is None and b is not None:
-            gb = torch.zeros_like(b)
+        gb = b.grad if b is not None else None
         if inv_scale != 1.0:
             gw = gw * inv_scale
             gb = gb * inv_scale if gb is not None else None

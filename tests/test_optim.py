@@ -363,6 +363,35 @@ def test_excluded_module_takes_the_fallback_step():
     assert opt.last_step["controlled"] == 1 and opt.last_step["fallback"] == 2
 
 
+def test_frozen_weight_or_bias():
+    # frozen bias: the weight takes the no-bias closed form, the bias is untouched
+    model = plain_mlp(torch.float64)
+    model[0].bias.requires_grad_(False)
+    opt = pmptrain.EMSA(model, lr=0.5, rho=2.0)
+    x, y = data(dtype=torch.float64)
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    y0 = F.linear(x, w0, b0).requires_grad_(True)
+    g0 = torch.autograd.grad(F.cross_entropy(model[2](torch.tanh(y0)), y), y0)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert torch.equal(model[0].bias, b0)
+    dW, db = solve_affine_rows(x, -x.shape[0] * g0, x.shape[0], 2.0, 2.0, False)
+    assert db is None
+    torch.testing.assert_close(model[0].weight - w0, dW, rtol=1e-9, atol=1e-12)
+    # frozen weight: the bias alone takes the fallback step (SGD here, to check the value)
+    model = plain_mlp(torch.float64)
+    model[0].weight.requires_grad_(False)
+    opt = pmptrain.EMSA(model, fallback="sgd", fallback_lr=0.1, momentum=0.0)
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grad_b = model[0].bias.grad.clone()
+    opt.step()
+    assert torch.equal(model[0].weight, w0)
+    torch.testing.assert_close(model[0].bias, b0 - 0.1 * grad_b)
+
+
 def test_tied_weights_take_the_fallback():
     lin = nn.Linear(4, 4)
     model = nn.Sequential(lin, nn.Tanh(), nn.Linear(4, 4))
