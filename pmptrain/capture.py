@@ -55,13 +55,18 @@ class ModuleCapture:
     """
 
     def __init__(self, modules: Dict[str, nn.Module]):
-        self.records: Dict[str, List[CallRecord]] = {name: [] for name in modules}
+        self.records: Dict[str, List[CallRecord]] = {}
         self._paused = False
         self._handles = []
         for name, module in modules.items():
-            self._handles.append(
-                module.register_forward_hook(self._make_hook(name), with_kwargs=True)
-            )
+            self.add(name, module)
+
+    def add(self, name: str, module: nn.Module) -> None:
+        """Start recording ``module`` under ``name`` (no-op if ``name`` is recorded already)."""
+        if name in self.records:
+            return
+        self.records[name] = []
+        self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
 
     def _make_hook(self, name: str):
         records = self.records[name]

@@ -117,15 +117,10 @@ class PMPOptimizer(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"exclude names modules that do not exist in the model: {unknown}")
         self._excluded = set(exclude)
+        self._warned: set = set()
         self._controlled: Dict[str, Tuple[nn.Module, str]] = {}
+        self.capture: Optional[ModuleCapture] = ModuleCapture({})
         self._select_modules()
-        self.capture: Optional[ModuleCapture] = ModuleCapture(
-            {
-                name: module
-                for name, (module, kind) in self._controlled.items()
-                if self._kind_needs_capture(kind)
-            }
-        )
 
     # ------------------------------------------------------------------ module selection
     def _module_kind(self, name: str, module: nn.Module) -> Optional[str]:
@@ -139,6 +134,9 @@ class PMPOptimizer(torch.optim.Optimizer):
         return True
 
     def _select_modules(self) -> None:
+        """(Re)decide which modules are maximised and hook the new ones (at construction and
+        after ``add_param_group``)."""
+        self._controlled = {}
         in_groups = {id(p) for g in self.param_groups for p in g["params"]}
         owners: Dict[int, List[str]] = {}
         candidates = {}
@@ -158,7 +156,8 @@ class PMPOptimizer(torch.optim.Optimizer):
             for p in own:
                 owners.setdefault(id(p), []).append(name)
         tied = {n for names in owners.values() if len(names) > 1 for n in names}
-        if tied:
+        if tied and not tied <= self._warned:
+            self._warned |= tied
             warnings.warn(
                 f"modules {sorted(tied)} share parameters (tied weights); they take the fallback "
                 "step instead of the per-module maximisation",
@@ -176,8 +175,13 @@ class PMPOptimizer(torch.optim.Optimizer):
                     "jointly)"
                 )
             self._controlled[name] = (module, kind)
+            if self.capture is not None and self._kind_needs_capture(kind):
+                self.capture.add(name, module)
 
     def _unsupported(self, name: str, module: nn.Module) -> None:
+        if name in self._warned:
+            return
+        self._warned.add(name)
         msg = (
             f"module {name!r} ({type(module).__name__}) has no closed-form maximiser; its "
             "parameters take the fallback step"
@@ -193,6 +197,8 @@ class PMPOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._validate_group(self.param_groups[-1])
+        if getattr(self, "capture", None) is not None:  # after construction: new modules
+            self._select_modules()
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         def check(key, cond, what):

@@ -180,10 +180,12 @@ def test_per_group_rho_and_add_param_group():
     w2 = model[2].weight.detach().clone()
     train(model, opt, 1, loss_fn=F.cross_entropy)
     assert torch.equal(model[2].weight, w2)  # not in any group: untouched
+    assert opt.last_step["controlled"] == 1
     opt.add_param_group({"params": list(model[2].parameters()), "rho": 3.0})
     assert opt.param_groups[1]["rho"] == 3.0 and opt.param_groups[1]["lr"] == 0.5
     train(model, opt, 1, loss_fn=F.cross_entropy)
     assert not torch.equal(model[2].weight, w2)
+    assert opt.last_step["controlled"] == 2 and opt.last_step["fallback"] == 0  # closed form, hooked
     with pytest.raises(ValueError, match="rho"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "rho": -1.0})
 
