@@ -1,0 +1,115 @@
+"""experiments/: every config parses through the CLI's loader and starts; the sin toy script runs.
+
+Every YAML config is resolved exactly as ``pmptrain train --config X`` resolves it (preset, file,
+validation) and its model is built on the meta device (no memory, no data). Configs whose data set
+is present here (MNIST-1D always; Fashion-MNIST/MNIST/CIFAR-10/SVHN if found by the normal lookup)
+also run ``pmptrain train --config X --epochs 1 --max-train 256 --max-test 256 --seeds 1`` (one
+seed, 0); the others are skipped with the reason. The whole file takes a few seconds.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pmptrain.bench import cli
+from pmptrain.bench.data import DatasetNotFoundError, _canonical, _locate
+from pmptrain.bench.models import build_model
+from pmptrain.bench.registry import get_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "experiments" / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+# one example's shape and class count per data set, as pmptrain.bench.data loads them
+SHAPES = {"mnist1d": ((1, 40), 10), "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10),
+          "cifar10": ((3, 32, 32), 10), "svhn": ((3, 32, 32), 10)}
+
+
+def _resolve(path: Path):
+    ns = cli.build_parser().parse_args(["train", "--config", str(path)])
+    cfg, _, resume = cli._resolve(ns)
+    assert not resume
+    return cfg
+
+
+def _data_absent(dataset: str):
+    """``None`` if the data set can be loaded offline here, else the reason it cannot."""
+    name = _canonical(dataset)
+    if name == "mnist1d":
+        return None
+    try:
+        _locate(name, None, False, None)
+    except DatasetNotFoundError:
+        return f"{name} data not found offline (needs download: pmptrain bench --download)"
+    return None
+
+
+def test_every_published_experiment_has_a_config():
+    names = {p.stem for p in CONFIGS}
+    expected = {f"lihao-{k}-{d}" for k in ("binary", "ternary")
+                for d in ("mnist", "cifar10", "svhn")}
+    expected |= {"emsa-mnist", "mnist1d-default", "fmnist-bench", "fmnist-emsa-mlp",
+                 "fmnist-discrete-mlp"}
+    assert expected <= names, f"missing configs: {sorted(expected - names)}"
+    readme = (ROOT / "experiments" / "README.md").read_text()
+    for p in CONFIGS:
+        assert f"configs/{p.name}" in readme, f"{p.name} is not in experiments/README.md"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_resolves_and_model_builds(path):
+    cfg = _resolve(path)
+    for name in cfg.optimizers:
+        get_spec(name)
+    for name in cfg.optimizer_args:
+        assert name in cfg.optimizers, f"optimizer_args for {name!r}, which the config does not run"
+    shape, classes = SHAPES[_canonical(cfg.dataset)]
+    with torch.device("meta"):
+        model = build_model(cfg.model, shape, classes, **cfg.model_args)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_lihao_configs_follow_the_reference_protocol():
+    for path in CONFIG_DIR.glob("lihao-*.yaml"):
+        cfg = _resolve(path)
+        (opt,) = cfg.optimizers
+        args = cfg.optimizer_args[opt]
+        assert (cfg.loss, cfg.batch_size, cfg.keep, cfg.scale) == ("squared-hinge", 100, [], None)
+        assert args["rho"] == 0.5 and args["decay"] == 0.999
+        assert args["gamma"] == (0.98 if cfg.dataset == "cifar10" else 0.95), path.name
+        if opt == "ternary-msa":
+            assert args["lam"] == pytest.approx(1e-7), path.name
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_starts(path, tmp_path):
+    cfg = _resolve(path)
+    reason = _data_absent(cfg.dataset)
+    if reason:
+        pytest.skip(reason)
+    if cfg.model in ("ref_vgg", "ref_vgg_svhn", "ref_mlp"):
+        pytest.skip(f"{cfg.model}: a reference-size network is too slow for the fast suite")
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--config", str(path), "--epochs", "1", "--max-train", "256",
+                   "--max-test", "256", "--seeds", "1", "--threads", "1", "--no-tensorboard",
+                   "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted(r["optimizer"] for r in rows) == sorted(cfg.optimizers)
+
+
+def test_sin_toy_script_runs(tmp_path):
+    script = ROOT / "experiments" / "emsa_sin_toy.py"
+    spec = importlib.util.spec_from_file_location("emsa_sin_toy", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "toy"
+    assert mod.main(["--epochs", "2", "--n-train", "200", "--print-every", "0", "--no-plot",
+                     "--threads", "1", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {r["optimizer"] for r in res["runs"]} == {"emsa", "adam"}
+    for r in res["runs"]:
+        assert len(r["train_mse"]) == 3 and all(v == v for v in r["train_mse"])  # finite, no NaN
