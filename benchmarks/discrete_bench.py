@@ -7,8 +7,10 @@ step; median over the run) and its ratio to SGD's in the same run.
 Methods (``--methods``, comma separated; the optimizers of ``pmptrain.bench.registry`` with its
 documented defaults, plus the reference EMA schedule for DiscreteMSA):
 
-* ``binary-msa`` / ``ternary-msa`` — DiscreteMSA, ρ = 0.5, a0 = 0.999, ``opt.end_epoch()`` with
-  γ = ``--decay-gamma`` (0.95) after every epoch; ternary λ = ``--lam`` (1e-7);
+* ``binary-msa`` / ``ternary-msa`` — DiscreteMSA, ρ = ``--rho`` (0.95), a0 = 0.999, ``opt.end_epoch()``
+  with γ = ``--decay-gamma`` (0.95) after every epoch; ternary λ = ``--lam`` (0.2) relative
+  (``lam_mode="relative"``: λ_k = λ·max|M|); ``docs/discrete.md`` §6 for why;
+* ``binary-msa-paper`` / ``ternary-msa-paper`` — the reference settings ρ = 0.5, absolute λ = 1e-7;
 * ``binaryconnect``, ``twn``, ``bop`` — the baselines (latent_scale 0.05, Bop γ = 1e-3);
 * ``adam``, ``sgd`` — full precision (``sgd`` mostly as the step-time reference).
 
@@ -37,7 +39,10 @@ from pmptrain.bench.models import build_model
 from pmptrain.bench.registry import get_spec
 from pmptrain.discrete_optim import DiscreteMSA
 
-ALL_METHODS = ["sgd", "adam", "binary-msa", "ternary-msa", "binaryconnect", "twn", "bop"]
+ALL_METHODS = ["sgd", "adam", "binary-msa", "binary-msa-paper", "ternary-msa", "ternary-msa-paper",
+               "binaryconnect", "twn", "bop"]
+#: the reference (Li & Hao) settings, reachable as "*-paper": ρ = 0.5, absolute λ = 1e-7
+PAPER = {"rho": 0.5, "lam": 1e-7, "lam_mode": "absolute", "rho_scope": "tensor"}
 
 
 def build(model_name: str, ds, seed: int):
@@ -50,14 +55,18 @@ def build(model_name: str, ds, seed: int):
 
 
 def make_optimizer(method: str, model, args):
+    paper = method.endswith("-paper")
+    method = method[: -len("-paper")] if paper else method
     spec = get_spec(method)
     if spec.discrete:
         keep = tuple(k for k in args.keep.split(",") if k and k != "none")
         scale = None if args.scale == "none" else args.scale
         pmptrain.discretize_(model, spec.levels, keep=keep, scale=scale)
     if method in ("binary-msa", "ternary-msa"):
-        lam = args.lam if method == "ternary-msa" else 0.0
-        return DiscreteMSA(model, rho=args.rho, decay=args.decay, lam=lam, decay_gamma=args.decay_gamma)
+        kw = dict(PAPER) if paper else dict(rho=args.rho, lam=args.lam, lam_mode=args.lam_mode, rho_scope=args.rho_scope)
+        if method == "binary-msa":
+            kw["lam"] = 0.0
+        return DiscreteMSA(model, decay=args.decay, decay_gamma=args.decay_gamma, **kw)
     return spec.build(model)
 
 
@@ -116,10 +125,12 @@ def main(argv=None):
     ap.add_argument("--keep", default="last", help="layers kept full precision: none|first|last|first,last")
     ap.add_argument("--scale", default="none", choices=["none", "tensor", "channel"])
     ap.add_argument("--loss", default="ce", choices=["ce", "hinge"])
-    ap.add_argument("--rho", type=float, default=0.5)
+    ap.add_argument("--rho", type=float, default=0.95, help="ρ of binary-msa/ternary-msa (the *-paper methods: 0.5)")
     ap.add_argument("--decay", type=float, default=0.999)
     ap.add_argument("--decay-gamma", type=float, default=0.95)
-    ap.add_argument("--lam", type=float, default=1e-7)
+    ap.add_argument("--lam", type=float, default=0.2, help="λ of ternary-msa (relative with --lam-mode relative)")
+    ap.add_argument("--rho-scope", default="tensor", choices=["tensor", "channel"])
+    ap.add_argument("--lam-mode", default="relative", choices=["absolute", "relative"])
     ap.add_argument("--max-train", type=int, default=None, help="first n training examples (smoke runs)")
     ap.add_argument("--max-steps", type=int, default=0, help="steps per epoch cap (0: whole epoch)")
     args = ap.parse_args(argv)

@@ -23,7 +23,7 @@ from pmptrain.discrete import binary_grid, discrete_msa_delta, discrete_msa_step
 from pmptrain.discrete_optim import DiscreteMSA
 
 
-def make(kind: str, seed: int = 0):
+def make(kind: str, seed: int = 0, keep=("last",)):
     torch.manual_seed(seed)
     model = build_model("mlp", (1, 28, 28), 10, widths=(1024, 1024), batchnorm=True)
     if kind == "sgd":
@@ -31,7 +31,9 @@ def make(kind: str, seed: int = 0):
     if kind == "adam":
         return model, torch.optim.Adam(model.parameters(), lr=1e-3)
     levels = "binary" if kind.startswith("binary") else "ternary"
-    pmptrain.discretize_(model, levels, keep=())
+    pmptrain.discretize_(model, levels, keep=keep)
+    if kind.endswith("-rel"):  # the recommended ternary setting: relative λ
+        return model, DiscreteMSA(model, rho=0.95, lam=0.2, lam_mode="relative")
     return model, DiscreteMSA(model, rho=0.5, lam=1e-7 if levels == "ternary" else 0.0)
 
 
@@ -41,12 +43,17 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--keep", default="last", help="layers kept full precision (default last, as in "
+                    "discrete_bench.py); 'none' binarises the output layer too: an untrained ±1 output layer "
+                    "saturates the softmax, its gradients underflow to subnormals and float ops on them are "
+                    "~10x slower on x86 (torch.set_flush_denormal(True) avoids that)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch,))
-    kinds = ["sgd", "adam", "binary-msa", "ternary-msa"]
-    runs = {k: make(k) for k in kinds}
+    kinds = ["sgd", "adam", "binary-msa", "ternary-msa", "ternary-msa-rel"]
+    keep = tuple(k for k in args.keep.split(",") if k and k != "none")
+    runs = {k: make(k, keep=keep) for k in kinds}
     times = {k: [] for k in kinds}
     fwd_bwd = []
 
@@ -67,7 +74,7 @@ def main(argv=None):
             if r >= args.warmup:
                 times[k].append((total, step_t))
     sgd_total = statistics.median(t for t, _ in times["sgd"])
-    print(f"threads={args.threads} batch={args.batch} repeats={args.repeats} (median)\n")
+    print(f"threads={args.threads} batch={args.batch} repeats={args.repeats} keep={keep} (median)\n")
     print("| optimizer | iteration ms | optimizer.step ms | iteration / SGD |")
     print("|---|---|---|---|")
     for k in kinds:

@@ -38,6 +38,7 @@ __all__ = [
     "on_grid",
     "ema_accumulate_",
     "penalty_scale",
+    "relative_lambda",
     "discrete_argmax",
     "discrete_msa_step",
     "discrete_msa_delta",
@@ -229,8 +230,32 @@ def ema_accumulate_(acc: Tensor, ham_grad: Tensor, a: float) -> Tensor:
 def _check_rho_lam(rho: float, lam: float) -> None:
     if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
         raise ValueError(f"rho: must be a finite number >= 0, got {rho!r}")
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+    if isinstance(lam, Tensor):
+        if not bool(torch.isfinite(lam).all()) or bool((lam < 0).any()):
+            raise ValueError(f"lam: must be finite and >= 0, got {lam!r}")
+    elif not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam: must be a finite number >= 0, got {lam!r}")
+
+
+_SCOPES = ("tensor", "channel")
+
+
+def _check_scope(scope: str, weight: Tensor) -> None:
+    if scope not in _SCOPES:
+        raise ValueError(f"scope: expected 'tensor' or 'channel', got {scope!r}")
+    if scope == "channel" and weight.dim() < 2:
+        raise ValueError(f"scope: 'channel' needs a weight with >= 2 dims (dim 0 = output channels), got shape {tuple(weight.shape)}")
+
+
+def _rows(x: Tensor, scope: str) -> Tensor:
+    """``x`` viewed as ``(R, n)``: one row per penalty scope (R = 1 for ``"tensor"``, ``C_out`` for
+    ``"channel"``)."""
+    return x.reshape(1, -1) if scope == "tensor" else x.reshape(x.shape[0], -1)
+
+
+def _scope_shape(weight: Tensor, scope: str) -> Tuple[int, ...]:
+    """Shape of a per-scope quantity (ρ_k, relative λ): ``()`` per tensor, ``[C_out, 1, ..., 1]`` per channel."""
+    return () if scope == "tensor" else (weight.shape[0],) + (1,) * (weight.dim() - 1)
 
 
 def _is_binary(grid: Grid) -> bool:
@@ -289,12 +314,43 @@ def _unpenalised_wrong(w: Tensor, m: Tensor, grid: Grid, lam: float) -> Tensor:
     return (m * w - lam * w.abs()) < best
 
 
-def penalty_scale(acc: Tensor, weight: Tensor, grid: Grid, rho: float, lam: float = 0.0) -> Tuple[Tensor, bool]:
+def _lam_rows(lam, rows: Tensor):
+    """λ as a number or as a ``(R, 1)`` column matching ``rows`` (a per-scope tensor λ)."""
+    if isinstance(lam, Tensor):
+        return lam.detach().to(rows.dtype).reshape(-1, 1) if lam.numel() > 1 else lam.detach().to(rows.dtype).reshape(())
+    return lam
+
+
+def relative_lambda(acc: Tensor, lam: float, scope: str = "tensor") -> Tensor:
+    """The relative sparsity weight ``λ_k = λ · max |M|`` over the penalty scope.
+
+    ``scope="tensor"``: one value, the maximum over the whole tensor (a 0-dim tensor);
+    ``scope="channel"``: one value per output channel (maximum over dims 1..), shape
+    ``[C_out, 1, ..., 1]``. Like ρ_k it makes λ scale-free in the loss: a zero code becomes non-zero
+    only if ``|M_ij| > λ_k + ρ_k/2``, i.e. above the fraction ``λ + ρ·max_wrong|M|/(2 max|M|)`` of the
+    largest accumulator. ``λ`` is a number >= 0 (``λ >= 1`` keeps every zero code at 0).
+    """
+    _check_rho_lam(0.0, lam)
+    _check_scope(scope, acc)
+    m = acc.detach()
+    if m.numel() == 0:
+        return torch.zeros(_scope_shape(m, scope), dtype=m.dtype, device=m.device)
+    mx = m.abs().amax() if scope == "tensor" else _rows(m, scope).abs().amax(dim=1)
+    return (mx * lam).reshape(_scope_shape(m, scope))
+
+
+def penalty_scale(acc: Tensor, weight: Tensor, grid: Grid, rho: float, lam=0.0,
+                  scope: str = "tensor") -> Tuple[Tensor, bool]:
     """The per-step relative penalty ``ρ_k = ρ · max{ |M_ij| : W_ij ∉ argmax_{q∈Q} [M_ij q - λ|q|] }``.
 
     The set is the *wrong set*: entries whose current value is not a maximiser of the unpenalised
     Hamiltonian (for binary: ``M_ij W_ij < 0``; an exact tie counts as right). ``ρ`` is relative to
     the largest wrong accumulator, hence scale-free in the loss.
+
+    ``scope`` is the set the maximum runs over: ``"tensor"`` (the reference, Li & Hao: one ρ_k per
+    tensor, a 0-dim result) or ``"channel"`` (one ρ_k per output channel ``i`` = row of a Linear
+    weight / output filter of a conv, over the entries ``ij`` of that row; result shape
+    ``[C_out, 1, ..., 1]``, 0 for a row whose wrong set is empty).
 
     Binary fast path (exact arithmetic; λ is a constant there): ``ρ_k = ρ · max(0, max(-M∘W))``.
     Other grids compare ``M W - λ|W|`` with ``max_q (M q - λ|q|)`` in floating point.
@@ -304,33 +360,39 @@ def penalty_scale(acc: Tensor, weight: Tensor, grid: Grid, rho: float, lam: floa
         weight: current codes W (on ``grid``).
         grid: the grid Q.
         rho: ρ >= 0 (reference: 0.5).
-        lam: λ >= 0, the sparsity weight (default 0).
+        lam: λ >= 0, the sparsity weight (default 0): a number, or a tensor of the scope's shape
+            (e.g. :func:`relative_lambda`).
+        scope: ``"tensor"`` (default) or ``"channel"``.
 
     Returns:
-        ``(rho_k, empty)``: ``rho_k`` a 0-dim tensor in ``acc``'s dtype (0 if the set is empty) and
-        ``empty`` (bool) whether the wrong set is empty.
+        ``(rho_k, empty)``: ``rho_k`` a tensor in ``acc``'s dtype of the scope's shape (0 where the
+        set is empty) and ``empty`` (bool) whether the wrong set of the whole tensor is empty.
     """
     _check_rho_lam(rho, lam)
     if acc.shape != weight.shape:
         raise ValueError(f"acc: shape {tuple(acc.shape)} != weight shape {tuple(weight.shape)}")
+    _check_scope(scope, weight)
     dtype = torch.promote_types(acc.dtype, weight.dtype)
-    w = weight.detach().reshape(-1).to(dtype)
-    m = acc.detach().reshape(-1).to(dtype)
-    if w.numel() == 0:
-        return torch.zeros((), dtype=dtype, device=acc.device), True
+    shape = _scope_shape(weight, scope)
+    if weight.numel() == 0:
+        return torch.zeros(shape, dtype=dtype, device=acc.device), True
+    w = _rows(weight.detach().to(dtype), scope)
+    m = _rows(acc.detach().to(dtype), scope)
+    lr = _lam_rows(lam, w)
     if _is_binary(grid):
-        worst = (m * w).neg_().clamp_(min=0).max()  # = max |M| over M W < 0, or 0
+        worst = (m * w).neg_().clamp_(min=0).amax(dim=1)  # = max |M| over M W < 0, or 0
+        empty = not bool((worst > 0).any())
     else:
         if _is_ternary(grid):  # closed form: W = ±1 is right iff M W >= λ; W = 0 iff |M| <= λ
-            wrong = torch.where(w == 0, m.abs() > lam, m * w < lam)
+            wrong = torch.where(w == 0, m.abs() > lr, m * w < lr)
         else:
-            wrong = _unpenalised_wrong(w, m, grid, lam)
-        worst = torch.where(wrong, m.abs(), torch.zeros_like(m)).max()
-    empty = not bool(worst > 0) if _is_binary(grid) else not bool(wrong.any())
-    return rho * worst, empty
+            wrong = _unpenalised_wrong(w, m, grid, lr)
+        worst = torch.where(wrong, m.abs(), torch.zeros_like(m)).amax(dim=1)
+        empty = not bool(wrong.any())
+    return (rho * worst).reshape(shape), empty
 
 
-def discrete_argmax(weight: Tensor, acc: Tensor, grid: Grid, rho_k, lam: float = 0.0) -> Tensor:
+def discrete_argmax(weight: Tensor, acc: Tensor, grid: Grid, rho_k, lam=0.0) -> Tensor:
     """Elementwise ``W_ij <- argmax_{q∈Q} [ M_ij q - λ|q| - (ρ_k/2)(q - W_ij)^2 ]``.
 
     Ties keep the current value (``W`` must be on the grid); among other tied maximisers the one
@@ -340,15 +402,17 @@ def discrete_argmax(weight: Tensor, acc: Tensor, grid: Grid, rho_k, lam: float =
     Binary fast path: ``W_ij`` flips iff ``-M_ij W_ij > ρ_k`` (the exact-arithmetic form of the rule,
     which does not depend on λ). Ternary fast path: thresholds on ``M W`` (see ``_argmax_ternary``).
     Fast paths can differ from a floating-point evaluation of the scores only within rounding of
-    an exact tie (tests: identical on random float64 inputs and on exact dyadic ties). For a uniform grid the result is ``W + M/ρ_k`` rounded to the
-    grid after the λ shrinkage. ``rho_k = None`` (an empty wrong set) returns an unchanged copy.
+    an exact tie (tests: identical on random float64 inputs and on exact dyadic ties). For a uniform
+    grid the result is ``W + M/ρ_k`` rounded to the grid after the λ shrinkage. ``rho_k = None`` (an
+    empty wrong set) returns an unchanged copy.
 
     Args:
         weight: current codes W (any shape, on ``grid``).
         acc: the accumulator M (same shape).
         grid: Q.
-        rho_k: the absolute penalty ρ_k >= 0 (float or 0-dim tensor), see :func:`penalty_scale`.
-        lam: λ >= 0 (default 0).
+        rho_k: the absolute penalty ρ_k >= 0: a float, a 0-dim tensor, or a per-channel tensor of
+            shape ``[C_out, 1, ..., 1]`` (see :func:`penalty_scale` with ``scope="channel"``).
+        lam: λ >= 0 (default 0): a number, a 0-dim or a per-channel tensor (:func:`relative_lambda`).
 
     Returns:
         A new tensor of ``weight``'s dtype and shape.
@@ -358,20 +422,25 @@ def discrete_argmax(weight: Tensor, acc: Tensor, grid: Grid, rho_k, lam: float =
     if rho_k is None:
         return weight.detach().clone()
     if isinstance(rho_k, Tensor):
-        if rho_k.numel() != 1 or not bool(torch.isfinite(rho_k).all()) or float(rho_k) < 0:
-            raise ValueError(f"rho_k: must be a finite scalar >= 0, got {rho_k!r}")
+        ok_shape = rho_k.numel() == 1 or (weight.dim() >= 2 and tuple(rho_k.shape) == _scope_shape(weight, "channel"))
+        if not ok_shape or not bool(torch.isfinite(rho_k).all()) or bool((rho_k < 0).any()):
+            raise ValueError(f"rho_k: must be a finite scalar or per-channel [C_out, 1, ...] tensor >= 0, got {rho_k!r}")
     elif not (isinstance(rho_k, (int, float)) and math.isfinite(rho_k) and rho_k >= 0):
         raise ValueError(f"rho_k: must be a finite number >= 0, got {rho_k!r}")
     _check_rho_lam(0.0, lam)
     dtype = torch.promote_types(acc.dtype, weight.dtype)
-    w = weight.detach().reshape(-1).to(dtype)
-    m = acc.detach().reshape(-1).to(dtype)
+    per_row = (isinstance(rho_k, Tensor) and rho_k.numel() > 1) or (isinstance(lam, Tensor) and lam.numel() > 1)
+    scope = "channel" if per_row else "tensor"
+    w = _rows(weight.detach().to(dtype), scope)
+    m = _rows(acc.detach().to(dtype), scope)
+    r = rho_k.detach().to(dtype).reshape(-1, 1) if isinstance(rho_k, Tensor) else rho_k
+    lr = _lam_rows(lam, w)
     if _is_binary(grid):
-        out = torch.where((m * w).neg_() > rho_k, w.neg(), w)
+        out = torch.where((m * w).neg_() > r, w.neg(), w)
     elif _is_ternary(grid):
-        out = _argmax_ternary(w, m, rho_k, lam)
+        out = _argmax_ternary(w, m, r, lr)
     else:
-        out = _argmax_general(w, m, grid, rho_k, lam)
+        out = _argmax_general(w, m, grid, r, lr)
     return out.reshape(weight.shape).to(weight.dtype)
 
 
@@ -380,74 +449,103 @@ def has_fast_path(grid: Grid) -> bool:
     return _is_binary(grid) or _is_ternary(grid)
 
 
-def _indicator_lt(t: Tensor, u: Tensor) -> Tensor:
-    """``1{u < t}`` as a float tensor, exactly: ``relu(sign(t - u))``. The sign of a floating-point
-    difference of finite numbers is the sign of the exact difference (gradual underflow) and
-    ``sign(±0) = 0``, so ties and signed zeros give 0 like the comparison ``u < t``."""
-    return torch.sub(t, u).sign_().clamp_(min=0)
+def _rowmax(x: Tensor, scope: str):
+    """``(min, max)`` over the whole tensor (0-dim) or per row of ``x`` (``(R, 1)``)."""
+    if scope == "tensor":
+        return torch.aminmax(x)
+    return torch.aminmax(x, dim=1, keepdim=True)
 
 
-def discrete_msa_delta(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+def _buffer(buf: Optional[Tensor], like: Tensor) -> Tensor:
+    if buf is None:
+        return torch.empty_like(like)
+    if buf.numel() < like.numel() or buf.dtype != like.dtype or buf.device != like.device:
+        raise ValueError(f"buffer: need >= {like.numel()} elements of {like.dtype} on {like.device}, got "
+                         f"{buf.numel()} of {buf.dtype} on {buf.device}")
+    return buf.reshape(-1)[: like.numel()].view(like.shape)
+
+
+def discrete_msa_delta(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam=0.0, scope: str = "tensor",
+                       out: Optional[Tensor] = None, scratch: Sequence[Tensor] = ()) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused, synchronisation-free form of :func:`penalty_scale` + :func:`discrete_argmax` for the
     binary and ternary grids (the optimizer's hot path).
 
     Same mathematics and *bit-identical decisions* as the reference functions (tested against them,
-    ties included): with ``u = M∘W``,
+    ties included): with ``u = M∘W`` and ``r = ρ_k`` (per tensor, or per output row with
+    ``scope="channel"``),
 
-    * ``ρ_k = ρ · max{|M_ij| : ij wrong}`` (0 for an empty wrong set), a 0-dim tensor, never ``-0``;
-    * binary: ``W_ij`` flips iff ``u_ij + ρ_k < 0`` (⇔ ``-M_ij W_ij > ρ_k``);
-    * ternary: for ``W = ±1`` the new value is ``W·(1 - 1{u < λ - ρ_k/2} - 1{u < -(λ + 3ρ_k/2)})``;
-      for ``W = 0`` it is ``1{M > λ + ρ_k/2} - 1{M < -(λ + ρ_k/2)}``.
+    * ``ρ_k = ρ · max{|M_ij| : ij wrong}`` (0 for an empty wrong set), never ``-0``;
+    * binary: ``W_ij`` flips iff ``u_ij + ρ_k < 0`` (⇔ ``-M_ij W_ij > ρ_k``); the new code is
+      ``W·copysign(1, u + ρ_k)``;
+    * ternary, ``W = ±1``: the new code is ``W·sign(u − clamp(u, b, a⁻))`` with ``b = −(λ + 3r/2)`` and
+      ``a⁻`` the float just below ``a = λ − r/2`` (so ``u < b → −W``, ``b ≤ u < a → 0``, ``u ≥ a → W``);
+      ``W = 0``: ``sign(z − clamp(z, −t, t))`` with ``z = M`` there and ``t = λ + r/2`` (so ``sign(M)``
+      iff ``|M| > t``). The sign of a float difference is the sign of the exact difference, so the
+      thresholds are exact. (One corner differs from the reference: ``λ = r = 0`` and ``u`` equal to
+      minus the smallest subnormal; then ``a = b = 0`` and that single value gives 0 instead of ``−W``.)
 
     An empty wrong set needs no branch: then ``ρ_k = 0`` and every ``W_ij`` already maximises the
     (unpenalised = penalised) score, so the tie rule keeps it. Only float arithmetic is used
-    (comparisons and ``torch.where`` on bool tensors are several times slower on CPU); indicators
-    are ``relu(sign(·))`` of exact differences (see ``_indicator_lt``). No ``.item()``.
+    (comparisons and ``torch.where`` on bool tensors are several times slower on CPU). No ``.item()``.
 
     Args:
         weight: current codes W (on ``grid``), any shape.
         acc: the accumulator M, same shape and dtype as ``weight``.
         grid: the binary or ternary grid (ValueError otherwise; see :func:`has_fast_path`).
-        rho: ρ >= 0. lam: λ >= 0 (default 0; no effect on the binary rule).
+        rho: ρ >= 0. lam: λ >= 0 (default 0; no effect on the binary rule): a number, or a tensor of
+            the scope's shape (:func:`relative_lambda`).
+        scope: ``"tensor"`` (default, the reference) or ``"channel"`` (see :func:`penalty_scale`).
+        out: optional buffer for ``delta`` (``>= numel`` elements, same dtype/device; reused, no
+            allocation). scratch: optional buffers for the ternary rule (up to two, same rule).
 
     Returns:
         ``(delta, rho_k, acc_abs_max)``: ``delta = W_new - W`` (integers, so ``W + delta`` is exactly
-        ``W_new``), the 0-dim ``ρ_k`` and the 0-dim ``max|M|`` (a by-product).
+        ``W_new``; it lives in ``out`` if given), ``ρ_k`` (0-dim, or ``[C_out, 1, ...]`` per channel)
+        and the 0-dim ``max|M|`` (a by-product).
     """
     if not has_fast_path(grid):
         raise ValueError(f"grid: the fused rule supports the binary and ternary grids, got {grid.name} {list(grid.values)}")
     _check_rho_lam(rho, lam)
     if acc.shape != weight.shape or acc.dtype != weight.dtype:
         raise ValueError(f"acc: shape/dtype {tuple(acc.shape)}/{acc.dtype} != weight's {tuple(weight.shape)}/{weight.dtype}")
+    _check_scope(scope, weight)
+    shape = _scope_shape(weight, scope)
     w = weight.detach()
     m = acc.detach()
     if w.numel() == 0:
-        z = torch.zeros((), dtype=w.dtype, device=w.device)
-        return torch.zeros_like(w), z, z.clone()
-    u = m * w
-    umin, umax = torch.aminmax(u)
+        z = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        return torch.zeros_like(w), z, torch.zeros((), dtype=w.dtype, device=w.device)
+    w2, m2 = _rows(w, scope), _rows(m, scope)
+    u = torch.mul(m2, w2, out=_buffer(out, w2))
+    umin, umax = _rowmax(u, scope)
     worst = torch.clamp(-umin, min=0.0)  # max |M| over M W < 0 (W = ±1), or 0
     if _is_binary(grid):
         rho_k = (worst * rho).add_(0.0)  # + 0.0 turns a -0 into +0 (copysign below)
-        acc_max = torch.maximum(-umin, umax)
+        acc_max = torch.maximum(-umin, umax).amax()
         # keep iff u + ρ_k >= +0: copysign gives +1 there (an exact tie sums to +0), -1 to flip
         u.add_(rho_k)
         s = torch.copysign(torch.ones((), dtype=w.dtype, device=w.device), u, out=u)  # no new buffer
-        return s.sub_(1.0).mul_(w), rho_k, acc_max
-    # ternary: zm = M on the W = 0 entries, ±0 elsewhere
-    zm = w.abs().neg_().add_(1.0).mul_(m)
-    zmin, zmax = torch.aminmax(zm)
+        return s.sub_(1.0).mul_(w2).view(w.shape), rho_k.reshape(shape), acc_max
+    s1 = _buffer(scratch[0] if len(scratch) > 0 else None, w2)
+    s2 = _buffer(scratch[1] if len(scratch) > 1 else None, w2)
+    lr = _lam_rows(lam, w2)
+    # z = M on the W = 0 entries, +0 elsewhere (exact: (M W) W = M for W = ±1)
+    z = torch.addcmul(m2, u, w2, value=-1.0, out=s1)
+    zmin, zmax = _rowmax(z, scope)
     zabs = torch.maximum(-zmin, zmax)  # max |M| over W = 0 (0 if none)
-    acc_max = torch.maximum(torch.maximum(-umin, umax), zabs)
-    if lam > 0:  # W = ±1 with 0 <= u < λ are wrong too (|M| = u)
-        worst = torch.maximum(worst, (_indicator_lt(torch.tensor(lam, dtype=w.dtype), u).mul_(u)).amax())
-    worst = torch.maximum(worst, zabs * (zabs > lam))  # W = 0 is wrong iff |M| > λ
-    rho_k = (rho * worst).add_(0.0)
-    r = rho_k
-    t0 = lam + 0.5 * r
-    delta = _indicator_lt(lam - 0.5 * r, u).add_(_indicator_lt(-(lam + 1.5 * r), u)).mul_(w).neg_()
-    delta.add_(_indicator_lt(zm, t0)).sub_(_indicator_lt(-t0, zm))  # W = 0: sign(M)·1{|M| > t0}
-    return delta, rho_k, acc_max
+    acc_max = torch.maximum(torch.maximum(-umin, umax), zabs).amax()
+    if isinstance(lam, Tensor) or lam > 0:  # W = ±1 with 0 <= u < λ are wrong too (|M| = u)
+        low = torch.sub(lr, u, out=s2).sign_().clamp_(min=0.0).mul_(u)  # u·1{u < λ}
+        worst = torch.maximum(worst, low.amax() if scope == "tensor" else low.amax(dim=1, keepdim=True))
+    worst = torch.maximum(worst, zabs * (zabs > lr))  # W = 0 is wrong iff |M| > λ
+    r = (rho * worst).add_(0.0)
+    hi = torch.nextafter(lr - 0.5 * r, torch.tensor(-math.inf, dtype=w.dtype, device=w.device))
+    lo = torch.minimum(-(lr + 1.5 * r), hi)
+    f = torch.sub(u, torch.clamp(u, lo, hi, out=s2), out=s2).sign_()  # ±1 entries: new = W·f
+    t = lr + 0.5 * r
+    zn = torch.sub(z, torch.clamp(z, -t, t, out=u), out=u).sign_()  # 0 entries: new = zn
+    delta = zn.addcmul_(w2, f).sub_(w2)
+    return delta.view(w.shape), r.reshape(shape), acc_max
 
 
 @dataclass

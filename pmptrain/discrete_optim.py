@@ -22,6 +22,7 @@ from .discrete import (
     discrete_msa_delta,
     has_fast_path,
     penalty_scale,
+    relative_lambda,
 )
 from .optim import EMSA, _unwrap
 from .quant import DiscreteTensor, ScaleParametrization, discrete_parameters, is_discrete_module
@@ -49,7 +50,8 @@ class DiscreteDiagnostics(Mapping):
       used (0 ⇔ empty wrong set, tensor unchanged); ``acc_abs_*``: statistics of the updated ``|M|``.
     * ``"total"``: ``{"flips", "numel", "flip_ratio", "density"}`` over all discrete tensors updated.
 
-    Empty (``layers == {}``) when the step was skipped.
+    Empty (``layers == {}``) when the step was skipped. Readable until the next ``step()`` (the
+    optimizer reuses the buffers it refers to; reading it later raises RuntimeError).
     """
 
     _KEYS = ("flips", "density_nnz", "rho_k", "acc_abs_sum", "acc_abs_max")
@@ -57,10 +59,17 @@ class DiscreteDiagnostics(Mapping):
     def __init__(self, raw: Optional[Dict[str, Dict[str, Any]]] = None):
         self._raw = raw or {}
         self._data: Optional[Dict[str, Any]] = None
+        self._expired = False
+
+    def _expire(self) -> None:
+        self._expired = True
 
     def _materialise(self) -> Dict[str, Any]:
         if self._data is not None:
             return self._data
+        if self._expired and self._raw:
+            raise RuntimeError("discrete diagnostics of a step are readable until the next step(): read "
+                               "opt.last_step['discrete'] before calling step() again (its buffers are reused)")
         names = list(self._raw)
         vals: List[List[float]] = []
         if names:
@@ -187,6 +196,8 @@ class DiscreteMSA(EMSA):
         lam: float = 0.0,
         decay_gamma: float = 1.0,
         decay_floor: float = 0.0,
+        rho_scope: str = "tensor",
+        lam_mode: str = "absolute",
         acc_init: float = 1e-12,
         continuous: str = "fallback",
         emsa_lr: float = 1.0,
@@ -214,8 +225,10 @@ class DiscreteMSA(EMSA):
             raise ValueError("model: it has no discrete weights; call pmptrain.discretize_(model, ...) first")
         self._discrete: Dict[int, DiscreteTensor] = {id(d.param): d for d in dts}
         self._extra_defaults = dict(decay=decay, lam=lam, decay_gamma=decay_gamma,
-                                    decay_floor=decay_floor, emsa_rho=emsa_rho)
+                                    decay_floor=decay_floor, emsa_rho=emsa_rho,
+                                    rho_scope=rho_scope, lam_mode=lam_mode)
         self._pending: Dict[str, Dict[str, Any]] = {}
+        self._buffers: Dict[Any, Any] = {}
         super().__init__(
             model, params, lr=emsa_lr, rho=rho, fallback=fallback, fallback_lr=fallback_lr,
             betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, exclude=exclude,
@@ -245,6 +258,8 @@ class DiscreteMSA(EMSA):
         check("decay_gamma", lambda v: _number(v) and 0 < v <= 1, "must be a number in (0, 1]")
         check("decay_floor", lambda v: _number(v) and 0 <= v < 1, "must be a number in [0, 1)")
         check("emsa_rho", lambda v: _number(v) and v >= 0, "must be a finite number >= 0")
+        check("rho_scope", lambda v: v in ("tensor", "channel"), "must be 'tensor' or 'channel'")
+        check("lam_mode", lambda v: v in ("absolute", "relative"), "must be 'absolute' or 'relative'")
 
     def end_epoch(self) -> None:
         """The per-epoch EMA schedule of every group: ``1−a ← max(γ·(1−a), floor)`` with
@@ -292,31 +307,68 @@ class DiscreteMSA(EMSA):
             commits.append(commit)
         return updates, commits
 
+    def _work(self, p: Tensor, ternary: bool) -> Dict[str, Tensor]:
+        """Working buffers of one discrete tensor (not state: rebuilt on demand, never saved).
+
+        ``"delta"``: ``W_new − W`` of the current step; ``"spare"``: the accumulator's double buffer
+        (the step writes the new ``M`` there; ``commit`` swaps it with the state's). Shared
+        ``"scratch"``: two buffers of the largest ternary tensor. Reusing them avoids fresh
+        allocations of weight-sized tensors every step, whose page faults cost as much as the
+        arithmetic on CPU."""
+        wk = self._buffers.get(id(p))
+        if wk is None or wk["delta"].shape != p.shape or wk["delta"].dtype != p.dtype or wk["delta"].device != p.device:
+            wk = {"delta": torch.empty_like(p, memory_format=torch.contiguous_format),
+                  "spare": torch.empty_like(p, memory_format=torch.contiguous_format)}
+            self._buffers[id(p)] = wk
+        if ternary:
+            sc = self._buffers.get("scratch")
+            if sc is None or sc[0].numel() < p.numel() or sc[0].dtype != p.dtype or sc[0].device != p.device:
+                n = max(p.numel(), sc[0].numel() if sc is not None and sc[0].dtype == p.dtype else 0)
+                sc = [torch.empty(n, dtype=p.dtype, device=p.device) for _ in range(2)]
+                self._buffers["scratch"] = sc
+            wk["scratch"] = sc
+        return wk
+
     def _discrete_update(self, d: DiscreteTensor, p: Tensor, grad: Tensor, group):
         """``(W_new − W, commit)`` for one discrete tensor; the state is written by ``commit`` only."""
         state = self.state[p]
         a, rho, lam = float(group["decay"]), float(group["rho"]), float(group["lam"])
         w = p.detach()
+        grid: Grid = d.grid
+        fast = has_fast_path(grid) and w.is_contiguous()
+        ternary = grid.values == (-1.0, 0.0, 1.0)
+        wk = self._work(p, ternary) if fast else None
         acc = state.get("accumulator")
         if acc is None:  # M_0 = acc_init · sgn(W), sgn(0) = +1
             acc = torch.where(w >= 0, self.acc_init, -self.acc_init).to(w.dtype)
         # M ← a·M + (1−a)·(−∇J): the same operations as ema_accumulate_(M, −grad, a), out of place
-        new_acc = acc.mul(a).add_(grad.to(w.dtype), alpha=-(1.0 - a))
-        grid: Grid = d.grid
-        new_w = None
-        if has_fast_path(grid):
-            delta, rho_k, acc_max = discrete_msa_delta(w, new_acc, grid, rho, lam)
+        # (into the spare buffer: the state keeps the old M until commit)
+        if wk is not None and wk["spare"] is not acc:
+            new_acc = torch.mul(acc, a, out=wk["spare"])
         else:
-            rho_k, _ = penalty_scale(new_acc, w, grid, rho, lam)
+            new_acc = acc.mul(a)
+        new_acc.add_(grad.to(w.dtype), alpha=-(1.0 - a))
+        scope = group["rho_scope"] if w.dim() >= 2 else "tensor"
+        if group["lam_mode"] == "relative":
+            lam = relative_lambda(new_acc, lam, scope)
+        new_w = None
+        if fast:
+            delta, rho_k, acc_max = discrete_msa_delta(w, new_acc, grid, rho, lam, scope, out=wk["delta"],
+                                                       scratch=wk.get("scratch", ()))
+        else:
+            rho_k, _ = penalty_scale(new_acc, w, grid, rho, lam, scope=scope)
             new_w = discrete_argmax(w, new_acc, grid, rho_k, lam)
             delta = new_w - w
             acc_max = new_acc.abs().amax()
+        if rho_k.dim():
+            rho_k = rho_k.amax()  # diagnostics: the largest per-channel ρ_k
         name, numel = d.name, w.numel()
-        ternary = grid.values == (-1.0, 0.0, 1.0)
 
         def commit():
             if new_w is not None:  # W + (W_new − W) may round off the grid: write the codes exactly
                 p.copy_(new_w)
+            if wk is not None:
+                wk["spare"] = acc if "accumulator" in state else torch.empty_like(new_acc)
             state["accumulator"] = new_acc
             state["step"] = int(state.get("step", 0)) + 1
             if not grid.has_zero:
@@ -337,6 +389,9 @@ class DiscreteMSA(EMSA):
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         """One step (see the class docstring); ``closure`` as for :class:`~pmptrain.optim.EMSA`."""
         self._pending = {}
+        prev = self.last_step.get("discrete") if isinstance(self.last_step, Mapping) else None
+        if isinstance(prev, DiscreteDiagnostics):
+            prev._expire()  # its delta / accumulator buffers are about to be reused
         try:
             return super().step(closure)
         finally:

@@ -20,6 +20,8 @@ from pmptrain.discrete import (
     pack_codes,
     packed_nbytes,
     penalty_scale,
+    relative_lambda,
+    discrete_msa_delta,
     ternary_grid,
     uniform_grid,
     unpack_codes,
@@ -317,3 +319,106 @@ def test_pack_layout_and_errors():
         pack_codes(torch.tensor([0]), 9)
     with pytest.raises(ValueError, match="packed"):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), 2, 16)
+
+
+# ------------------------------------------------------------------ per-channel ρ_k, relative λ
+
+
+def _brute_rows(w, m, values, rho, lam_rows):
+    """Per output row: brute-force ρ_k (over that row's wrong set) and argmax; python floats."""
+    rks, news, empties = [], [], []
+    for i in range(w.shape[0]):
+        wr, mr = w[i].reshape(-1).tolist(), m[i].reshape(-1).tolist()
+        rk, empty = brute_rho_k(wr, mr, values, rho, lam_rows[i])
+        rks.append(rk)
+        empties.append(empty)
+        news.append(brute_argmax(wr, mr, values, rk, lam_rows[i]))
+    return rks, news, all(empties)
+
+
+@pytest.mark.parametrize("gname", list(GRIDS))
+@pytest.mark.parametrize("lam", [0.0, 0.05])
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.95, 1.5])  # ρ = 1: float ties at each row max
+def test_channel_scope_equals_brute_force_per_row(gname, lam, rho):
+    grid = GRIDS[gname]
+    gen = torch.Generator().manual_seed(7 + list(GRIDS).index(gname))
+    w = random_on_grid(grid, 12 * 3 * 5, gen).reshape(12, 3, 5)  # conv-like: rows = dim 0
+    m = torch.randn(12, 3, 5, generator=gen, dtype=torch.float64) * 0.3
+    sgn = torch.where(m[3] >= 0, 1.0, -1.0).double()  # row 3: an empty wrong set (λ = 0): extreme codes
+    m[3] = sgn * (0.1 + m[3].abs())                   # with the sign of M
+    w[3] = torch.where(sgn > 0, grid.values[-1], grid.values[0])
+    rk, empty = penalty_scale(m, w, grid, rho, lam, scope="channel")
+    ref_rk, ref_new, ref_empty = _brute_rows(w, m, grid.values, rho, [lam] * 12)
+    assert rk.shape == (12, 1, 1) and rk.reshape(-1).tolist() == ref_rk and empty == ref_empty
+    if lam == 0.0:
+        assert ref_rk[3] == 0.0  # that row is all right: ρ_k = 0 there, unchanged below
+    new = discrete_argmax(w, m, grid, rk, lam)
+    assert [new[i].reshape(-1).tolist() for i in range(12)] == ref_new
+    if lam == 0.0:
+        assert torch.equal(new[3], w[3])
+    # the tensor scope is the max over rows
+    rk_t, _ = penalty_scale(m, w, grid, rho, lam)
+    assert float(rk_t) == max(ref_rk)
+    if grid.values in ((-1.0, 1.0), (-1.0, 0.0, 1.0)):  # the fused rule: identical decisions and ρ_k
+        delta, rk2, mx = discrete_msa_delta(w, m, grid, rho, lam, scope="channel")
+        assert torch.equal(rk2, rk) and torch.equal(w + delta, new) and float(mx) == float(m.abs().max())
+
+
+def test_relative_lambda_values_and_ternary_rule_with_it():
+    m = torch.tensor([[0.5, -2.0, 1.0], [0.25, 0.125, -0.5]], dtype=torch.float64)
+    assert float(relative_lambda(m, 0.25)) == 0.5  # 0.25 · max|M| = 0.25 · 2
+    lc = relative_lambda(m, 0.25, "channel")
+    assert lc.shape == (2, 1) and lc.reshape(-1).tolist() == [0.5, 0.125]
+    with pytest.raises(ValueError, match="scope"):
+        relative_lambda(m, 0.25, "row")
+    with pytest.raises(ValueError, match="lam"):
+        relative_lambda(m, -1.0)
+    # ternary with a relative λ equals brute force with the numeric λ_k (per tensor and per row)
+    t = ternary_grid()
+    gen = torch.Generator().manual_seed(3)
+    for kind in range(2):
+        w = random_on_grid(t, 20 * 16, gen).reshape(20, 16)
+        if kind == 0:
+            m = torch.randn(20, 16, generator=gen, dtype=torch.float64)
+        else:  # dyadic: exact ties with λ_k and ρ_k
+            m = torch.randint(-8, 9, (20, 16), generator=gen).double() / 8
+        for rho in (0.0, 0.5, 0.95):
+            for lam in (0.1, 0.25, 0.5):
+                lt = relative_lambda(m, lam)
+                rk, _ = penalty_scale(m, w, t, rho, lt)
+                ref_rk, ref_empty = brute_rho_k(w.reshape(-1).tolist(), m.reshape(-1).tolist(), t.values, rho, float(lt))
+                assert float(rk) == ref_rk
+                new = discrete_argmax(w, m, t, rk, lt)
+                assert new.reshape(-1).tolist() == brute_argmax(w.reshape(-1).tolist(), m.reshape(-1).tolist(), t.values, ref_rk, float(lt))
+                d, rk2, _ = discrete_msa_delta(w, m, t, rho, lt)
+                assert float(rk2) == ref_rk and torch.equal(w + d, new)
+                lc = relative_lambda(m, lam, "channel")
+                rkc, _ = penalty_scale(m, w, t, rho, lc, scope="channel")
+                ref_rk_c, ref_new_c, _ = _brute_rows(w, m, t.values, rho, lc.reshape(-1).tolist())
+                assert rkc.reshape(-1).tolist() == ref_rk_c
+                newc = discrete_argmax(w, m, t, rkc, lc)
+                assert [r.tolist() for r in newc] == ref_new_c
+                dc, rkc2, _ = discrete_msa_delta(w, m, t, rho, lc, scope="channel")
+                assert torch.equal(rkc2, rkc) and torch.equal(w + dc, newc)
+
+
+def test_fused_rule_buffers_and_scope_errors():
+    g, t = binary_grid(), ternary_grid()
+    gen = torch.Generator().manual_seed(5)
+    w = random_on_grid(t, 60, gen).reshape(6, 10).float()
+    m = torch.randn(6, 10, generator=gen)
+    out, s1, s2 = torch.empty(100), torch.empty(60), torch.empty(70)
+    d, rk, _ = discrete_msa_delta(w, m, t, 0.5, 0.1, out=out, scratch=(s1, s2))
+    d_ref, rk_ref, _ = discrete_msa_delta(w, m, t, 0.5, 0.1)
+    assert torch.equal(d, d_ref) and torch.equal(rk, rk_ref) and d.data_ptr() == out.data_ptr()
+    wb = torch.where(w >= 0, 1.0, -1.0)
+    d, _, _ = discrete_msa_delta(wb, m, g, 0.5, out=out)
+    assert torch.equal(wb + d, discrete_argmax(wb, m, g, penalty_scale(m, wb, g, 0.5)[0])) and d.data_ptr() == out.data_ptr()
+    with pytest.raises(ValueError, match="buffer"):
+        discrete_msa_delta(w, m, t, 0.5, out=torch.empty(10))
+    with pytest.raises(ValueError, match="scope"):
+        discrete_msa_delta(w, m, t, 0.5, scope="row")
+    with pytest.raises(ValueError, match="scope"):
+        penalty_scale(m[0], w[0], t, 0.5, scope="channel")  # 1-D: no channels
+    with pytest.raises(ValueError, match="rho_k"):
+        discrete_argmax(w, m, t, torch.ones(5, 1))

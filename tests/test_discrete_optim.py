@@ -16,6 +16,7 @@ from pmptrain.discrete import (
     ema_accumulate_,
     on_grid,
     penalty_scale,
+    relative_lambda,
     ternary_grid,
 )
 from pmptrain.discrete_optim import DiscreteMSA, GroupScheduler
@@ -112,6 +113,54 @@ def test_fused_rule_equals_reference_with_ties_and_signed_zeros():
                     assert float(mx) == float(m.abs().max())
     with pytest.raises(ValueError, match="grid"):
         discrete_msa_delta(torch.ones(3), torch.ones(3), pmptrain.uniform_grid(2), 0.5)
+
+
+@pytest.mark.parametrize("levels", ["binary", "ternary", 2])
+@pytest.mark.parametrize("scope,lam_mode", [("channel", "absolute"), ("tensor", "relative"), ("channel", "relative")])
+def test_scope_and_relative_lambda_equal_the_pure_rule(levels, scope, lam_mode):
+    model = mlp(torch.float64)
+    pmptrain.discretize_(model, levels, keep=())
+    rho, a, lam = 0.7, 0.9, (0.2 if lam_mode == "relative" else 0.002)
+    opt = DiscreteMSA(model, rho=rho, decay=a, lam=lam, rho_scope=scope, lam_mode=lam_mode, acc_init=1e-7)
+    dts = discrete_parameters(model)
+    accs = [torch.where(d.param >= 0, 1e-7, -1e-7).double() for d in dts]
+    for step in range(5):
+        x, y = data(seed=step, dtype=torch.float64)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = [d.param.detach().clone() for d in dts]
+        grads = [d.param.grad.clone() for d in dts]
+        opt.step()
+        for d, w, g, acc in zip(dts, before, grads, accs):
+            ema_accumulate_(acc, -g, a)
+            lk = relative_lambda(acc, lam, scope) if lam_mode == "relative" else lam
+            rho_k, _ = penalty_scale(acc, w, d.grid, rho, lk, scope=scope)
+            expect = discrete_argmax(w, acc, d.grid, rho_k, lk)
+            assert torch.equal(d.param.detach(), expect), (levels, step, d.name)
+            assert torch.equal(opt.state[d.param]["accumulator"], acc)
+            layer = opt.last_step["discrete"]["layers"][d.name]
+            assert layer["flips"] == int((expect != w).sum()) and layer["rho_k"] == float(rho_k.max())
+
+
+def test_diagnostics_expire_at_the_next_step_and_buffers_do_not_leak():
+    model = mlp()
+    pmptrain.discretize_(model, "ternary", keep=())
+    opt = DiscreteMSA(model, rho=0.5, lam=0.2, lam_mode="relative")
+    x, y = data()
+    train_step(model, opt, x, y)
+    diag = opt.last_step["discrete"]
+    train_step(model, opt, x, y)
+    with pytest.raises(RuntimeError, match="next step"):
+        diag["total"]
+    now = opt.last_step["discrete"]
+    flips = now["total"]["flips"]  # read before the next step: fine, and stays readable after it
+    train_step(model, opt, x, y)
+    assert now["total"]["flips"] == flips
+    # the state's accumulators never alias the working buffers
+    for d in discrete_parameters(model):
+        wk = opt._buffers[id(d.param)]
+        acc = opt.state[d.param]["accumulator"]
+        assert acc.data_ptr() not in (wk["delta"].data_ptr(), wk["spare"].data_ptr())
 
 
 # ---------------------------------------------------------------- rho, empty set
@@ -282,12 +331,17 @@ def test_non_finite_gradient_skips_and_leaves_everything_bit_identical():
     assert not opt.last_step["skipped"]
 
 
-@pytest.mark.parametrize("levels", ["binary", "ternary", 2])
-def test_state_dict_resume_is_bit_exact(levels):
+@pytest.mark.parametrize("levels,extra", [
+    ("binary", {}), ("ternary", {}), (2, {}),
+    ("binary", {"rho_scope": "channel"}), ("ternary", {"rho_scope": "channel", "lam_mode": "relative", "lam": 0.2}),
+])
+def test_state_dict_resume_is_bit_exact(levels, extra):
     def build():
         m = mlp(bn=True, seed=3)
         pmptrain.discretize_(m, levels, keep=("first",), scale="channel", train_scale=True)
-        return m, DiscreteMSA(m, rho=0.4, decay=0.99, lam=1e-4, decay_gamma=0.9)
+        kw = dict(rho=0.4, decay=0.99, lam=1e-4, decay_gamma=0.9)
+        kw.update(extra)
+        return m, DiscreteMSA(m, **kw)
 
     batches = [data(seed=s) for s in range(8)]
     ref_model, ref_opt = build()
@@ -321,6 +375,7 @@ def test_state_dict_resume_is_bit_exact(levels):
     ({"lam": -0.1}, "lam"), ({"decay_gamma": 0.0}, "decay_gamma"), ({"decay_floor": 1.0}, "decay_floor"),
     ({"continuous": "lbfgs"}, "continuous"), ({"acc_init": 0.0}, "acc_init"), ({"acc_init": 1e-3}, "acc_init"),
     ({"fallback": "rmsprop"}, "fallback"), ({"emsa_rho": -1.0}, "emsa_rho"),
+    ({"rho_scope": "row"}, "rho_scope"), ({"lam_mode": "rel"}, "lam_mode"),
 ])
 def test_invalid_arguments_raise_value_error_naming_them(kw, name):
     model = mlp()
