@@ -541,9 +541,11 @@ def discrete_msa_delta(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam=
     r = (rho * worst).add_(0.0)
     hi = torch.nextafter(lr - 0.5 * r, torch.tensor(-math.inf, dtype=w.dtype, device=w.device))
     lo = torch.minimum(-(lr + 1.5 * r), hi)
-    f = torch.sub(u, torch.clamp(u, lo, hi, out=s2), out=s2).sign_()  # ±1 entries: new = W·f
+    # clamp(x, lo, hi) = min(max(x, lo), hi) (lo <= hi here); maximum/minimum with tensor bounds are
+    # ~2.5x faster than torch.clamp with tensor bounds on CPU
+    f = torch.sub(u, torch.minimum(torch.maximum(u, lo, out=s2), hi, out=s2), out=s2).sign_()  # ±1: new = W·f
     t = lr + 0.5 * r
-    zn = torch.sub(z, torch.clamp(z, -t, t, out=u), out=u).sign_()  # 0 entries: new = zn
+    zn = torch.sub(z, torch.minimum(torch.maximum(z, -t, out=u), t, out=u), out=u).sign_()  # 0: new = zn
     delta = zn.addcmul_(w2, f).sub_(w2)
     return delta.view(w.shape), r.reshape(shape), acc_max
 

@@ -50,8 +50,7 @@ class DiscreteDiagnostics(Mapping):
       used (0 ⇔ empty wrong set, tensor unchanged); ``acc_abs_*``: statistics of the updated ``|M|``.
     * ``"total"``: ``{"flips", "numel", "flip_ratio", "density"}`` over all discrete tensors updated.
 
-    Empty (``layers == {}``) when the step was skipped. Readable until the next ``step()`` (the
-    optimizer reuses the buffers it refers to; reading it later raises RuntimeError).
+    Empty (``layers == {}``) when the step was skipped.
     """
 
     _KEYS = ("flips", "density_nnz", "rho_k", "acc_abs_sum", "acc_abs_max")
@@ -59,17 +58,10 @@ class DiscreteDiagnostics(Mapping):
     def __init__(self, raw: Optional[Dict[str, Dict[str, Any]]] = None):
         self._raw = raw or {}
         self._data: Optional[Dict[str, Any]] = None
-        self._expired = False
-
-    def _expire(self) -> None:
-        self._expired = True
 
     def _materialise(self) -> Dict[str, Any]:
         if self._data is not None:
             return self._data
-        if self._expired and self._raw:
-            raise RuntimeError("discrete diagnostics of a step are readable until the next step(): read "
-                               "opt.last_step['discrete'] before calling step() again (its buffers are reused)")
         names = list(self._raw)
         vals: List[List[float]] = []
         if names:
@@ -148,6 +140,13 @@ class DiscreteMSA(EMSA):
             1.0: constant; the reference protocol uses 0.95, 0.98 on CIFAR-10).
         decay_floor: lower bound of ``1−a`` in :meth:`end_epoch`, in [0, 1) (default 0.0; a value
             already below it is left alone).
+        rho_scope: ``"tensor"`` (default, the reference: one ``ρ_k = ρ·max_wrong|M|`` per tensor) or
+            ``"channel"`` (one per output row / filter, :func:`~pmptrain.discrete.penalty_scale`).
+            Measured on Fashion-MNIST: ``"channel"`` is worse (it forces a flip in every row every step).
+        lam_mode: ``"absolute"`` (default, the reference: λ as given) or ``"relative"``
+            (``λ_k = λ·max|M|`` over the same scope, :func:`~pmptrain.discrete.relative_lambda`;
+            scale-free like ρ). Recommended ternary setting from ``docs/discrete.md`` §6:
+            ``rho=0.95, lam=0.2, lam_mode="relative"`` (≤ 10 % non-zero); binary ``rho=0.95``.
         acc_init: ``M`` starts at ``acc_init·sgn(W)`` with ``sgn(0) = +1``: tiny, never exactly 0,
             deterministic, and agreeing with the current signs, so that a binary weight is never
             "wrong" before data was seen and a weight whose gradient stays exactly 0 (dead unit)
@@ -228,7 +227,6 @@ class DiscreteMSA(EMSA):
                                     decay_floor=decay_floor, emsa_rho=emsa_rho,
                                     rho_scope=rho_scope, lam_mode=lam_mode)
         self._pending: Dict[str, Dict[str, Any]] = {}
-        self._buffers: Dict[Any, Any] = {}
         super().__init__(
             model, params, lr=emsa_lr, rho=rho, fallback=fallback, fallback_lr=fallback_lr,
             betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, exclude=exclude,
@@ -307,54 +305,27 @@ class DiscreteMSA(EMSA):
             commits.append(commit)
         return updates, commits
 
-    def _work(self, p: Tensor, ternary: bool) -> Dict[str, Tensor]:
-        """Working buffers of one discrete tensor (not state: rebuilt on demand, never saved).
-
-        ``"delta"``: ``W_new − W`` of the current step; ``"spare"``: the accumulator's double buffer
-        (the step writes the new ``M`` there; ``commit`` swaps it with the state's). Shared
-        ``"scratch"``: two buffers of the largest ternary tensor. Reusing them avoids fresh
-        allocations of weight-sized tensors every step, whose page faults cost as much as the
-        arithmetic on CPU."""
-        wk = self._buffers.get(id(p))
-        if wk is None or wk["delta"].shape != p.shape or wk["delta"].dtype != p.dtype or wk["delta"].device != p.device:
-            wk = {"delta": torch.empty_like(p, memory_format=torch.contiguous_format),
-                  "spare": torch.empty_like(p, memory_format=torch.contiguous_format)}
-            self._buffers[id(p)] = wk
-        if ternary:
-            sc = self._buffers.get("scratch")
-            if sc is None or sc[0].numel() < p.numel() or sc[0].dtype != p.dtype or sc[0].device != p.device:
-                n = max(p.numel(), sc[0].numel() if sc is not None and sc[0].dtype == p.dtype else 0)
-                sc = [torch.empty(n, dtype=p.dtype, device=p.device) for _ in range(2)]
-                self._buffers["scratch"] = sc
-            wk["scratch"] = sc
-        return wk
-
     def _discrete_update(self, d: DiscreteTensor, p: Tensor, grad: Tensor, group):
         """``(W_new − W, commit)`` for one discrete tensor; the state is written by ``commit`` only."""
         state = self.state[p]
         a, rho, lam = float(group["decay"]), float(group["rho"]), float(group["lam"])
         w = p.detach()
         grid: Grid = d.grid
-        fast = has_fast_path(grid) and w.is_contiguous()
+        fast = has_fast_path(grid)
         ternary = grid.values == (-1.0, 0.0, 1.0)
-        wk = self._work(p, ternary) if fast else None
         acc = state.get("accumulator")
         if acc is None:  # M_0 = acc_init · sgn(W), sgn(0) = +1
             acc = torch.where(w >= 0, self.acc_init, -self.acc_init).to(w.dtype)
-        # M ← a·M + (1−a)·(−∇J): the same operations as ema_accumulate_(M, −grad, a), out of place
-        # (into the spare buffer: the state keeps the old M until commit)
-        if wk is not None and wk["spare"] is not acc:
-            new_acc = torch.mul(acc, a, out=wk["spare"])
-        else:
-            new_acc = acc.mul(a)
-        new_acc.add_(grad.to(w.dtype), alpha=-(1.0 - a))
+        # M ← a·M + (1−a)·(−∇J): the same operations as ema_accumulate_(M, −grad, a), out of place.
+        # (Reusing persistent buffers here and for delta was measured: no gain within noise on CPU —
+        # the allocator recycles the freed accumulator — at +2 floats per weight; not done.)
+        new_acc = acc.mul(a).add_(grad.to(w.dtype), alpha=-(1.0 - a))
         scope = group["rho_scope"] if w.dim() >= 2 else "tensor"
         if group["lam_mode"] == "relative":
             lam = relative_lambda(new_acc, lam, scope)
         new_w = None
         if fast:
-            delta, rho_k, acc_max = discrete_msa_delta(w, new_acc, grid, rho, lam, scope, out=wk["delta"],
-                                                       scratch=wk.get("scratch", ()))
+            delta, rho_k, acc_max = discrete_msa_delta(w, new_acc, grid, rho, lam, scope)
         else:
             rho_k, _ = penalty_scale(new_acc, w, grid, rho, lam, scope=scope)
             new_w = discrete_argmax(w, new_acc, grid, rho_k, lam)
@@ -367,8 +338,6 @@ class DiscreteMSA(EMSA):
         def commit():
             if new_w is not None:  # W + (W_new − W) may round off the grid: write the codes exactly
                 p.copy_(new_w)
-            if wk is not None:
-                wk["spare"] = acc if "accumulator" in state else torch.empty_like(new_acc)
             state["accumulator"] = new_acc
             state["step"] = int(state.get("step", 0)) + 1
             if not grid.has_zero:
@@ -389,9 +358,6 @@ class DiscreteMSA(EMSA):
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         """One step (see the class docstring); ``closure`` as for :class:`~pmptrain.optim.EMSA`."""
         self._pending = {}
-        prev = self.last_step.get("discrete") if isinstance(self.last_step, Mapping) else None
-        if isinstance(prev, DiscreteDiagnostics):
-            prev._expire()  # its delta / accumulator buffers are about to be reused
         try:
             return super().step(closure)
         finally:
