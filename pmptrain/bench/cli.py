@@ -39,7 +39,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "_doc": "the same protocol with ternary-msa (rho 0.5 in the half-square convention = "
                 "their 0.25)",
         "dataset": "mnist", "model": "ref_mlp", "optimizers": ["ternary-msa"],
-        "optimizer_args": {"ternary-msa": {"rho": 0.5, "decay": 0.999, "gamma": 0.95}},
+        "optimizer_args": {"ternary-msa": {"rho": 0.5, "decay": 0.999, "gamma": 0.95,
+                                           "lam": 1e-7, "lam_mode": "absolute"}},
         "batch_size": 100, "loss": "squared-hinge", "keep": [], "scale": None, "init": "uniform",
         "epochs": 10, "seeds": [0], "target_acc": 0.95,
     },
