@@ -27,15 +27,6 @@ from torch import nn
 import pmptrain
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one thread is faster, and immune to oversubscription of shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(

@@ -38,14 +38,6 @@ from dist_utils import run_distributed
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one thread is faster, and immune to oversubscription of shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 WORLD = 2
 K_STEPS = 3
 
