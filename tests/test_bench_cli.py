@@ -289,7 +289,7 @@ def test_discrete_msa_is_lazy_and_gamma_shrinks_decay(tmp_path, monkeypatch):
                      "--opt-arg", "binary-msa.gamma=0.5", "--out", str(out), *TINY]) == 0
     ck = torch.load(out / "runs" / "binary-msa" / "seed0" / "checkpoint.pt", weights_only=False)
     assert ck["optimizer"]["param_groups"][0]["decay"] == pytest.approx(1 - 0.001 * 0.5)
-    assert _results(out)["rows"][0]["setting"] == "rho=0.95"
+    assert _results(out)["rows"][0]["setting"] == "rho=0.5"
 
 
 def test_missing_discrete_msa_is_a_clear_error(tmp_path, monkeypatch, capsys):
