@@ -55,6 +55,18 @@ def train(model, opt, steps, seed=1, shape=(6,), loss_fn=F.nll_loss):
     return losses
 
 
+def fit_full_batch(model, opt, x, y, loss_fn, steps):
+    """``steps`` optimizer steps on one fixed batch; the loss before each step."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def params_of(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -121,14 +133,8 @@ def test_configs_lower_the_training_loss(name):
     model = mlp_bn()
     opt = pmptrain.EMSA(model, **CONFIGS[name])
     x, y = data(n=32)
-    first = None
-    for _ in range(15):
-        opt.zero_grad()
-        loss = F.nll_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        first = loss.item() if first is None else first
-    assert loss.item() < 0.8 * first
+    losses = fit_full_batch(model, opt, x, y, F.nll_loss, 15)
+    assert losses[-1] < 0.8 * losses[0]
     assert opt.skipped_steps == 0
 
 
@@ -488,20 +494,9 @@ def test_cnn_with_batchnorm_dropout_pooling_trains():
     )
     reference = copy.deepcopy(model)
     x, y = data(n=24, shape=(1, 8, 8))
-
-    def fit(model, opt):
-        losses = []
-        for _ in range(20):
-            opt.zero_grad()
-            loss = F.nll_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return losses
-
     opt = pmptrain.EMSA(model)
-    losses = fit(model, opt)
-    adam = fit(reference, torch.optim.Adam(reference.parameters(), lr=1e-3))
+    losses = fit_full_batch(model, opt, x, y, F.nll_loss, 20)
+    adam = fit_full_batch(reference, torch.optim.Adam(reference.parameters(), lr=1e-3), x, y, F.nll_loss, 20)
     assert losses[-1] < 0.85 * losses[0]
     assert losses[-1] < adam[-1]  # defaults at least as good as Adam's on the same budget
     assert opt.last_step["controlled"] == 3 and opt.last_step["fallback"] == 2
@@ -553,14 +548,7 @@ def test_convex_least_squares_converges_to_the_optimum():
     x = torch.randn(64, 5, generator=g, dtype=torch.float64)
     y = x @ torch.randn(5, 2, generator=g, dtype=torch.float64) + 0.1 * torch.randn(64, 2, generator=g, dtype=torch.float64)
     model = nn.Linear(5, 2).double()
-    opt = pmptrain.EMSA(model, lr=1.0, rho=1.0)
-    losses = []
-    for _ in range(60):
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_full_batch(model, pmptrain.EMSA(model, lr=1.0, rho=1.0), x, y, F.mse_loss, 61)[1:]
     xa = torch.cat([x, torch.ones(64, 1, dtype=torch.float64)], 1)
     sol = torch.linalg.lstsq(xa, y).solution
     best = F.mse_loss(xa @ sol, y).item()
