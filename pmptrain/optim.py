@@ -65,6 +65,33 @@ def _all_finite(sums: List[Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([s.float() for s in sums])).all())
 
 
+_STATS_CHUNK_ROWS = 1 << 16  # im2col rows materialised at a time for the primal statistics
+
+
+def _chunked_stats(adapter, module, records, batch: int, dtype, p_scale: float) -> AffineStats:
+    """``affine_stats`` of all recorded calls, built from slices of whole samples of at most ~65k
+    rows, so that a convolution's im2col matrix never exists in full (sums in another order than
+    one big product: equal up to rounding)."""
+    m = module.weight.shape[0]
+    cxx = x_sum = cpp = None
+    rows = 0
+    for r in records:
+        n = adapter.batch_size(module, r.x)  # 1 for unbatched inputs: never sliced
+        step = max(1, _STATS_CHUNK_ROWS // max(1, r.grad.numel() // (n * m)))
+        slices = [(r.x, r.grad)] if step >= n else [
+            (r.x[i : i + step], r.grad[i : i + step]) for i in range(0, n, step)
+        ]
+        for x, g in slices:
+            xr = adapter.input_rows(module, x).to(dtype)
+            pr = adapter.output_rows(module, g).to(dtype) * p_scale
+            cxx = xr.T @ xr if cxx is None else cxx.addmm_(xr.T, xr)
+            cpp = pr.T @ pr if cpp is None else cpp.addmm_(pr.T, pr)
+            x_sum = xr.sum(0) if x_sum is None else x_sum.add_(xr.sum(0))
+            rows += xr.shape[0]
+    b = float(batch)
+    return AffineStats(cxx / b, x_sum / b, cpp / b, rows / b)
+
+
 def _cat(rows: List[Tensor]) -> Tensor:
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
@@ -618,16 +645,15 @@ class EMSA(PMPOptimizer):
 
         cdtype = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
         batch = sum(adapter.batch_size(module, r.x) for r in records[:1])
-        x_rows = _cat([adapter.input_rows(module, r.x) for r in records]).to(cdtype)
-        g_rows = _cat([adapter.output_rows(module, r.grad) for r in records]).to(cdtype)
+        rows_local = sum(r.grad.numel() // m for r in records)  # one row per output position
         world = self._world()
-        batch_total, rows_total = batch, x_rows.shape[0]
+        batch_total, rows_total = batch, rows_local
         if world > 1:
             sizes = torch.tensor([float(batch), float(rows_total)], dtype=torch.float64)
             pdist.all_reduce_sum_([sizes], self.process_group)
             batch_total, rows_total = int(sizes[0].item()), int(sizes[1].item())
         # p̂ = −B·∂J/∂y with the local B (each rank's loss is a mean over its own batch)
-        p_rows = g_rows * (-float(batch) * inv_scale)
+        p_scale = -float(batch) * inv_scale
 
         if group["route"] == "gram" and rows_total > _MAX_GRAM_ROWS:
             raise RuntimeError(
@@ -642,6 +668,8 @@ class EMSA(PMPOptimizer):
         if costate == "auto":
             costate = "isotropic" if gram else "exact"
         if gram or costate == "isotropic":
+            x_rows = _cat([adapter.input_rows(module, r.x) for r in records]).to(cdtype)
+            p_rows = _cat([adapter.output_rows(module, r.grad) for r in records]).to(cdtype) * p_scale
             if world > 1:
                 x_rows = pdist.all_gather_rows(x_rows, self.process_group)
                 p_rows = pdist.all_gather_rows(p_rows, self.process_group)
@@ -656,7 +684,7 @@ class EMSA(PMPOptimizer):
                 )
             commits = []
         else:
-            stats = affine_stats(x_rows, p_rows, batch)
+            stats = _chunked_stats(adapter, module, records, batch, cdtype, p_scale)
             if world > 1:
                 sums = [stats.cxx * batch, stats.x_mean * batch, stats.cpp * batch]
                 pdist.all_reduce_sum_(sums, self.process_group)
