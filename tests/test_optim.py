@@ -67,6 +67,23 @@ def fit_full_batch(model, opt, x, y, loss_fn, steps):
     return losses
 
 
+def step_in_lockstep(pairs, steps=1, schedulers=()):
+    """Train every ``(model, optimizer)`` pair on the same batches (one per step), cross-entropy."""
+    for i in range(steps):
+        for model, opt in pairs:
+            x, y = data(seed=i)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        for sch in schedulers:
+            sch.step()
+
+
+def assert_bit_identical(a, b):
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
 def params_of(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -76,28 +93,14 @@ def params_of(model):
 
 def test_rho_zero_is_exactly_sgd():
     a, b = plain_mlp(), plain_mlp()
-    opt_a = pmptrain.EMSA(a, lr=0.1, rho=0.0)
-    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
-    for i in range(3):
-        for model, opt in ((a, opt_a), (b, opt_b)):
-            x, y = data(seed=i)
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    step_in_lockstep([(a, pmptrain.EMSA(a, lr=0.1, rho=0.0)), (b, torch.optim.SGD(b.parameters(), lr=0.1))], 3)
+    assert_bit_identical(a, b)
 
 
 def test_msa_is_sgd_and_rejects_rho():
     a, b = plain_mlp(), plain_mlp()
-    opt_a = pmptrain.MSA(a, lr=0.05)
-    opt_b = torch.optim.SGD(b.parameters(), lr=0.05)
-    for model, opt in ((a, opt_a), (b, opt_b)):
-        x, y = data()
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    step_in_lockstep([(a, pmptrain.MSA(a, lr=0.05)), (b, torch.optim.SGD(b.parameters(), lr=0.05))])
+    assert_bit_identical(a, b)
     with pytest.raises(TypeError, match="rho"):
         pmptrain.MSA(plain_mlp(), rho=1.0)
 
@@ -172,12 +175,8 @@ def test_param_groups_carry_their_own_lr():
     a, b = plain_mlp(), plain_mlp()
     opt_a = pmptrain.EMSA(a, [{"params": a[0].parameters(), "lr": 0.3}, {"params": a[2].parameters()}], lr=0.05, rho=0.0)
     opt_b = torch.optim.SGD([{"params": b[0].parameters(), "lr": 0.3}, {"params": b[2].parameters()}], lr=0.05)
-    for model, opt in ((a, opt_a), (b, opt_b)):
-        x, y = data()
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    step_in_lockstep([(a, opt_a), (b, opt_b)])
+    assert_bit_identical(a, b)
 
 
 def test_per_group_rho_and_add_param_group():
@@ -208,15 +207,9 @@ def test_lr_scheduler_drives_delta():
     opt_b = torch.optim.SGD(b.parameters(), lr=0.2)
     sch_a = torch.optim.lr_scheduler.StepLR(opt_a, 1, gamma=0.5)
     sch_b = torch.optim.lr_scheduler.StepLR(opt_b, 1, gamma=0.5)
-    for i in range(3):
-        for model, opt, sch in ((a, opt_a, sch_a), (b, opt_b, sch_b)):
-            x, y = data(seed=i)
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            sch.step()
+    step_in_lockstep([(a, opt_a), (b, opt_b)], 3, schedulers=(sch_a, sch_b))
     assert opt_a.param_groups[0]["lr"] == pytest.approx(0.2 / 8)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert_bit_identical(a, b)
     # with rho > 0 a smaller lr gives a smaller step (δ = 1/lr grows)
     sizes = []
     for lr in (1.0, 0.1):
