@@ -51,6 +51,7 @@ __all__ = [
     "affine_stats",
     "affine_augmented_hamiltonian",
     "bias_coupling",
+    "bias_step",
     "choose_side",
     "eigh_psd",
     "solve_affine_rows",
@@ -97,6 +98,17 @@ def bias_coupling(rho: float, delta: float, rows_per_sample: float, has_bias: bo
     if not has_bias or rho == 0.0:
         return 0.0
     return rho / (rho * rows_per_sample + delta)
+
+
+def _check_delta(delta: float) -> None:
+    if delta <= 0.0:
+        raise ValueError(f"delta must be > 0 for a well-posed maximisation, got {delta}")
+
+
+def bias_step(g_b: Tensor, dW: Tensor, x_mean: Tensor, rho: float, rows_per_sample: float, delta: float) -> Tensor:
+    """The exact bias step given the weight step: ``Δb = (g_b − ρ ΔW x̄) / (ρL + δ)``
+    (``g_b`` = −∇_b J, ``x_mean`` = x̄, ``rows_per_sample`` = L)."""
+    return (g_b - rho * torch.mv(dW, x_mean)) / (rho * rows_per_sample + delta)
 
 
 def affine_augmented_hamiltonian(
@@ -216,8 +228,7 @@ def solve_affine_rows(
 
     ``ΔW = F_out [ (R_outᵀ R_in) ⊘ (ρ(μ_i+λ_j)+δ) ] F_in`` and ``Δb = (g_b − ρΔWx̄)/(ρL+δ)``.
     """
-    if delta <= 0.0:
-        raise ValueError(f"delta must be > 0 for a well-posed maximisation, got {delta}")
+    _check_delta(delta)
     n_rows = x_rows.shape[0]
     b = float(batch_size)
     L = n_rows / b
@@ -256,9 +267,7 @@ def solve_affine_rows(
 
     db = None
     if has_bias:
-        g_b = p_rows.sum(0) / b
-        x_mean = x_rows.sum(0) / b
-        db = (g_b - rho * (dW @ x_mean)) / (rho * L + delta)
+        db = bias_step(p_rows.sum(0) / b, dW, x_rows.sum(0) / b, rho, L, delta)
     return dW, db
 
 
@@ -284,8 +293,7 @@ def solve_affine_stats(
 
     ``ΔW = V[(VᵀG'U) ⊘ (ρ(μ_i+λ_j)+δ)]Uᵀ``, ``G' = G − c g_b x̄ᵀ``, ``Δb = (g_b − ρΔWx̄)/(ρL+δ)``.
     """
-    if delta <= 0.0:
-        raise ValueError(f"delta must be > 0 for a well-posed maximisation, got {delta}")
+    _check_delta(delta)
     has_bias = grad_b is not None
     L = stats.rows_per_sample
     c = bias_coupling(rho, delta, L, has_bias)
@@ -303,9 +311,7 @@ def solve_affine_stats(
     mu, v = eig_out
     core = v.T @ g @ u
     dW = v @ (core / (rho * (mu[:, None] + lam[None, :]) + delta)) @ u.T
-    db = None
-    if has_bias:
-        db = (g_b - rho * (dW @ stats.x_mean)) / (rho * L + delta)
+    db = bias_step(g_b, dW, stats.x_mean, rho, L, delta) if has_bias else None
     return dW, db
 
 
@@ -331,8 +337,7 @@ def solve_affine_rows_isotropic(
     close when ``ρ‖C_p‖ ≪ ρλ(C'_x) + δ`` (see docs/algorithms.md). Bias: exactly as in
     :func:`solve_affine_rows`. Arguments as in :func:`solve_affine_rows`.
     """
-    if delta <= 0.0:
-        raise ValueError(f"delta must be > 0 for a well-posed maximisation, got {delta}")
+    _check_delta(delta)
     n_rows, n_in = x_rows.shape
     n_out = p_rows.shape[1]
     b = float(batch_size)
@@ -363,9 +368,7 @@ def solve_affine_rows_isotropic(
             mat.addr_(x_mean, x_mean, alpha=-rho * c)
         mat.diagonal().add_(delta_e)
         dW = torch.cholesky_solve(g.T, torch.linalg.cholesky(mat)).T
-    db = None
-    if has_bias:
-        db = (p_sum / b - rho * torch.mv(dW, x_mean)) / (rho * L + delta)
+    db = bias_step(p_sum / b, dW, x_mean, rho, L, delta) if has_bias else None
     return dW, db
 
 
