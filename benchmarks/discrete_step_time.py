@@ -55,7 +55,6 @@ def main(argv=None):
     keep = tuple(k for k in args.keep.split(",") if k and k != "none")
     runs = {k: make(k, keep=keep) for k in kinds}
     times = {k: [] for k in kinds}
-    fwd_bwd = []
 
     def iteration(model, opt):
         opt.zero_grad(set_to_none=True)

@@ -127,7 +127,7 @@ def main(argv=None):
 
     best_adam = best("adam")
     target = summary[best_adam]["acc_per_epoch"][-1] if best_adam else None
-    print(f"\n| optimizer | " + " | ".join(f"test acc after {e} ep" for e in range(1, args.epochs + 1))
+    print("\n| optimizer | " + " | ".join(f"test acc after {e} ep" for e in range(1, args.epochs + 1))
           + " | median step (ms) | s to best Adam's final acc |")
     print("|---" * (args.epochs + 3) + "|")
     for config, s in summary.items():

@@ -27,13 +27,12 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .discrete import Grid
 from .quant import DiscreteTensor, discrete_parameters
 
 __all__ = ["BinaryConnect", "TWN", "Bop"]

@@ -5,7 +5,7 @@ Algorithm code calls these unconditionally and never branches on rank.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.distributed as dist

@@ -26,7 +26,6 @@ unknown version, checksum mismatch, inconsistent offsets, bad JSON) raises :clas
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import struct
@@ -38,7 +37,7 @@ from typing import List, Optional, TextIO
 import torch
 from torch import Tensor, nn
 
-from .discrete import Grid, grid_indices, pack_codes, packed_nbytes, unpack_codes
+from .discrete import grid_indices, pack_codes, packed_nbytes, unpack_codes
 from .quant import DiscreteSpec, attach_discrete, discrete_parameters, is_discrete_module
 
 __all__ = ["PackedFileError", "SummaryRow", "SummaryTable", "summary", "export_packed", "load_packed"]

@@ -30,7 +30,6 @@ from .capture import CallRecord, ModuleCapture
 from .fallback import adam_delta, sgd_delta
 from .hamiltonian import (
     AffineStats,
-    affine_stats,
     bias_coupling,
     choose_side,
     eigh_psd,

@@ -2,7 +2,6 @@
 skip, param groups, errors and bit-exact state_dict resume."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -50,6 +49,7 @@ def test_twn_one_step_by_hand():
     assert opt.state[w]["latent"].tolist() == pytest.approx(lat.tolist(), abs=1e-6)
     delta = 0.7 * 2.9 / 6  # 0.3383: kept 0.9, 0.6, -0.8 -> alpha = 2.3/3
     alpha = 2.3 / 3
+    assert ((lat.abs() > delta) == (w != 0)).all()  # exactly the latents above Δ are kept
     assert w.tolist() == pytest.approx([alpha, 0, alpha, -alpha, 0, 0], abs=1e-6)
     t, a = TWN.ternarize(torch.tensor([0.0, 0.0]))
     assert t.tolist() == [0, 0] and float(a) == 0.0

@@ -2,7 +2,6 @@
 and the summary numbers checked by hand."""
 
 import io
-import json
 import struct
 
 import pytest
@@ -10,8 +9,8 @@ import torch
 from torch import nn
 
 from pmptrain.discrete import on_grid
-from pmptrain.export import MAGIC, PackedFileError, export_packed, load_packed, summary
-from pmptrain.quant import discrete_parameters, discretize_, is_discrete_module
+from pmptrain.export import PackedFileError, export_packed, load_packed, summary
+from pmptrain.quant import discrete_parameters, discretize_
 
 
 def make_mlp():

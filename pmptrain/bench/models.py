@@ -30,7 +30,7 @@ discrete-weight neural networks", ICML 2018 (networks as in their released noteb
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import nn
