@@ -30,13 +30,13 @@ import json
 import os
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import List, Optional, TextIO
 
 import torch
 from torch import Tensor, nn
 
+from ._io import atomic_write
 from .discrete import grid_indices, pack_codes, packed_nbytes, unpack_codes
 from .quant import DiscreteSpec, attach_discrete, discrete_parameters, is_discrete_module
 
@@ -203,21 +203,10 @@ def export_packed(model: nn.Module, path) -> dict:
     mbytes = json.dumps(manifest, sort_keys=True).encode("utf-8")
     header = _HEADER.pack(MAGIC, VERSION, len(mbytes), hashlib.sha256(mbytes).digest())
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".pmppack-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(mbytes)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(header)
+        f.write(mbytes)
+        f.write(payload)
     return manifest
 
 

@@ -61,7 +61,6 @@ import os
 import pickle
 import random
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
@@ -69,6 +68,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .._io import atomic_write
 
 __all__ = [
     "DATASETS",
@@ -388,26 +389,21 @@ def download_resource(resource: Resource, dest_dir: os.PathLike, fetch: Optional
     final = dest / resource.filename
     errors = []
     for url in resource.urls:
-        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{resource.filename}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fetch(url, f, resource.filename)
-                f.flush()
-                os.fsync(f.fileno())
+        def verify(tmp: str, url: str = url) -> None:
             got = file_md5(tmp)
             if got != resource.md5:
                 raise ChecksumError(
                     f"{resource.filename}: MD5 {got} of the file downloaded from {url} differs from "
                     f"the published {resource.md5}; the file was removed")
-            os.replace(tmp, final)
+
+        try:
+            with atomic_write(final, verify=verify) as f:
+                fetch(url, f, resource.filename)
             return final
         except ChecksumError:
             raise
         except Exception as e:  # network/OS errors: try the next mirror
             errors.append(f"{url}: {e}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     raise DataError(f"could not download {resource.filename}:\n  " + "\n  ".join(errors))
 
 
@@ -646,10 +642,8 @@ def _mnist1d_arrays(num_samples: int, seed: int) -> Tuple[Dict[str, np.ndarray],
     arrays = {k: np.asarray(d[k]) for k in keys}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs the ~1 s regeneration
     return arrays, f"mnist1d.make_dataset(num_samples={num_samples}, seed={seed})"

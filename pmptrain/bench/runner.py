@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._io import atomic_write
 from .registry import OptimizerSpec, epoch_decay, get_spec
 
 __all__ = ["BenchConfig", "LOSSES", "squared_hinge_loss", "run_one", "run_bench", "init_distributed",
@@ -315,20 +316,15 @@ def versions() -> Dict[str, Any]:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same directory, then ``os.replace`` it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:
     """Write JSON atomically (temporary file + ``os.replace``)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, default=_json_default)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def _json_default(o):
