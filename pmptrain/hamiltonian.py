@@ -1,40 +1,45 @@
 r"""The augmented Hamiltonian of E-MSA and its maximisers — pure functions of tensors.
 
-Notation (``ALGORITHMS.md`` §1–2). A controlled affine module maps a *state row* ``x`` (n features)
-to ``y = W x + b`` (m features). One mini-batch of ``B`` samples gives ``N = B·L`` rows (``L`` rows
-per sample: 1 for a Linear on ``[B, n]``, the number of output positions for a convolution):
+Notation (docs/algorithms.md §1–2). A controlled affine module maps a *state row* ``x`` (n features)
+to ``y = W x + b`` (m features). The backward passes since the last reset of the statistics give
+``N = B·L`` rows from ``B`` samples (``L`` rows per sample: 1 for a Linear on ``[B, n]``, the number
+of output positions for a convolution):
 
-* ``X`` (N×n) — the state rows, argument ``x_rows``;
-* ``P̂`` (N×m) — the costate rows ``p̂ = −B·∂J/∂y``, argument ``p_rows``;
-* ``C_x = (1/B) XᵀX``, ``x̄ = (1/B) Xᵀ1``, ``C_p = (1/B) P̂ᵀP̂``, ``G = (1/B) P̂ᵀX = −∇_W J``,
-  ``g_b = (1/B) P̂ᵀ1 = −∇_b J``.
+* ``X`` (N×n) — the state rows;
+* ``P̂`` (N×m) — the costate rows ``p̂ = −B·∂J/∂y``;
+* ``C_x = XᵀX/B``, ``x̄ = Xᵀ1/B``, ``C_p = P̂ᵀP̂/B`` — the curvature statistics;
+* ``G = −∇_W J`` and ``g_b = −∇_b J`` — the *linear* term, taken from the parameters' ``.grad``
+  (after unscaling), never rebuilt from the rows: clipping, accumulation, noise or any other edit
+  of ``.grad`` acts on the update exactly as it does on an SGD step.
 
-The augmented Hamiltonian of one module, as a function of the step ``(ΔW, Δb)`` from the current
-``(W_k, b_k)``, is the concave quadratic
+The augmented Hamiltonian of one module, as a function of the step ``(ΔW, Δb)`` from ``(W_k, b_k)``,
+is the concave quadratic
 
 .. math::
 
     \tilde H(ΔW, Δb) = ⟨G, ΔW⟩ + ⟨g_b, Δb⟩
         − \tfrac{ρ}{2}\,\tfrac1B Σ_{rows}‖ΔW x + Δb‖²
         − \tfrac{ρ}{2}\,\tfrac1B Σ_{rows}‖ΔWᵀ p̂‖²
-        − \tfrac{δ}{2}(‖ΔW‖² + ‖Δb‖²)
+        − \tfrac{δ_W}{2}‖ΔW‖² − \tfrac{δ_b}{2}‖Δb‖²
 
-(up to the constant ``H(W_k, b_k)``). Setting its gradient to zero gives (with ``c = ρ/(ρL + δ)``)
+(``δ = 1/lr``; weight and bias may have their own ``lr``). Eliminating the bias,
+``Δb = (g_b − ρΔWx̄)/(ρL + δ_b)``, leaves the Sylvester equation
 
 .. math::
 
-    Δb = (g_b − ρ ΔW x̄) / (ρL + δ),\qquad
-    ρ C_p ΔW + ρ ΔW C'_x + δ ΔW = G',\quad C'_x = C_x − c x̄x̄ᵀ,\ G' = G − c g_b x̄ᵀ,
+    ρ\,C_p ΔW + ρ\,ΔW C'_x + δ_W ΔW = S,\qquad C'_x = C_x − c\,x̄x̄ᵀ,\quad S = G − c\,g_b x̄ᵀ,
+    \quad c = ρ/(ρL + δ_b).
 
-a Sylvester equation solved exactly in the eigenbases of ``C'_x = UΛUᵀ`` and ``C_p = VMVᵀ``:
-``ΔW = V[(VᵀG'U) ⊘ (ρ(μ_i + λ_j) + δ)]Uᵀ``. :func:`solve_affine_rows` does this from rows, choosing
-for each side independently the *primal* form (eigendecompose the n×n / m×m matrix) or the *Gram*
-form (eigendecompose an N×N Gram matrix, exact because ``C'_x``, ``C_p`` have rank ≤ N and ``G'``
-lies in their ranges). :func:`solve_affine_stats` does it from (possibly running-average)
-statistics. The derivation is written out in ``docs/algorithms.md``.
+:func:`solve_sylvester` solves ``ρ L ΔW + ρ ΔW R + δ ΔW = S`` exactly for any right-hand side ``S``
+and PSD operators ``L`` (m×m), ``R`` (n×n) given as :class:`Curvature` — a multiple of the identity,
+a diagonal, a dense matrix or a Gram factor ``AᵀA`` of rows — choosing the cheapest exact route for
+the pair (eigenbases, Woodbury identities with N×N solves, or Cholesky). The isotropic costate
+approximation (``C_p ≈ tr(C_p)/m · I``), embeddings (diagonal input statistics) and tied weights
+(sums of several modules' operators) are all instances. The derivations are in
+``docs/algorithms.md``; ``tests/test_hamiltonian.py`` checks every route against a dense float64
+solve and against a numerical maximiser of :func:`affine_augmented_hamiltonian`.
 
-Everything here imports only torch and is checked in ``tests/test_hamiltonian.py`` against a
-numerical maximiser of :func:`affine_augmented_hamiltonian`.
+Everything here imports only torch.
 """
 
 from __future__ import annotations
@@ -49,14 +54,19 @@ from torch import Tensor
 __all__ = [
     "AffineStats",
     "affine_stats",
+    "Curvature",
     "affine_augmented_hamiltonian",
     "bias_coupling",
     "bias_step",
+    "center_rows",
     "choose_side",
     "eigh_psd",
-    "solve_affine_rows",
-    "solve_affine_stats",
-    "solve_affine_rows_isotropic",
+    "solve_sylvester",
+    "sylvester_in_eigenbases",
+    "dense_sylvester_reference",
+    "AffineMember",
+    "affine_system",
+    "affine_bias_steps",
     "augmented_hamiltonian",
     "iterative_maximise",
 ]
@@ -69,10 +79,10 @@ __all__ = [
 
 @dataclass
 class AffineStats:
-    """Second-moment statistics of one affine module for one step (all divided by ``B``).
+    """Second-moment statistics of one affine module (all divided by ``B``).
 
     ``cxx`` = C_x (n×n), ``x_mean`` = x̄ (n), ``cpp`` = C_p (m×m), ``rows_per_sample`` = L = N/B.
-    The gradient ``G`` is not stored: it is the parameter gradient (``−weight.grad``).
+    The gradient is not stored: it is the parameter gradient (``−weight.grad``).
     """
 
     cxx: Tensor
@@ -93,22 +103,22 @@ def affine_stats(x_rows: Tensor, p_rows: Tensor, batch_size: int) -> AffineStats
     )
 
 
-def bias_coupling(rho: float, delta: float, rows_per_sample: float, has_bias: bool) -> float:
-    """``c = ρ/(ρL + δ)``: how much of ``x̄x̄ᵀ`` the bias absorbs (0 without a bias)."""
+def bias_coupling(rho: float, delta_b: float, rows_per_sample: float, has_bias: bool) -> float:
+    """``c = ρ/(ρL + δ_b)``: how much of ``x̄x̄ᵀ`` the bias absorbs (0 without a bias)."""
     if not has_bias or rho == 0.0:
         return 0.0
-    return rho / (rho * rows_per_sample + delta)
+    return rho / (rho * rows_per_sample + delta_b)
 
 
-def _check_delta(delta: float) -> None:
-    if delta <= 0.0:
-        raise ValueError(f"delta must be > 0 for a well-posed maximisation, got {delta}")
+def _check_delta(delta: float, name: str = "delta") -> None:
+    if not delta > 0.0:
+        raise ValueError(f"{name} must be > 0 for a well-posed maximisation, got {delta}")
 
 
-def bias_step(g_b: Tensor, dW: Tensor, x_mean: Tensor, rho: float, rows_per_sample: float, delta: float) -> Tensor:
-    """The exact bias step given the weight step: ``Δb = (g_b − ρ ΔW x̄) / (ρL + δ)``
+def bias_step(g_b: Tensor, dW: Tensor, x_mean: Tensor, rho: float, rows_per_sample: float, delta_b: float) -> Tensor:
+    """The exact bias step given the weight step: ``Δb = (g_b − ρ ΔW x̄) / (ρL + δ_b)``
     (``g_b`` = −∇_b J, ``x_mean`` = x̄, ``rows_per_sample`` = L)."""
-    return (g_b - rho * torch.mv(dW, x_mean)) / (rho * rows_per_sample + delta)
+    return (g_b - rho * torch.mv(dW, x_mean)) / (rho * rows_per_sample + delta_b)
 
 
 def affine_augmented_hamiltonian(
@@ -119,32 +129,102 @@ def affine_augmented_hamiltonian(
     batch_size: int,
     rho: float,
     delta: float,
+    grad_w: Optional[Tensor] = None,
+    grad_b: Optional[Tensor] = None,
+    delta_b: Optional[float] = None,
 ) -> Tensor:
-    r"""Value of :math:`\tilde H(W_k+ΔW, b_k+Δb) − H(W_k, b_k)` for an affine module, evaluated
-    directly from the rows (the slow, obviously-correct reference for the closed forms).
+    r"""Value of :math:`\tilde H(W_k+ΔW, b_k+Δb) − \tilde H(W_k, b_k)` for an affine module, evaluated
+    directly from its definition (the slow, obviously-correct reference for the closed forms).
 
     Args: ``dW`` (m×n) = ΔW, ``db`` (m or None) = Δb, ``x_rows`` (N×n) = X, ``p_rows`` (N×m) = P̂,
-    ``batch_size`` = B, ``rho`` = ρ, ``delta`` = δ.
+    ``batch_size`` = B, ``rho`` = ρ, ``delta`` = δ_W, ``delta_b`` = δ_b (default δ_W).
+    ``grad_w`` / ``grad_b``: ``∇_W J`` / ``∇_b J`` for the linear term ``⟨−∇J, Δθ⟩`` (default: the
+    captured Hamiltonian gain ``(1/B)Σ p̂·(ΔWx + Δb)``, which equals it for an unmodified gradient).
     """
     b = float(batch_size)
     dy = x_rows @ dW.T
     if db is not None:
         dy = dy + db
-    gain = (p_rows * dy).sum() / b
+    if grad_w is None:
+        gain = (p_rows * dy).sum() / b
+    else:
+        gain = -(grad_w * dW).sum()
+        if db is not None:
+            gain = gain - (grad_b * db).sum()
     state_pen = dy.pow(2).sum() / b
     costate_pen = (p_rows @ dW).pow(2).sum() / b
-    prox = dW.pow(2).sum() + (db.pow(2).sum() if db is not None else 0.0)
-    return gain - 0.5 * rho * state_pen - 0.5 * rho * costate_pen - 0.5 * delta * prox
+    db_delta = delta if delta_b is None else delta_b
+    prox = delta * dW.pow(2).sum() + (db_delta * db.pow(2).sum() if db is not None else 0.0)
+    return gain - 0.5 * rho * state_pen - 0.5 * rho * costate_pen - 0.5 * prox
 
 
 # ----------------------------------------------------------------------------------------------
-# eigensolves
+# curvature operators and eigensolves
 # ----------------------------------------------------------------------------------------------
 
 
-def eigh_psd(
-    mat: Tensor, floor: float = 0.0, float64: bool = False
-) -> Tuple[Tensor, Tensor]:
+@dataclass
+class Curvature:
+    r"""A positive semi-definite operator on ℝᵏ in structured form:
+
+    .. math:: C = s\,I + \mathrm{diag}(d) + D + AᵀA
+
+    with ``scalar`` = s (float or 0-dim tensor), ``diag`` = d (k-vector), ``dense`` = D (k×k) and
+    ``rows`` = A (N×k); absent parts are None/0. ``a + b`` adds operators (Gram rows are stacked:
+    ``AᵀA + A'ᵀA' = [A; A']ᵀ[A; A']``). The structure decides the route of :func:`solve_sylvester`.
+    """
+
+    dim: int
+    scalar: Any = 0.0
+    diag: Optional[Tensor] = None
+    dense: Optional[Tensor] = None
+    rows: Optional[Tensor] = None
+
+    def __add__(self, other: "Curvature") -> "Curvature":
+        if self.dim != other.dim:
+            raise ValueError(f"cannot add curvatures of dimension {self.dim} and {other.dim}")
+
+        def add(a, b):
+            return b if a is None else (a if b is None else a + b)
+
+        rows = self.rows
+        if other.rows is not None:
+            rows = other.rows if rows is None else torch.cat([rows, other.rows])
+        return Curvature(self.dim, self.scalar + other.scalar, add(self.diag, other.diag),
+                         add(self.dense, other.dense), rows)
+
+    def kind(self) -> str:
+        """``"scalar"``, ``"diag"``, ``"dense"`` or ``"gram"`` (rows plus an optional scalar)."""
+        if self.dense is not None or (self.rows is not None and self.diag is not None):
+            return "dense"
+        if self.rows is not None:
+            return "gram"
+        if self.diag is not None:
+            return "diag"
+        return "scalar"
+
+    def to_dense(self, like: Tensor) -> Tensor:
+        """The k×k matrix (dtype/device of ``like``)."""
+        out = torch.zeros(self.dim, self.dim, dtype=like.dtype, device=like.device)
+        if self.dense is not None:
+            out += self.dense
+        if self.rows is not None:
+            out.addmm_(self.rows.T, self.rows)
+        diag = out.diagonal()
+        if self.diag is not None:
+            diag += self.diag
+        diag += self.scalar
+        return out
+
+    def diagonal_vector(self, like: Tensor) -> Tensor:
+        """``s + d`` as a k-vector (only for kinds ``"scalar"`` and ``"diag"``)."""
+        base = torch.zeros(self.dim, dtype=like.dtype, device=like.device)
+        if self.diag is not None:
+            base += self.diag
+        return base + self.scalar
+
+
+def eigh_psd(mat: Tensor, floor: float = 0.0, float64: bool = False) -> Tuple[Tensor, Tensor]:
     """Eigendecomposition ``mat = U diag(λ) Uᵀ`` of a symmetric PSD matrix with ``λ ≥ floor``.
 
     ``float64=True`` solves in float64 and casts back (accuracy for tiny or ill-conditioned
@@ -166,6 +246,16 @@ def eigh_psd(
     return evals.to(mat.dtype), evecs.to(mat.dtype)
 
 
+def _spd_solve_right(b: Tensor, mat: Tensor) -> Tensor:
+    """``b · mat⁻¹`` for a symmetric positive definite ``mat`` (Cholesky; eigendecomposition if
+    rounding makes the factorisation fail)."""
+    factor, info = torch.linalg.cholesky_ex(mat)
+    if int(info) == 0:
+        return torch.cholesky_solve(b.T, factor).T
+    lam, u = eigh_psd(mat)
+    return ((b @ u) / lam.clamp_min(torch.finfo(mat.dtype).tiny)) @ u.T
+
+
 def choose_side(dim: int, rows: int, route: str) -> bool:
     """True if a side of size ``dim`` with ``rows`` rows should use its Gram (rows×rows) form.
 
@@ -180,196 +270,275 @@ def choose_side(dim: int, rows: int, route: str) -> bool:
     raise ValueError(f"route must be 'auto', 'primal' or 'gram', got {route!r}")
 
 
-def _center_half(v: Tensor, alpha: float, batch_size: float) -> Tensor:
-    """Apply ``K½ = (I − α·11ᵀ/N)/√B`` to the rows of ``v`` (N×k)."""
+def center_rows(x_rows: Tensor, batch_size: float, c_times_l: float) -> Tensor:
+    r"""``A = K½ X`` with ``K½ = (I − α·11ᵀ/N)/√B``, ``α = 1 − √(1 − cL)``: the Gram factor of
+    ``C'_x = C_x − c x̄x̄ᵀ`` (``AᵀA = XᵀX/B − (c/B²) Xᵀ11ᵀX``). ``c_times_l`` = cL ∈ [0, 1)."""
+    alpha = 1.0 - math.sqrt(1.0 - min(c_times_l, 1.0))
+    a = x_rows
     if alpha != 0.0:
-        v = v - alpha * v.mean(0, keepdim=True)
-    return v / math.sqrt(batch_size)
+        a = a - alpha * a.mean(0, keepdim=True)
+    return a / math.sqrt(batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
-# closed-form maximisers
+# the Sylvester solve  ρ L ΔW + ρ ΔW R + δ ΔW = S
 # ----------------------------------------------------------------------------------------------
 
 
-def solve_affine_rows(
-    x_rows: Tensor,
-    p_rows: Tensor,
-    batch_size: int,
+def sylvester_in_eigenbases(
+    s: Tensor,
+    eig_left: Tuple[Tensor, Optional[Tensor]],
+    eig_right: Tuple[Tensor, Optional[Tensor]],
     rho: float,
     delta: float,
-    has_bias: bool,
-    route_in: str = "auto",
-    route_out: str = "auto",
+) -> Tensor:
+    r"""``ΔW = V[(VᵀSU) ⊘ (ρ(μ_i + λ_j) + δ)]Uᵀ`` from eigendecompositions ``L = V diag(μ) Vᵀ``,
+    ``R = U diag(λ) Uᵀ`` (``eig_left = (μ, V)``, ``eig_right = (λ, U)``; a basis of None is the
+    identity, i.e. a diagonal operator). Exact for the given eigendecompositions (stale ones with
+    running averages, see docs/algorithms.md)."""
+    mu, v = eig_left
+    lam, u = eig_right
+    core = s if v is None else v.T @ s
+    core = core if u is None else core @ u
+    core = core / (rho * (mu[:, None] + lam[None, :]) + delta)
+    core = core if v is None else v @ core
+    return core if u is None else core @ u.T
+
+
+def _gram_times_explicit(
+    s: Tensor, rows: Tensor, shift, eig_other: Tuple[Tensor, Optional[Tensor]], rho: float, delta: float,
+    floor: float, f64: bool,
+) -> Tensor:
+    r"""``ρ(AᵀA + s_A I)ΔW + ρΔW R + δΔW = S`` with the *left* operator in Gram form (rows A, N×m)
+    and ``R = U diag(λ) Uᵀ`` explicit. In the eigenbasis of R the columns decouple:
+    ``(ρAᵀA + d_j I) z_j = (SU)_j``, ``d_j = ρ(λ_j + s_A) + δ``, and Woodbury with
+    ``AAᵀ = Q diag(μ) Qᵀ`` gives ``z_j = t_j/d_j − ρAᵀQ[(QᵀA t_j) ⊘ ((d_j + ρμ) d_j)]``."""
+    lam, u = eig_other
+    mu, q = eigh_psd(rows @ rows.T, floor, f64)
+    t = s if u is None else s @ u
+    d = rho * (lam + shift) + delta
+    aq = rows.T @ q  # m×N
+    core = (aq.T @ t) / ((d[None, :] + rho * mu[:, None]) * d[None, :])
+    z = t / d[None, :] - rho * (aq @ core)
+    return z if u is None else z @ u.T
+
+
+def _gram_times_gram(
+    s: Tensor, left: Tensor, shift_l, right: Tensor, shift_r, rho: float, delta: float, floor: float, f64: bool,
+) -> Tensor:
+    r"""Both sides in Gram form: ``ρ(PᵀP + s_L)ΔW + ρΔW(AᵀA + s_R) + δΔW = S``. With
+    ``δ' = δ + ρ(s_L + s_R)``, ``f(a, b) = 1/(a + b + δ')`` and the eigenvalues ``a = ρμ`` of
+    ``ρPPᵀ = ρRMRᵀ``, ``b = ρλ`` of ``ρAAᵀ = ρQΛQᵀ``, splitting ``f = h + f(a,0) + f(0,b) − f(0,0)``
+    (h vanishes on the null spaces) gives, exactly and without inverse square roots,
+
+    ``ΔW = (ρPᵀP + δ'I)⁻¹S + S(ρAᵀA + δ'I)⁻¹ − S/δ' + ρ² PᵀR[k ∘ (RᵀPSAᵀQ)]QᵀA``
+
+    with ``k = h/(ab) = (a + b + 2δ') / (δ'(a + δ')(b + δ')(a + b + δ'))`` (docs/algorithms.md §2)."""
+    dp = delta + rho * (shift_l + shift_r)
+    mu, r = eigh_psd(left @ left.T, floor, f64)
+    lam, q = eigh_psd(right @ right.T, floor, f64)
+    a, b = rho * mu, rho * lam
+    pr = left.T @ r   # m×N_L  (PᵀR)
+    aq = right.T @ q  # n×N_R  (AᵀQ)
+    rps = pr.T @ s    # N_L×n  (RᵀPS)
+    saq = s @ aq      # m×N_R  (SAᵀQ)
+    out = s - rho * (pr @ (rps / (dp + a)[:, None])) - rho * ((saq / (dp + b)[None, :]) @ aq.T)
+    out = out / dp
+    k = (a[:, None] + b[None, :] + 2 * dp) / (
+        dp * (a[:, None] + dp) * (b[None, :] + dp) * (a[:, None] + b[None, :] + dp)
+    )
+    core = (rps @ aq) * k  # RᵀPSAᵀQ ∘ k
+    return out + (rho * rho) * (pr @ core @ aq.T)
+
+
+def _explicit_eig(c: Curvature, like: Tensor, floor: float, f64: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    if c.kind() in ("scalar", "diag"):
+        return c.diagonal_vector(like), None
+    return eigh_psd(c.to_dense(like), floor, f64)
+
+
+def solve_sylvester(
+    s: Tensor,
+    left: Curvature,
+    right: Curvature,
+    rho: float,
+    delta: float,
     eig_floor: float = 0.0,
     eig_float64: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    r"""Exact maximiser ``(ΔW, Δb)`` of the augmented Hamiltonian of an affine module, from rows.
+) -> Tensor:
+    r"""The exact solution ``ΔW`` (m×n) of ``ρ L ΔW + ρ ΔW R + δ ΔW = S``.
 
     Args:
-        x_rows: X, the N×n state rows (inputs; im2col patches for convolutions).
-        p_rows: P̂, the N×m costate rows ``−B·∂J/∂y``.
-        batch_size: B, the number of samples the rows came from (``N = B·L``).
-        rho: ρ ≥ 0, weight of the two feasibility penalties.
-        delta: δ > 0, weight of the proximal term (``1/lr``).
-        has_bias: whether the module has a bias (Δb is then returned, else ``None``).
-        route_in / route_out: ``"auto"`` | ``"primal"`` | ``"gram"`` for the input (n) side and the
-            output (m) side; ``"auto"`` uses the Gram form iff ``N < n`` (resp. ``N < m``).
-        eig_floor: lower clamp of the eigenvalues (default 0).
-        eig_float64: eigensolves in float64 (default False).
+        s: S (m×n), the right-hand side — ``G' = −∇_W J − c g_b x̄ᵀ`` for an affine module.
+        left: L (m×m) as a :class:`Curvature` (``C_p``, the costate side, for a Linear).
+        right: R (n×n) as a :class:`Curvature` (``C'_x``, the state side, for a Linear).
+        rho: ρ ≥ 0; delta: δ > 0 (``1/lr``).
+        eig_floor: lower clamp of eigenvalues (default 0); eig_float64: eigensolves in float64.
 
-    With ``K½ = (I − (1−√(1−cL))·11ᵀ/N)/√B``, ``A = K½X`` (so ``C'_x = AᵀA``), ``P_k = K½P̂``
-    (so ``G' = P_kᵀA``), the Gram eigenproblems are ``AAᵀ = QΛQᵀ`` and ``P̂P̂ᵀ/B = RMRᵀ``, and
+    Routes, by the structure of the two operators (every one exact):
 
-    * input side: Gram → rotation ``Q`` on the left of the core, output factor ``QᵀA``;
-      primal → ``C'_x = UΛUᵀ``, rotation ``AU``, output factor ``Uᵀ``;
-    * output side: Gram → rotation ``K½R``, output factor ``P̂ᵀR``;
-      primal → ``C_p = VMVᵀ``, rotation ``P_kV``, output factor ``V``;
-
-    ``ΔW = F_out [ (R_outᵀ R_in) ⊘ (ρ(μ_i+λ_j)+δ) ] F_in`` and ``Δb = (g_b − ρΔWx̄)/(ρL+δ)``.
+    * one side a multiple of the identity ``sI`` (the isotropic costate): the other side alone,
+      ``ΔW(ρR + (ρs + δ)I) = S`` — a Cholesky solve of n×n (dense R), of N×N by Woodbury
+      (Gram R: ``(ρAᵀA + dI)⁻¹ = (I − ρAᵀ(dI + ρAAᵀ)⁻¹A)/d``), or a division (diagonal R);
+    * both diagonal: elementwise division;
+    * both explicit (dense or diagonal): ``V[(VᵀSU) ⊘ (ρ(μ_i+λ_j)+δ)]Uᵀ``;
+    * one Gram side, one explicit side: columns decouple in the explicit eigenbasis, Woodbury on
+      the Gram side (:func:`_gram_times_explicit`);
+    * both Gram: :func:`_gram_times_gram`.
     """
     _check_delta(delta)
-    n_rows = x_rows.shape[0]
-    b = float(batch_size)
-    L = n_rows / b
-    c = bias_coupling(rho, delta, L, has_bias)
-    cl = min(c * L, 1.0)
-    alpha = 1.0 - math.sqrt(1.0 - cl)
-    n_in = x_rows.shape[1]
-    n_out = p_rows.shape[1]
-    gram_in = choose_side(n_in, n_rows, route_in)
-    gram_out = choose_side(n_out, n_rows, route_out)
+    kl, kr = left.kind(), right.kind()
+    if kl == "scalar" or kr == "scalar":
+        if kl == "scalar" and kr != "scalar":
+            return _one_sided(s, right, rho * float(left.scalar) + delta, rho, "right")
+        if kr == "scalar" and kl != "scalar":
+            return _one_sided(s, left, rho * float(right.scalar) + delta, rho, "left")
+        return s / (rho * (float(left.scalar) + float(right.scalar)) + delta)
+    if kl == "gram" and kr == "gram":
+        return _gram_times_gram(s, left.rows, left.scalar, right.rows, right.scalar, rho, delta,
+                                eig_floor, eig_float64)
+    if kl == "gram":
+        eig = _explicit_eig(right, s, eig_floor, eig_float64)
+        return _gram_times_explicit(s, left.rows, left.scalar, eig, rho, delta, eig_floor, eig_float64)
+    if kr == "gram":
+        eig = _explicit_eig(left, s, eig_floor, eig_float64)
+        return _gram_times_explicit(s.T, right.rows, right.scalar, eig, rho, delta, eig_floor,
+                                    eig_float64).T
+    return sylvester_in_eigenbases(s, _explicit_eig(left, s, eig_floor, eig_float64),
+                                   _explicit_eig(right, s, eig_floor, eig_float64), rho, delta)
 
-    a_rows = _center_half(x_rows, alpha, b)  # A = K½ X
-    pk_rows = _center_half(p_rows, alpha, b)  # P_k = K½ P̂
 
-    if not gram_in and not gram_out:
-        # both primal: go through the m×n matrix G' = P_kᵀ A (cheapest when N ≥ m + n)
-        lam, u = eigh_psd(a_rows.T @ a_rows, eig_floor, eig_float64)
-        mu, v = eigh_psd(p_rows.T @ p_rows / b, eig_floor, eig_float64)
-        core = v.T @ (pk_rows.T @ a_rows) @ u
-        dW = v @ (core / (rho * (mu[:, None] + lam[None, :]) + delta)) @ u.T
+def _one_sided(s: Tensor, c: Curvature, d: float, rho: float, side: str) -> Tensor:
+    r"""``ΔW(ρR + dI) = S`` (side ``"right"``) or ``(ρL + dI)ΔW = S`` (side ``"left"``)."""
+    t = s if side == "right" else s.T
+    kind = c.kind()
+    if kind == "diag":
+        out = t / (rho * c.diagonal_vector(t) + d)[None, :]
+    elif kind == "gram":
+        a, shift = c.rows, float(c.scalar)
+        d = d + rho * shift
+        gram = a @ a.T
+        gram.mul_(rho).diagonal().add_(d)
+        ta = t @ a.T  # m×N
+        out = (t - rho * (_spd_solve_right(ta, gram) @ a)) / d
     else:
-        if gram_in:
-            lam, q = eigh_psd(a_rows @ a_rows.T, eig_floor, eig_float64)
-            rot_in, out_in = q, q.T @ a_rows
-        else:
-            lam, u = eigh_psd(a_rows.T @ a_rows, eig_floor, eig_float64)
-            rot_in, out_in = a_rows @ u, u.T
-        if gram_out:
-            mu, r = eigh_psd(p_rows @ p_rows.T / b, eig_floor, eig_float64)
-            rot_out, out_out = _center_half(r, alpha, b), p_rows.T @ r
-        else:
-            mu, v = eigh_psd(p_rows.T @ p_rows / b, eig_floor, eig_float64)
-            rot_out, out_out = pk_rows @ v, v
-        core = rot_out.T @ rot_in
-        dW = out_out @ (core / (rho * (mu[:, None] + lam[None, :]) + delta)) @ out_in
-
-    db = None
-    if has_bias:
-        db = bias_step(p_rows.sum(0) / b, dW, x_rows.sum(0) / b, rho, L, delta)
-    return dW, db
+        mat = c.to_dense(t).mul_(rho)
+        mat.diagonal().add_(d)
+        out = _spd_solve_right(t, mat)
+    return out if side == "right" else out.T
 
 
-def solve_affine_stats(
-    grad_w: Tensor,
-    grad_b: Optional[Tensor],
-    stats: AffineStats,
-    rho: float,
-    delta: float,
-    eig_in: Optional[Tuple[Tensor, Tensor]] = None,
-    eig_out: Optional[Tuple[Tensor, Tensor]] = None,
-    eig_floor: float = 0.0,
-    eig_float64: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    r"""Primal-route maximiser from statistics (exact for the given statistics).
+def dense_sylvester_reference(s: Tensor, left: Tensor, right: Tensor, rho: float, delta: float) -> Tensor:
+    """The slow reference: solve ``ρLΔW + ρΔWR + δΔW = S`` as one (mn)×(mn) linear system
+    (Kronecker form, row-major ``vec``: ``vec(LX) = (L⊗I)vec X``, ``vec(XR) = (I⊗Rᵀ)vec X``)."""
+    m, n = s.shape
+    eye_m = torch.eye(m, dtype=s.dtype, device=s.device)
+    eye_n = torch.eye(n, dtype=s.dtype, device=s.device)
+    op = rho * torch.kron(left, eye_n) + rho * torch.kron(eye_m, right.T.contiguous()) + delta * torch.eye(m * n, dtype=s.dtype)
+    return torch.linalg.solve(op, s.reshape(-1)).reshape(m, n)
 
-    Args:
-        grad_w: ``∇_W J`` (m×n), i.e. ``−G``; ``grad_b``: ``∇_b J`` (m) or None (no bias).
-        stats: :class:`AffineStats` (C_x, x̄, C_p, L) — one batch's or running averages.
-        rho, delta: ρ ≥ 0 and δ > 0.
-        eig_in: optional precomputed ``(λ, U)`` of ``C'_x = C_x − c x̄x̄ᵀ`` (stale eigenbases with
-            running averages); eig_out: optional ``(μ, V)`` of ``C_p``. Computed here if None.
 
-    ``ΔW = V[(VᵀG'U) ⊘ (ρ(μ_i+λ_j)+δ)]Uᵀ``, ``G' = G − c g_b x̄ᵀ``, ``Δb = (g_b − ρΔWx̄)/(ρL+δ)``.
+# ----------------------------------------------------------------------------------------------
+# affine units: bias elimination and the Sylvester system of one weight and its modules
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AffineMember:
+    r"""The statistics of one module using a weight, on the whole batch, in the module's own
+    orientation ``y = W x + b`` (``W`` = the stored weight, or its transpose when ``transposed``:
+    an embedding's ``E`` is stored V×d and ``W = Eᵀ``).
+
+    ``samples`` = B; ``rows_per_sample`` = L. State side, one of: ``x_rows`` (X, N×n, uncentred),
+    ``cxx`` (C_x), ``counts`` (the diagonal C_x of one-hot inputs: index counts / B); ``x_mean`` = x̄
+    (None for index inputs). Costate side, one of: ``p_rows`` (``P̂/√B``, so ``C_p = p_rowsᵀp_rows``),
+    ``cpp`` (C_p), ``tau`` (``tr(C_p)/m``: the isotropic approximation), or none (no costate penalty:
+    an embedding's input is not differentiable). Bias: ``grad_b`` = ∇_b J and ``delta_b`` = δ_b
+    (both None when the module has no free bias).
     """
-    _check_delta(delta)
-    has_bias = grad_b is not None
-    L = stats.rows_per_sample
-    c = bias_coupling(rho, delta, L, has_bias)
-    g = -grad_w
-    if has_bias:
-        g_b = -grad_b
-        g = g - c * torch.outer(g_b, stats.x_mean)
-    if eig_in is None:
-        eig_in = eigh_psd(
-            stats.cxx - c * torch.outer(stats.x_mean, stats.x_mean), eig_floor, eig_float64
-        )
-    if eig_out is None:
-        eig_out = eigh_psd(stats.cpp, eig_floor, eig_float64)
-    lam, u = eig_in
-    mu, v = eig_out
-    core = v.T @ g @ u
-    dW = v @ (core / (rho * (mu[:, None] + lam[None, :]) + delta)) @ u.T
-    db = bias_step(g_b, dW, stats.x_mean, rho, L, delta) if has_bias else None
-    return dW, db
+
+    samples: float
+    rows_per_sample: float
+    transposed: bool = False
+    x_rows: Optional[Tensor] = None
+    cxx: Optional[Tensor] = None
+    counts: Optional[Tensor] = None
+    x_mean: Optional[Tensor] = None
+    p_rows: Optional[Tensor] = None
+    cpp: Optional[Tensor] = None
+    tau: Optional[float] = None
+    grad_b: Optional[Tensor] = None
+    delta_b: Optional[float] = None
+
+    def coupling(self, rho: float) -> float:
+        """``c = ρ/(ρL + δ_b)`` (0 without a free bias)."""
+        if self.grad_b is None or self.delta_b is None:
+            return 0.0
+        return bias_coupling(rho, self.delta_b, self.rows_per_sample, True)
+
+    def sides(self, n: int, m: int, rho: float) -> Tuple[Curvature, Curvature]:
+        """``(C'_x, C_p)`` as :class:`Curvature` (n and m: input and output sizes of ``W``)."""
+        c, L = self.coupling(rho), self.rows_per_sample
+        if self.counts is not None:
+            state = Curvature(n, diag=self.counts)
+        elif self.x_rows is not None:
+            state = Curvature(n, rows=center_rows(self.x_rows, self.samples, c * L))
+        else:
+            cx = self.cxx if c == 0.0 else self.cxx - c * torch.outer(self.x_mean, self.x_mean)
+            state = Curvature(n, dense=cx)
+        if self.tau is not None:
+            costate = Curvature(m, scalar=self.tau)
+        elif self.p_rows is not None:
+            costate = Curvature(m, rows=self.p_rows)
+        elif self.cpp is not None:
+            costate = Curvature(m, dense=self.cpp)
+        else:
+            costate = Curvature(m)
+        return state, costate
 
 
-def solve_affine_rows_isotropic(
-    x_rows: Tensor,
-    p_rows: Tensor,
-    batch_size: int,
-    rho: float,
-    delta: float,
-    has_bias: bool,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    r"""Fast approximate maximiser: the costate penalty ``ρ C_p`` replaced by its isotropic part.
+def affine_system(grad_w: Tensor, members: Sequence[AffineMember], rho: float) -> Tuple[Tensor, Curvature, Curvature]:
+    r"""The Sylvester system ``ρLΔW + ρΔWR + δΔW = S`` of one weight (storage orientation, 2-D
+    ``grad_w`` = ∇J, the sum of every member's gradient) used by ``members`` — the maximiser of the
+    sum of their augmented Hamiltonians with every free bias eliminated:
 
-    ``ρ C_p ΔW ≈ ρ·(tr C_p / m)·ΔW``, so the Sylvester equation becomes
-    ``ΔW (ρ C'_x + δ_e I) = G'`` with ``δ_e = δ + ρ tr(C_p)/m``. With ``A = K½X``, ``P_k = K½P̂``
-    (see :func:`solve_affine_rows`) the push-through identity gives
+    * a member ``y = W x + b`` adds ``C_p`` to L, ``C'_x = C_x − c x̄x̄ᵀ`` to R and ``−c g_b x̄ᵀ`` to
+      ``S = −∇J``;
+    * a transposed member ``y = Wᵀx + b`` adds them the other way round (``C'_x`` to L, ``C_p`` to R,
+      ``−c x̄ g_bᵀ`` to S).
 
-    * Gram form (N < n): ``ΔW = [(ρAAᵀ + δ_e I)⁻¹ P_k]ᵀ A`` — one N×N Cholesky solve;
-    * primal form: ``ΔW = G'(ρC'_x + δ_e I)⁻¹`` — one n×n Cholesky solve.
-
-    ``A`` is never formed: ``AAᵀ`` and ``(·)ᵀA`` are computed from ``X`` with rank-one
-    corrections for the centring ``K½``. Exact when ``C_p`` is a multiple of the identity, and
-    close when ``ρ‖C_p‖ ≪ ρλ(C'_x) + δ`` (see docs/algorithms.md). Bias: exactly as in
-    :func:`solve_affine_rows`. Arguments as in :func:`solve_affine_rows`.
+    Returns ``(S, L, R)``; solve with :func:`solve_sylvester`, then :func:`affine_bias_steps`.
     """
-    _check_delta(delta)
-    n_rows, n_in = x_rows.shape
-    n_out = p_rows.shape[1]
-    b = float(batch_size)
-    L = n_rows / b
-    c = bias_coupling(rho, delta, L, has_bias)
-    delta_e = delta + rho * torch.linalg.vector_norm(p_rows).square() / (b * n_out)
-    p_sum = p_rows.sum(0) if has_bias else None
-    x_mean = x_rows.sum(0).div_(b) if has_bias else None
-    if n_rows < n_in:
-        # K½ = (I − α11ᵀ/N)/√B is applied to N-vectors only (never to the N×n matrix X)
-        alpha = 1.0 - math.sqrt(1.0 - min(c * L, 1.0))
-        gram = x_rows @ x_rows.T
-        pk = p_rows
-        if alpha != 0.0:
-            r = gram.mean(1)
-            gram.sub_(r[:, None], alpha=alpha).sub_(r[None, :], alpha=alpha).add_(r.mean() * alpha * alpha)
-            pk = p_rows - (alpha / n_rows) * p_sum
-        gram.mul_(rho / b).diagonal().add_(delta_e)
-        y = torch.cholesky_solve(pk, torch.linalg.cholesky(gram))  # (ρAAᵀ + δ_e I)⁻¹ P_k·√B
-        if alpha != 0.0:
-            y.sub_(y.mean(0), alpha=alpha)
-        dW = torch.mm(y.mul_(1.0 / b).T, x_rows)  # = [(ρAAᵀ + δ_e I)⁻¹ P_k]ᵀ A
-    else:
-        g = torch.mm(p_rows.T, x_rows).div_(b)
-        mat = torch.mm(x_rows.T, x_rows).mul_(rho / b)
-        if c != 0.0:
-            g.addr_(p_sum, x_mean, alpha=-c / b)
-            mat.addr_(x_mean, x_mean, alpha=-rho * c)
-        mat.diagonal().add_(delta_e)
-        dW = torch.cholesky_solve(g.T, torch.linalg.cholesky(mat)).T
-    db = bias_step(p_sum / b, dW, x_mean, rho, L, delta) if has_bias else None
-    return dW, db
+    rows_s, cols_s = grad_w.shape
+    s = -grad_w
+    left, right = Curvature(rows_s), Curvature(cols_s)
+    for mb in members:
+        m, n = (cols_s, rows_s) if mb.transposed else (rows_s, cols_s)
+        state, costate = mb.sides(n, m, rho)
+        c = mb.coupling(rho)
+        g_b = -mb.grad_b if mb.grad_b is not None else None
+        if mb.transposed:
+            left, right = left + state, right + costate
+            if c:
+                s = s - c * torch.outer(mb.x_mean, g_b)
+        else:
+            left, right = left + costate, right + state
+            if c:
+                s = s - c * torch.outer(g_b, mb.x_mean)
+    return s, left, right
+
+
+def affine_bias_steps(dw: Tensor, members: Sequence[AffineMember], rho: float) -> list:
+    """``Δb = (g_b − ρΔW x̄)/(ρL + δ_b)`` of every member (None where there is no free bias), with
+    ``ΔW`` in each member's own orientation (``dw``: storage orientation, 2-D)."""
+    out = []
+    for mb in members:
+        if mb.grad_b is None or mb.delta_b is None:
+            out.append(None)
+            continue
+        dw_nat = dw.T if mb.transposed else dw
+        out.append(bias_step(-mb.grad_b, dw_nat, mb.x_mean, rho, mb.rows_per_sample, mb.delta_b))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,12 +560,13 @@ def augmented_hamiltonian(
     batch_size: int,
     rho: float,
     delta: float,
+    linear_correction: Optional[Dict[str, Tensor]] = None,
 ) -> Tensor:
     r"""The augmented Hamiltonian of a general module, up to a constant, differentiable in ``theta``:
 
     .. math::
 
-        \tilde H(θ) = \tfrac1B Σ_s p̂_s·f(x_s, θ)
+        \tilde H(θ) = \tfrac1B Σ_s p̂_s·f(x_s, θ) + ⟨e, θ − θ_k⟩
             − \tfrac{ρ}{2}\tfrac1B Σ_s ‖f(x_s, θ) − f(x_s, θ_k)‖²
             − \tfrac{ρ}{2}\tfrac1B Σ_s ‖∇_x[p̂_s·f(x_s, θ)] − ∇_x[p̂_s·f(x_s, θ_k)]‖²
             − \tfrac{δ}{2}‖θ − θ_k‖²
@@ -408,6 +578,8 @@ def augmented_hamiltonian(
         calls: per recorded call ``(x, p̂, extra, y_k, gx_k)`` with ``y_k = f(x, θ_k)`` and
             ``gx_k = ∇_x[p̂·f(x, θ_k)]`` (None when ρ = 0), as prepared by :func:`iterative_maximise`.
         batch_size: B; rho: ρ; delta: δ.
+        linear_correction: ``e`` per parameter (default 0): shifts the linear term of H at θ_k so
+            that it equals ``−∇J`` from ``.grad`` (see :func:`iterative_maximise`).
 
     The costate penalty differentiates the module output with respect to its first input exactly
     (double backward), including overlapping convolution patches.
@@ -424,7 +596,10 @@ def augmented_hamiltonian(
             term = term - 0.5 * rho * _sum_pow2(gx - gx_k) / b
         total = term if total is None else total + term
     prox = sum(_sum_pow2(theta[k] - theta_k[k]) for k in theta)
-    return total - 0.5 * delta * prox
+    total = total - 0.5 * delta * prox
+    if linear_correction:
+        total = total + sum((linear_correction[k] * (theta[k] - theta_k[k])).sum() for k in linear_correction)
+    return total
 
 
 def iterative_maximise(
@@ -437,8 +612,9 @@ def iterative_maximise(
     steps: int = 10,
     lr: float = 1.0,
     method: str = "lbfgs",
+    ham_grad: Optional[Dict[str, Tensor]] = None,
 ) -> Dict[str, Tensor]:
-    """Maximise :func:`augmented_hamiltonian` by ``steps`` iterations of an inner optimiser.
+    r"""Maximise :func:`augmented_hamiltonian` by ``steps`` iterations of an inner optimiser.
 
     Args:
         fn, theta_k, batch_size, rho, delta: as in :func:`augmented_hamiltonian`.
@@ -448,6 +624,10 @@ def iterative_maximise(
         lr: inner step size (default 1.0, L-BFGS's natural scale).
         method: ``"lbfgs"`` (default: ``steps`` iterations with a strong-Wolfe line search),
             ``"adam"`` or ``"sgd"`` (``steps`` steps of gradient ascent).
+        ham_grad: ``g = −∇_θ J`` per parameter from ``.grad`` (default: None, the captured
+            Hamiltonian's own gradient). When given, the Hamiltonian's first-order term at θ_k is
+            replaced by ``⟨g, θ − θ_k⟩`` — ``H(θ) − ⟨∇H(θ_k), θ − θ_k⟩ + ⟨g, θ − θ_k⟩`` — so the
+            curvature of H comes from the captured calls and the linear term from the gradient.
 
     Returns the new parameters θ (detached), started from θ_k.
     """
@@ -458,6 +638,17 @@ def iterative_maximise(
             y_k = fn(theta_k, xr, extra)
             gx_k = torch.autograd.grad((p * y_k).sum(), xr)[0].detach() if rho > 0.0 else None
         prepared.append((x, p, extra, y_k.detach(), gx_k))
+    correction = None
+    if ham_grad is not None:
+        with torch.enable_grad():
+            th = {k: v.detach().clone().requires_grad_(True) for k, v in theta_k.items()}
+            h = sum((p * fn(th, x, extra)).sum() for x, p, extra in calls) / float(batch_size)
+            names = list(th)
+            grads = torch.autograd.grad(h, [th[k] for k in names], allow_unused=True)
+        correction = {
+            k: ham_grad[k] - (g if g is not None else torch.zeros_like(ham_grad[k]))
+            for k, g in zip(names, grads)
+        }
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in theta_k.items()}
     params = list(theta.values())
     if method == "adam":
@@ -472,7 +663,7 @@ def iterative_maximise(
     def closure():
         inner.zero_grad()
         with torch.enable_grad():
-            loss = -augmented_hamiltonian(fn, theta, theta_k, prepared, batch_size, rho, delta)
+            loss = -augmented_hamiltonian(fn, theta, theta_k, prepared, batch_size, rho, delta, correction)
             loss.backward()
         return loss
 
