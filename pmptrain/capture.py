@@ -1,104 +1,362 @@
-"""State and costate capture: thin hooks that record tensors and hand them on.
+"""State and costate capture: thin hooks that turn each backward pass into curvature statistics.
 
-For every registered module, a forward hook records the call's inputs (the *state*) and registers a
-tensor hook on the output that records ``∂J/∂y`` when the backward pass reaches it (the costate up
-to the factor ``−B``, applied by the optimizer). A tensor hook on the output sees the gradient with
-respect to the module's own output even when an in-place activation (``ReLU(inplace=True)``)
-rewrites it later, which full backward hooks do not handle.
+For every registered module a forward hook attaches a small *pending record* — the call's input (the
+state), and for the iterative solver the whole call — to the module's output as a tensor hook. When
+the backward pass reaches that output, the hook hands the input and ``∂J/∂y`` (the costate up to the
+factor ``−B``) to the module's :class:`ModuleStats`, which accumulates what the owning rule asked for
+(:class:`CaptureSpec`), and drops the input. Nothing else: no mathematics beyond sums of rows.
 
-Rules: every call of a module during a training forward contributes one record (shared modules
-contribute all their calls); nothing is recorded in ``eval()`` mode, under ``torch.no_grad()``, while
-capture is paused, or when the output does not require grad; calls whose output never receives a
-gradient are dropped. Records are consumed (and freed) by :meth:`ModuleCapture.pop`.
+Rules (they mirror what autograd does with ``.grad``):
+
+* **Accumulation.** Statistics add up over every backward pass since the last :meth:`ModuleCapture.reset`
+  (``optimizer.zero_grad()``) — and since the module's gradient was last reset by any other means
+  (``model.zero_grad()``, ``p.grad = None``, an in-place zeroing), detected when the next backward
+  reaches the module. The sample count ``B`` adds up too: a *sample* is a row of the first dimension
+  of the module's first call that a backward pass reaches (so a module called k times per forward,
+  or several forwards whose losses are summed into one backward, count one batch).
+* **Forwards without a backward cost nothing.** A pending record lives only as long as the autograd
+  graph that holds it: forwards in train mode that never get a backward (metrics, generation) are
+  freed with their graphs; nothing is recorded in ``eval()`` mode, under ``torch.no_grad()``, while
+  capture is paused, or when the output does not require grad.
+* **One backward per call.** A second backward through the same recorded call (``retain_graph=True``)
+  adds to ``.grad`` but not to the statistics (counted in :attr:`ModuleStats.repeated`, warned).
+* **Lifetime.** :meth:`ModuleCapture.remove` removes every hook; a new capture that registers a module
+  already hooked by another live capture removes the older capture (one optimizer per module).
+  Hooks are inert in copies: ``copy.deepcopy(model)`` and pickling give a model without them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CallRecord", "ModuleCapture"]
+__all__ = ["CaptureSpec", "ModuleStats", "ModuleCapture"]
+
+_CHUNK_ROWS = 1 << 16  # rows materialised at a time when folding a call into dense statistics
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
-class CallRecord:
-    """One call of a module: its positional/keyword inputs and the gradient at its output."""
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What a rule needs from a module's calls.
 
-    __slots__ = ("args", "kwargs", "grad")
+    Attributes:
+        states: ``"none"``; ``"rows"`` (keep the state rows); ``"dense"`` (sums ``ΣxxᵀΣx``);
+            ``"auto"`` (rows while there are fewer rows than features, ``n``, then dense);
+            ``"counts"`` (index counts of an embedding).
+        costates: ``"none"``; ``"sqnorm"`` (only ``Σ‖g‖²``); ``"rows"``; ``"dense"`` (``Σggᵀ``);
+            ``"auto"`` (rows while fewer than ``m``, then dense). ``Σ‖g‖²`` is kept whenever this
+            is not ``"none"``.
+        calls: keep whole calls (inputs, keyword inputs, output gradient) for the iterative solver.
+        in_dim / out_dim: ``n`` and ``m`` (thresholds of ``"auto"``; ``in_dim`` is the table size V
+            for ``"counts"``).
+        dtype: dtype of the statistics (float32 for half-precision activations).
+    """
 
-    def __init__(self, args: Tuple, kwargs: Dict):
-        self.args = args
-        self.kwargs = kwargs
-        self.grad: Optional[Tensor] = None
+    states: str = "none"
+    costates: str = "none"
+    calls: bool = False
+    in_dim: int = 0
+    out_dim: int = 0
+    dtype: torch.dtype = torch.float32
+
+
+class ModuleStats:
+    """What the backward passes since the last reset contributed for one module, in this process.
+
+    ``samples`` = B, ``rows`` = N (output rows), ``x_rows`` (kept state rows, list), ``xx`` = ΣxxᵀΣ
+    (folded), ``x_sum`` = Σx, ``counts`` (embedding), ``g_rows`` (kept output-gradient rows), ``gg``
+    = Σggᵀ, ``g_sq`` = Σ‖g‖², ``calls`` = ``[(args, kwargs, grad)]``, ``repeated`` = costates that
+    reached an already recorded call again. Gradients are raw ``∂J/∂y`` (loss-scaled under AMP):
+    the costate is ``p̂ = −B·g``, formed by the rule.
+    """
+
+    __slots__ = ("samples", "rows", "x_rows", "xx", "x_sum", "counts", "g_rows", "gg", "g_sq",
+                 "calls", "repeated", "_task")
+
+    def __init__(self):
+        self.samples = 0
+        self.rows = 0
+        self.x_rows: List[Tensor] = []
+        self.xx: Optional[Tensor] = None
+        self.x_sum: Optional[Tensor] = None
+        self.counts: Optional[Tensor] = None
+        self.g_rows: List[Tensor] = []
+        self.gg: Optional[Tensor] = None
+        self.g_sq: Optional[Tensor] = None
+        self.calls: List[Tuple[Tuple, Dict, Tensor]] = []
+        self.repeated = 0
+        self._task = None
 
     @property
-    def x(self) -> Tensor:
-        return self.args[0]
+    def empty(self) -> bool:
+        return self.samples == 0
 
-    def _set_grad(self, grad: Tensor) -> None:
-        # the same output can receive several gradient contributions only through accumulation
-        # inside autograd, so the hook fires once per backward; a second backward adds up.
-        self.grad = grad.detach() if self.grad is None else self.grad + grad.detach()
+    def state_rows(self, dtype) -> Optional[Tensor]:
+        """The kept state rows (N×n) in ``dtype``, or None if they were folded."""
+        if self.xx is not None or not self.x_rows:
+            return None
+        return _cat(self.x_rows).to(dtype)
+
+    def costate_rows(self, dtype) -> Optional[Tensor]:
+        """The kept output-gradient rows (N×m) in ``dtype``, or None if they were folded."""
+        if self.gg is not None or not self.g_rows:
+            return None
+        return _cat(self.g_rows).to(dtype)
+
+    def fold_states_(self, dtype) -> Tensor:
+        """Fold kept state rows into ``xx`` and return it."""
+        for r in self.x_rows:
+            r = r.to(dtype)
+            self.xx = r.T @ r if self.xx is None else self.xx.addmm_(r.T, r)
+        self.x_rows = []
+        return self.xx
+
+    def fold_costates_(self, dtype) -> Tensor:
+        """Fold kept output-gradient rows into ``gg`` and return it."""
+        for r in self.g_rows:
+            r = r.to(dtype)
+            self.gg = r.T @ r if self.gg is None else self.gg.addmm_(r.T, r)
+        self.g_rows = []
+        return self.gg
+
+
+def _cat(rows: List[Tensor]) -> Tensor:
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def _detach(value):
     return value.detach() if isinstance(value, Tensor) else value
 
 
+class _Inert:
+    """What a capture hook becomes in a copy of the model (``copy.deepcopy``, pickling): nothing."""
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+class _ForwardHook:
+    """Forward hook of one module: attaches a :class:`_CostateHook` to the output."""
+
+    __slots__ = ("capture", "key")
+
+    def __init__(self, capture: "ModuleCapture", key: str):
+        self.capture, self.key = capture, key
+
+    def __call__(self, module, args, kwargs, output):
+        cap = self.capture
+        if cap._paused or cap.removed or not module.training or not torch.is_grad_enabled():
+            return None
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, Tensor):
+            return None
+        entry = cap._entries[self.key]
+        call = None
+        if entry.spec.calls:
+            call = (tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
+        output.register_hook(_CostateHook(cap, self.key, x.detach(), call))
+        return None
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+
+class _CostateHook:
+    """Tensor hook on a module output: hands (input, ∂J/∂y) to the statistics once, then lets go of
+    the input."""
+
+    __slots__ = ("capture", "key", "x", "call")
+
+    def __init__(self, capture, key, x, call):
+        self.capture, self.key, self.x, self.call = capture, key, x, call
+
+    def __call__(self, grad: Tensor):
+        cap = self.capture
+        if cap.removed:
+            return None
+        if self.x is None:
+            cap._repeated(self.key)
+            return None
+        x, call = self.x, self.call
+        self.x = self.call = None
+        cap._accumulate(self.key, x, call, grad.detach())
+        return None
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+
+class _Entry:
+    __slots__ = ("module", "adapter", "spec", "sentinel", "stats", "token")
+
+    def __init__(self, module, adapter, spec, sentinel):
+        self.module, self.adapter, self.spec, self.sentinel = module, adapter, spec, sentinel
+        self.stats = ModuleStats()
+        self.token = None  # (weakref to the sentinel's .grad, its version) after the last backward
+
+
 class ModuleCapture:
-    """Hooks on a set of named modules recording :class:`CallRecord` s.
+    """Hooks on a set of named modules, accumulating :class:`ModuleStats` per module."""
 
-    Args:
-        modules: mapping ``name → module`` to record.
-    """
-
-    def __init__(self, modules: Dict[str, nn.Module]):
-        self.records: Dict[str, List[CallRecord]] = {}
-        self._paused = False
+    def __init__(self):
+        self._entries: Dict[str, _Entry] = {}
         self._handles = []
-        for name, module in modules.items():
-            self.add(name, module)
+        self._sentinel_keys: Dict[int, List[str]] = {}
+        self._paused = False
+        self.removed = False
+        self.removed_reason: Optional[str] = None
+        self._warned_repeat = False
 
-    def add(self, name: str, module: nn.Module) -> None:
-        """Start recording ``module`` under ``name`` (no-op if ``name`` is recorded already)."""
-        if name in self.records:
+    # ------------------------------------------------------------------ registration
+    def add(self, key: str, module: nn.Module, adapter, spec: CaptureSpec, sentinel: Optional[Tensor]) -> None:
+        """Start recording ``module`` under ``key`` for ``spec`` (``adapter``: its
+        :class:`~pmptrain.modules.AffineAdapter` or None; ``sentinel``: the parameter whose ``.grad``
+        tells when the module's gradient was reset). No-op if ``key`` is recorded already."""
+        if key in self._entries:
             return
-        self.records[name] = []
-        self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
-
-    def _make_hook(self, name: str):
-        records = self.records[name]
-
-        def hook(module: nn.Module, args, kwargs, output):
-            if self._paused or not module.training or not torch.is_grad_enabled():
-                return
-            if not isinstance(output, Tensor) or not output.requires_grad:
-                return
-            if not args or not isinstance(args[0], Tensor):
-                return
-            record = CallRecord(
-                tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()}
+        owner_ref = _OWNERS.get(module)
+        owner = owner_ref() if owner_ref is not None else None
+        if owner is not None and owner is not self and not owner.removed:
+            owner.remove(
+                f"another pmptrain optimizer registered its hooks on module {key!r} of the same "
+                "model; this optimizer's hooks were removed (one optimizer per module)"
             )
-            output.register_hook(record._set_grad)
-            records.append(record)
+        _OWNERS[module] = weakref.ref(self)
+        self._entries[key] = _Entry(module, adapter, spec, sentinel)
+        self._handles.append(module.register_forward_hook(_ForwardHook(self, key), with_kwargs=True))
+        if sentinel is not None:
+            keys = self._sentinel_keys.setdefault(id(sentinel), [])
+            if not keys:
+                self._handles.append(sentinel.register_post_accumulate_grad_hook(self._make_token_hook(keys)))
+            keys.append(key)
+
+    def _make_token_hook(self, keys: List[str]):
+        entries = self._entries
+
+        def hook(param: Tensor) -> None:
+            g = param.grad
+            token = (weakref.ref(g), g._version) if g is not None else None
+            for k in keys:
+                entries[k].token = token
 
         return hook
 
-    def pop(self, name: str) -> List[CallRecord]:
-        """The completed records of ``name`` (calls whose output got a gradient); clears them."""
-        recs = self.records[name]
-        done = [r for r in recs if r.grad is not None]
-        recs.clear()
-        return done
+    def keys(self):
+        return self._entries.keys()
 
-    def has_records(self) -> bool:
-        return any(r.grad is not None for recs in self.records.values() for r in recs)
+    # ------------------------------------------------------------------ accumulation
+    def _reset_if_gradient_was_reset(self, entry: _Entry) -> None:
+        st = entry.stats
+        if st.empty or entry.sentinel is None:
+            return
+        g = entry.sentinel.grad
+        if g is None:
+            entry.stats = ModuleStats()
+            return
+        token = entry.token
+        if token is not None and token[0]() is g and token[1] == g._version:
+            return
+        if not bool(g.any()):  # zeroed in place (rare path: a changed gradient)
+            entry.stats = ModuleStats()
 
-    def clear(self) -> None:
-        for recs in self.records.values():
-            recs.clear()
+    def _accumulate(self, key: str, x: Tensor, call, g: Tensor) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        task = _graph_task_id() if _graph_task_id is not None else object()
+        new_pass = task != entry.stats._task
+        if new_pass:
+            self._reset_if_gradient_was_reset(entry)
+        st, spec, adapter, module = entry.stats, entry.spec, entry.adapter, entry.module
+        if new_pass:
+            st._task = task
+            st.samples += adapter.batch_size(module, x) if adapter is not None else (x.shape[0] if x.dim() > 0 else 1)
+        if spec.calls:
+            args, kwargs = call
+            st.calls.append((args, kwargs, g))
+            st.rows += g.shape[0] if g.dim() > 0 else 1
+            return
+        n = adapter.batch_size(module, x)
+        rows_per_sample = max(1, g.numel() // max(1, n * spec.out_dim))
+        step = max(1, _CHUNK_ROWS // rows_per_sample)
+        if step >= n or (spec.states not in ("dense", "auto") and spec.costates not in ("dense", "auto")):
+            slices = [(x, g)]
+        else:
+            slices = [(x[i : i + step], g[i : i + step]) for i in range(0, n, step)]
+        for xs, gs in slices:
+            self._add_rows(st, spec, adapter, module, xs, gs)
+
+    @staticmethod
+    def _add_rows(st: ModuleStats, spec: CaptureSpec, adapter, module, x: Tensor, g: Tensor) -> None:
+        dt = spec.dtype
+        gr = adapter.output_rows(module, g)
+        st.rows += gr.shape[0]
+        if spec.states == "counts":
+            idx = adapter.input_rows(module, x)
+            c = torch.bincount(idx, minlength=spec.in_dim).to(dt)
+            st.counts = c if st.counts is None else st.counts.add_(c)
+        elif spec.states != "none":
+            xr = adapter.input_rows(module, x)
+            s = xr.sum(0, dtype=dt)
+            st.x_sum = s if st.x_sum is None else st.x_sum.add_(s)
+            if spec.states == "dense" or (spec.states == "auto" and st.rows >= spec.in_dim):
+                st.fold_states_(dt)
+                xc = xr.to(dt)
+                st.xx = xc.T @ xc if st.xx is None else st.xx.addmm_(xc.T, xc)
+            else:
+                st.x_rows.append(xr)
+        if spec.costates != "none":
+            gc = gr.to(dt)
+            sq = torch.linalg.vector_norm(gc).square()
+            st.g_sq = sq if st.g_sq is None else st.g_sq.add_(sq)
+            if spec.costates == "dense" or (spec.costates == "auto" and st.rows >= spec.out_dim):
+                st.fold_costates_(dt)
+                st.gg = gc.T @ gc if st.gg is None else st.gg.addmm_(gc.T, gc)
+            elif spec.costates in ("rows", "auto"):
+                st.g_rows.append(gr)
+
+    def _repeated(self, key: str) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        entry.stats.repeated += 1
+        if not self._warned_repeat:
+            self._warned_repeat = True
+            warnings.warn(
+                f"a second backward pass reached the recorded forward call of module {key!r} "
+                "(retain_graph=True): its gradient adds to .grad, but the curvature statistics keep "
+                "the first backward pass only",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ consumption
+    def pop(self, key: str) -> ModuleStats:
+        """The statistics of ``key`` since the last reset; starts a new accumulation."""
+        entry = self._entries[key]
+        st, entry.stats = entry.stats, ModuleStats()
+        return st
+
+    def peek(self, key: str) -> ModuleStats:
+        return self._entries[key].stats
+
+    def has_data(self) -> bool:
+        return any(not e.stats.empty for e in self._entries.values())
+
+    def reset(self) -> None:
+        """Drop every accumulated statistic (``optimizer.zero_grad()``). Pending records of
+        forwards whose backward has not run yet still count when it runs, as their gradients do."""
+        for e in self._entries.values():
+            e.stats = ModuleStats()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -109,9 +367,16 @@ class ModuleCapture:
         finally:
             self._paused = old
 
-    def remove(self) -> None:
-        """Remove every hook and drop the records; the modules are left as they were."""
+    def remove(self, reason: str = "the optimizer was detached from its model") -> None:
+        """Remove every hook and drop the statistics; the modules are left as they were."""
+        if self.removed:
+            return
+        self.removed, self.removed_reason = True, reason
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.clear()
+        for key, e in self._entries.items():
+            ref = _OWNERS.get(e.module)
+            if ref is not None and ref() is self:
+                del _OWNERS[e.module]
+            e.stats = ModuleStats()

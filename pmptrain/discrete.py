@@ -36,6 +36,7 @@ __all__ = [
     "nearest_on_grid",
     "grid_indices",
     "on_grid",
+    "sign_nonzero",
     "ema_accumulate_",
     "penalty_scale",
     "relative_lambda",
@@ -209,6 +210,13 @@ def nearest_on_grid(x: Tensor, grid: Grid) -> Tensor:
 
 
 # ------------------------------------------------------------------------------- the MSA rule
+
+
+def sign_nonzero(x: Tensor) -> Tensor:
+    """``sign`` with the convention of the whole package: ``sign(0) = +1`` (never 0), as larq;
+    NaN stays NaN (so a non-finite guard downstream still sees it)."""
+    one = torch.ones_like(x)
+    return torch.where(x >= 0, one, torch.where(x < 0, -one, x))
 
 
 def ema_accumulate_(acc: Tensor, ham_grad: Tensor, a: float) -> Tensor:

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .discrete import Grid, init_scale, make_grid, nearest_on_grid
+from .discrete import Grid, init_scale, make_grid, nearest_on_grid, sign_nonzero
+from .modules import is_weight_layer
 
 __all__ = [
     "sign_ste",
@@ -31,10 +32,7 @@ __all__ = [
     "DiscreteTensor",
     "DiscreteSpec",
     "ScaleParametrization",
-    "CONTROLLED_TYPES",
 ]
-
-CONTROLLED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _SPEC_ATTR = "_pmp_discrete"
 
 
@@ -45,9 +43,7 @@ class _SignSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
-        one = torch.ones_like(x)
-        # sign(0) = +1; NaN propagates (so a NaN guard downstream still sees it)
-        return torch.where(x >= 0, one, torch.where(x < 0, -one, x))
+        return sign_nonzero(x)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
@@ -290,7 +286,7 @@ def discretize_(
         raise ValueError(f"keep: expected a subset of ('first', 'last'), got {keep!r}")
     include_l, exclude_l = _names_list(include, "include"), _names_list(exclude, "exclude")
 
-    controlled = [(n, m) for n, m in model.named_modules() if isinstance(m, CONTROLLED_TYPES)]
+    controlled = [(n, m) for n, m in model.named_modules() if is_weight_layer(m)]
     names = [n for n, _ in controlled]
     all_names = {n for n, _ in model.named_modules()}
     for argname, lst in (("include", include_l), ("exclude", exclude_l)):

@@ -1,28 +1,10 @@
-"""Fully binarised networks: costates flow through the activation quantisers' pseudo-gradients."""
+"""Fully binarised networks train (the costate through a sign activation: tests/test_capture.py)."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import pmptrain
-from pmptrain.capture import ModuleCapture
-
-
-def test_costate_through_sign_activation_is_the_straight_through_gradient():
-    torch.manual_seed(0)
-    first, second = nn.Linear(5, 6).double(), nn.Linear(6, 3).double()
-    model = nn.Sequential(first, pmptrain.SignActivation(), second)
-    cap = ModuleCapture({"first": first, "second": second})
-    x = torch.randn(8, 5, dtype=torch.float64) * 2
-    loss = F.cross_entropy(model(x), torch.arange(8) % 3)
-    loss.backward()
-    (rec1,) = cap.pop("first")
-    (rec2,) = cap.pop("second")
-    y1 = first(x).detach()
-    # ∂J/∂(sign input) = ∂J/∂(sign output) · 1{|y| ≤ 1}, and ∂J/∂(sign output) = g₂ W₂
-    expected = (rec2.grad @ second.weight.detach()) * (y1.abs() <= 1).double()
-    torch.testing.assert_close(rec1.grad, expected)
-    assert (rec1.grad[y1.abs() > 1] == 0).all() and (y1.abs() > 1).any()
 
 
 def test_fully_binarised_mlp_trains_with_discrete_msa():
