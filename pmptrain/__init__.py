@@ -11,11 +11,9 @@ Public API (everything else may change):
 * baselines for fair comparisons: :class:`BinaryConnect`, :class:`TWN`, :class:`Bop`.
 """
 
-from .baselines import TWN, BinaryConnect, Bop
-from .discrete_optim import DiscreteMSA, GroupScheduler
 from .discrete import Grid, binary_grid, custom_grid, make_grid, ternary_grid, uniform_grid
 from .export import PackedFileError, export_packed, load_packed, summary
-from .optim import EMSA, MSA, PMPOptimizer, StepInfo
+from .optim import EMSA, MSA, TWN, BinaryConnect, Bop, DiscreteMSA, GroupScheduler, PMPOptimizer, StepInfo
 from .quant import (
     DiscreteTensor,
     QuantizedActivation,

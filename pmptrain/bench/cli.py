@@ -162,8 +162,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=S,
                    help="global batch size, split across ranks under torchrun (default 128)")
     g.add_argument("--lr", default=S, metavar="X|OPT=X,...",
-                   help="each optimizer's step-size hyper-parameter (lr; rho for *-msa; gamma for "
-                        "bop): one value for all or per name (default: registry defaults)")
+                   help="each optimizer's step-size hyper-parameter (lr; rho for *-msa; for bop its lr "
+                        "is the rate gamma): one value for all or per name (default: registry defaults)")
     g.add_argument("--tune", default=S, choices=["lr"],
                    help="try every value of each optimizer's grid; report the best (median final "
                         "validation accuracy over seeds) as 'best of grid'")
@@ -311,13 +311,6 @@ def _resolve(ns: argparse.Namespace) -> Tuple[BenchConfig, Path, bool]:
                                  f"{sorted(_RESUMABLE)} may change when resuming")
             cfg = given
         return cfg, out, True
-    if "optimizers" not in settings:
-        from .registry import discrete_msa_available
-
-        if not discrete_msa_available():
-            print("pmptrain: note: pmptrain.discrete_optim.DiscreteMSA is not available; the "
-                  "default bench runs without binary-msa", file=sys.stderr)
-            settings["optimizers"] = [n for n in DEFAULT_OPTIMIZERS if not n.endswith("-msa")]
     if ns.command == "train" and not getattr(ns, "config", None):
         raise ValueError("--config: 'pmptrain train' needs --config X.yaml (or --resume DIR)")
     cfg = BenchConfig.from_dict(settings, where="options")

@@ -28,7 +28,7 @@ kbit-msa           2-bit uniform   DiscreteMSA, decay 0.999     ρ 0.5      0.2,
 binaryconnect      {−1, +1}        BinaryConnect (Adam on       lr 1e-3    1e-3, 3e-3, 1e-2
                                    latents, latent_scale 0.05)
 twn                {−1, 0, +1}     TWN (latent_scale 0.05)      lr 1e-3    1e-3, 3e-3, 1e-2
-bop                {−1, +1}        Bop, threshold 1e-8          γ 1e-3     1e-4, 1e-3, 1e-2
+bop                {−1, +1}        Bop, threshold 1e-8          lr = γ 1e-3  1e-4, 1e-3, 1e-2
 =================  ==============  ===========================  =========  ====================
 
 Fallback: parameters without a maximiser / rule (biases, BatchNorm affine, the full-precision first
@@ -38,27 +38,23 @@ lr 1e-3 for every PMP optimizer and discrete baseline).
 note: ``latent_scale=0.05`` for BinaryConnect/TWN departs from their classes' default 1.0: the
 weights handed to them are already codes ±1 (from :func:`pmptrain.quant.discretize_`), and with
 latents at the clipping bound ±1 a weight needs ~1000 Adam steps of 1e-3 to flip, i.e. it would not
-train within a short benchmark. Bop's γ = 1e-3 (class default 1e-4) for the same reason.
+train within a short benchmark. Bop's γ (its ``lr``) = 1e-3 (class default 1e-4) for the same reason.
 
-``DiscreteMSA`` (``pmptrain.discrete_optim``) is imported lazily, when a discrete MSA optimizer is
-built, so this registry works before that module exists. Per-epoch shrinking of ``1 − decay`` by
-``gamma`` (ALGORITHMS.md §3; the bench key is ``gamma``) is handed to the optimizer as
-``decay_gamma`` when it has that argument and an ``end_epoch()`` method (the runner calls
-``end_epoch()`` after every epoch, before the checkpoint); otherwise the runner sets the param
-groups' ``decay`` to :func:`epoch_decay` at the start of every epoch.
+Per-epoch shrinking of ``1 − decay`` by ``gamma`` (docs/discrete.md; the bench key of the discrete
+MSA optimizers is ``gamma``) is handed to ``DiscreteMSA`` as ``decay_gamma``; the runner calls
+``end_epoch()`` after every epoch, before the checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["OptimizerSpec", "OPTIMIZERS", "get_spec", "build_optimizer", "epoch_decay",
-           "optimizer_names", "UnknownOptimizerError", "discrete_msa_available"]
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "get_spec", "build_optimizer", "optimizer_names",
+           "UnknownOptimizerError"]
 
 
 class UnknownOptimizerError(ValueError):
@@ -138,54 +134,28 @@ def _msa(model, **kw):
     return MSA(model, **kw)
 
 
-def _discrete_msa_class():
-    try:
-        from ..discrete_optim import DiscreteMSA
-    except ImportError as e:  # written separately; absent in early checkouts
-        raise RuntimeError(
-            "the discrete MSA optimizers need pmptrain.discrete_optim.DiscreteMSA, which this "
-            f"installation does not have ({e})") from e
-    return DiscreteMSA
-
-
-def discrete_msa_available() -> bool:
-    """Whether ``pmptrain.discrete_optim.DiscreteMSA`` can be imported."""
-    try:
-        _discrete_msa_class()
-    except RuntimeError:
-        return False
-    return True
-
-
 def _discrete_msa(model, gamma=None, **kw):
-    cls = _discrete_msa_class()
-    try:
-        accepts = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        accepts = {}
-    native = "decay_gamma" in accepts and hasattr(cls, "end_epoch")
-    if gamma is not None and native:
+    from ..optim import DiscreteMSA
+
+    if gamma is not None:
         kw["decay_gamma"] = gamma  # the optimizer shrinks 1 - decay in end_epoch()
-    opt = cls(model, **kw)
-    # otherwise the runner shrinks 1 - decay by gamma at the start of every epoch
-    opt._bench_gamma = None if native else gamma
-    return opt
+    return DiscreteMSA(model, **kw)
 
 
 def _binaryconnect(model, **kw):
-    from ..baselines import BinaryConnect
+    from ..optim import BinaryConnect
 
     return BinaryConnect(model, **kw)
 
 
 def _twn(model, **kw):
-    from ..baselines import TWN
+    from ..optim import TWN
 
     return TWN(model, **kw)
 
 
 def _bop(model, **kw):
-    from ..baselines import Bop
+    from ..optim import Bop
 
     return Bop(model, **kw)
 
@@ -229,7 +199,7 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       description="BinaryConnect / STE, Adam on clipped latents"),
         OptimizerSpec("twn", _twn, {"lr": 1e-3, "latent_scale": 0.05}, "lr", (1e-3, 3e-3, 1e-2),
                       levels="ternary", description="Ternary Weight Networks, Adam on latents"),
-        OptimizerSpec("bop", _bop, {"gamma": 1e-3, "threshold": 1e-8}, "gamma", (1e-4, 1e-3, 1e-2),
+        OptimizerSpec("bop", _bop, {"lr": 1e-3, "threshold": 1e-8}, "lr", (1e-4, 1e-3, 1e-2),
                       levels="binary", description="Bop: latent-free flips on a gradient EMA"),
     )
 }
@@ -261,11 +231,3 @@ def build_optimizer(name: str, model: nn.Module, **overrides) -> torch.optim.Opt
     """``get_spec(name).build(model, **overrides)``; the model must already be discretised if
     the spec needs it (``spec.levels``)."""
     return get_spec(name).build(model, **overrides)
-
-
-def epoch_decay(decay0: float, gamma: Optional[float], epoch: int) -> float:
-    """EMA coefficient of epoch ``epoch`` (0-based): ``1 − (1 − decay0)·gamma^epoch``
-    (ALGORITHMS.md §3: ``1 − a`` shrinks by ``γ`` per epoch); ``decay0`` if ``gamma`` is None."""
-    if gamma is None:
-        return decay0
-    return 1.0 - (1.0 - decay0) * gamma ** epoch

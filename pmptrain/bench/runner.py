@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._io import atomic_write
-from .registry import OptimizerSpec, epoch_decay, get_spec
+from .registry import OptimizerSpec, get_spec
 
 __all__ = ["BenchConfig", "LOSSES", "squared_hinge_loss", "run_one", "run_bench", "init_distributed",
            "dist_info", "atomic_save", "versions", "git_hash", "DEFAULT_OPTIMIZERS"]
@@ -488,8 +488,9 @@ def _diagnostics(opt) -> Dict[str, float]:
             v = _float(last.get(k))
             if v is not None and math.isfinite(v):
                 out[k] = v
-    if "flip_ratio" not in out and hasattr(opt, "last_flip_ratio"):
-        out["flip_ratio"] = float(opt.last_flip_ratio)
+        disc = last.get("discrete")
+        if disc is not None and "flip_ratio" not in out and disc["layers"]:
+            out["flip_ratio"] = float(disc["total"]["flip_ratio"])
     return out
 
 
@@ -573,8 +574,6 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
     loss_fn = LOSSES[cfg.loss]
     model, wrapped, opt = build_run(cfg, data, spec, overrides, seed, world)
     hparams = dict(spec.defaults, **overrides)
-    decay0 = hparams.get("decay")
-    gamma = getattr(opt, "_bench_gamma", None)
 
     history: List[Dict[str, Any]] = []
     start_epoch, peak_prev, inc_prev = 0, 0.0, 0.0
@@ -608,10 +607,6 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
     try:
         with PeakRSS() as mem:
             for epoch in range(start_epoch, cfg.epochs):
-                if decay0 is not None and gamma is not None:
-                    for g in opt.param_groups:
-                        if "decay" in g:
-                            g["decay"] = epoch_decay(decay0, gamma, epoch)
                 loader = make_loader(data.train_x, data.train_y, cfg.batch_size, shuffle=True,
                                      seed=seed, epoch=epoch, rank=rank, world_size=world)
                 batches = loader.global_batches()

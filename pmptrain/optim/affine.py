@@ -1,0 +1,358 @@
+r"""Closed-form E-MSA for affine modules (Linear, Conv1d/2d, Embedding) and for tied weights.
+
+One unit is one weight tensor ``W_s`` and the modules that use it (one module, or several for a
+tied weight such as a language model's embedding and output layer). The augmented Hamiltonian of the
+unit is the sum of its members' (docs/algorithms.md §2, "Tied weights"); in the weight's storage
+orientation it is maximised by the Sylvester equation
+
+.. math::
+
+    ρ\,\Big(Σ_t L_t\Big) ΔW_s + ρ\,ΔW_s \Big(Σ_t R_t\Big) + δ_W ΔW_s = S,
+    \qquad S = −∇_{W_s}J − Σ_t c_t\,(\text{bias coupling of member } t)
+
+where a member used as ``y = W_s x`` contributes ``L_t = C_p`` (costates) and ``R_t = C'_x``
+(states), and a member used as ``y = W_sᵀ x`` (an embedding: ``W = Eᵀ``) contributes them the other
+way round. ``∇J`` is the parameter's ``.grad`` — the sum of every member's gradient, after clipping,
+accumulation or any edit; the captured states and costates supply only the curvature ``L_t, R_t``.
+Each bias is eliminated exactly (``Δb = (g_b − ρΔW x̄)/(ρL + δ_b)``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import distributed as pdist
+from ..capture import CaptureSpec, ModuleStats
+from ..hamiltonian import (
+    AffineMember,
+    _explicit_eig,
+    affine_bias_steps,
+    affine_system,
+    choose_side,
+    solve_sylvester,
+    sylvester_in_eigenbases,
+)
+from .hyper import Choice, Flag, Int, Real
+from .rule import Member, Proposal, Rule, StepContext, Unit, Update
+
+__all__ = ["AffineEMSARule", "AffineState", "RunningStats", "join_reason"]
+
+_FLOAT_TYPES = (torch.float32, torch.float64)
+_MAX_GRAM_ROWS = 16384   # a forced Gram route beyond this many rows is a configuration error
+_MAX_DENSE_DIM = 16384   # a dense eigendecomposition beyond this dimension is refused
+
+
+@dataclass
+class RunningStats:
+    """Running averages of one member (``stat_decay > 0``): ``cxx`` = C_x, ``x_mean`` = x̄,
+    ``cpp`` = C_p, ``counts`` = index counts / B (embeddings), ``rows_per_sample`` = L."""
+
+    cxx: Optional[Tensor]
+    x_mean: Optional[Tensor]
+    cpp: Optional[Tensor]
+    counts: Optional[Tensor]
+    rows_per_sample: float
+
+
+@dataclass
+class AffineState:
+    """``step``; with running averages, ``running`` (per member) and the eigendecompositions
+    ``eig_left`` / ``eig_right`` (``(values, vectors)``; vectors None for a diagonal side) reused
+    between refreshes."""
+
+    step: int = 0
+    running: Optional[List[RunningStats]] = None
+    eig_left: Optional[Tuple[Tensor, Optional[Tensor]]] = None
+    eig_right: Optional[Tuple[Tensor, Optional[Tensor]]] = None
+    _nested: ClassVar[dict] = {"RunningStats": RunningStats}
+
+
+def join_reason(members: List[Member]) -> Optional[str]:
+    """Why ``members`` (modules sharing parameters) cannot be one closed-form unit, or None."""
+    for mb in members:
+        if mb.adapter is None:
+            return f"{mb.name} ({type(mb.module).__name__}) has no closed form"
+    biases = [mb.bias for mb in members if mb.bias is not None]
+    if len({id(b) for b in biases}) != len(biases):
+        return "the modules share a bias"
+    w = members[0].weight
+    if any(mb.weight is not w for mb in members):
+        return "the modules share a parameter other than one common weight"
+    rows, cols = w.shape[0], w[0].numel()
+    for mb in members:
+        m, n = mb.adapter.weight_shape_2d(mb.module)
+        if (m, n) != ((cols, rows) if mb.adapter.transposed else (rows, cols)):
+            return f"{mb.name} uses the shared weight with an incompatible shape"
+    return None
+
+
+class AffineEMSARule(Rule):
+    r"""The exact maximiser of the augmented Hamiltonian of an affine unit (module or tie).
+
+    Group keys (canonical names; a configuration may rename them):
+
+    * ``lr`` — ``δ = 1/η`` with η the step size of this key (the group's ``lr``, or ``key·lr/initial_lr``
+      for a renamed key); per parameter, so weight and bias may have their own; ``η = 0`` freezes;
+    * ``rho`` — ρ ≥ 0 (module-level: the weight's group); ρ = 0 is exactly an SGD step of size η;
+    * ``route`` — ``auto``/``primal``/``gram``: how each side's statistic is kept and solved;
+    * ``costate`` — ``exact``, ``isotropic`` (``C_p ≈ tr(C_p)/m·I``) or ``auto`` (isotropic when a
+      side is in Gram form, i.e. fewer rows than features; exact otherwise);
+    * ``stat_decay`` (β), ``eig_refresh`` (k) — running averages ``C ← βC + (1−β)C_batch`` with the
+      eigenbases recomputed every k steps; ``eig_floor``, ``eig_float64`` — eigensolver options.
+
+    Decoupled weight decay uses the step size of ``decay_key`` (``fallback_lr``).
+    """
+
+    name = "emsa"
+    module_rule = True
+    affine = True
+    record_type = AffineState
+    hyper = {
+        "lr": Real(0.0, tensor_ok=True),
+        "rho": Real(0.0),
+        "route": Choice(("auto", "primal", "gram")),
+        "costate": Choice(("auto", "exact", "isotropic")),
+        "stat_decay": Real(0.0, 1.0, hi_open=True),
+        "eig_refresh": Int(1),
+        "eig_floor": Real(0.0),
+        "eig_float64": Flag(),
+    }
+    decay_key = "fallback_lr"
+
+    def __init__(self, keys=None):
+        super().__init__(keys)
+        self._warned = set()
+
+    def init_state(self, unit):
+        return AffineState()
+
+    def describe(self, unit, group):
+        rho = self.value(group, "rho")
+        head = "tied closed-form E-MSA" if len(unit.members) > 1 else "closed-form E-MSA"
+        if float(rho) == 0.0:
+            return f"{head} with rho 0 (an SGD step of size lr)"
+        return (f"{head} (rho {rho}, route {self.value(group, 'route')}, "
+                f"costate {self.value(group, 'costate')})")
+
+    # ------------------------------------------------------------------ capture
+    def capture_spec(self, unit, member, group):
+        if float(self.value(group, "rho")) == 0.0:
+            return None
+        adapter, module = member.adapter, member.module
+        m, n = adapter.weight_shape_2d(module)
+        w = member.weight
+        dt = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
+        if adapter.index_input:
+            return CaptureSpec("counts", "none", False, n, m, dt)
+        if float(self.value(group, "stat_decay")) > 0.0:
+            return CaptureSpec("dense", "dense", False, n, m, dt)
+        states = {"auto": "auto", "gram": "rows", "primal": "dense"}[self.value(group, "route")]
+        costates = "sqnorm" if self.value(group, "costate") == "isotropic" else states
+        return CaptureSpec(states, costates, False, n, m, dt)
+
+    # ------------------------------------------------------------------ statistics
+    def _gather(self, member: Member, st: ModuleStats, ctx: StepContext, group, dt, grad_b, delta_b) -> Optional[AffineMember]:
+        """The member's statistics on the union of the ranks' batches (``None``: no samples)."""
+        world, pg = ctx.world, ctx.process_group
+        samples, rows = st.samples, st.rows
+        if world > 1:
+            sizes = torch.tensor([float(samples), float(rows)], dtype=torch.float64, device=member.weight.device)
+            pdist.all_reduce_sum_([sizes], pg)
+            samples, rows = int(sizes[0].item()), int(sizes[1].item())
+        if samples == 0:
+            return None
+        adapter, module = member.adapter, member.module
+        raw = AffineMember(float(samples), rows / samples, adapter.transposed,
+                           grad_b=grad_b.to(dt) if (grad_b is not None and delta_b is not None) else None,
+                           delta_b=delta_b if grad_b is not None else None)
+        m, n = adapter.weight_shape_2d(module)
+        dev = member.weight.device
+        route = self.value(group, "route")
+        running = float(self.value(group, "stat_decay")) > 0.0
+        b = float(samples)
+        if route == "gram" and rows > _MAX_GRAM_ROWS:
+            raise RuntimeError(
+                f"route='gram' would eigendecompose a {rows}×{rows} Gram matrix for module "
+                f"{member.name!r} ({rows} rows = batch × output positions); use route='auto'"
+            )
+        # states
+        gram_in = False
+        if adapter.index_input:
+            counts = st.counts if st.counts is not None else torch.zeros(n, dtype=dt, device=dev)
+            pdist.all_reduce_sum_([counts], pg)
+            raw.counts = counts / b
+            return raw  # an embedding's input is not differentiable: no costate penalty
+        gram_in = not running and choose_side(n, rows, route) and st.xx is None
+        if gram_in:
+            x = st.state_rows(dt)
+            x = x if x is not None else torch.zeros(0, n, dtype=dt, device=dev)
+            raw.x_rows = pdist.all_gather_rows(x, pg)
+            raw.x_mean = raw.x_rows.sum(0) / b
+        else:
+            xx = st.fold_states_(dt)
+            xx = xx if xx is not None else torch.zeros(n, n, dtype=dt, device=dev)
+            xs = st.x_sum if st.x_sum is not None else torch.zeros(n, dtype=dt, device=dev)
+            pdist.all_reduce_sum_([xx, xs], pg)
+            raw.cxx, raw.x_mean = xx / b, xs / b
+        # costates: p̂ = −B_rank·g/S on each rank (sign irrelevant in second moments)
+        scale = float(st.samples) * ctx.costate_inv_scale
+        mode = self.value(group, "costate")
+        gram_out = not running and choose_side(m, rows, route) and st.gg is None
+        iso = mode == "isotropic" or (mode == "auto" and not running and (gram_in or gram_out))
+        has_rows = bool(st.g_rows) or st.gg is not None
+        if not iso and not has_rows and st.g_sq is not None:
+            self._warn_once(member.name, f"module {member.name!r}: costate={mode!r} needs the costate rows, but "
+                            "only their norms were recorded (the option changed after the backward pass); "
+                            "this step uses the isotropic costate")
+            iso = True
+        if iso:
+            sq = (st.g_sq if st.g_sq is not None else torch.zeros((), dtype=dt, device=dev)) * (scale * scale)
+            sq = sq.reshape(1)
+            pdist.all_reduce_sum_([sq], pg)
+            raw.tau = float(sq) / (b * m)
+        elif gram_out:
+            p = st.costate_rows(dt)
+            p = p * scale if p is not None else torch.zeros(0, m, dtype=dt, device=dev)
+            raw.p_rows = pdist.all_gather_rows(p, pg) / math.sqrt(b)
+        else:
+            gg = st.fold_costates_(dt)
+            gg = gg * (scale * scale) if gg is not None else torch.zeros(m, m, dtype=dt, device=dev)
+            pdist.all_reduce_sum_([gg], pg)
+            raw.cpp = gg / b
+        return raw
+
+    def _warn_once(self, key, msg):
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, stacklevel=4)
+
+    # ------------------------------------------------------------------ the step
+    def propose(self, unit: Unit, ctx: StepContext):
+        members = unit.members
+        w = members[0].weight
+        group = ctx.group(w)
+        gw = ctx.grad(w)
+        biases = [(mb, mb.bias, ctx.grad(mb.bias)) for mb in members if mb.bias is not None]
+        stats = []
+        for mb in members:
+            stats.append(ctx.capture.pop(mb.name) if mb.name in ctx.capture.keys() else None)
+        if gw is None and all(g is None for _, _, g in biases):
+            return None
+        rows_s, cols_s = w.shape[0], w[0].numel()
+        gw2 = gw.reshape(rows_s, cols_s) if gw is not None else torch.zeros(rows_s, cols_s, dtype=w.dtype, device=w.device)
+        eta_w = ctx.step_size(group, self.key("lr"))
+        rho = float(self.value(group, "rho"))
+        etas = {id(b): ctx.step_size(ctx.group(b), self.key("lr")) for _, b, _ in biases}
+        decay_w = ctx.decay(w, self.decay_key)
+        state: AffineState = unit.state
+        new_state = AffineState(state.step + 1, state.running, state.eig_left, state.eig_right)
+
+        if rho == 0.0 or any(s is None for s in stats):
+            # ρ = 0: the maximiser of ⟨−∇J, Δθ⟩ − (δ/2)‖Δθ‖² is exactly the SGD step −lr·∇J
+            if rho != 0.0:
+                self._warn_once(unit.name, f"{unit.name!r}: rho > 0 but no statistics were recorded (rho was 0 "
+                                "when the backward pass ran); this step is a plain gradient step")
+            ups = [Update(w, gw, alpha=-eta_w, decay=decay_w)] if gw is not None else []
+            ups += [Update(b, gb, alpha=-etas[id(b)], decay=ctx.decay(b, self.decay_key))
+                    for _, b, gb in biases if gb is not None]
+            return Proposal(ups, new_state)
+
+        dt = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
+        gb_of = {id(mb): g for mb, _, g in biases}
+        delta_b_of = {}
+        for mb, b, gb in biases:
+            eta_b = etas[id(b)]
+            delta_b_of[id(mb)] = (1.0 / eta_b) if (gb is not None and eta_b > 0.0) else None
+        raws = [self._gather(mb, st, ctx, group, dt, gb_of.get(id(mb)), delta_b_of.get(id(mb)))
+                for mb, st in zip(members, stats)]
+        if all(r is None for r in raws):
+            if (gw is not None and bool(gw.any())) or any(g is not None and bool(g.any()) for _, _, g in biases):
+                raise RuntimeError(_no_states_message(unit.name))
+            zero = [Update(w, torch.zeros_like(gw2).reshape(w.shape), decay=decay_w)] if gw is not None else []
+            return Proposal(zero + [Update(b, torch.zeros_like(g), decay=ctx.decay(b, self.decay_key))
+                                    for _, b, g in biases if g is not None], new_state)
+        decay = float(self.value(group, "stat_decay"))
+        if decay > 0.0:
+            raws, new_state.running = self._running(raws, state.running, decay)
+        present = [r for r in raws if r is not None]
+        s, left, right = affine_system(gw2.to(dt), present, rho)
+        if eta_w > 0.0:
+            for side in (left, right):
+                if side.kind() == "dense" and side.dim > _MAX_DENSE_DIM:
+                    raise ValueError(
+                        f"{unit.name!r}: the exact solve needs a dense {side.dim}×{side.dim} eigendecomposition; "
+                        "use costate='isotropic' (or 'auto') for this module"
+                    )
+            delta_w = 1.0 / eta_w
+            floor, f64 = float(self.value(group, "eig_floor")), bool(self.value(group, "eig_float64"))
+            if decay > 0.0:
+                refresh = state.eig_left is None or state.step % int(self.value(group, "eig_refresh")) == 0
+                eig_l = _explicit_eig(left, s, floor, f64) if refresh else state.eig_left
+                eig_r = _explicit_eig(right, s, floor, f64) if refresh else state.eig_right
+                new_state.eig_left, new_state.eig_right = eig_l, eig_r
+                dws = sylvester_in_eigenbases(s, eig_l, eig_r, rho, delta_w)
+            else:
+                dws = solve_sylvester(s, left, right, rho, delta_w, floor, f64)
+        else:
+            dws = torch.zeros_like(s)
+        db_of = {}
+        for mb, raw in zip(members, raws):
+            if raw is not None:
+                db_of[id(mb)] = affine_bias_steps(dws, [raw], rho)[0]
+        ups = [Update(w, dws.reshape(w.shape).to(w.dtype), decay=decay_w)] if gw is not None else []
+        for mb, b, gb in biases:
+            if gb is None:
+                continue
+            db = db_of.get(id(mb))
+            ups.append(Update(b, (db if db is not None else torch.zeros_like(gb)).to(b.dtype),
+                              decay=ctx.decay(b, self.decay_key)))
+        return Proposal(ups, new_state)
+
+    @staticmethod
+    def _running(raws: List[Optional[AffineMember]], old: Optional[List[Optional[RunningStats]]], beta: float):
+        """Running averages of each member's dense statistics; the members rebuilt from them."""
+        new_run, out = [], []
+        for i, raw in enumerate(raws):
+            prev = old[i] if old is not None and i < len(old) else None
+            if raw is None:
+                new_run.append(prev)
+                out.append(None if prev is None else _member_from_running(prev, None))
+                continue
+            cxx = raw.cxx if raw.x_rows is None else raw.x_rows.T @ raw.x_rows / raw.samples
+            cpp = raw.cpp if raw.p_rows is None else raw.p_rows.T @ raw.p_rows
+            cur = RunningStats(cxx, raw.x_mean, cpp, raw.counts, raw.rows_per_sample)
+            if prev is not None:
+                def ema(a, b):
+                    return None if a is None or b is None else beta * a + (1.0 - beta) * b
+                cur = RunningStats(ema(prev.cxx, cur.cxx), ema(prev.x_mean, cur.x_mean), ema(prev.cpp, cur.cpp),
+                                   ema(prev.counts, cur.counts),
+                                   beta * prev.rows_per_sample + (1.0 - beta) * cur.rows_per_sample)
+            new_run.append(cur)
+            out.append(_member_from_running(cur, raw))
+        return out, new_run
+
+
+def _member_from_running(r: RunningStats, like: Optional[AffineMember]) -> AffineMember:
+    """Running averages as an :class:`AffineMember` (already per sample: ``samples = 1``), with the
+    bias data of this step's member ``like``."""
+    return AffineMember(1.0, r.rows_per_sample, like.transposed if like is not None else False,
+                        cxx=r.cxx, counts=r.counts, x_mean=r.x_mean, cpp=r.cpp,
+                        grad_b=like.grad_b if like is not None else None,
+                        delta_b=like.delta_b if like is not None else None)
+
+
+def _no_states_message(name: str) -> str:
+    return (
+        f"module {name!r} has a gradient but no captured states from its forward pass, so its "
+        "augmented Hamiltonian cannot be formed. Possible causes: the forward pass ran in eval() "
+        "mode or under torch.no_grad(); it ran before the optimizer was created; the model was "
+        "compiled with torch.compile and had already run before the optimizer registered its hooks "
+        "(compiled code does not run hooks added later: create the optimizer before the first "
+        "compiled call, or call torch._dynamo.reset() after creating it); or .grad was set by hand."
+    )

@@ -1,0 +1,167 @@
+r"""E-MSA and basic MSA as torch optimizers: configurations of the shell.
+
+:class:`EMSA` assigns the closed-form rule (:class:`~pmptrain.optim.affine.AffineEMSARule`) to every
+affine module (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``) — jointly to modules
+that share a weight — or, with ``solver="iterative"``, the iterative rule to every module with
+parameters; everything else takes the Adam/SGD fallback. :class:`MSA` is E-MSA with ``ρ = 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Tuple
+
+from torch import nn
+
+from ..modules import FALLBACK_MODULE_TYPES, adapter_for, unsupported_reason
+from .affine import AffineEMSARule
+from .elementwise import FallbackRule
+from .hyper import Choice
+from .iterative import IterativeEMSARule
+from .shell import PMPOptimizer, Unsupported
+
+__all__ = ["EMSA", "MSA"]
+
+
+class EMSA(PMPOptimizer):
+    r"""Extended method of successive approximations (Li, Chen, Tai & E, JMLR 2018) as a torch optimizer.
+
+    For each controlled module (or tied group of modules) ``t`` and each step,
+
+    .. math::
+
+        θ_t ← \arg\max_θ\ ⟨−∇_θ J, θ − θ_k⟩ − \tfrac{ρ}{2}\overline{‖f_t(x,θ)−f_t(x,θ_k)‖²}
+              − \tfrac{ρ}{2}\overline{‖∇_x p̂·f_t(x,θ) − ∇_x p̂·f_t(x,θ_k)‖²}
+              − \tfrac{δ}{2}‖θ−θ_k‖²,\qquad δ = 1/\mathrm{lr},
+
+    where ``∇J`` is the parameter's ``.grad`` when ``step()`` runs (after clipping, accumulation or
+    any other edit, unscaled under GradScaler) and the means run over the samples of every backward
+    pass since the last ``zero_grad()``. The maximiser is exact for affine modules
+    (:func:`pmptrain.hamiltonian.solve_sylvester`); all other parameters take the fallback step.
+    Decoupled weight decay ``θ ← (1 − η·wd)θ`` with ``η = fallback_lr·lr/initial_lr`` applies to
+    every parameter of a group with ``weight_decay > 0`` (docs/algorithms.md, "Weight decay").
+
+    Args:
+        model: the ``nn.Module`` to train (or a ``DistributedDataParallel`` / ``torch.compile``
+            wrapper). Hooks are registered on it; remove them with :meth:`detach` (or use the
+            optimizer as a context manager); they also go when the optimizer is garbage-collected.
+        params: optional parameters or param-group dicts (default: every trainable parameter, one
+            group). Every key below may be set per group; weight and bias of one module may sit in
+            different groups (``rho``, ``route``, ``costate``, ``stat_decay`` … of a module come from
+            its weight's group; ``lr`` and ``weight_decay`` are per parameter).
+        lr: proximal step size, ``δ = 1/lr`` (default 1.0). With ``rho=0`` the update is exactly
+            ``θ ← θ − lr·∇J`` (SGD). Schedulers change it; the fallback steps scale with
+            ``lr/initial_lr``, so ``lr = 0`` freezes the whole model.
+        rho: ρ ≥ 0, weight of the feasibility penalties (default 1.0).
+        route: ``"auto"`` (default) | ``"primal"`` | ``"gram"`` — how each side's statistic is kept
+            and solved (all exact; auto uses the N×N Gram form on a side with fewer rows N than
+            features).
+        costate: how the costate penalty ``ρC_p`` enters. ``"exact"``; ``"isotropic"`` replaces
+            ``ρC_p`` by ``ρ·tr(C_p)/m·I`` (one Cholesky solve; exact when C_p is isotropic);
+            ``"auto"`` (default) uses ``"isotropic"`` when a side is in Gram form (wide Linear
+            layers, where C_p is measured to be tiny) and ``"exact"`` otherwise.
+        stat_decay: β ∈ [0, 1): running averages ``C ← βC + (1−β)C_batch`` (default 0: this step's
+            backward passes only). β > 0 forces the primal route and the exact costate.
+        eig_refresh: recompute the eigenbases every k steps when ``stat_decay > 0`` (default 1).
+        eig_floor: lower clamp of eigenvalues (default 0.0); eig_float64: eigensolves in float64
+            (default False).
+        fallback: ``"adam"`` (default) or ``"sgd"`` for parameters without a maximiser.
+        fallback_lr: step size of the fallback (default 1e-3), scaled by ``lr/initial_lr``.
+        betas, eps: Adam fallback coefficients (default (0.9, 0.999), 1e-8).
+        momentum: SGD fallback momentum (default 0.9).
+        weight_decay: decoupled weight decay λ ≥ 0 (default 0).
+        solver: ``"closed"`` (default) or ``"iterative"`` — ``inner_steps`` iterations of
+            ``inner_optimizer`` (``"lbfgs"``, ``"adam"``, ``"sgd"``) with step ``inner_lr`` on the
+            augmented Hamiltonian of *every* module with parameters (defaults 10, 1.0, ``"lbfgs"``).
+        exclude: names of modules (``model.named_modules()``) that take the fallback step.
+        strict: raise instead of warning when a module with parameters has no maximiser.
+        process_group: ``torch.distributed`` group for unwrapped models (default: the world group
+            when torch.distributed is initialised). Every rank applies the update a single process
+            would compute on the union of the ranks' batches.
+        grad_scaler: the GradScaler, for loops that call ``scaler.unscale_(opt)`` before
+            ``scaler.step(opt)`` (found automatically when ``scaler.step`` calls ``step``).
+
+    Note:
+        A sample is a row of the first dimension of a module's input (``B = x.shape[0]``) in its first
+        call of a backward pass; ``p̂ = −B·∂J/∂y`` with ``B`` summed over the backward passes since
+        ``zero_grad()``, so N micro-batches of ``loss/N`` give the update of one step on their union.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Optional[Iterable] = None,
+        *,
+        lr: float = 1.0,
+        rho: float = 1.0,
+        route: str = "auto",
+        costate: str = "auto",
+        stat_decay: float = 0.0,
+        eig_refresh: int = 1,
+        eig_floor: float = 0.0,
+        eig_float64: bool = False,
+        fallback: str = "adam",
+        fallback_lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        solver: str = "closed",
+        inner_steps: int = 10,
+        inner_lr: float = 1.0,
+        inner_optimizer: str = "lbfgs",
+        exclude: Sequence[str] = (),
+        strict: bool = False,
+        process_group=None,
+        grad_scaler=None,
+    ):
+        self.solver = Choice(("closed", "iterative")).check("solver", solver)
+        self._affine = AffineEMSARule()
+        self._iterative = IterativeEMSARule()
+        self._fallback = FallbackRule()
+        defaults = dict(
+            lr=lr, rho=rho, route=route, costate=costate, stat_decay=stat_decay, eig_refresh=eig_refresh,
+            eig_floor=eig_floor, eig_float64=eig_float64, fallback=fallback, fallback_lr=fallback_lr,
+            betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, inner_steps=inner_steps,
+            inner_lr=inner_lr, inner_optimizer=inner_optimizer,
+        )
+        super().__init__(model, params, defaults, [self._affine, self._iterative, self._fallback],
+                         strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler)
+
+    def _validate_group(self, group):
+        if group.get("costate") == "isotropic" and float(group.get("stat_decay", 0.0)) > 0:
+            raise ValueError(
+                "invalid stat_decay with costate='isotropic': running averages apply to the exact "
+                "primal solve (use costate='exact' or 'auto')"
+            )
+
+    def _module_rule(self, name, module):
+        if self.solver == "iterative":
+            return self._iterative
+        if adapter_for(module) is not None:
+            return self._affine
+        if isinstance(module, FALLBACK_MODULE_TYPES):
+            return None
+        return Unsupported(unsupported_reason(module) or f"no closed form for {type(module).__name__} modules")
+
+    def _param_rule(self, name, param):
+        return self._fallback, {}
+
+
+class MSA(EMSA):
+    r"""Basic method of successive approximations: :class:`EMSA` with ``ρ = 0``.
+
+    The maximiser of ``⟨−∇J, θ − θ_k⟩ − (δ/2)‖θ − θ_k‖²`` is ``θ_k − lr·∇J``: an SGD step of size
+    ``lr`` (no states are captured). Kept to show why E-MSA exists: without the feasibility penalties
+    the layer-wise maximisation ignores how a new θ moves later states, and it diverges for large
+    steps (``δ ≤ 1``).
+    """
+
+    def __init__(self, model: nn.Module, params: Optional[Iterable] = None, *, lr: float = 0.1, **kwargs):
+        if "rho" in kwargs:
+            raise TypeError("MSA has no rho (it is EMSA with rho=0); use EMSA")
+        super().__init__(model, params, lr=lr, rho=0.0, **kwargs)
+
+    def _validate_group(self, group):
+        super()._validate_group(group)
+        if float(group.get("rho", 0.0)) != 0.0:
+            raise ValueError(f"invalid rho={group['rho']!r}: MSA requires rho=0 (use EMSA)")

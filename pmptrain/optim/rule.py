@@ -1,0 +1,286 @@
+"""The pieces the optimizer shell combines: rules, the units they own, and what one step proposes.
+
+* A :class:`Rule` is one update law — closed-form E-MSA, iterative E-MSA, discrete MSA, latent sign
+  (BinaryConnect), TWN, Bop, the Adam/SGD fallback. It declares the param-group keys it reads
+  (:attr:`Rule.hyper`, each with its :class:`~pmptrain.optim.hyper.Spec`), what it needs captured
+  from its modules' calls (:meth:`Rule.capture_spec`), the typed record of its state
+  (:meth:`Rule.init_state`) and, per step, a :class:`Proposal` computed from the gradients, the
+  captured statistics and its state (:meth:`Rule.propose`) — without modifying anything. The
+  mathematics it runs are the pure functions of :mod:`pmptrain.hamiltonian`,
+  :mod:`pmptrain.discrete` and :mod:`pmptrain.fallback`.
+* A :class:`Unit` is what one rule instance updates jointly: one module's parameters, the modules
+  sharing a tied weight, or a single parameter. Its state is one record, keyed in ``state_dict`` by
+  the unit's name (module or parameter names: checkpoints survive rebuilding the model).
+* A :class:`StepContext` hands rules the unscaled gradients, each parameter's group, the step-size
+  scale ``lr / initial_lr`` that schedules reach every rule through, and the capture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Mapping, Optional
+
+from torch import Tensor, nn
+
+from .hyper import Spec
+
+__all__ = [
+    "Rule",
+    "Unit",
+    "Member",
+    "Update",
+    "Proposal",
+    "StepContext",
+    "record_to_dict",
+    "record_from_dict",
+]
+
+
+@dataclass
+class Member:
+    """One module of a module-rule unit: its qualified ``name``, the ``module``, its ``adapter``
+    (:mod:`pmptrain.modules`, None for the iterative rule), and its trainable ``weight`` / ``bias``
+    (None when absent or not in any param group)."""
+
+    name: str
+    module: nn.Module
+    adapter: Any
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+
+    @property
+    def sentinel(self) -> Optional[Tensor]:
+        """The parameter whose ``.grad`` tells the capture when the module's gradient was reset."""
+        return self.weight if self.weight is not None else self.bias
+
+
+@dataclass
+class Unit:
+    """What one rule updates jointly. ``params``/``param_names``: every parameter it updates;
+    ``members``: its modules (empty for parameter rules); ``state``: the rule's record; ``meta``:
+    what the configuration attached (the :class:`~pmptrain.quant.DiscreteTensor` of a discrete
+    weight)."""
+
+    name: str
+    rule: "Rule"
+    params: List[Tensor]
+    param_names: List[str]
+    members: List[Member] = field(default_factory=list)
+    state: Any = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> Tensor:
+        """The parameter whose group holds the unit's module-level hyper-parameters (ρ, route, …)."""
+        return self.params[0]
+
+
+@dataclass
+class Update:
+    """A change of one parameter: ``θ ← (1 − decay)·θ + alpha·delta``, or ``θ ← value`` (exact
+    codes of a discrete weight). ``decay`` is the decoupled weight decay ``η·λ`` of the step."""
+
+    param: Tensor
+    delta: Optional[Tensor] = None
+    alpha: float = 1.0
+    value: Optional[Tensor] = None
+    decay: float = 0.0
+
+    def change(self) -> Tensor:
+        """``Δθ`` without the decay (for the finiteness check and the Hamiltonian gain)."""
+        if self.value is not None:
+            return self.value - self.param.detach()
+        return self.delta if self.alpha == 1.0 else self.delta * self.alpha
+
+
+@dataclass
+class Proposal:
+    """What a rule proposes for one unit in one step: the updates, the new state record
+    (committed only if the whole step is accepted) and optional diagnostics."""
+
+    updates: List[Update]
+    state: Any = None
+    info: Optional[Dict[str, Any]] = None
+
+
+class StepContext:
+    """What the shell hands to every rule in one step.
+
+    Attributes:
+        costate_inv_scale: 1/loss-scale of the captured output gradients under GradScaler (``.grad``
+            itself is unscaled by ``scaler.step`` / ``scaler.unscale_`` before ``step()`` runs).
+        capture: the :class:`~pmptrain.capture.ModuleCapture`; process_group / world: distributed.
+    """
+
+    def __init__(self, groups: Mapping[int, Dict[str, Any]], costate_inv_scale: float, capture, process_group,
+                 world: int):
+        self._groups = groups
+        self.costate_inv_scale = costate_inv_scale
+        self.capture = capture
+        self.process_group = process_group
+        self.world = world
+        self._grads: Dict[int, Optional[Tensor]] = {}
+
+    def group(self, p: Tensor) -> Dict[str, Any]:
+        return self._groups[id(p)]
+
+    def grad(self, p: Optional[Tensor]) -> Optional[Tensor]:
+        """``∇J`` of ``p`` as the user left it in ``.grad`` (None without a gradient)."""
+        if p is None or p.grad is None:
+            return None
+        key = id(p)
+        if key not in self._grads:
+            g = p.grad
+            if g.is_sparse:
+                raise RuntimeError("pmptrain optimizers do not support sparse gradients")
+            self._grads[key] = g
+        return self._grads[key]
+
+    @staticmethod
+    def lr_scale(group: Dict[str, Any]) -> float:
+        """``s = lr / initial_lr``: how far a scheduler (or the user) moved ``lr`` from its value when
+        the group was created (``initial_lr``; schedulers keep the same key). ``s = 0`` iff
+        ``lr = 0``; a group created with ``lr = 0`` has ``s = 1`` once ``lr > 0``."""
+        lr = float(group["lr"])
+        init = float(group.get("initial_lr", lr))
+        if lr == 0.0:
+            return 0.0
+        return lr / init if init != 0.0 else 1.0
+
+    def step_size(self, group: Dict[str, Any], key: str) -> float:
+        """The step size stored under ``key``: ``group["lr"]`` itself for ``key == "lr"``, else
+        ``group[key] · lr/initial_lr`` (so every schedule of ``lr`` reaches every rule)."""
+        if key == "lr":
+            return float(group["lr"])
+        return float(group[key]) * self.lr_scale(group)
+
+    def decay(self, p: Tensor, step_key: str) -> float:
+        """Decoupled weight decay of ``p`` this step: ``η·λ`` with ``λ = group["weight_decay"]`` and
+        ``η`` the step size under ``step_key`` (see docs/algorithms.md, "Weight decay")."""
+        group = self.group(p)
+        wd = float(group.get("weight_decay", 0.0))
+        return wd * self.step_size(group, step_key) if wd else 0.0
+
+
+class Rule:
+    """Base class of an update law (see the module docstring).
+
+    Subclasses set :attr:`name`, :attr:`hyper` (``{canonical key: Spec}``) and implement
+    :meth:`init_state` and :meth:`propose`; module rules (which need the module, not only its
+    parameters) set :attr:`module_rule` and implement :meth:`capture_spec`. ``keys`` renames
+    canonical keys to the group keys a configuration uses (``DiscreteMSA`` stores the ρ of its
+    E-MSA rule as ``"emsa_rho"``, because its ``"rho"`` is the discrete rule's).
+    """
+
+    name: ClassVar[str] = "rule"
+    hyper: ClassVar[Dict[str, Spec]] = {}
+    #: the dataclass of the state record (None: stateless)
+    record_type: ClassVar[Optional[type]] = None
+    module_rule: ClassVar[bool] = False
+    #: module rule that works through an affine adapter (:mod:`pmptrain.modules`) and can
+    #: maximise several modules sharing one weight jointly
+    affine: ClassVar[bool] = False
+    #: the group key whose step size scales the decoupled weight decay (None: no weight decay)
+    decay_key: Optional[str] = None
+
+    def __init__(self, keys: Optional[Mapping[str, str]] = None):
+        keys = dict(keys or {})
+        unknown = set(keys) - set(self.hyper) - ({self.decay_key} if self.decay_key else set())
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown hyper-parameters to rename: {sorted(unknown)}")
+        self.keys = {k: keys.get(k, k) for k in self.hyper}
+        if self.decay_key is not None:
+            self.decay_key = keys.get(self.decay_key, self.decay_key)
+
+    def key(self, canonical: str) -> str:
+        return self.keys[canonical]
+
+    def value(self, group: Dict[str, Any], canonical: str):
+        return group[self.keys[canonical]]
+
+    def group_specs(self) -> Dict[str, Spec]:
+        """``{group key: Spec}`` of everything this rule reads."""
+        return {self.keys[k]: s for k, s in self.hyper.items()}
+
+    # ------------------------------------------------------------------ interface
+    def capture_spec(self, unit: Unit, member: Member, group: Dict[str, Any]):
+        """The :class:`~pmptrain.capture.CaptureSpec` for ``member`` (None: gradients only)."""
+        return None
+
+    def init_state(self, unit: Unit) -> Any:
+        """The initial state record of ``unit`` (created when the unit is created)."""
+        return None
+
+    def bind(self, unit: Unit, group: Dict[str, Any]) -> None:
+        """Called once when the unit is created, after :meth:`init_state` (rules whose definition
+        writes the weights at construction, e.g. TWN's ``α·t``)."""
+
+    def restore(self, unit: Unit, group: Dict[str, Any]) -> None:
+        """Called after ``load_state_dict`` replaced the unit's state: rules whose weights are a
+        function of their state (latent baselines) rewrite them from it."""
+
+    def propose(self, unit: Unit, ctx: StepContext) -> Optional[Proposal]:
+        raise NotImplementedError
+
+    def describe(self, unit: Unit, group: Dict[str, Any]) -> str:
+        """One line for :meth:`~pmptrain.optim.shell.PMPOptimizer.rule_table`."""
+        return self.name
+
+    # ------------------------------------------------------------------ serialisation
+    def state_to_dict(self, state: Any) -> Any:
+        return record_to_dict(state)
+
+    def state_from_dict(self, data: Any, unit: Unit) -> Any:
+        if data is None or self.record_type is None:
+            return None
+        return record_from_dict(self.record_type, data, unit.primary.device)
+
+
+def _clone(v):
+    if isinstance(v, Tensor):
+        return v.detach().clone()
+    if isinstance(v, dict):
+        return {k: _clone(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_clone(x) for x in v)
+    if dataclasses.is_dataclass(v):
+        return {"__record__": type(v).__name__, **record_to_dict(v)}
+    return v
+
+
+def record_to_dict(rec: Any) -> Any:
+    """A typed state record as plain data (dicts, lists, tensors, numbers): what ``torch.load``
+    with ``weights_only=True`` reads back."""
+    if rec is None:
+        return None
+    if not dataclasses.is_dataclass(rec):
+        raise TypeError(f"state records must be dataclasses, got {type(rec).__name__}")
+    return {f.name: _clone(getattr(rec, f.name)) for f in dataclasses.fields(rec)}
+
+
+def _restore(v, device, types: Dict[str, type]):
+    if isinstance(v, Tensor):
+        return v.detach().to(device).clone()
+    if isinstance(v, dict):
+        if "__record__" in v:
+            cls = types[v["__record__"]]
+            return record_from_dict(cls, {k: x for k, x in v.items() if k != "__record__"}, device, types)
+        return {k: _restore(x, device, types) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_restore(x, device, types) for x in v)
+    return v
+
+
+def record_from_dict(cls: type, data: Dict[str, Any], device, types: Optional[Dict[str, type]] = None) -> Any:
+    """Rebuild a record of type ``cls`` from :func:`record_to_dict` output; tensors go to
+    ``device``. ``types`` names the record types that may be nested inside (default: the fields'
+    declared types are not inspected, so nested records must be listed)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(data) != names:
+        raise ValueError(
+            f"state record {cls.__name__}: expected fields {sorted(names)}, got {sorted(data)}"
+        )
+    types = dict(types or {})
+    types.update(getattr(cls, "_nested", {}))
+    return cls(**{k: _restore(v, device, types) for k, v in data.items()})

@@ -1,0 +1,605 @@
+r"""The one optimizer shell: the torch.optim contract around per-module rules.
+
+:class:`PMPOptimizer` walks the model, assigns a :class:`~pmptrain.optim.rule.Rule` to every module
+(closed-form E-MSA, iterative E-MSA) or parameter (discrete MSA, latent sign, TWN, Bop, the Adam/SGD
+fallback) — optax's ``partition``, larq's ``CaseOptimizer`` —, hooks the modules whose rules need
+captured states, and runs every step as one transaction:
+
+1. **gradients** — ``.grad`` as the user left it (clipped, accumulated, edited), unscaled under
+   ``GradScaler``, averaged across ranks for unwrapped models;
+2. **propose** — every rule computes its units' updates and new state records from the gradients and
+   the statistics captured since the last ``zero_grad()``, modifying nothing;
+3. **check** — one reduction over ``⟨∇J, Δθ⟩`` of every update (a NaN/Inf in a loss, gradient,
+   statistic or update makes it non-finite): if anything is non-finite, nothing changes and the skip
+   is counted;
+4. **apply** — ``θ ← (1 − ηλ)θ + Δθ`` (decoupled weight decay), or the exact new codes;
+5. **commit** — the new state records replace the old ones.
+
+Configurations (:class:`~pmptrain.EMSA`, :class:`~pmptrain.MSA`, :class:`~pmptrain.DiscreteMSA`,
+:class:`~pmptrain.BinaryConnect`, :class:`~pmptrain.TWN`, :class:`~pmptrain.Bop`) only choose the
+rules and their default hyper-parameters.
+
+State is keyed by unit name (module or parameter names) in ``state_dict()["pmptrain"]``, as plain
+data that ``torch.load(..., weights_only=True)`` reads. Hooks are removed with :meth:`detach`, when the
+optimizer is garbage-collected, or when another pmptrain optimizer hooks the same modules.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed as pdist
+from ..capture import ModuleCapture
+from ..modules import adapter_for
+from .hyper import Real, Spec
+from .rule import Member, Proposal, Rule, StepContext, Unit
+
+__all__ = ["PMPOptimizer", "StepInfo", "Unsupported", "unwrap_model"]
+
+_FORMAT = 2
+
+
+class StepInfo(dict):
+    """Diagnostics of the last step (a dict, for logging).
+
+    Keys: ``skipped`` (bool), ``skip_reason`` (str or None), ``controlled`` (module units updated by
+    their maximiser), ``fallback`` (parameters updated by the fallback), ``hamiltonian_gain``
+    (``Σ −⟨∇J, Δθ⟩`` over every rule update, decay excluded: the first-order gain of H); discrete
+    configurations add ``"discrete"`` (:class:`~pmptrain.optim.discrete_msa.DiscreteDiagnostics`).
+    """
+
+
+class Unsupported:
+    """A module rule choice: the module has parameters but no rule (``reason`` says why); its
+    parameters take the fallback step with a warning, or raise with ``strict=True``."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def unwrap_model(model: nn.Module) -> Tuple[nn.Module, bool, bool]:
+    """``(root, averaged_by_wrapper, compiled)``: the module inside DistributedDataParallel /
+    DataParallel and ``torch.compile`` wrappers."""
+    averaged = compiled = False
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+            model, averaged = inner, True
+            continue
+        orig = getattr(model, "_orig_mod", None)
+        if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model, compiled = orig, True
+            continue
+        return model, averaged, compiled
+
+
+def _scaler_codes() -> set:
+    """The code objects of ``step`` / ``_maybe_opt_step`` of GradScaler and its subclasses."""
+    codes, todo = set(), [torch.amp.GradScaler]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        for name in ("step", "_maybe_opt_step"):
+            fn = cls.__dict__.get(name)
+            if fn is not None and hasattr(fn, "__code__"):
+                codes.add(fn.__code__)
+    return codes
+
+
+def _calling_grad_scaler():
+    """The ``torch.amp.GradScaler`` whose ``step()`` called ours (the loss scale of the captured
+    costates), or None. Only frames running GradScaler's own code are inspected: reading the locals
+    of any other frame would make CPython keep a snapshot of them alive."""
+    codes = _scaler_codes()
+    frame = sys._getframe(2)
+    for _ in range(10):
+        if frame is None:
+            return None
+        if frame.f_code in codes:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, torch.amp.GradScaler):
+                return obj
+        frame = frame.f_back
+    return None
+
+
+_SHELL_SPECS: Dict[str, Spec] = {
+    "lr": Real(0.0, tensor_ok=True),
+    "weight_decay": Real(0.0),
+}
+
+
+class PMPOptimizer(torch.optim.Optimizer):
+    """The shell shared by every pmptrain optimizer (see the module docstring).
+
+    Subclasses (configurations) pass ``defaults`` (every group key their rules read) and ``rules``
+    (every rule instance they may assign), and implement :meth:`_module_rule` and
+    :meth:`_param_rule`.
+
+    Args:
+        model: the ``nn.Module`` to train (or a DDP / ``torch.compile`` wrapper of it).
+        params: parameters or param-group dicts (default: every parameter of the model that
+            requires grad, one group). A module's weight and bias may sit in different groups.
+        defaults, rules: from the configuration.
+        strict: raise instead of warning when a module with parameters has no rule.
+        exclude: module names whose parameters take the fallback step.
+        process_group: ``torch.distributed`` group for unwrapped models (default: the world group
+            when initialised).
+        grad_scaler: the ``torch.amp.GradScaler`` in use, when something other than
+            ``scaler.step(opt)`` calls ``step()`` (the loss scale of the captured costates is read
+            from it; default None: found from ``scaler.step``).
+    """
+
+    # The standard GradScaler path (no ``_step_supports_amp_scaling``): ``scaler.step(opt)`` unscales
+    # ``.grad`` (unless the loop already called ``scaler.unscale_(opt)``, e.g. to clip), skips the step
+    # on inf/NaN and calls ``step()``; the loss scale of the captured costates is read from that
+    # scaler (or ``grad_scaler=``). Lightning and accelerate refuse gradient clipping for optimizers
+    # that declare ``_step_supports_amp_scaling``.
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Optional[Iterable],
+        defaults: Dict[str, Any],
+        rules: Sequence[Rule],
+        *,
+        strict: bool = False,
+        exclude: Sequence[str] = (),
+        process_group=None,
+        grad_scaler=None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module (the optimizer hooks its modules), got {type(model).__name__}"
+                + ("; pass the model itself, not model.parameters()" if not isinstance(model, dict) else "")
+            )
+        if not isinstance(strict, bool):
+            raise TypeError(f"invalid strict={strict!r}: must be True or False")
+        if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):
+            raise TypeError(f"invalid exclude={exclude!r}: must be a list of module names")
+        self.model = model
+        self.root, self._grads_averaged_by_wrapper, self._compiled = unwrap_model(model)
+        self.process_group = process_group
+        self.grad_scaler = grad_scaler
+        self.strict = strict
+        names = dict(self.root.named_modules())
+        unknown = [n for n in exclude if n not in names]
+        if unknown:
+            raise ValueError(f"invalid exclude: modules {unknown} do not exist in the model")
+        self._excluded = set(exclude)
+        self._rules = list(rules)
+        self._specs: Dict[str, Spec] = dict(_SHELL_SPECS)
+        for r in self._rules:
+            self._specs.update(r.group_specs())
+        self.units: Dict[str, Unit] = OrderedDict()
+        self.skipped_steps = 0
+        self.last_step = StepInfo(skipped=False)
+        self._warned: set = set()
+        self._attach_capture()
+        if params is None:
+            params = [p for p in self.root.parameters() if p.requires_grad]
+        super().__init__(params, defaults)
+        self._initialised = True
+        self._partition()
+
+    def _attach_capture(self) -> None:
+        self.capture = ModuleCapture()
+        self._finalizer = weakref.finalize(self, self.capture.remove, "the optimizer was garbage-collected")
+
+    # ------------------------------------------------------------------ configuration interface
+    def _module_rule(self, name: str, module: nn.Module):
+        """The rule of ``module``: a module :class:`Rule`, None (its parameters get parameter
+        rules), or :class:`Unsupported`."""
+        raise NotImplementedError
+
+    def _param_rule(self, name: str, param: Tensor) -> Tuple[Rule, Dict[str, Any]]:
+        """``(rule, meta)`` of a parameter no module rule took."""
+        raise NotImplementedError
+
+    def _validate_group(self, group: Dict[str, Any]) -> None:
+        """Cross-key checks of a configuration (the per-key ones come from the rules' specs)."""
+
+    # ------------------------------------------------------------------ groups and validation
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        lr = group["lr"]
+        group.setdefault("initial_lr", lr.clone() if isinstance(lr, Tensor) else lr)
+        if getattr(self, "_initialised", False):
+            self._partition()
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        for key, spec in self._specs.items():
+            if key in group:
+                group[key] = spec.check(key, group[key])
+        self._validate_group(group)
+
+    # ------------------------------------------------------------------ partition
+    def _partition(self) -> None:
+        """Assign rules to modules/parameters (at construction and after ``add_param_group``);
+        existing units keep their state."""
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        pname: Dict[int, str] = {}
+        for n, p in self.root.named_parameters(remove_duplicate=False):
+            pname.setdefault(id(p), n)
+        claims: Dict[str, Tuple[nn.Module, Rule, List[Member]]] = OrderedDict()
+        owners: Dict[int, List[str]] = {}
+        for name, module in self.root.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in group_of]
+            if not own:
+                continue
+            choice = None if name in self._excluded else self._module_rule(name, module)
+            if isinstance(choice, Unsupported):
+                self._unsupported(name, module, choice.reason)
+                continue
+            if not isinstance(choice, Rule):
+                continue
+            member = self._member(name, module, choice, dict(own))
+            if member is None:
+                continue
+            claims[name] = (module, choice, member)
+            for p in self._member_params(member, choice, dict(own)):
+                owners.setdefault(id(p), []).append(name)
+        # connected components of modules sharing parameters
+        parent = {n: n for n in claims}
+
+        def find(n):
+            while parent[n] != n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        for names in owners.values():
+            for other in names[1:]:
+                parent[find(other)] = find(names[0])
+        comps: Dict[str, List[str]] = OrderedDict()
+        for n in claims:
+            comps.setdefault(find(n), []).append(n)
+        new_units: Dict[str, Unit] = OrderedDict()
+        taken = set()
+        for names in comps.values():
+            rule = claims[names[0]][1]
+            members = [claims[n][2] for n in names]
+            if len(names) > 1:
+                reason = self._join_reason(rule, [claims[n][1] for n in names], members)
+                if reason is not None:
+                    key = ("tied",) + tuple(names)
+                    if key not in self._warned:
+                        self._warned.add(key)
+                        msg = (f"modules {names} share parameters (tied weights) and cannot be maximised "
+                               f"jointly: {reason}; their parameters take the fallback step")
+                        if self.strict:
+                            raise ValueError(msg + " (strict=True)")
+                        warnings.warn(msg, stacklevel=4)
+                    continue
+            params, seen = [], set()
+            for n in names:
+                for p in self._member_params(claims[n][2], rule, None):
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+            uname = "+".join(names)
+            new_units[uname] = Unit(uname, rule, params, [pname.get(id(p), uname) for p in params], members)
+            taken |= seen
+        for g in self.param_groups:
+            for p in g["params"]:
+                if id(p) in taken:
+                    continue
+                n = pname.get(id(p), f"param{len(new_units)}")
+                rule, meta = self._param_rule(n, p)
+                new_units[n] = Unit(n, rule, [p], [n], [], None, meta)
+                taken.add(id(p))
+        for name, unit in new_units.items():
+            old = self.units.get(name)
+            if old is not None and old.rule is unit.rule and [id(p) for p in old.params] == [id(p) for p in unit.params]:
+                unit.state = old.state
+            else:
+                unit.state = unit.rule.init_state(unit)
+                unit.rule.bind(unit, group_of[id(unit.primary)])
+        self.units = new_units
+        self._sync_capture()
+
+    @staticmethod
+    def _member(name, module, rule: Rule, own: Dict[str, Tensor]) -> Optional[Member]:
+        if rule.affine:
+            adapter = adapter_for(module)
+            weight = own.get("weight")
+            if adapter is None or weight is None:
+                return None  # frozen weight: its bias (if trained) takes a parameter rule
+            return Member(name, module, adapter, weight, own.get("bias"))
+        return Member(name, module, None, own.get("weight"), own.get("bias"))
+
+    @staticmethod
+    def _member_params(member: Member, rule: Rule, own: Optional[Dict[str, Tensor]]) -> List[Tensor]:
+        if member.adapter is not None:
+            return [p for p in (member.weight, member.bias) if p is not None]
+        if own is None:
+            own = dict(member.module.named_parameters(recurse=False))
+        return list(own.values())
+
+    @staticmethod
+    def _join_reason(rule: Rule, rules: List[Rule], members: List[Member]) -> Optional[str]:
+        from .affine import join_reason
+
+        if any(r is not rule for r in rules):
+            return "they are assigned different rules"
+        if not rule.affine:
+            return f"the {rule.name} rule has no joint form"
+        return join_reason(members)
+
+    def _unsupported(self, name: str, module: nn.Module, reason: str) -> None:
+        key = ("unsupported", name)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        msg = (f"module {name!r} ({type(module).__name__}) has no closed-form maximiser: {reason}; its "
+               "parameters take the fallback step")
+        if self.strict:
+            raise ValueError(msg + " (strict=True). Exclude it explicitly or use solver='iterative'.")
+        warnings.warn(msg, stacklevel=5)
+
+    def _sync_capture(self) -> None:
+        """Register (or update) the hooks of every module whose rule needs captured states."""
+        if self.capture.removed:
+            return
+        for unit in self.units.values():
+            if not unit.rule.module_rule:
+                continue
+            group = self._group_of(unit.primary)
+            for mb in unit.members:
+                spec = unit.rule.capture_spec(unit, mb, group)
+                if spec is None:
+                    continue
+                entry = self.capture._entries.get(mb.name)
+                if entry is None:
+                    self.capture.add(mb.name, mb.module, mb.adapter, spec, mb.sentinel)
+                elif entry.spec != spec:
+                    entry.spec = spec
+
+    def _group_of(self, p: Tensor) -> Dict[str, Any]:
+        for g in self.param_groups:
+            if any(q is p for q in g["params"]):
+                return g
+        raise KeyError("parameter is in no param group")
+
+    def unit_of(self, param: Tensor) -> Unit:
+        """The unit that updates ``param`` (its ``rule``, ``state`` record, ``members``)."""
+        for unit in self.units.values():
+            if any(p is param for p in unit.params):
+                return unit
+        raise KeyError("the parameter is not trained by this optimizer")
+
+    def state_of(self, param: Tensor) -> Any:
+        """The typed state record of the unit that updates ``param`` (e.g. ``.accumulator`` of a
+        discrete weight, ``.exp_avg`` of an Adam fallback parameter, ``.latent`` of BinaryConnect)."""
+        return self.unit_of(param).state
+
+    def rule_table(self) -> List[Dict[str, Any]]:
+        """One row per unit: ``{"unit", "rule", "params", "description"}`` — what each module or
+        parameter is trained by (print it with ``for row in opt.rule_table(): print(row)``)."""
+        out = []
+        for unit in self.units.values():
+            group = self._group_of(unit.primary)
+            out.append({"unit": unit.name, "rule": unit.rule.name, "params": list(unit.param_names),
+                        "description": unit.rule.describe(unit, group)})
+        return out
+
+    # ------------------------------------------------------------------ hooks and lifetime
+    def detach(self) -> None:
+        """Remove the hooks from the model (the model is left exactly as it was); the optimizer
+        cannot step afterwards."""
+        self.capture.remove("the optimizer was detached from its model (detach())")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+        return False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad`` and drop the captured statistics with the gradients."""
+        super().zero_grad(set_to_none=set_to_none)
+        self.capture.reset()
+
+    #: instance attributes that do not travel with a copy or a pickle: the hooks (re-registered on the
+    #: copy's model), process-local handles, and what LR schedulers / GradScaler attach to ``step``
+    _TRANSIENT = ("capture", "_finalizer", "process_group", "grad_scaler", "step", "_opt_called")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()
+                if k not in self._TRANSIENT and not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        state.setdefault("process_group", None)
+        state.setdefault("grad_scaler", None)
+        super().__setstate__(state)
+        self._attach_capture()
+        self._sync_capture()
+
+    # ------------------------------------------------------------------ AMP
+    def _costate_inv_scale(self, has_grads: bool) -> float:
+        """1/loss-scale of the captured costates: from the GradScaler whose ``step()`` called ours,
+        or from ``grad_scaler=`` (whose stage must then be "unscaled")."""
+        scaler = _calling_grad_scaler()
+        if scaler is None and self.grad_scaler is not None:
+            scaler = self.grad_scaler
+            states = getattr(scaler, "_per_optimizer_states", None)
+            # no entry: nothing was unscaled since the last update() (GradScaler's READY stage)
+            stage = states.get(id(self), {}).get("stage") if isinstance(states, dict) else None
+            if scaler.is_enabled() and has_grads and getattr(stage, "name", "READY") == "READY":
+                raise RuntimeError(
+                    f"{type(self).__name__}.step() was called with gradients that still carry the GradScaler's "
+                    "loss scale: call scaler.step(optimizer) (after scaler.unscale_(optimizer) if you clip)"
+                )
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return 1.0 / float(scaler.get_scale())
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None):
+        """One step (see the module docstring). ``closure`` (optional) re-evaluates the model and
+        returns the loss; it must call ``backward()``. Returns the closure's loss (or None)."""
+        if self.capture.removed:
+            raise RuntimeError(f"{type(self).__name__} cannot step: {self.capture.removed_reason}")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step(loss)  # an exception leaves everything as it was, statistics included
+        self.capture.reset()
+        self._sync_capture()
+        return loss
+
+    def _skip(self, reason: str) -> None:
+        self.skipped_steps += 1
+        self.last_step = self._step_info(
+            StepInfo(skipped=True, skip_reason=reason, controlled=0, fallback=0, hamiltonian_gain=0.0), [])
+
+    def _step_info(self, info: StepInfo, proposals) -> StepInfo:
+        """Hook for configurations to add diagnostics (``proposals``: ``[(unit, Proposal)]``)."""
+        return info
+
+    def _step(self, loss) -> None:
+        for g in self.param_groups:
+            self._check_group(g)
+        grads_present = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads_present:
+            return  # as in torch: nothing to do without gradients
+        costate_inv = self._costate_inv_scale(bool(grads_present))
+        world = pdist.world_size(self.process_group)
+        if world > 1 and not self._grads_averaged_by_wrapper:
+            pdist.all_reduce_mean_([p.grad for p in grads_present], self.process_group)
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world)
+        proposals: List[Tuple[Unit, Proposal]] = []
+        for unit in self.units.values():
+            try:
+                prop = unit.rule.propose(unit, ctx)
+            except torch.linalg.LinAlgError:
+                # δ > 0 keeps every factorisation well-posed: only non-finite data make it fail
+                self._skip(self._skip_reason(loss, grads_present, f"unit {unit.name!r}"))
+                return
+            if prop is not None:
+                proposals.append((unit, prop))
+        # ⟨∇J, Δθ⟩ of every update: the first-order gain of H, and at the same time the finiteness
+        # check (a NaN/Inf in Δθ or in the gradient makes the product non-finite, even where Δθ = 0)
+        terms = []
+        for _, prop in proposals:
+            for u in prop.updates:
+                d = u.change()
+                g = ctx.grad(u.param)
+                if g is not None:
+                    terms.append(torch.dot(g.reshape(-1).to(d.dtype), d.reshape(-1)))
+                else:
+                    terms.append(d.sum() * 0.0)
+        if isinstance(loss, Tensor):
+            terms.append(loss.detach().float().sum() * 0.0)
+        stacked = torch.stack([t.float() for t in terms]) if terms else None
+        if stacked is not None and not bool(torch.isfinite(stacked).all()):
+            self._skip(self._skip_reason(loss, grads_present, "an update"))
+            return
+        for _, prop in proposals:
+            for u in prop.updates:
+                p = u.param
+                if u.value is not None:
+                    p.copy_(u.value)
+                    continue
+                if u.decay:
+                    p.mul_(1.0 - u.decay)
+                p.add_(u.delta.to(p.dtype), alpha=u.alpha)
+        for unit, prop in proposals:
+            unit.state = prop.state
+        n_mod = sum(1 for unit, _ in proposals if unit.rule.module_rule)
+        n_fb = sum(1 for unit, _ in proposals if unit.rule.name == "fallback")
+        gain = -float(stacked.sum()) if stacked is not None else 0.0
+        self.last_step = self._step_info(
+            StepInfo(skipped=False, skip_reason=None, controlled=n_mod, fallback=n_fb, hamiltonian_gain=gain),
+            proposals)
+
+    @staticmethod
+    def _skip_reason(loss, params, where: str) -> str:
+        if isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            return "non-finite loss"
+        sums = [p.grad.sum() for p in params]
+        if sums and not bool(torch.isfinite(torch.stack([s.float() for s in sums])).all()):
+            return "non-finite gradient"
+        return f"non-finite statistics or update in {where}"
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        post = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post
+        sd["pmptrain"] = {
+            "format": _FORMAT,
+            "optimizer": type(self).__name__,
+            "skipped_steps": self.skipped_steps,
+            "units": {name: {"rule": u.rule.name, "params": list(u.param_names),
+                             "state": u.rule.state_to_dict(u.state)} for name, u in self.units.items()},
+        }
+        for hook in post.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        sd = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
+        extra = sd.pop("pmptrain", None)
+        if not isinstance(extra, dict) or extra.get("format") != _FORMAT:
+            raise ValueError(
+                "state_dict has no pmptrain section of format 2: it was not produced by this version "
+                "of a pmptrain optimizer"
+            )
+        saved = extra.get("units")
+        if not isinstance(saved, dict) or set(saved) != set(self.units):
+            missing = sorted(set(self.units) - set(saved or {}))
+            unknown = sorted(set(saved or {}) - set(self.units))
+            raise ValueError(f"state_dict units do not match this optimizer: missing {missing}, unknown {unknown}")
+        states = {}
+        for name, unit in self.units.items():
+            entry = saved[name]
+            if entry.get("rule") != unit.rule.name:
+                raise ValueError(f"state_dict: unit {name!r} was trained by rule {entry.get('rule')!r}, "
+                                 f"this optimizer uses {unit.rule.name!r}")
+            states[name] = unit.rule.state_from_dict(entry.get("state"), unit)
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(sd)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
+        for g in self.param_groups:
+            self._check_group(g)
+        with torch.no_grad():
+            for name, st in states.items():
+                unit = self.units[name]
+                unit.state = st
+                unit.rule.restore(unit, self._group_of(unit.primary))
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self._sync_capture()
+        for hook in post.values():
+            hook(self)
