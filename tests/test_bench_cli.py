@@ -20,7 +20,6 @@ from pmptrain.bench.report import ROW_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--mnist1d-samples", "200", "--batch-size", "32", "--no-tensorboard", "--threads", "1"]
-HAS_DMSA = registry.discrete_msa_available()
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +93,6 @@ def test_registry_entries_are_documented():
         assert spec.lr_key in spec.defaults and len(spec.tune_grid) >= 2 and spec.description
         assert name in registry.__doc__
     assert registry.get_spec("Binary_MSA").levels == "binary"
-    assert registry.epoch_decay(0.999, 0.5, 2) == pytest.approx(1 - 0.001 * 0.25)
 
 
 def test_squared_hinge_loss():
@@ -111,7 +109,7 @@ def test_squared_hinge_loss():
 
 def test_bench_smoke_results_schema_and_plots(tmp_path, capsys):
     out = tmp_path / "b"
-    opts = "sgd,emsa,binaryconnect" + (",binary-msa" if HAS_DMSA else "")
+    opts = "sgd,emsa,binaryconnect,binary-msa"
     assert cli.main(["bench", "--optimizers", opts, "--epochs", "1", "--seeds", "2",
                      "--target-acc", "0.05", "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
@@ -176,7 +174,7 @@ def _final_state(out: Path, opt: str):
 
 
 def test_resume_is_exact(tmp_path, monkeypatch):
-    opts = ["sgd", "adam", "emsa", "binaryconnect", "bop"] + (["binary-msa"] if HAS_DMSA else [])
+    opts = ["sgd", "adam", "emsa", "binaryconnect", "bop", "binary-msa"]
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         "dataset: mnist1d\nmnist1d_samples: 200\nmodel: mlp\nmodel_args: {widths: [32, 32], dropout: 0.1}\n"
@@ -251,56 +249,6 @@ def test_torchrun_two_processes_match_one(tmp_path):
 # ---------------------------------------------------------------------------------- discrete MSA
 
 
-class _FakeDiscreteMSA(torch.optim.Optimizer):
-    """Stand-in with DiscreteMSA's signature (no ``gamma``): flips a binary weight when an EMA of
-    the gradient agrees with it in sign and exceeds rho times its largest entry."""
-
-    def __init__(self, model, rho=0.5, decay=0.999):
-        from pmptrain.quant import discrete_parameters
-
-        params = [d.param for d in discrete_parameters(model)]
-        ids = {id(p) for p in params}
-        super().__init__(params, dict(rho=rho, decay=decay))
-        self.fallback = torch.optim.Adam([p for p in model.parameters() if id(p) not in ids])
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                m = self.state[p].setdefault("m", torch.zeros_like(p))
-                m.mul_(g["decay"]).add_(p.grad, alpha=1 - g["decay"])
-                flip = (m * p > g["rho"] * m.abs().max())
-                p.copy_(torch.where(flip, -p, p))
-        self.fallback.step()
-
-    def zero_grad(self, set_to_none=True):
-        super().zero_grad(set_to_none)
-        self.fallback.zero_grad(set_to_none)
-
-
-def test_discrete_msa_is_lazy_and_gamma_shrinks_decay(tmp_path, monkeypatch):
-    import types
-
-    fake = types.ModuleType("pmptrain.discrete_optim")
-    fake.DiscreteMSA = _FakeDiscreteMSA
-    monkeypatch.setitem(sys.modules, "pmptrain.discrete_optim", fake)
-    out = tmp_path / "d"
-    assert cli.main(["bench", "--optimizers", "binary-msa", "--epochs", "2", "--seeds", "1",
-                     "--opt-arg", "binary-msa.gamma=0.5", "--out", str(out), *TINY]) == 0
-    ck = torch.load(out / "runs" / "binary-msa" / "seed0" / "checkpoint.pt", weights_only=False)
-    assert ck["optimizer"]["param_groups"][0]["decay"] == pytest.approx(1 - 0.001 * 0.5)
-    assert _results(out)["rows"][0]["setting"] == "rho=0.5"
-
-
-def test_missing_discrete_msa_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "pmptrain.discrete_optim", None)  # import fails
-    assert not registry.discrete_msa_available()
-    code = cli.main(["bench", "--optimizers", "binary-msa", "--epochs", "1", "--seeds", "1",
-                     "--out", str(tmp_path / "m"), *TINY])
-    assert code == 1 and "DiscreteMSA" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(not HAS_DMSA, reason="pmptrain.discrete_optim.DiscreteMSA not available")
 def test_real_discrete_msa_gamma_via_end_epoch(tmp_path):
     out = tmp_path / "g"
     assert cli.main(["bench", "--optimizers", "binary-msa,ternary-msa", "--epochs", "2", "--seeds",

@@ -1,4 +1,5 @@
-"""Tests of pmptrain.discrete_optim.DiscreteMSA against the pure rule of pmptrain.discrete."""
+"""Tests of pmptrain.DiscreteMSA against the pure rule of pmptrain.discrete (its generic optimizer
+contract: tests/test_contract.py)."""
 
 import copy
 import math
@@ -19,8 +20,7 @@ from pmptrain.discrete import (
     relative_lambda,
     ternary_grid,
 )
-from pmptrain.discrete_optim import DiscreteMSA, GroupScheduler
-from pmptrain.optim import EMSA
+from pmptrain.optim import EMSA, DiscreteMSA, GroupScheduler
 from pmptrain.quant import discrete_parameters
 
 LEVELS = ["binary", "ternary", 2, 4]
@@ -67,7 +67,7 @@ def test_update_equals_pure_rule_by_hand_and_stays_on_grid(levels, dtype, scale)
     rho, a, lam = 0.3, 0.9, (0.002 if levels != "binary" else 0.0)
     opt = DiscreteMSA(model, rho=rho, decay=a, lam=lam, acc_init=1e-7)  # default 1e-12
     dts = discrete_parameters(model)
-    accs = [torch.where(d.param >= 0, 1e-7, -1e-7).to(dtype) for d in dts]
+    accs = [torch.where(d.param >= 0, 1.0, -1.0).to(dtype) * 1e-7 for d in dts]
     for step in range(4):
         x, y = data(seed=step, dtype=dtype)
         opt.zero_grad()
@@ -81,7 +81,7 @@ def test_update_equals_pure_rule_by_hand_and_stays_on_grid(levels, dtype, scale)
             rho_k, _ = penalty_scale(acc, w, d.grid, rho, lam)
             expect = discrete_argmax(w, acc, d.grid, rho_k, lam)
             assert torch.equal(d.param.detach(), expect), (levels, step, d.name)
-            assert torch.equal(opt.state[d.param]["accumulator"], acc)
+            assert torch.equal(opt.state_of(d.param).accumulator, acc)
             assert on_grid(d.param.detach(), d.grid)
             layer = opt.last_step["discrete"]["layers"][d.name]
             assert layer["flips"] == int((expect != w).sum()) and layer["rho_k"] == float(rho_k)
@@ -123,7 +123,7 @@ def test_scope_and_relative_lambda_equal_the_pure_rule(levels, scope, lam_mode):
     rho, a, lam = 0.7, 0.9, (0.2 if lam_mode == "relative" else 0.002)
     opt = DiscreteMSA(model, rho=rho, decay=a, lam=lam, rho_scope=scope, lam_mode=lam_mode, acc_init=1e-7)
     dts = discrete_parameters(model)
-    accs = [torch.where(d.param >= 0, 1e-7, -1e-7).double() for d in dts]
+    accs = [torch.where(d.param >= 0, 1.0, -1.0).double() * 1e-7 for d in dts]
     for step in range(5):
         x, y = data(seed=step, dtype=torch.float64)
         opt.zero_grad()
@@ -137,7 +137,7 @@ def test_scope_and_relative_lambda_equal_the_pure_rule(levels, scope, lam_mode):
             rho_k, _ = penalty_scale(acc, w, d.grid, rho, lk, scope=scope)
             expect = discrete_argmax(w, acc, d.grid, rho_k, lk)
             assert torch.equal(d.param.detach(), expect), (levels, step, d.name)
-            assert torch.equal(opt.state[d.param]["accumulator"], acc)
+            assert torch.equal(opt.state_of(d.param).accumulator, acc)
             layer = opt.last_step["discrete"]["layers"][d.name]
             assert layer["flips"] == int((expect != w).sum()) and layer["rho_k"] == float(rho_k.max())
 
@@ -193,7 +193,7 @@ def test_empty_wrong_set_leaves_tensors_unchanged(levels):
     opt = DiscreteMSA(model, rho=0.5, lam=lam)
     for d in discrete_parameters(model):  # every code maximises M q - λ|q|: the wrong set is empty
         w = d.param.detach()
-        opt.state[d.param]["accumulator"] = torch.where(w == 0, 0.5 * lam, 2 * lam + 0.1 * w.abs()) * torch.where(w >= 0, 1.0, -1.0)
+        opt.state_of(d.param).accumulator = torch.where(w == 0, 0.5 * lam, 2 * lam + 0.1 * w.abs()) * torch.where(w >= 0, 1.0, -1.0)
     before = codes(model)
     opt.zero_grad()
     (0.0 * model(data()[0]).sum()).backward()  # zero gradient: M = a·M, still all right
@@ -309,10 +309,11 @@ def test_non_finite_gradient_skips_and_leaves_everything_bit_identical():
         assert opt.last_step["skipped"] and opt.last_step["discrete"]["layers"] == {}
         for k, v in model.named_parameters():
             assert torch.equal(v, msd[k]), k
-        now = opt.state_dict()
-        for i, st in osd["state"].items():
-            for k, v in st.items():
-                assert torch.equal(torch.as_tensor(now["state"][i][k]), torch.as_tensor(v)), (i, k)
+        now = opt.state_dict()["pmptrain"]["units"]
+        for name, unit in osd["pmptrain"]["units"].items():
+            for k, v in (unit["state"] or {}).items():
+                assert (now[name]["state"][k] is None) if v is None else \
+                    torch.equal(torch.as_tensor(now[name]["state"][k]), torch.as_tensor(v)), (name, k)
     assert opt.skipped_steps == 2
 
     def nan_loss():  # finite gradients, non-finite loss returned by the closure: skipped too
@@ -358,8 +359,10 @@ def test_state_dict_resume_is_bit_exact(levels, extra):
     for (k, v), v2 in zip(ref_model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(v, v2), k
     for p, p2 in zip(ref_model.parameters(), model2.parameters()):
-        for k, v in ref_opt.state[p].items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt2.state[p2][k])), k
+        a, b = ref_opt.state_of(p), opt2.state_of(p2)
+        for k in vars(a):
+            va, vb = getattr(a, k), getattr(b, k)
+            assert torch.equal(torch.as_tensor(va), torch.as_tensor(vb)) if va is not None else vb is None, k
     assert opt2.param_groups[0]["decay"] == ref_opt.param_groups[0]["decay"]
 
 

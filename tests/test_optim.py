@@ -1,7 +1,9 @@
-"""The torch.optim contract of EMSA/MSA: SGD limit, groups, schedulers, resume, errors, NaN guard."""
+"""EMSA / MSA in the training loops people write: the update follows ``.grad`` (clipping, edits,
+accumulation), every route against a dense float64 solve, zero_grad, decay groups, tied weights,
+torch.compile, errors and reference problems. The generic torch.optim contract is tested for every
+optimizer in tests/test_contract.py."""
 
 import copy
-import io
 import math
 import warnings
 
@@ -11,25 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import pmptrain
-from pmptrain.hamiltonian import solve_affine_rows
+import pmptrain.capture as capture_mod
+from pmptrain.hamiltonian import affine_augmented_hamiltonian
+from pmptrain.modules import adapter_for
 
-# One registry of configurations drives the shared tests (name, kwargs).
-CONFIGS = {
-    "default": {},
-    "primal": {"route": "primal"},
-    "gram": {"route": "gram"},
-    "isotropic": {"costate": "isotropic"},
-    "running": {"stat_decay": 0.9, "eig_refresh": 2},
-    "sgd-fallback": {"fallback": "sgd", "fallback_lr": 0.01},
-    "iterative": {"solver": "iterative", "inner_steps": 2},
-}
-
-
-def mlp_bn(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.0), nn.Linear(12, 3), nn.LogSoftmax(-1)
-    ).to(dtype)
+DT = torch.float64
 
 
 def plain_mlp(dtype=torch.float32, seed=0):
@@ -37,26 +25,17 @@ def plain_mlp(dtype=torch.float32, seed=0):
     return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).to(dtype)
 
 
+def mlp_bn(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3)).to(dtype)
+
+
 def data(n=16, seed=1, dtype=torch.float32, shape=(6,)):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, *shape, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)
 
 
-def train(model, opt, steps, seed=1, shape=(6,), loss_fn=F.nll_loss):
-    losses = []
-    for i in range(steps):
-        x, y = data(seed=seed + i, shape=shape, dtype=next(model.parameters()).dtype)
-        opt.zero_grad()
-        out = model(x)
-        loss = loss_fn(out, y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 def fit_full_batch(model, opt, x, y, loss_fn, steps):
-    """``steps`` optimizer steps on one fixed batch; the loss before each step."""
     losses = []
     for _ in range(steps):
         opt.zero_grad()
@@ -67,25 +46,28 @@ def fit_full_batch(model, opt, x, y, loss_fn, steps):
     return losses
 
 
-def step_in_lockstep(pairs, steps=1, schedulers=()):
-    """Train every ``(model, optimizer)`` pair on the same batches (one per step), cross-entropy."""
-    for i in range(steps):
-        for model, opt in pairs:
-            x, y = data(seed=i)
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        for sch in schedulers:
-            sch.step()
-
-
-def assert_bit_identical(a, b):
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
-
-
 def params_of(model):
     return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same(a, b):
+    """Nested dicts/lists of tensors and plain values are equal (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def changes(model, before):
+    return [p.detach() - q for p, q in zip(model.parameters(), before)]
 
 
 # ----------------------------------------------------------------------------- the SGD limit
@@ -93,236 +75,388 @@ def params_of(model):
 
 def test_rho_zero_is_exactly_sgd():
     a, b = plain_mlp(), plain_mlp()
-    step_in_lockstep([(a, pmptrain.EMSA(a, lr=0.1, rho=0.0)), (b, torch.optim.SGD(b.parameters(), lr=0.1))], 3)
-    assert_bit_identical(a, b)
-
-
-def test_msa_is_sgd_and_rejects_rho():
-    a, b = plain_mlp(), plain_mlp()
-    step_in_lockstep([(a, pmptrain.MSA(a, lr=0.05)), (b, torch.optim.SGD(b.parameters(), lr=0.05))])
-    assert_bit_identical(a, b)
+    oa, ob = pmptrain.EMSA(a, lr=0.1, rho=0.0), torch.optim.SGD(b.parameters(), lr=0.1)
+    for i in range(3):
+        for m, o in ((a, oa), (b, ob)):
+            x, y = data(seed=i)
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    mb = plain_mlp()
+    ms = pmptrain.MSA(mb, lr=0.1)
+    assert not any(m._forward_hooks for m in mb.modules())  # basic MSA needs no captured states
     with pytest.raises(TypeError, match="rho"):
         pmptrain.MSA(plain_mlp(), rho=1.0)
-
-
-def test_step_equals_closed_form_computed_by_hand():
-    model = plain_mlp(torch.float64)
-    opt = pmptrain.EMSA(model, lr=0.5, rho=2.0)
-    x, y = data(dtype=torch.float64)
-    before = params_of(model)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    # reference costates by autograd on a functional copy
-    w0, b0, w1, b1 = [p.detach().clone().requires_grad_(True) for p in before]
-    y0 = F.linear(x, w0, b0)
-    y1 = F.linear(torch.tanh(y0), w1, b1)
-    g0, g1 = torch.autograd.grad(F.cross_entropy(y1, y), [y0, y1])
-    opt.step()
-    B = x.shape[0]
-    dW0, db0 = solve_affine_rows(x, -B * g0, B, 2.0, 2.0, True)
-    dW1, db1 = solve_affine_rows(torch.tanh(y0).detach(), -B * g1, B, 2.0, 2.0, True)
-    after = list(model.parameters())
-    for new, old, d in zip(after, before, (dW0, db0, dW1, db1)):
-        torch.testing.assert_close(new - old, d, rtol=1e-9, atol=1e-12)
-    assert opt.last_step["controlled"] == 2 and opt.last_step["fallback"] == 0
-    assert float(opt.last_step["hamiltonian_gain"]) > 0
-
-
-# ----------------------------------------------------------------------------- contract
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_configs_lower_the_training_loss(name):
-    model = mlp_bn()
-    opt = pmptrain.EMSA(model, **CONFIGS[name])
-    x, y = data(n=32)
-    losses = fit_full_batch(model, opt, x, y, F.nll_loss, 15)
-    assert losses[-1] < 0.8 * losses[0]
-    assert opt.skipped_steps == 0
-
-
-def test_step_closure_returns_the_loss():
-    model = plain_mlp()
-    opt = pmptrain.EMSA(model)
-    x, y = data()
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    with torch.no_grad():
-        expected = F.cross_entropy(model(x), y)
-    loss = opt.step(closure)
-    torch.testing.assert_close(loss.detach(), expected)
-    assert opt.step(closure).item() < loss.item()
-
-
-def test_zero_grad_set_to_none():
-    model = plain_mlp()
-    opt = pmptrain.EMSA(model)
-    x, y = data()
-    F.cross_entropy(model(x), y).backward()
-    opt.zero_grad(set_to_none=True)
-    assert all(p.grad is None for p in model.parameters())
-    F.cross_entropy(model(x), y).backward()
-    opt.zero_grad(set_to_none=False)
-    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
-
-
-def test_param_groups_carry_their_own_lr():
-    a, b = plain_mlp(), plain_mlp()
-    opt_a = pmptrain.EMSA(a, [{"params": a[0].parameters(), "lr": 0.3}, {"params": a[2].parameters()}], lr=0.05, rho=0.0)
-    opt_b = torch.optim.SGD([{"params": b[0].parameters(), "lr": 0.3}, {"params": b[2].parameters()}], lr=0.05)
-    step_in_lockstep([(a, opt_a), (b, opt_b)])
-    assert_bit_identical(a, b)
-
-
-def test_per_group_rho_and_add_param_group():
-    model = plain_mlp(torch.float64)
-    opt = pmptrain.EMSA(model, list(model[0].parameters()), lr=0.5, rho=1.0)
-    w2 = model[2].weight.detach().clone()
-    train(model, opt, 1, loss_fn=F.cross_entropy)
-    assert torch.equal(model[2].weight, w2)  # not in any group: untouched
-    assert opt.last_step["controlled"] == 1
-    opt.add_param_group({"params": list(model[2].parameters()), "rho": 3.0})
-    assert opt.param_groups[1]["rho"] == 3.0 and opt.param_groups[1]["lr"] == 0.5
-    train(model, opt, 1, loss_fn=F.cross_entropy)
-    assert not torch.equal(model[2].weight, w2)
-    assert opt.last_step["controlled"] == 2 and opt.last_step["fallback"] == 0  # closed form, hooked
     with pytest.raises(ValueError, match="rho"):
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "rho": -1.0})
+        ms.param_groups[0]["rho"] = 1.0
+        ms.zero_grad()
+        F.cross_entropy(mb(data()[0]), data()[1]).backward()
+        ms.step()
 
 
-def test_module_split_across_groups_is_rejected():
-    model = plain_mlp()
-    with pytest.raises(ValueError, match="split across param groups"):
-        pmptrain.EMSA(model, [{"params": [model[0].weight]}, {"params": [model[0].bias, *model[2].parameters()]}])
+# ------------------------------------------------------------- every route vs a dense solve
 
 
-def test_lr_scheduler_drives_delta():
-    a, b = plain_mlp(), plain_mlp()
-    opt_a = pmptrain.EMSA(a, lr=0.2, rho=0.0)
-    opt_b = torch.optim.SGD(b.parameters(), lr=0.2)
-    sch_a = torch.optim.lr_scheduler.StepLR(opt_a, 1, gamma=0.5)
-    sch_b = torch.optim.lr_scheduler.StepLR(opt_b, 1, gamma=0.5)
-    step_in_lockstep([(a, opt_a), (b, opt_b)], 3, schedulers=(sch_a, sch_b))
-    assert opt_a.param_groups[0]["lr"] == pytest.approx(0.2 / 8)
-    assert_bit_identical(a, b)
-    # with rho > 0 a smaller lr gives a smaller step (δ = 1/lr grows)
-    sizes = []
-    for lr in (1.0, 0.1):
-        m = plain_mlp()
-        o = pmptrain.EMSA(m, lr=lr, rho=1.0)
-        w = m[0].weight.detach().clone()
-        train(m, o, 1, loss_fn=F.cross_entropy)
-        sizes.append((m[0].weight - w).norm().item())
-    assert sizes[1] < sizes[0]
+class _Recorder:
+    """Independent capture for the reference: inputs and output gradients of the named modules."""
+
+    def __init__(self, modules):
+        self.x, self.g, self.handles = {}, {}, []
+        for name, m in modules.items():
+            self.handles.append(m.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(mod, args, out):
+            self.x.setdefault(name, []).append(args[0].detach())
+            out.register_hook(lambda g: self.g.setdefault(name, []).append(g.detach()))
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
-def test_lr_zero_freezes_controlled_modules():
-    model = plain_mlp()
-    opt = pmptrain.EMSA(model, lr=0.0)
-    before = params_of(model)
-    train(model, opt, 2, loss_fn=F.cross_entropy)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+def _reference_step(module, xs, gs, batch, gw, gb, rho, delta_w, delta_b, costate):
+    """Maximiser of H̃ from its definition, by one Newton step (exactly quadratic), with the linear
+    term from the user's gradients ``gw``/``gb`` and the costate penalty exact or isotropic."""
+    ad = adapter_for(module)
+    x_rows = torch.cat([ad.input_rows(module, x) for x in xs]).to(DT)
+    p_rows = -batch * torch.cat([ad.output_rows(module, g) for g in gs]).to(DT)
+    m, n = ad.weight_shape_2d(module)
+    if costate == "isotropic":  # the surrogate with C_p = tr(C_p)/m · I
+        tau = p_rows.pow(2).sum() / (batch * m)
+        p_rows = torch.eye(m, dtype=DT) * torch.sqrt(tau * batch)
+    gw2 = gw.reshape(m, n).to(DT)
+    sizes = [m * n] + ([m] if gb is not None else [])
+
+    def neg(t):
+        dw, db = t[: m * n].view(m, n), (t[m * n:] if gb is not None else None)
+        # the state penalty sees all rows; the costate penalty the (surrogate) costate rows
+        state = affine_augmented_hamiltonian(dw, db, x_rows, torch.zeros(x_rows.shape[0], m, dtype=DT), batch,
+                                             rho, delta_w, gw2, gb, delta_b)
+        cost = (p_rows @ dw).pow(2).sum() / batch
+        return -(state - 0.5 * rho * cost)
+
+    t0 = torch.zeros(sum(sizes), dtype=DT)
+    sol = torch.linalg.solve(torch.autograd.functional.hessian(neg, t0), -torch.autograd.functional.jacobian(neg, t0))
+    return sol[: m * n].view_as(gw), (sol[m * n:] if gb is not None else None)
 
 
-@pytest.mark.parametrize("name", ["default", "running", "sgd-fallback", "isotropic", "iterative"])
-def test_state_dict_resume_is_bit_exact(name):
-    kwargs = CONFIGS[name]
-    ref = mlp_bn()
-    opt = pmptrain.EMSA(ref, **kwargs)
-    train(ref, opt, 6)
+def _route_model():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+        nn.Linear(3 * 16, 5),    # 8 rows < 48 inputs: Gram on the state side
+        nn.Tanh(), nn.Linear(5, 20),  # 8 rows < 20 outputs: Gram on the costate side
+    ).double()
 
-    run = mlp_bn()
-    opt1 = pmptrain.EMSA(run, **kwargs)
-    train(run, opt1, 3)
-    buf = io.BytesIO()
-    torch.save({"model": run.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    fresh = mlp_bn(seed=123)
-    fresh.load_state_dict(ckpt["model"])
-    opt2 = pmptrain.EMSA(fresh, **kwargs)
-    opt2.load_state_dict(ckpt["opt"])
-    train(fresh, opt2, 3, seed=4)
-    for p, q in zip(ref.state_dict().values(), fresh.state_dict().values()):
+
+@pytest.mark.parametrize("route", ["auto", "primal", "gram"])
+@pytest.mark.parametrize("costate", ["exact", "isotropic"])
+def test_every_route_equals_a_dense_float64_solve_with_the_edited_gradient(route, costate):
+    model = _route_model()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    lr_w, lr_b, rho = 0.7, 2.0, 1.3
+    # weights and biases in different groups with different lr: δ_W ≠ δ_b
+    opt = pmptrain.EMSA(model, [{"params": weights, "lr": lr_w}, {"params": biases, "lr": lr_b}], rho=rho,
+                        route=route, costate=costate)
+    mods = {n: m for n, m in model.named_modules() if adapter_for(m) is not None}
+    rec = _Recorder(mods)
+    x = torch.randn(8, 2, 4, 4, dtype=DT, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(8, 20, dtype=DT, generator=torch.Generator().manual_seed(1))
+    opt.zero_grad()
+    F.mse_loss(model(x), target).backward()
+    rec.remove()
+    # the user edits .grad between backward() and step(): clipping and noise
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-2)
+    g = torch.Generator().manual_seed(2)
+    for p in model.parameters():
+        p.grad.add_(1e-4 * torch.randn(p.shape, generator=g, dtype=DT))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for name, module in mods.items():
+        dw, db = _reference_step(module, rec.x[name], rec.g[name], 8, grads[f"{name}.weight"], grads[f"{name}.bias"],
+                                 rho, 1 / lr_w, 1 / lr_b, costate)
+        torch.testing.assert_close(module.weight.detach() - before[f"{name}.weight"], dw, rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(module.bias.detach() - before[f"{name}.bias"], db, rtol=1e-8, atol=1e-12)
+
+
+def test_running_average_first_step_equals_the_exact_primal_step():
+    a, b = _route_model(), _route_model()
+    oa = pmptrain.EMSA(a, stat_decay=0.9, eig_refresh=3)
+    ob = pmptrain.EMSA(b, route="primal", costate="exact")
+    x = torch.randn(8, 2, 4, 4, dtype=DT)
+    t = torch.randn(8, 20, dtype=DT)
+    for m, o in ((a, oa), (b, ob)):
+        F.mse_loss(m(x), t).backward()
+        o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------- .grad is the gradient
+
+
+@pytest.mark.parametrize("kw", [{}, {"route": "primal", "costate": "exact"}, {"route": "gram", "costate": "exact"},
+                                {"costate": "isotropic"}, {"stat_decay": 0.5}])
+def test_clipping_scales_the_update_exactly(kw):
+    """The maximiser is linear in ∇J for fixed curvature: clipping the gradient by c scales every
+    controlled step by c (the bug it guards against: Gram-route layers ignored clipping)."""
+    steps = []
+    for clip in (None, 1e-4):
+        model = _route_model()
+        opt = pmptrain.EMSA(model, fallback="sgd", **kw)
+        x = torch.randn(8, 2, 4, 4, dtype=DT)
+        F.mse_loss(model(x), torch.randn(8, 20, dtype=DT)).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else math.inf)
+        before = params_of(model)
+        opt.step()
+        steps.append((changes(model, before), float(norm)))
+    (full, norm), (clipped, _) = steps
+    c = 1e-4 / (norm + 1e-6)
+    for a, b in zip(full, clipped):
+        torch.testing.assert_close(b, c * a, rtol=1e-7, atol=1e-15)
+
+
+def _accum_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5, 7), nn.Tanh(),
+                         nn.Linear(7, 30)).double()
+
+
+@pytest.mark.parametrize("kw", [{}, {"route": "primal", "costate": "exact"}, {"route": "gram", "costate": "exact"},
+                                {"costate": "isotropic"}, {"stat_decay": 0.5},
+                                {"solver": "iterative", "inner_steps": 3}])
+def test_accumulated_micro_batches_equal_one_step_on_their_union(kw):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2, 5, generator=g, dtype=DT)
+    t = torch.randn(16, 30, generator=g, dtype=DT)
+    big, acc = _accum_model(), _accum_model()
+    ob, oa = pmptrain.EMSA(big, **kw), pmptrain.EMSA(acc, **kw)
+    for _ in range(2):
+        ob.zero_grad()
+        F.mse_loss(big(x), t).backward()
+        ob.step()
+        oa.zero_grad()
+        for i in range(4):  # 4 micro-batches of loss/4
+            (F.mse_loss(acc(x[4 * i:4 * i + 4]), t[4 * i:4 * i + 4]) / 4).backward()
+        oa.step()
+    for p, q in zip(big.parameters(), acc.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("how", ["optimizer", "model", "set_to_none_false", "none"])
+def test_a_discarded_backward_does_not_enter_the_next_step(how):
+    x1, y1 = data(seed=1, dtype=DT)
+    x2, y2 = data(seed=2, dtype=DT)
+    model, ref = plain_mlp(DT), plain_mlp(DT)
+    opt, ref_opt = pmptrain.EMSA(model), pmptrain.EMSA(ref)
+    F.cross_entropy(model(x1), y1).backward()  # e.g. a probe backward, then discarded
+    if how == "optimizer":
+        opt.zero_grad()
+    elif how == "model":
+        model.zero_grad()
+    elif how == "set_to_none_false":
+        opt.zero_grad(set_to_none=False)
+    else:
+        for p in model.parameters():
+            p.grad = None
+    F.cross_entropy(model(x2), y2).backward()
+    opt.step()
+    F.cross_entropy(ref(x2), y2).backward()
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_zero_grad_between_forward_and_backward_keeps_the_statistics():
+    """Lightning's closure calls zero_grad() after the forward pass and before backward()."""
+    model, ref = plain_mlp(DT), plain_mlp(DT)
+    opt, ref_opt = pmptrain.EMSA(model), pmptrain.EMSA(ref)
+    x, y = data(dtype=DT)
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    ref_opt.zero_grad()
+    F.cross_entropy(ref(x), y).backward()
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
-    if name == "running":
-        assert set(opt2.module_state) == {"0", "4"}
 
 
-def test_load_state_dict_validates():
+def test_decoupled_weight_decay_on_controlled_and_fallback_parameters():
+    """nanoGPT/HF decay groups: matrices decayed, biases and norms not; the decay is
+    ``θ ← (1 − η·wd)θ`` with ``η = fallback_lr·lr/initial_lr``, on top of the same maximiser step."""
+    wd, fb_lr = 0.1, 1e-2
+    runs = []
+    for decay in (0.0, wd):
+        model = mlp_bn(DT)
+        dec = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
+        nodec = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() == 2)]
+        opt = pmptrain.EMSA(model, [{"params": dec, "weight_decay": decay}, {"params": nodec, "weight_decay": 0.0}],
+                            fallback_lr=fb_lr)
+        before = params_of(model)
+        x, y = data(dtype=DT)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        runs.append((before, params_of(model), [n for n, _ in model.named_parameters()]))
+    (b0, a0, names), (_, a1, _) = runs
+    for n, w0, p_no, p_wd in zip(names, b0, a0, a1):
+        if n.endswith("weight") and w0.dim() == 2:
+            torch.testing.assert_close(p_wd, p_no - fb_lr * wd * w0, rtol=1e-12, atol=1e-14)
+        else:
+            assert torch.equal(p_wd, p_no)
+
+
+def test_lr_schedules_reach_the_fallback_and_lr_zero_freezes_everything():
     model = mlp_bn()
-    opt = pmptrain.EMSA(model, stat_decay=0.5)
-    train(model, opt, 1)
-    sd = opt.state_dict()
-    with pytest.raises(ValueError, match="pmptrain"):
-        pmptrain.EMSA(mlp_bn()).load_state_dict(torch.optim.SGD(mlp_bn().parameters(), lr=0.1).state_dict())
-    other = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
-    with pytest.raises(ValueError, match="modules this model does not have"):
-        pmptrain.EMSA(other).load_state_dict(sd)
+    opt = pmptrain.EMSA(model, lr=1.0, fallback="sgd", fallback_lr=0.1, momentum=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.25)
+    assert opt.param_groups[0]["lr"] == 0.25
+    x, y = data()
+    F.cross_entropy(model(x), y).backward()
+    g_bn = model[1].weight.grad.clone()
+    w_bn = model[1].weight.detach().clone()
+    opt.step()
+    torch.testing.assert_close(model[1].weight, w_bn - 0.1 * 0.25 * g_bn)  # fallback at fallback_lr·lr/initial_lr
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    before = params_of(model)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    del sched
 
 
-# ----------------------------------------------------------------------------- errors
+# ----------------------------------------------------------------------------- tied weights
 
 
-@pytest.mark.parametrize(
-    "kwargs,arg",
-    [
-        ({"lr": -1.0}, "lr"),
-        ({"lr": float("nan")}, "lr"),
-        ({"rho": -0.1}, "rho"),
-        ({"route": "fast"}, "route"),
-        ({"costate": "none"}, "costate"),
-        ({"stat_decay": 1.0}, "stat_decay"),
-        ({"eig_refresh": 0}, "eig_refresh"),
-        ({"eig_floor": -1.0}, "eig_floor"),
-        ({"fallback": "rmsprop"}, "fallback"),
-        ({"fallback_lr": -1.0}, "fallback_lr"),
-        ({"betas": (0.9, 1.0)}, "betas"),
-        ({"eps": 0.0}, "eps"),
-        ({"momentum": 1.0}, "momentum"),
-        ({"weight_decay": -1.0}, "weight_decay"),
-        ({"solver": "magic"}, "solver"),
-        ({"inner_steps": 0}, "inner_steps"),
-        ({"inner_lr": 0.0}, "inner_lr"),
-        ({"inner_optimizer": "newton"}, "inner_optimizer"),
-    ],
-)
-def test_invalid_hyper_parameters_name_the_argument(kwargs, arg):
-    with pytest.raises(ValueError, match=arg):
-        pmptrain.EMSA(plain_mlp(), **kwargs)
+class TinyLM(nn.Module):
+    def __init__(self, vocab=11, d=6, bias=False):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.lm_head = nn.Linear(d, vocab, bias=bias)
+        self.lm_head.weight = self.wte.weight  # tied, as nanoGPT / GPT-2
+
+    def forward(self, idx):
+        return self.lm_head(torch.tanh(self.mix(self.wte(idx))))
 
 
-def test_model_must_be_a_module():
-    with pytest.raises(TypeError, match="model"):
-        pmptrain.EMSA(list(plain_mlp().parameters()))
+@pytest.mark.parametrize("costate", ["exact", "isotropic"])
+def test_tied_embedding_and_output_layer_get_the_joint_maximiser(costate):
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a supported tie: no warning
+        opt = pmptrain.EMSA(model, lr=0.8, rho=1.2, costate=costate, route="primal")
+    table = {r["unit"]: r["rule"] for r in opt.rule_table()}
+    assert table["wte+lm_head"] == "emsa" and table["mix"] == "emsa"
+    idx = torch.randint(0, 9, (3, 4), generator=torch.Generator().manual_seed(1))  # tokens 9, 10 unused
+    tgt = torch.randint(0, 11, (3, 4), generator=torch.Generator().manual_seed(2))
+    rec = _Recorder({"wte": model.wte, "lm_head": model.lm_head})
+    F.cross_entropy(model(idx).reshape(-1, 11), tgt.reshape(-1)).backward()
+    rec.remove()
+    E0 = model.wte.weight.detach().clone()
+    G = model.wte.weight.grad.clone()  # the sum of both modules' gradients
+    opt.step()
+    # reference: Newton on the sum of both augmented Hamiltonians, one proximal term
+    h = rec.x["lm_head"][0].reshape(-1, 6)
+    p = -3 * rec.g["lm_head"][0].reshape(-1, 11)
+    if costate == "isotropic":
+        tau = p.pow(2).sum() / (3 * 11)
+        p = torch.eye(11, dtype=DT) * torch.sqrt(tau * 3)
+    onehot = F.one_hot(idx.reshape(-1), 11).to(DT)
+    rho, delta = 1.2, 1 / 0.8
+
+    def neg(t):
+        de = t.view(11, 6)
+        lin_state = (h @ de.T).pow(2).sum() / 3
+        lin_cost = (p @ de).pow(2).sum() / 3
+        emb_state = (onehot @ de).pow(2).sum() / 3
+        return -(-(G * de).sum() - 0.5 * rho * (lin_state + lin_cost + emb_state) - 0.5 * delta * de.pow(2).sum())
+
+    t0 = torch.zeros(66, dtype=DT)
+    ref = torch.linalg.solve(torch.autograd.functional.hessian(neg, t0), -torch.autograd.functional.jacobian(neg, t0))
+    torch.testing.assert_close(model.wte.weight.detach() - E0, ref.view(11, 6), rtol=1e-8, atol=1e-12)
+    assert model.lm_head.weight is model.wte.weight
 
 
-def test_step_without_backward_raises():
+def test_unsupported_tie_falls_back_with_a_warning_naming_the_modules():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), nn.Linear(4, 4))
+    model[2].bias = lin.bias  # a shared bias: no joint form
+    with pytest.warns(UserWarning, match=r"\['0', '2'\].*share a bias"):
+        opt = pmptrain.EMSA(model)
+    assert {r["rule"] for r in opt.rule_table()} == {"fallback"}
+    with pytest.raises(ValueError, match="strict"):
+        pmptrain.EMSA(model, strict=True)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def test_compiled_model_created_after_the_optimizer_trains_like_eager():
+    eager, comp = plain_mlp(), plain_mlp()
+    oe, oc = pmptrain.EMSA(eager), pmptrain.EMSA(comp)
+    cmodel = torch.compile(comp)
+    x, y = data()
+    for m, o in ((eager, oe), (cmodel, oc)):
+        for _ in range(2):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    assert not oc.last_step["skipped"] and oc.last_step["controlled"] == 2
+    for p, q in zip(eager.parameters(), comp.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_model_compiled_and_run_before_the_optimizer_gives_an_error_naming_compile():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = plain_mlp(seed=5)
+    cmodel = torch.compile(model)
+    x, y = data()
+    cmodel(x)  # traced without hooks
+    opt = pmptrain.EMSA(cmodel)
+    F.cross_entropy(cmodel(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"torch\.compile.*_dynamo\.reset"):
+        opt.step()
+    torch._dynamo.reset()  # the documented remedy: recompiled with the hooks
+    opt.zero_grad()
+    F.cross_entropy(cmodel(x), y).backward()
+    opt.step()
+    assert opt.last_step["controlled"] == 2
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- errors, edge cases
+
+
+def test_step_without_gradients_is_a_no_op_and_eval_mode_is_a_clear_error():
     model = plain_mlp()
     opt = pmptrain.EMSA(model)
-    with pytest.raises(RuntimeError, match="backward"):
-        opt.step()
+    before = params_of(model)
+    opt.step()  # no gradients at all: nothing to do, as in torch
     model(data()[0])  # forward only
-    with pytest.raises(RuntimeError, match="backward"):
-        opt.step()
-
-
-def test_forward_in_eval_mode_raises_a_clear_error():
-    model = plain_mlp()
-    opt = pmptrain.EMSA(model)
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     model.eval()
     x, y = data()
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="eval"):
         opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-def test_unsupported_modules_warn_once_and_strict_raises():
+def test_unsupported_modules_warn_once_naming_type_and_reason_and_strict_raises():
     class Scale(nn.Module):
         def __init__(self):
             super().__init__()
@@ -331,14 +465,15 @@ def test_unsupported_modules_warn_once_and_strict_raises():
         def forward(self, x):
             return x * self.s
 
-    model = nn.Sequential(nn.Linear(6, 3), Scale())
-    with pytest.warns(UserWarning, match="no closed-form") as rec:
+    model = nn.Sequential(nn.Linear(6, 3), Scale(), nn.Conv1d(3, 3, 1, groups=3))
+    with pytest.warns(UserWarning) as rec:
         opt = pmptrain.EMSA(model)
-    assert len([w for w in rec if "no closed-form" in str(w.message)]) == 1
+    msgs = [str(w.message) for w in rec]
+    assert any("'1' (Scale)" in m for m in msgs) and any("'2' (Conv1d)" in m and "groups=3" in m for m in msgs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         x, y = data()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model[1](model[0](x)), y).backward()
         s = model[1].s.detach().clone()
         opt.step()  # no second warning; the custom module takes the fallback
     assert not torch.equal(model[1].s, s)
@@ -346,7 +481,7 @@ def test_unsupported_modules_warn_once_and_strict_raises():
         pmptrain.EMSA(model, strict=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pmptrain.EMSA(model, exclude=["1"])  # explicitly excluded: silent fallback
+        pmptrain.EMSA(model, exclude=["1", "2"])  # explicitly excluded: silent fallback
         pmptrain.EMSA(mlp_bn(), strict=True)  # norm layers are a documented fallback
     with pytest.raises(ValueError, match="exclude"):
         pmptrain.EMSA(model, exclude=["nope"])
@@ -366,26 +501,23 @@ def test_excluded_module_takes_the_fallback_step():
 
 def test_frozen_weight_or_bias():
     # frozen bias: the weight takes the no-bias closed form, the bias is untouched
-    model = plain_mlp(torch.float64)
+    model = plain_mlp(DT)
     model[0].bias.requires_grad_(False)
     opt = pmptrain.EMSA(model, lr=0.5, rho=2.0)
-    x, y = data(dtype=torch.float64)
-    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
-    y0 = F.linear(x, w0, b0).requires_grad_(True)
-    g0 = torch.autograd.grad(F.cross_entropy(model[2](torch.tanh(y0)), y), y0)[0]
-    opt.zero_grad()
+    x, y = data(dtype=DT)
+    rec = _Recorder({"0": model[0]})
     F.cross_entropy(model(x), y).backward()
+    rec.remove()
+    w0, b0, gw = model[0].weight.detach().clone(), model[0].bias.detach().clone(), model[0].weight.grad.clone()
     opt.step()
     assert torch.equal(model[0].bias, b0)
-    dW, db = solve_affine_rows(x, -x.shape[0] * g0, x.shape[0], 2.0, 2.0, False)
-    assert db is None
-    torch.testing.assert_close(model[0].weight - w0, dW, rtol=1e-9, atol=1e-12)
+    dw, _ = _reference_step(model[0], rec.x["0"], rec.g["0"], 16, gw, None, 2.0, 2.0, None, "exact")
+    torch.testing.assert_close(model[0].weight - w0, dw, rtol=1e-9, atol=1e-12)
     # frozen weight: the bias alone takes the fallback step (SGD here, to check the value)
-    model = plain_mlp(torch.float64)
+    model = plain_mlp(DT)
     model[0].weight.requires_grad_(False)
     opt = pmptrain.EMSA(model, fallback="sgd", fallback_lr=0.1, momentum=0.0)
     w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
-    opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     grad_b = model[0].bias.grad.clone()
     opt.step()
@@ -393,86 +525,30 @@ def test_frozen_weight_or_bias():
     torch.testing.assert_close(model[0].bias, b0 - 0.1 * grad_b)
 
 
-def test_tied_weights_take_the_fallback():
-    lin = nn.Linear(4, 4)
-    model = nn.Sequential(lin, nn.Tanh(), nn.Linear(4, 4))
-    model[2].weight = lin.weight
-    with pytest.warns(UserWarning, match="tied"):
-        opt = pmptrain.EMSA(model)
-    assert not opt._controlled
-
-
-# ----------------------------------------------------------------------------- non-finite guard
-
-
-def _snapshot(model, opt):
-    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
-
-
-def _assert_unchanged(model, opt, snap):
-    params, sd = snap
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
-    new = opt.state_dict()
-    assert new["state"].keys() == sd["state"].keys()
-    for k in sd["state"]:
-        for kk, v in sd["state"][k].items():
-            assert torch.equal(torch.as_tensor(new["state"][k][kk]), torch.as_tensor(v))
-    assert new["pmptrain"]["module_state"].keys() == sd["pmptrain"]["module_state"].keys()
-
-
-@pytest.mark.parametrize("where", ["loss", "grad", "statistics"])
-def test_non_finite_steps_are_skipped_and_change_nothing(where):
+def test_non_finite_captured_statistics_skip_the_step():
     model = mlp_bn()
     opt = pmptrain.EMSA(model, stat_decay=0.5)
-    train(model, opt, 2)  # fallback and running statistics exist
-    snap = _snapshot(model, opt)
     x, y = data()
-    opt.zero_grad()
-    out = model(x)
-    loss = F.nll_loss(out, y)
-    if where == "loss":
-        loss = loss * float("nan")
-        loss.backward()
-    else:
-        loss.backward()
-        if where == "grad":
-            model[1].weight.grad[0] = float("inf")
-        else:  # finite gradients, non-finite captured costate → non-finite statistics
-            opt.capture.records["0"][0].grad[0, 0] = float("inf")
+    F.nll_loss(model(x).log_softmax(-1), y).backward()
     opt.step()
-    assert opt.skipped_steps == 1
-    assert opt.last_step["skipped"] and opt.last_step["skip_reason"]
-    _assert_unchanged(model, opt, snap)
-    train(model, opt, 1)  # and training goes on
-    assert opt.skipped_steps == 1 and not opt.last_step["skipped"]
-
-
-def test_closure_nan_loss_is_skipped():
-    model = plain_mlp()
-    opt = pmptrain.EMSA(model)
     before = params_of(model)
-    x, y = data()
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y) * float("inf")
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    assert opt.skipped_steps == 1
+    sd = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    F.nll_loss(model(x).log_softmax(-1), y).backward()
+    opt.capture.peek("0").xx[0, 0] = float("inf")  # finite gradients, non-finite statistics
+    opt.step()
+    assert opt.skipped_steps == 1 and "statistics" in opt.last_step["skip_reason"]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-
-
-# ----------------------------------------------------------------------------- models, dtypes, hooks
+    assert_same(opt.state_dict()["pmptrain"], {**sd["pmptrain"], "skipped_steps": 1})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dtypes_are_kept_and_agree(dtype):
-    m32, m64 = plain_mlp(dtype), plain_mlp(torch.float64)
-    o32, o64 = pmptrain.EMSA(m32, lr=0.5, rho=1.0), pmptrain.EMSA(m64, lr=0.5, rho=1.0)
-    train(m32, o32, 2, loss_fn=F.cross_entropy)
-    train(m64, o64, 2, loss_fn=F.cross_entropy)
+    m32, m64 = plain_mlp(dtype), plain_mlp(DT)
+    o32, o64 = pmptrain.EMSA(m32, lr=0.5), pmptrain.EMSA(m64, lr=0.5)
+    x, y = data()
+    fit_full_batch(m32, o32, x.to(dtype), y, F.cross_entropy, 2)
+    fit_full_batch(m64, o64, x.double(), y, F.cross_entropy, 2)
     for p, q in zip(m32.parameters(), m64.parameters()):
         assert p.dtype == dtype
         torch.testing.assert_close(p.double(), q, rtol=1e-4, atol=1e-5)
@@ -512,24 +588,23 @@ def test_linear_on_sequence_inputs_and_modules_not_called():
     opt = pmptrain.EMSA(net)
     unused = net.unused.weight.detach().clone()
     x = torch.randn(4, 7, 5)  # [B, T, d]: rows = B·T
-    loss0 = None
-    for _ in range(10):
-        opt.zero_grad()
-        loss = F.mse_loss(net(x), torch.ones(4, 2))
-        loss.backward()
-        opt.step()
-        loss0 = loss.item() if loss0 is None else loss0
-    assert loss.item() < 0.5 * loss0
+    losses = fit_full_batch(net, opt, x, torch.ones(4, 2), F.mse_loss, 10)
+    assert losses[-1] < 0.5 * losses[0]
     assert torch.equal(net.unused.weight, unused)
 
 
-def test_detach_and_context_manager_remove_hooks():
-    model = plain_mlp()
-    with pmptrain.EMSA(model) as opt:
-        assert any(m._forward_hooks_with_kwargs for m in model.modules())
-    assert not any(m._forward_hooks_with_kwargs for m in model.modules())
-    with pytest.raises(RuntimeError, match="detached"):
-        opt.step()
+def test_conv_statistics_in_sample_chunks_equal_the_full_im2col(monkeypatch):
+    def step_with(chunk_rows):
+        monkeypatch.setattr(capture_mod, "_CHUNK_ROWS", chunk_rows)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 3)).double()
+        opt = pmptrain.EMSA(model, route="primal", costate="exact")
+        x, y = data(n=10, shape=(2, 6, 6), dtype=DT)
+        fit_full_batch(model, opt, x, y, F.cross_entropy, 2)
+        return params_of(model)
+
+    for a, b in zip(step_with(1 << 20), step_with(40)):  # 36 rows per sample: one sample per slice
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------- reference problems
@@ -538,13 +613,12 @@ def test_detach_and_context_manager_remove_hooks():
 def test_convex_least_squares_converges_to_the_optimum():
     """One Linear layer, MSE: E-MSA must reach the least-squares optimum (tolerance 1e-6)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 5, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(5, 2, generator=g, dtype=torch.float64) + 0.1 * torch.randn(64, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(64, 5, generator=g, dtype=DT)
+    y = x @ torch.randn(5, 2, generator=g, dtype=DT) + 0.1 * torch.randn(64, 2, generator=g, dtype=DT)
     model = nn.Linear(5, 2).double()
     losses = fit_full_batch(model, pmptrain.EMSA(model, lr=1.0, rho=1.0), x, y, F.mse_loss, 61)[1:]
-    xa = torch.cat([x, torch.ones(64, 1, dtype=torch.float64)], 1)
-    sol = torch.linalg.lstsq(xa, y).solution
-    best = F.mse_loss(xa @ sol, y).item()
+    xa = torch.cat([x, torch.ones(64, 1, dtype=DT)], 1)
+    best = F.mse_loss(xa @ torch.linalg.lstsq(xa, y).solution, y).item()
     assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))  # monotone decrease
     assert losses[-1] - best < 1e-6
 
@@ -564,30 +638,10 @@ def test_sin_regression_toy_short():
     for _ in range(10):
         perm = torch.randperm(500, generator=g)
         for i in range(0, 500, 50):
-            idx = perm[i : i + 50]
+            idx = perm[i: i + 50]
             opt.zero_grad()
             F.mse_loss(model(x[idx]), y[idx]).backward()
             opt.step()
     with torch.no_grad():
         end = F.mse_loss(model(x), y).item()
     assert end < 0.05 and end < 0.2 * start
-
-
-def test_conv_statistics_in_sample_chunks_equal_the_full_im2col(monkeypatch):
-    """The primal route builds C_x, C_p from slices of whole samples (bounded memory); the step
-    must equal the one from the full im2col matrix up to rounding."""
-    import pmptrain.optim as optim_mod
-
-    def step_with(chunk_rows):
-        monkeypatch.setattr(optim_mod, "_STATS_CHUNK_ROWS", chunk_rows)
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 3)).double()
-        opt = pmptrain.EMSA(model, route="primal", costate="exact")
-        x, y = data(n=10, shape=(2, 6, 6), dtype=torch.float64)
-        fit_full_batch(model, opt, x, y, F.cross_entropy, 2)
-        return [p.detach().clone() for p in model.parameters()]
-
-    full = step_with(1 << 20)  # one slice
-    chunked = step_with(40)  # 36 rows per sample: one sample per slice
-    for a, b in zip(full, chunked):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
