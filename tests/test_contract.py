@@ -339,7 +339,7 @@ SCHEDULERS = list(_schedulers(None))
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_every_lr_scheduler_drives_every_optimizer(cfg, name):
     """Each scheduler runs and writes the same lr sequence as on torch.optim.SGD; the fallback
-    (and discrete) steps follow lr/initial_lr."""
+    (and discrete) steps follow lr/base_lr."""
     model = cfg.make_model()
     opt = cfg.build(model)
     lr0 = float(opt.param_groups[0]["lr"])

@@ -290,7 +290,7 @@ def test_zero_grad_between_forward_and_backward_keeps_the_statistics():
 
 def test_decoupled_weight_decay_on_controlled_and_fallback_parameters():
     """nanoGPT/HF decay groups: matrices decayed, biases and norms not; the decay is
-    ``θ ← (1 − η·wd)θ`` with ``η = fallback_lr·lr/initial_lr``, on top of the same maximiser step."""
+    ``θ ← (1 − η·wd)θ`` with ``η = fallback_lr·lr/base_lr``, on top of the same maximiser step."""
     wd, fb_lr = 0.1, 1e-2
     runs = []
     for decay in (0.0, wd):
@@ -322,7 +322,16 @@ def test_lr_schedules_reach_the_fallback_and_lr_zero_freezes_everything():
     g_bn = model[1].weight.grad.clone()
     w_bn = model[1].weight.detach().clone()
     opt.step()
-    torch.testing.assert_close(model[1].weight, w_bn - 0.1 * 0.25 * g_bn)  # fallback at fallback_lr·lr/initial_lr
+    torch.testing.assert_close(model[1].weight, w_bn - 0.1 * 0.25 * g_bn)  # fallback at fallback_lr·lr/base_lr
+    # OneCycleLR rewrites initial_lr to max_lr/25: the reference stays the lr the group was built with
+    m2 = mlp_bn()
+    o2 = pmptrain.EMSA(m2, lr=1.0, fallback="sgd", fallback_lr=0.1, momentum=0.0)
+    torch.optim.lr_scheduler.OneCycleLR(o2, max_lr=1.0, total_steps=10)
+    assert o2.param_groups[0]["initial_lr"] == pytest.approx(0.04) and o2.param_groups[0]["base_lr"] == 1.0
+    F.cross_entropy(m2(x), y).backward()
+    g_bn2, w_bn2 = m2[1].weight.grad.clone(), m2[1].weight.detach().clone()
+    o2.step()
+    torch.testing.assert_close(m2[1].weight, w_bn2 - 0.1 * 0.04 * g_bn2)
     for group in opt.param_groups:
         group["lr"] = 0.0
     before = params_of(model)

@@ -97,7 +97,7 @@ class AffineEMSARule(Rule):
 
     Group keys (canonical names; a configuration may rename them):
 
-    * ``lr`` — ``δ = 1/η`` with η the step size of this key (the group's ``lr``, or ``key·lr/initial_lr``
+    * ``lr`` — ``δ = 1/η`` with η the step size of this key (the group's ``lr``, or ``key·lr/base_lr``
       for a renamed key); per parameter, so weight and bias may have their own; ``η = 0`` freezes;
     * ``rho`` — ρ ≥ 0 (module-level: the weight's group); ρ = 0 is exactly an SGD step of size η;
     * ``route`` — ``auto``/``primal``/``gram``: how each side's statistic is kept and solved;

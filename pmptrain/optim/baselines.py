@@ -5,7 +5,7 @@ budget; docs/discrete.md) and share its contract: they take the *model* (after
 :func:`pmptrain.discretize_`); its discrete weights get the baseline's rule
 (:mod:`pmptrain.optim.elementwise`), every other trainable parameter — biases, norm affines, kept
 full-precision layers, trainable scales — the Adam/SGD fallback (``fallback_lr``, default 1e-3,
-scaled by ``lr/initial_lr``). Param groups, ``add_param_group``, every LR scheduler, GradScaler
+scaled by ``lr/base_lr``). Param groups, ``add_param_group``, every LR scheduler, GradScaler
 (unscaled gradients for every rule), non-finite skips, bit-exact ``state_dict`` resume and
 ``opt.last_step["discrete"]`` diagnostics work as for every pmptrain optimizer.
 
@@ -151,7 +151,7 @@ class Bop(_Baseline):
         lr: γ ∈ [0, 1] (default 1e-4). threshold: τ ≥ 0 (default 1e-8).
         betas, eps, fallback, fallback_lr, momentum, weight_decay: the fallback of all other
             parameters (defaults (0.9, 0.999), 1e-8, ``"adam"``, 1e-3, 0.9, 0), its step scaled by
-            ``lr/initial_lr``.
+            ``lr/base_lr``.
         exclude, strict, process_group, grad_scaler: as in :class:`~pmptrain.EMSA`.
     """
 

@@ -31,7 +31,7 @@ class DiscreteMSA(DiscreteConfig):
 
     For every discrete weight tensor ``W`` (codes on a grid ``Q``, see
     :func:`pmptrain.quant.discretize_`) and every step, with ``g = −∇_W J`` the Hamiltonian gradient
-    (from ``.grad``; docs/discrete.md) and ``s = lr/initial_lr``:
+    (from ``.grad``; docs/discrete.md) and ``s = lr/base_lr``:
 
     .. math::
 

@@ -3,7 +3,7 @@ r"""Per-parameter rules: the Adam/SGD fallback, discrete MSA, and the baselines'
 Every rule here updates one parameter from its gradient ``g = ∇J`` (unscaled, as left in ``.grad``)
 and its typed state record; none needs captured states. Step sizes follow the shell's convention
 (:meth:`~pmptrain.optim.rule.StepContext.step_size`): a key other than ``lr`` is scaled by
-``s = lr/initial_lr``, so a schedule of ``lr`` reaches every rule, and ``lr = 0`` freezes them all.
+``s = lr/base_lr``, so a schedule of ``lr`` reaches every rule, and ``lr = 0`` freezes them all.
 
 =============  ===============================================  ==========================
 rule           update (per step)                                 what ``lr`` does
@@ -65,7 +65,7 @@ class FallbackState:
 
 class FallbackRule(Rule):
     r"""Gradient ascent on H for a parameter without a maximiser: Adam (``fallback="adam"``) or SGD
-    with heavy-ball momentum (``"sgd"``), step ``fallback_lr · lr/initial_lr``; decoupled weight
+    with heavy-ball momentum (``"sgd"``), step ``fallback_lr · lr/base_lr``; decoupled weight
     decay at the same step size (:mod:`pmptrain.fallback`)."""
 
     name = "fallback"
@@ -84,7 +84,7 @@ class FallbackRule(Rule):
 
     def describe(self, unit, group):
         kind = self.value(group, "fallback")
-        return f"fallback {kind} (lr {self.value(group, 'fallback_lr')} x lr/initial_lr)"
+        return f"fallback {kind} (lr {self.value(group, 'fallback_lr')} x lr/base_lr)"
 
     def propose(self, unit: Unit, ctx: StepContext):
         p = unit.params[0]
@@ -127,7 +127,7 @@ class DiscreteMSARule(Rule):
         ρ_k &= (ρ/s)·\max\{|M_{ij}| : W_{ij} \text{ is not the unpenalised argmax}\}\\
         W_{ij} &← \arg\max_{q∈Q}\ M_{ij}q − λ|q| − \tfrac{ρ_k}{2}(q − W_{ij})^2
 
-    with ``s = lr/initial_lr`` (``ρ_k`` is the proximal weight of the discrete step, so the step
+    with ``s = lr/base_lr`` (``ρ_k`` is the proximal weight of the discrete step, so the step
     scales like E-MSA's ``δ = 1/lr``: ``s ≤ ρ`` freezes a binary tensor, ``lr = 0`` every tensor).
     The accumulator update is :func:`pmptrain.discrete.ema_accumulate_` (on a copy: nothing changes
     before the step is accepted); the rule is the fused :func:`~pmptrain.discrete.discrete_msa_delta`

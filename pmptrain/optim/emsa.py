@@ -37,7 +37,7 @@ class EMSA(PMPOptimizer):
     any other edit, unscaled under GradScaler) and the means run over the samples of every backward
     pass since the last ``zero_grad()``. The maximiser is exact for affine modules
     (:func:`pmptrain.hamiltonian.solve_sylvester`); all other parameters take the fallback step.
-    Decoupled weight decay ``θ ← (1 − η·wd)θ`` with ``η = fallback_lr·lr/initial_lr`` applies to
+    Decoupled weight decay ``θ ← (1 − η·wd)θ`` with ``η = fallback_lr·lr/base_lr`` applies to
     every parameter of a group with ``weight_decay > 0`` (docs/algorithms.md, "Weight decay").
 
     Args:
@@ -50,7 +50,7 @@ class EMSA(PMPOptimizer):
             its weight's group; ``lr`` and ``weight_decay`` are per parameter).
         lr: proximal step size, ``δ = 1/lr`` (default 1.0). With ``rho=0`` the update is exactly
             ``θ ← θ − lr·∇J`` (SGD). Schedulers change it; the fallback steps scale with
-            ``lr/initial_lr``, so ``lr = 0`` freezes the whole model.
+            ``lr/base_lr``, so ``lr = 0`` freezes the whole model.
         rho: ρ ≥ 0, weight of the feasibility penalties (default 1.0).
         route: ``"auto"`` (default) | ``"primal"`` | ``"gram"`` — how each side's statistic is kept
             and solved (all exact; auto uses the N×N Gram form on a side with fewer rows N than
@@ -65,7 +65,7 @@ class EMSA(PMPOptimizer):
         eig_floor: lower clamp of eigenvalues (default 0.0); eig_float64: eigensolves in float64
             (default False).
         fallback: ``"adam"`` (default) or ``"sgd"`` for parameters without a maximiser.
-        fallback_lr: step size of the fallback (default 1e-3), scaled by ``lr/initial_lr``.
+        fallback_lr: step size of the fallback (default 1e-3), scaled by ``lr/base_lr``.
         betas, eps: Adam fallback coefficients (default (0.9, 0.999), 1e-8).
         momentum: SGD fallback momentum (default 0.9).
         weight_decay: decoupled weight decay λ ≥ 0 (default 0).

@@ -12,7 +12,7 @@
   sharing a tied weight, or a single parameter. Its state is one record, keyed in ``state_dict`` by
   the unit's name (module or parameter names: checkpoints survive rebuilding the model).
 * A :class:`StepContext` hands rules the unscaled gradients, each parameter's group, the step-size
-  scale ``lr / initial_lr`` that schedules reach every rule through, and the capture.
+  scale ``lr / base_lr`` that schedules reach every rule through, and the capture.
 """
 
 from __future__ import annotations
@@ -139,18 +139,19 @@ class StepContext:
 
     @staticmethod
     def lr_scale(group: Dict[str, Any]) -> float:
-        """``s = lr / initial_lr``: how far a scheduler (or the user) moved ``lr`` from its value when
-        the group was created (``initial_lr``; schedulers keep the same key). ``s = 0`` iff
-        ``lr = 0``; a group created with ``lr = 0`` has ``s = 1`` once ``lr > 0``."""
+        """``s = lr / base_lr``: how far a scheduler (or the user) moved ``lr`` from ``base_lr``, the
+        group's ``lr`` when the group was created. (Not torch's ``initial_lr``: ``OneCycleLR``
+        overwrites that with ``max_lr/div_factor``.) ``s = 0`` iff ``lr = 0``; a group created
+        with ``lr = 0`` has ``s = 1`` once ``lr > 0``."""
         lr = float(group["lr"])
-        init = float(group.get("initial_lr", lr))
+        init = float(group.get("base_lr", lr))
         if lr == 0.0:
             return 0.0
         return lr / init if init != 0.0 else 1.0
 
     def step_size(self, group: Dict[str, Any], key: str) -> float:
         """The step size stored under ``key``: ``group["lr"]`` itself for ``key == "lr"``, else
-        ``group[key] · lr/initial_lr`` (so every schedule of ``lr`` reaches every rule)."""
+        ``group[key] · lr/base_lr`` (so every schedule of ``lr`` reaches every rule)."""
         if key == "lr":
             return float(group["lr"])
         return float(group[key]) * self.lr_scale(group)

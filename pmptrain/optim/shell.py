@@ -216,7 +216,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         lr = group["lr"]
-        group.setdefault("initial_lr", lr.clone() if isinstance(lr, Tensor) else lr)
+        group.setdefault("base_lr", lr.clone() if isinstance(lr, Tensor) else lr)  # the reference of lr_scale
         if getattr(self, "_initialised", False):
             self._partition()
 
