@@ -37,7 +37,7 @@ import pmptrain
 from pmptrain.bench.data import load_dataset, make_loader
 from pmptrain.bench.models import build_model
 from pmptrain.bench.registry import get_spec
-from pmptrain.discrete_optim import DiscreteMSA
+from pmptrain import DiscreteMSA
 
 ALL_METHODS = ["sgd", "adam", "binary-msa", "binary-msa-paper", "ternary-msa", "ternary-msa-paper",
                "binaryconnect", "twn", "bop"]

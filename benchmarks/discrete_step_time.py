@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import pmptrain
 from pmptrain.bench.models import build_model
 from pmptrain.discrete import binary_grid, discrete_msa_delta, discrete_msa_step, ternary_grid
-from pmptrain.discrete_optim import DiscreteMSA
+from pmptrain import DiscreteMSA
 
 
 def make(kind: str, seed: int = 0, keep=("last",)):

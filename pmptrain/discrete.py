@@ -1,7 +1,7 @@
 """Discrete-weight MSA: grids, the EMA accumulator, the relative penalty and the elementwise argmax.
 
 Pure mathematics: functions of tensors and scalars, importing only torch. The rules are those of
-``ALGORITHMS.md`` section 3 and of
+docs/discrete.md and of
 
     Q. Li and S. Hao, "An Optimal Control Approach to Deep Learning and Applications to
     Discrete-Weight Neural Networks", ICML 2018.
@@ -225,7 +225,7 @@ def ema_accumulate_(acc: Tensor, ham_grad: Tensor, a: float) -> Tensor:
     Args:
         acc: the accumulator M (modified in place and returned).
         ham_grad: the Hamiltonian gradient, i.e. *minus* the loss gradient.
-        a: the EMA rate, in [0, 1] (``ALGORITHMS.md``: close to 1, e.g. 0.999).
+        a: the EMA rate, in [0, 1] (close to 1, e.g. 0.999; docs/discrete.md).
     """
     a = float(a)
     if not 0.0 <= a <= 1.0:

@@ -5,7 +5,7 @@ modules second (:class:`SignActivation`, :class:`QuantizedActivation`). With the
 MSA costates ``p̂ = -B ∂J/∂y`` flow backwards through the *pseudo-gradient* stated in each docstring.
 
 :func:`discretize_` puts the weights of ``Linear``/``Conv1d``/``Conv2d`` modules onto a grid in place
-(``ALGORITHMS.md`` §3-4); :func:`discrete_parameters` lists them for the discrete optimizers
+(docs/discrete.md); :func:`discrete_parameters` lists them for the discrete optimizers
 (``DiscreteMSA``, ``BinaryConnect``, ``TWN``, ``Bop``) and for export.
 """
 

@@ -24,7 +24,7 @@ name               network
 
 Reference: Q. Li and S. Hao, "An optimal control approach to deep learning and applications to
 discrete-weight neural networks", ICML 2018 (networks as in their released notebooks; see
-``ALGORITHMS.md`` §3).
+docs/discrete.md §3).
 """
 
 from __future__ import annotations
