@@ -111,21 +111,23 @@ class ModuleStats:
             return None
         return _cat(self.g_rows).to(dtype)
 
-    def fold_states_(self, dtype) -> Tensor:
-        """Fold kept state rows into ``xx`` and return it."""
-        for r in self.x_rows:
-            r = r.to(dtype)
-            self.xx = r.T @ r if self.xx is None else self.xx.addmm_(r.T, r)
-        self.x_rows = []
+    def fold_states_(self, dtype) -> Optional[Tensor]:
+        """Fold kept state rows into ``xx`` and return it (None if there is nothing)."""
+        self.xx, self.x_rows = _fold(self.x_rows, self.xx, dtype), []
         return self.xx
 
-    def fold_costates_(self, dtype) -> Tensor:
-        """Fold kept output-gradient rows into ``gg`` and return it."""
-        for r in self.g_rows:
-            r = r.to(dtype)
-            self.gg = r.T @ r if self.gg is None else self.gg.addmm_(r.T, r)
-        self.g_rows = []
+    def fold_costates_(self, dtype) -> Optional[Tensor]:
+        """Fold kept output-gradient rows into ``gg`` and return it (None if there is nothing)."""
+        self.gg, self.g_rows = _fold(self.g_rows, self.gg, dtype), []
         return self.gg
+
+
+def _fold(rows: List[Tensor], acc: Optional[Tensor], dtype) -> Optional[Tensor]:
+    """``acc + Σ rᵀr`` over ``rows`` (in ``dtype``)."""
+    for r in rows:
+        r = r.to(dtype)
+        acc = r.T @ r if acc is None else acc.addmm_(r.T, r)
+    return acc
 
 
 def _cat(rows: List[Tensor]) -> Tensor:
@@ -310,9 +312,7 @@ class ModuleCapture:
             s = xr.sum(0, dtype=dt)
             st.x_sum = s if st.x_sum is None else st.x_sum.add_(s)
             if spec.states == "dense" or (spec.states == "auto" and st.rows >= spec.in_dim):
-                st.fold_states_(dt)
-                xc = xr.to(dt)
-                st.xx = xc.T @ xc if st.xx is None else st.xx.addmm_(xc.T, xc)
+                st.xx, st.x_rows = _fold(st.x_rows + [xr], st.xx, dt), []
             else:
                 st.x_rows.append(xr)
         if spec.costates != "none":
@@ -320,8 +320,7 @@ class ModuleCapture:
             sq = torch.linalg.vector_norm(gc).square()
             st.g_sq = sq if st.g_sq is None else st.g_sq.add_(sq)
             if spec.costates == "dense" or (spec.costates == "auto" and st.rows >= spec.out_dim):
-                st.fold_costates_(dt)
-                st.gg = gc.T @ gc if st.gg is None else st.gg.addmm_(gc.T, gc)
+                st.gg, st.g_rows = _fold(st.g_rows + [gc], st.gg, dt), []
             elif spec.costates in ("rows", "auto"):
                 st.g_rows.append(gr)
 

@@ -24,6 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.optim.swa_utils import SWALR
 
 import pmptrain
+from helpers import assert_same
 
 
 def _mlp(seed=0):
@@ -128,22 +129,6 @@ def train(model, opt, steps, start=0, scheduler=None):
             scheduler.step()
         losses.append(loss.item())
     return losses
-
-
-def assert_same(a, b):
-    """Nested dicts/lists of tensors and plain values are equal (tensors bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    else:
-        assert a == b
 
 
 def weights(model):

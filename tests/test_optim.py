@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pmptrain
+from helpers import assert_same
 import pmptrain.capture as capture_mod
 from pmptrain.hamiltonian import affine_augmented_hamiltonian
 from pmptrain.modules import adapter_for
@@ -48,22 +49,6 @@ def fit_full_batch(model, opt, x, y, loss_fn, steps):
 
 def params_of(model):
     return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_same(a, b):
-    """Nested dicts/lists of tensors and plain values are equal (tensors bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    else:
-        assert a == b
 
 
 def changes(model, before):

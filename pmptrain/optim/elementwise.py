@@ -40,13 +40,28 @@ from .hyper import Choice, Pair, Real
 from .rule import Proposal, Rule, StepContext, Unit, Update
 
 __all__ = [
-    "FallbackState", "FallbackRule",
+    "ParamRule", "FallbackState", "FallbackRule",
     "DiscreteState", "DiscreteMSARule",
     "LatentState", "LatentSignRule", "TWNRule", "ternarize",
     "BopState", "BopRule", "discrete_info",
 ]
 
 _BETAS = Pair(Real(0.0, 1.0, hi_open=True))
+
+
+class ParamRule(Rule):
+    """A rule of one parameter: :meth:`update` gets the parameter, its gradient (never None) and
+    its group; parameters without a gradient are left alone."""
+
+    def propose(self, unit: Unit, ctx: StepContext) -> Optional[Proposal]:
+        p = unit.params[0]
+        g = ctx.grad(p)
+        if g is None:
+            return None
+        return self.update(unit, ctx, p, g, ctx.group(p))
+
+    def update(self, unit: Unit, ctx: StepContext, p: Tensor, g: Tensor, group) -> Proposal:
+        raise NotImplementedError
 _EPS = Real(0.0, lo_open=True)
 
 
@@ -63,7 +78,7 @@ class FallbackState:
     momentum_buffer: Optional[Tensor] = None
 
 
-class FallbackRule(Rule):
+class FallbackRule(ParamRule):
     r"""Gradient ascent on H for a parameter without a maximiser: Adam (``fallback="adam"``) or SGD
     with heavy-ball momentum (``"sgd"``), step ``fallback_lr · lr/base_lr``; decoupled weight
     decay at the same step size (:mod:`pmptrain.fallback`)."""
@@ -86,12 +101,7 @@ class FallbackRule(Rule):
         kind = self.value(group, "fallback")
         return f"fallback {kind} (lr {self.value(group, 'fallback_lr')} x lr/base_lr)"
 
-    def propose(self, unit: Unit, ctx: StepContext):
-        p = unit.params[0]
-        g = ctx.grad(p)
-        if g is None:
-            return None
-        group = ctx.group(p)
+    def update(self, unit: Unit, ctx: StepContext, p: Tensor, g: Tensor, group) -> Proposal:
         lr = ctx.step_size(group, self.key("fallback_lr"))
         st: FallbackState = unit.state
         decay = ctx.decay(p, self.decay_key)
@@ -118,7 +128,7 @@ class DiscreteState:
     accumulator: Optional[Tensor] = None
 
 
-class DiscreteMSARule(Rule):
+class DiscreteMSARule(ParamRule):
     r"""Latent-free discrete MSA on one discrete tensor (Li & Hao, ICML 2018; docs/discrete.md):
 
     .. math::
@@ -160,12 +170,7 @@ class DiscreteMSARule(Rule):
         d = unit.meta["discrete"]
         return f"discrete MSA on {d.grid.name} (rho {self.value(group, 'rho')}, decay {self.value(group, 'decay')})"
 
-    def propose(self, unit: Unit, ctx: StepContext):
-        p = unit.params[0]
-        g = ctx.grad(p)
-        if g is None:
-            return None
-        group = ctx.group(p)
+    def update(self, unit: Unit, ctx: StepContext, p: Tensor, g: Tensor, group) -> Proposal:
         d = unit.meta["discrete"]
         st: DiscreteState = unit.state
         a, rho, lam = float(self.value(group, "decay")), float(self.value(group, "rho")), float(self.value(group, "lam"))
@@ -231,7 +236,7 @@ def _latent_adam(st: LatentState, g: Tensor, lr: float, betas, eps: float, wd: f
     return LatentState(st.step + 1, latent.add_(delta), m, v)
 
 
-class LatentSignRule(Rule):
+class LatentSignRule(ParamRule):
     r"""BinaryConnect / straight-through estimator (Courbariaux et al. 2015) on one binary tensor:
 
     ``w̃ ← clip(AdamW(w̃, g; lr, betas, eps, weight_decay), −clip, clip)``, ``W ← sign(w̃)``
@@ -268,12 +273,7 @@ class LatentSignRule(Rule):
     def describe(self, unit, group):
         return f"latent sign / STE (Adam lr {self.value(group, 'lr')} on clipped latents)"
 
-    def propose(self, unit, ctx):
-        p = unit.params[0]
-        g = ctx.grad(p)
-        if g is None:
-            return None
-        group = ctx.group(p)
+    def update(self, unit: Unit, ctx: StepContext, p: Tensor, g: Tensor, group) -> Proposal:
         lr = ctx.step_size(group, self.key("lr"))
         new = _latent_adam(unit.state, g, lr, tuple(self.value(group, "betas")), float(self.value(group, "eps")),
                            float(group.get("weight_decay", 0.0)))
@@ -296,7 +296,7 @@ def ternarize(latent: Tensor, delta_factor: float = 0.7) -> Tuple[Tensor, Tensor
     return sign_nonzero(latent) * keep.to(latent.dtype), alpha
 
 
-class TWNRule(Rule):
+class TWNRule(ParamRule):
     r"""Ternary Weight Networks with AdamW on a latent and the straight-through gradient:
     ``w̃ ← AdamW(w̃, g)``, ``(t, α) = ternarize(w̃)`` (:func:`ternarize`), ``W_eff ← α·t``.
 
@@ -349,12 +349,7 @@ class TWNRule(Rule):
     def describe(self, unit, group):
         return f"TWN (Adam lr {self.value(group, 'lr')} on latents, delta {self.value(group, 'delta_factor')})"
 
-    def propose(self, unit, ctx):
-        p = unit.params[0]
-        g = ctx.grad(p)
-        if g is None:
-            return None
-        group = ctx.group(p)
+    def update(self, unit: Unit, ctx: StepContext, p: Tensor, g: Tensor, group) -> Proposal:
         buf = self._scale_buffer(unit)
         if buf is not None and float(buf) > 0:
             g = g / buf
@@ -378,7 +373,7 @@ class BopState:
     exp_avg: Optional[Tensor] = None
 
 
-class BopRule(Rule):
+class BopRule(ParamRule):
     r"""Bop (Helwegen et al., NeurIPS 2019), latent-free: ``m ← (1 − γ)m + γg`` with ``γ = lr``
     (the adaptivity rate plays the role of the learning rate), and ``W_i ← −W_i`` iff
     ``m_i W_i > τ`` (``τ = threshold``). ``lr = 0`` freezes: ``m`` stops moving and no weight
@@ -394,12 +389,7 @@ class BopRule(Rule):
     def describe(self, unit, group):
         return f"Bop (gamma = lr {self.value(group, 'lr')}, threshold {self.value(group, 'threshold')})"
 
-    def propose(self, unit, ctx):
-        p = unit.params[0]
-        g = ctx.grad(p)
-        if g is None:
-            return None
-        group = ctx.group(p)
+    def update(self, unit: Unit, ctx: StepContext, p: Tensor, g: Tensor, group) -> Proposal:
         gamma = ctx.step_size(group, self.key("lr"))
         m = unit.state.exp_avg.mul(1.0 - gamma).add_(g.to(p.dtype), alpha=gamma)
         w = p.detach()

@@ -77,8 +77,9 @@ class EMSA(PMPOptimizer):
         process_group: ``torch.distributed`` group for unwrapped models (default: the world group
             when torch.distributed is initialised). Every rank applies the update a single process
             would compute on the union of the ranks' batches.
-        grad_scaler: the GradScaler, for loops that call ``scaler.unscale_(opt)`` before
-            ``scaler.step(opt)`` (found automatically when ``scaler.step`` calls ``step``).
+        grad_scaler: the GradScaler in use, when something other than ``scaler.step(opt)`` calls
+            ``step()`` (default None: the scaler is found from ``scaler.step``; its loss scale is
+            removed from the captured costates).
 
     Note:
         A sample is a row of the first dimension of a module's input (``B = x.shape[0]``) in its first
