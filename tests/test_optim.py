@@ -519,6 +519,18 @@ def test_frozen_weight_or_bias():
     torch.testing.assert_close(model[0].bias, b0 - 0.1 * grad_b)
 
 
+def test_iterative_solver_leaves_frozen_parameters_out():
+    model = mlp_bn()
+    model[1].weight.requires_grad_(False)  # a frozen BatchNorm scale; its shift trains
+    opt = pmptrain.EMSA(model, solver="iterative", inner_steps=2)
+    assert {r["unit"]: r["params"] for r in opt.rule_table()}["1"] == ["1.bias"]
+    frozen, shift = model[1].weight.detach().clone(), model[1].bias.detach().clone()
+    x, y = data()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert torch.equal(model[1].weight, frozen) and not torch.equal(model[1].bias, shift)
+
+
 def test_non_finite_captured_statistics_skip_the_step():
     model = mlp_bn()
     opt = pmptrain.EMSA(model, stat_decay=0.5)

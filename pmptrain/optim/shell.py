@@ -234,7 +234,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         pname: Dict[int, str] = {}
         for n, p in self.root.named_parameters(remove_duplicate=False):
             pname.setdefault(id(p), n)
-        claims: Dict[str, Tuple[nn.Module, Rule, List[Member]]] = OrderedDict()
+        claims: Dict[str, Tuple[Rule, Member, List[Tensor]]] = OrderedDict()  # rule, member, its params
         owners: Dict[int, List[str]] = {}
         for name, module in self.root.named_modules():
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in group_of]
@@ -249,8 +249,10 @@ class PMPOptimizer(torch.optim.Optimizer):
             member = self._member(name, module, choice, dict(own))
             if member is None:
                 continue
-            claims[name] = (module, choice, member)
-            for p in self._member_params(member, choice, dict(own)):
+            taken_by_rule = [p for p in (member.weight, member.bias) if p is not None] if choice.affine \
+                else [p for _, p in own]
+            claims[name] = (choice, member, taken_by_rule)
+            for p in taken_by_rule:
                 owners.setdefault(id(p), []).append(name)
         # connected components of modules sharing parameters
         parent = {n: n for n in claims}
@@ -270,10 +272,10 @@ class PMPOptimizer(torch.optim.Optimizer):
         new_units: Dict[str, Unit] = OrderedDict()
         taken = set()
         for names in comps.values():
-            rule = claims[names[0]][1]
-            members = [claims[n][2] for n in names]
+            rule = claims[names[0]][0]
+            members = [claims[n][1] for n in names]
             if len(names) > 1:
-                reason = self._join_reason(rule, [claims[n][1] for n in names], members)
+                reason = self._join_reason(rule, [claims[n][0] for n in names], members)
                 if reason is not None:
                     key = ("tied",) + tuple(names)
                     if key not in self._warned:
@@ -286,7 +288,7 @@ class PMPOptimizer(torch.optim.Optimizer):
                     continue
             params, seen = [], set()
             for n in names:
-                for p in self._member_params(claims[n][2], rule, None):
+                for p in claims[n][2]:
                     if id(p) not in seen:
                         seen.add(id(p))
                         params.append(p)
@@ -320,14 +322,6 @@ class PMPOptimizer(torch.optim.Optimizer):
                 return None  # frozen weight: its bias (if trained) takes a parameter rule
             return Member(name, module, adapter, weight, own.get("bias"))
         return Member(name, module, None, own.get("weight"), own.get("bias"))
-
-    @staticmethod
-    def _member_params(member: Member, rule: Rule, own: Optional[Dict[str, Tensor]]) -> List[Tensor]:
-        if member.adapter is not None:
-            return [p for p in (member.weight, member.bias) if p is not None]
-        if own is None:
-            own = dict(member.module.named_parameters(recurse=False))
-        return list(own.values())
 
     @staticmethod
     def _join_reason(rule: Rule, rules: List[Rule], members: List[Member]) -> Optional[str]:
