@@ -52,8 +52,6 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "AffineStats",
-    "affine_stats",
     "Curvature",
     "affine_augmented_hamiltonian",
     "bias_coupling",
@@ -61,6 +59,7 @@ __all__ = [
     "center_rows",
     "choose_side",
     "eigh_psd",
+    "curvature_eig",
     "solve_sylvester",
     "sylvester_in_eigenbases",
     "dense_sylvester_reference",
@@ -75,32 +74,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # statistics and the objective itself
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AffineStats:
-    """Second-moment statistics of one affine module (all divided by ``B``).
-
-    ``cxx`` = C_x (n×n), ``x_mean`` = x̄ (n), ``cpp`` = C_p (m×m), ``rows_per_sample`` = L = N/B.
-    The gradient is not stored: it is the parameter gradient (``−weight.grad``).
-    """
-
-    cxx: Tensor
-    x_mean: Tensor
-    cpp: Tensor
-    rows_per_sample: float
-
-
-def affine_stats(x_rows: Tensor, p_rows: Tensor, batch_size: int) -> AffineStats:
-    """``C_x = XᵀX/B``, ``x̄ = Xᵀ1/B``, ``C_p = P̂ᵀP̂/B`` and ``L = N/B`` from rows ``X`` (N×n),
-    ``P̂`` (N×m) of a batch of ``B = batch_size`` samples."""
-    b = float(batch_size)
-    return AffineStats(
-        cxx=x_rows.T @ x_rows / b,
-        x_mean=x_rows.sum(0) / b,
-        cpp=p_rows.T @ p_rows / b,
-        rows_per_sample=x_rows.shape[0] / b,
-    )
 
 
 def bias_coupling(rho: float, delta_b: float, rows_per_sample: float, has_bias: bool) -> float:
@@ -351,7 +324,9 @@ def _gram_times_gram(
     return out + (rho * rho) * (pr @ core @ aq.T)
 
 
-def _explicit_eig(c: Curvature, like: Tensor, floor: float, f64: bool) -> Tuple[Tensor, Optional[Tensor]]:
+def curvature_eig(c: Curvature, like: Tensor, floor: float = 0.0, f64: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(eigenvalues, eigenvectors)`` of a scalar, diagonal or dense :class:`Curvature` (vectors
+    None for a diagonal one: the identity basis), for :func:`sylvester_in_eigenbases`."""
     if c.kind() in ("scalar", "diag"):
         return c.diagonal_vector(like), None
     return eigh_psd(c.to_dense(like), floor, f64)
@@ -398,14 +373,14 @@ def solve_sylvester(
         return _gram_times_gram(s, left.rows, left.scalar, right.rows, right.scalar, rho, delta,
                                 eig_floor, eig_float64)
     if kl == "gram":
-        eig = _explicit_eig(right, s, eig_floor, eig_float64)
+        eig = curvature_eig(right, s, eig_floor, eig_float64)
         return _gram_times_explicit(s, left.rows, left.scalar, eig, rho, delta, eig_floor, eig_float64)
     if kr == "gram":
-        eig = _explicit_eig(left, s, eig_floor, eig_float64)
+        eig = curvature_eig(left, s, eig_floor, eig_float64)
         return _gram_times_explicit(s.T, right.rows, right.scalar, eig, rho, delta, eig_floor,
                                     eig_float64).T
-    return sylvester_in_eigenbases(s, _explicit_eig(left, s, eig_floor, eig_float64),
-                                   _explicit_eig(right, s, eig_floor, eig_float64), rho, delta)
+    return sylvester_in_eigenbases(s, curvature_eig(left, s, eig_floor, eig_float64),
+                                   curvature_eig(right, s, eig_floor, eig_float64), rho, delta)
 
 
 def _one_sided(s: Tensor, c: Curvature, d: float, rho: float, side: str) -> Tensor:

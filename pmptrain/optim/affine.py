@@ -31,10 +31,10 @@ from .. import distributed as pdist
 from ..capture import CaptureSpec, ModuleStats
 from ..hamiltonian import (
     AffineMember,
-    _explicit_eig,
     affine_bias_steps,
     affine_system,
     choose_side,
+    curvature_eig,
     solve_sylvester,
     sylvester_in_eigenbases,
 )
@@ -293,8 +293,8 @@ class AffineEMSARule(Rule):
             floor, f64 = float(self.value(group, "eig_floor")), bool(self.value(group, "eig_float64"))
             if decay > 0.0:
                 refresh = state.eig_left is None or state.step % int(self.value(group, "eig_refresh")) == 0
-                eig_l = _explicit_eig(left, s, floor, f64) if refresh else state.eig_left
-                eig_r = _explicit_eig(right, s, floor, f64) if refresh else state.eig_right
+                eig_l = curvature_eig(left, s, floor, f64) if refresh else state.eig_left
+                eig_r = curvature_eig(right, s, floor, f64) if refresh else state.eig_right
                 new_state.eig_left, new_state.eig_right = eig_l, eig_r
                 dws = sylvester_in_eigenbases(s, eig_l, eig_r, rho, delta_w)
             else:

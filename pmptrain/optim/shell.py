@@ -64,10 +64,10 @@ class Unsupported:
         self.reason = reason
 
 
-def unwrap_model(model: nn.Module) -> Tuple[nn.Module, bool, bool]:
-    """``(root, averaged_by_wrapper, compiled)``: the module inside DistributedDataParallel /
-    DataParallel and ``torch.compile`` wrappers."""
-    averaged = compiled = False
+def unwrap_model(model: nn.Module) -> Tuple[nn.Module, bool]:
+    """``(root, averaged_by_wrapper)``: the module inside DistributedDataParallel / DataParallel
+    and ``torch.compile`` wrappers (the wrapper's gradients are averaged across ranks already)."""
+    averaged = False
     while True:
         inner = getattr(model, "module", None)
         if isinstance(inner, nn.Module) and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
@@ -75,9 +75,9 @@ def unwrap_model(model: nn.Module) -> Tuple[nn.Module, bool, bool]:
             continue
         orig = getattr(model, "_orig_mod", None)
         if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
-            model, compiled = orig, True
+            model = orig
             continue
-        return model, averaged, compiled
+        return model, averaged
 
 
 def _scaler_codes() -> set:
@@ -165,7 +165,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):
             raise TypeError(f"invalid exclude={exclude!r}: must be a list of module names")
         self.model = model
-        self.root, self._grads_averaged_by_wrapper, self._compiled = unwrap_model(model)
+        self.root, self._grads_averaged_by_wrapper = unwrap_model(model)
         self.process_group = process_group
         self.grad_scaler = grad_scaler
         self.strict = strict
