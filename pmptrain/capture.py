@@ -48,16 +48,18 @@ class CaptureSpec:
     """What a rule needs from a module's calls.
 
     Attributes:
-        states: ``"none"``; ``"rows"`` (keep the state rows); ``"dense"`` (sums ``ΣxxᵀΣx``);
+        states: ``"none"``; ``"rows"`` (keep the state rows); ``"dense"`` (sums ``Σxxᵀ``, ``Σx``);
             ``"auto"`` (rows while there are fewer rows than features, ``n``, then dense);
-            ``"counts"`` (index counts of an embedding).
+            ``"counts"`` (index counts of an embedding); ``"diag"`` (per-column ``Σx²``, ``Σx``).
         costates: ``"none"``; ``"sqnorm"`` (only ``Σ‖g‖²``); ``"rows"``; ``"dense"`` (``Σggᵀ``);
-            ``"auto"`` (rows while fewer than ``m``, then dense). ``Σ‖g‖²`` is kept whenever this
-            is not ``"none"``.
+            ``"auto"`` (rows while fewer than ``m``, then dense); ``"diag"`` (per-column ``Σg²``).
+            ``Σ‖g‖²`` is kept whenever this is not ``"none"``.
         calls: keep whole calls (inputs, keyword inputs, output gradient) for the iterative solver.
         in_dim / out_dim: ``n`` and ``m`` (thresholds of ``"auto"``; ``in_dim`` is the table size V
             for ``"counts"``).
         dtype: dtype of the statistics (float32 for half-precision activations).
+        groups: with ``"dense"``, keep only the ``groups`` diagonal blocks (``groups × n/g × n/g``,
+            resp. ``m``): the statistics of a grouped convolution.
     """
 
     states: str = "none"
@@ -66,20 +68,22 @@ class CaptureSpec:
     in_dim: int = 0
     out_dim: int = 0
     dtype: torch.dtype = torch.float32
+    groups: int = 1
 
 
 class ModuleStats:
     """What the backward passes since the last reset contributed for one module, in this process.
 
-    ``samples`` = B, ``rows`` = N (output rows), ``x_rows`` (kept state rows, list), ``xx`` = ΣxxᵀΣ
-    (folded), ``x_sum`` = Σx, ``counts`` (embedding), ``g_rows`` (kept output-gradient rows), ``gg``
-    = Σggᵀ, ``g_sq`` = Σ‖g‖², ``calls`` = ``[(args, kwargs, grad)]``, ``repeated`` = costates that
-    reached an already recorded call again. Gradients are raw ``∂J/∂y`` (loss-scaled under AMP):
+    ``samples`` = B, ``rows`` = N (output rows), ``x_rows`` (kept state rows, list), ``xx`` = Σxxᵀ
+    (folded; ``groups × n/g × n/g`` blocks for a grouped convolution), ``x_sum`` = Σx, ``x_sq`` =
+    per-column Σx², ``counts`` (embedding), ``g_rows`` (kept output-gradient rows), ``gg`` = Σggᵀ
+    (or its blocks), ``g_sq`` = Σ‖g‖², ``g_sq_cols`` = per-column Σg², ``calls`` =
+    ``[(args, kwargs, grad)]``, ``repeated`` = costates that reached an already recorded call again. Gradients are raw ``∂J/∂y`` (loss-scaled under AMP):
     the costate is ``p̂ = −B·g``, formed by the rule.
     """
 
-    __slots__ = ("samples", "rows", "x_rows", "xx", "x_sum", "counts", "g_rows", "gg", "g_sq",
-                 "calls", "repeated", "_task")
+    __slots__ = ("samples", "rows", "x_rows", "xx", "x_sum", "x_sq", "counts", "g_rows", "gg", "g_sq",
+                 "g_sq_cols", "calls", "repeated", "_task")
 
     def __init__(self):
         self.samples = 0
@@ -87,10 +91,12 @@ class ModuleStats:
         self.x_rows: List[Tensor] = []
         self.xx: Optional[Tensor] = None
         self.x_sum: Optional[Tensor] = None
+        self.x_sq: Optional[Tensor] = None
         self.counts: Optional[Tensor] = None
         self.g_rows: List[Tensor] = []
         self.gg: Optional[Tensor] = None
         self.g_sq: Optional[Tensor] = None
+        self.g_sq_cols: Optional[Tensor] = None
         self.calls: List[Tuple[Tuple, Dict, Tensor]] = []
         self.repeated = 0
         self._task = None
@@ -122,12 +128,22 @@ class ModuleStats:
         return self.gg
 
 
-def _fold(rows: List[Tensor], acc: Optional[Tensor], dtype) -> Optional[Tensor]:
-    """``acc + Σ rᵀr`` over ``rows`` (in ``dtype``)."""
+def _fold(rows: List[Tensor], acc: Optional[Tensor], dtype, groups: int = 1) -> Optional[Tensor]:
+    """``acc + Σ rᵀr`` over ``rows`` (in ``dtype``); with ``groups > 1`` only the diagonal blocks
+    (``groups × k × k`` for ``groups·k`` columns)."""
     for r in rows:
         r = r.to(dtype)
-        acc = r.T @ r if acc is None else acc.addmm_(r.T, r)
+        if groups > 1:
+            b = r.reshape(r.shape[0], groups, -1).transpose(0, 1)  # groups × N × k
+            blocks = torch.bmm(b.transpose(1, 2), b)
+            acc = blocks if acc is None else acc.add_(blocks)
+        else:
+            acc = r.T @ r if acc is None else acc.addmm_(r.T, r)
     return acc
+
+
+def _add(acc: Optional[Tensor], t: Tensor) -> Tensor:
+    return t if acc is None else acc.add_(t)
 
 
 def _cat(rows: List[Tensor]) -> Tensor:
@@ -288,13 +304,15 @@ class ModuleCapture:
             st.calls.append((args, kwargs, g))
             st.rows += g.shape[0] if g.dim() > 0 else 1
             return
-        n = adapter.batch_size(module, x)
-        rows_per_sample = max(1, g.numel() // max(1, n * spec.out_dim))
-        step = max(1, _CHUNK_ROWS // rows_per_sample)
-        if step >= n or (spec.states not in ("dense", "auto") and spec.costates not in ("dense", "auto")):
+        # slices of whole entries of the leading dimension, at most ~_CHUNK_ROWS rows each
+        lead = x.shape[0] if adapter.batched(module, x) else 1
+        rows_per_entry = max(1, g.numel() // max(1, spec.out_dim * lead))
+        step = max(1, _CHUNK_ROWS // rows_per_entry)
+        if step >= lead or (spec.states not in ("dense", "auto", "diag")
+                            and spec.costates not in ("dense", "auto", "diag")):
             slices = [(x, g)]
         else:
-            slices = [(x[i : i + step], g[i : i + step]) for i in range(0, n, step)]
+            slices = [(x[i : i + step], g[i : i + step]) for i in range(0, lead, step)]
         for xs, gs in slices:
             self._add_rows(st, spec, adapter, module, xs, gs)
 
@@ -305,22 +323,23 @@ class ModuleCapture:
         st.rows += gr.shape[0]
         if spec.states == "counts":
             idx = adapter.input_rows(module, x)
-            c = torch.bincount(idx, minlength=spec.in_dim).to(dt)
-            st.counts = c if st.counts is None else st.counts.add_(c)
+            st.counts = _add(st.counts, torch.bincount(idx, minlength=spec.in_dim).to(dt))
         elif spec.states != "none":
             xr = adapter.input_rows(module, x)
-            s = xr.sum(0, dtype=dt)
-            st.x_sum = s if st.x_sum is None else st.x_sum.add_(s)
-            if spec.states == "dense" or (spec.states == "auto" and st.rows >= spec.in_dim):
-                st.xx, st.x_rows = _fold(st.x_rows + [xr], st.xx, dt), []
+            st.x_sum = _add(st.x_sum, xr.sum(0, dtype=dt))
+            if spec.states == "diag":
+                st.x_sq = _add(st.x_sq, xr.to(dt).pow(2).sum(0))
+            elif spec.states == "dense" or (spec.states == "auto" and st.rows >= spec.in_dim):
+                st.xx, st.x_rows = _fold(st.x_rows + [xr], st.xx, dt, spec.groups), []
             else:
                 st.x_rows.append(xr)
         if spec.costates != "none":
             gc = gr.to(dt)
-            sq = torch.linalg.vector_norm(gc).square()
-            st.g_sq = sq if st.g_sq is None else st.g_sq.add_(sq)
-            if spec.costates == "dense" or (spec.costates == "auto" and st.rows >= spec.out_dim):
-                st.gg, st.g_rows = _fold(st.g_rows + [gc], st.gg, dt), []
+            st.g_sq = _add(st.g_sq, torch.linalg.vector_norm(gc).square())
+            if spec.costates == "diag":
+                st.g_sq_cols = _add(st.g_sq_cols, gc.pow(2).sum(0))
+            elif spec.costates == "dense" or (spec.costates == "auto" and st.rows >= spec.out_dim):
+                st.gg, st.g_rows = _fold(st.g_rows + [gc], st.gg, dt, spec.groups), []
             elif spec.costates in ("rows", "auto"):
                 st.g_rows.append(gr)
 

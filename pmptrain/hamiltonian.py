@@ -66,6 +66,8 @@ __all__ = [
     "AffineMember",
     "affine_system",
     "affine_bias_steps",
+    "solve_channel_affine",
+    "solve_grouped_affine",
     "augmented_hamiltonian",
     "iterative_maximise",
 ]
@@ -206,7 +208,7 @@ def eigh_psd(mat: Tensor, floor: float = 0.0, float64: bool = False) -> Tuple[Te
     Raises ``torch.linalg.LinAlgError`` only for non-finite input (after a float64 retry).
     """
     work = mat.double() if (float64 and mat.dtype != torch.float64) else mat
-    work = 0.5 * (work + work.T)
+    work = 0.5 * (work + work.mT)  # also a batch of matrices
     try:
         evals, evecs = torch.linalg.eigh(work)
     except torch.linalg.LinAlgError:
@@ -514,6 +516,107 @@ def affine_bias_steps(dw: Tensor, members: Sequence[AffineMember], rho: float) -
         dw_nat = dw.T if mb.transposed else dw
         out.append(bias_step(-mb.grad_b, dw_nat, mb.x_mean, rho, mb.rows_per_sample, mb.delta_b))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# per-channel affine (normalisation layers) and block-diagonal weights (grouped convolutions)
+# ----------------------------------------------------------------------------------------------
+
+
+def solve_channel_affine(
+    g_scale: Optional[Tensor],
+    g_shift: Optional[Tensor],
+    x_sq: Tensor,
+    x_sum: Tensor,
+    p_sq: Tensor,
+    rows: float,
+    samples: float,
+    rho: float,
+    delta_scale: Optional[float],
+    delta_shift: Optional[float],
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    r"""Exact maximiser of the augmented Hamiltonian of ``y = γ ⊙ x̂ + β`` (per channel ``c``).
+
+    With the normalised state ``x̂`` fixed, both penalties are diagonal in the channels: per channel
+    ``a = Σx̂²/B``, ``b = Σx̂/B``, ``L = N/B``, ``e = Σp̂²/B`` (the costate penalty: ``∇_x̂[p̂·y] = γ ⊙ p̂``
+    changes by ``Δγ ⊙ p̂``), and
+
+    .. math::
+
+        \begin{pmatrix} ρ(a + e) + δ_γ & ρb \\ ρb & ρL + δ_β \end{pmatrix}
+        \begin{pmatrix} Δγ \\ Δβ \end{pmatrix} = \begin{pmatrix} g_γ \\ g_β \end{pmatrix}.
+
+    Args:
+        g_scale / g_shift: ``−∇_γ J`` / ``−∇_β J`` (C-vectors; None: the parameter is absent or not
+            trained, and the other is maximised alone).
+        x_sq, x_sum: per-channel ``Σx̂²``, ``Σx̂`` over the N rows; p_sq: per-channel ``Σp̂²``.
+        rows, samples: N and B. rho: ρ. delta_scale / delta_shift: ``δ = 1/lr`` of γ and β.
+
+    Returns ``(Δγ, Δβ)`` (None where the parameter is absent).
+    """
+    b_ = float(samples)
+    a, b, L, e = x_sq / b_, x_sum / b_, float(rows) / b_, p_sq / b_
+    if g_scale is not None and g_shift is not None:
+        m00 = rho * (a + e) + delta_scale
+        m01 = rho * b
+        m11 = rho * L + delta_shift
+        det = m00 * m11 - m01 * m01
+        return (m11 * g_scale - m01 * g_shift) / det, (m00 * g_shift - m01 * g_scale) / det
+    if g_scale is not None:
+        return g_scale / (rho * (a + e) + delta_scale), None
+    return None, g_shift / (rho * L + delta_shift)
+
+
+def solve_grouped_affine(
+    grad_w: Tensor,
+    grad_b: Optional[Tensor],
+    cxx: Tensor,
+    x_mean: Tensor,
+    costate: Tensor,
+    rows_per_sample: float,
+    rho: float,
+    delta_w: float,
+    delta_b: Optional[float],
+    eig_floor: float = 0.0,
+    eig_float64: bool = False,
+    eig: Optional[Tuple[Tuple[Tensor, Tensor], Optional[Tuple[Tensor, Tensor]]]] = None,
+):
+    r"""The exact maximiser for a block-diagonal weight: ``g`` independent affine blocks (a grouped or
+    depthwise convolution) solved as one batch — for every group ``j`` the bias elimination and
+    Sylvester solve (★) of docs/algorithms.md §2 with that group's statistics.
+
+    Args:
+        grad_w: ``∇_W J`` per group (g×m×n); grad_b: ``∇_b J`` (g×m) or None.
+        cxx: ``C_x`` per group (g×n×n); x_mean: ``x̄`` (g×n).
+        costate: ``C_p`` per group (g×m×m), or ``tr(C_p)/m`` per group (g: the isotropic costate).
+        rows_per_sample: L. rho: ρ. delta_w / delta_b: δ of the weight / bias (delta_b None: no
+            free bias). eig_floor, eig_float64: as :func:`eigh_psd`. eig: precomputed
+            ``((λ, U), (μ, V) or None)`` of ``C'_x`` and ``C_p`` (stale eigenbases of running averages).
+
+    Returns ``(ΔW, Δb, eig)`` with ``eig`` the eigendecompositions used.
+    """
+    _check_delta(delta_w)
+    s = -grad_w
+    if grad_b is not None and delta_b is not None:
+        c = bias_coupling(rho, delta_b, rows_per_sample, True)
+        s = s - c * (-grad_b)[:, :, None] * x_mean[:, None, :]
+        cxx = cxx - c * x_mean[:, :, None] * x_mean[:, None, :]
+    if eig is None:
+        eig_in = eigh_psd(cxx, eig_floor, eig_float64)
+        eig_out = eigh_psd(costate, eig_floor, eig_float64) if costate.dim() == 3 else None
+        eig = (eig_in, eig_out)
+    (lam, u), eig_out = eig
+    if eig_out is None:  # isotropic: ΔW (ρC'_x + (ρτ + δ)I) = S, per group
+        core = (s @ u) / (rho * (lam[:, None, :] + costate[:, None, None]) + delta_w)
+        dw = core @ u.mT
+    else:
+        mu, v = eig_out
+        core = v.mT @ s @ u
+        dw = v @ (core / (rho * (mu[:, :, None] + lam[:, None, :]) + delta_w)) @ u.mT
+    db = None
+    if grad_b is not None and delta_b is not None:
+        db = (-grad_b - rho * (dw @ x_mean[:, :, None])[..., 0]) / (rho * rows_per_sample + delta_b)
+    return dw, db, eig
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,63 +1,77 @@
-"""Adapters: what each kind of affine module contributes to the closed-form E-MSA.
+"""Adapters: what each kind of controlled module contributes to the closed-form E-MSA.
 
-An adapter knows, for one module type, how a call's input becomes state rows ``X`` (N×n) — or, for an
-embedding, index rows —, how the gradient at the output becomes costate rows (N×m), how many samples
-``B`` a call carries, and how the stored weight relates to the matrix ``W`` of ``y = W x + b``.
-Nothing else: no mathematics, no hooks. Adapters are found with :func:`adapter_for` while walking
-``model.named_modules()``; :func:`unsupported_reason` says why a module has none.
+An adapter knows, for one module type, how a call's input becomes *state rows* and the gradient at
+its output *costate rows*, how many samples a call carries, and how the stored parameters relate to
+the controlled map. Nothing else: no mathematics, no hooks. Adapters are found with
+:func:`adapter_for` while walking ``model.named_modules()``; :func:`unsupported_reason` says why a
+module has none; :func:`register_module_type` adds a user's own module type.
 
-Controlled (closed form):
+Three kinds (``adapter.kind``):
 
-* ``nn.Linear`` — inputs ``[..., n]``: leading dimensions become rows, ``B`` is the size of the first
-  dimension (a 1-D input is one sample);
-* ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups == 1`` — im2col patches are rows (``N = B × output
-  positions``, ``n = C_in·∏k``, ``m = C_out``; every padding mode and ``padding='same'``);
-* ``nn.Embedding`` (dense gradients, no ``max_norm``) — a Linear on one-hot inputs: ``y = Eᵀ e_i``,
-  so ``W = Eᵀ`` and the stored weight is *transposed* (V×d); the state statistic is the diagonal
-  of index counts (docs/algorithms.md §2, "Embeddings").
+* ``"matrix"`` — ``y = W x + b``: ``nn.Linear``; the transposed-weight ``Conv1D`` of GPT-2-style
+  models (``y = x W + b``, weight stored ``[in, out]``); ``nn.Conv1d/2d/3d`` with ``groups == 1``
+  (im2col patches are rows); ``nn.Embedding`` (``y = Eᵀ e_i`` on one-hot states, weight stored
+  transposed, diagonal state statistics).
+* ``"grouped"`` — grouped and depthwise ``nn.Conv1d/2d/3d``: ``groups`` independent blocks of the
+  matrix kind sharing the rows.
+* ``"channel"`` — the elementwise affine ``y = γ ⊙ x̂ + β`` of a normalisation layer: ``nn.LayerNorm``,
+  ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d``, ``nn.InstanceNorm1d/2d/3d`` (with
+  affine parameters), and the RMSNorm classes of Hugging Face's Llama, Mistral, Qwen2/3 and Phi-3.
+  The normalisation is fixed dynamics before the controlled affine; the state is ``x̂``.
+
+**What a sample is** (``batch_size``; docs/algorithms.md §1): for layers that act on the last
+dimension row by row — Linear, Conv1D, Embedding, LayerNorm, RMSNorm — every row (token) is a
+sample, so a fixed number of tokens gives the same step however it is split into B × T. For
+convolutions and the batch/group/instance norms a sample is one entry of the batch dimension (an
+image or a sequence), whose output positions are its rows.
 
 Subclasses count only if they keep the base class's ``forward`` (a custom forward may not be affine
-in the weight).
+in the parameters); register them with :func:`register_module_type` otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Dict, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
     "AffineAdapter",
     "LinearAdapter",
+    "TransposedLinearAdapter",
     "ConvAdapter",
     "EmbeddingAdapter",
+    "ChannelAffineAdapter",
+    "LayerNormAdapter",
+    "RMSNormAdapter",
+    "BatchNormAdapter",
+    "GroupNormAdapter",
     "adapter_for",
     "unsupported_reason",
+    "register_module_type",
     "is_weight_layer",
-    "FALLBACK_MODULE_TYPES",
 ]
-
-#: Modules whose parameters have no closed form by design; they silently take the fallback step.
-FALLBACK_MODULE_TYPES = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.EmbeddingBag,
-    nn.PReLU,
-)
 
 
 class AffineAdapter:
-    """Interface of an affine module ``y = W x + b`` seen row-wise.
+    """Interface of a module seen row-wise.
 
     Attributes:
-        transposed: the stored weight is ``Wᵀ`` (an embedding's V×d table), not ``W``.
+        kind: ``"matrix"`` (``y = Wx + b``), ``"grouped"`` (block-diagonal W) or ``"channel"``
+            (per-channel scale and shift).
+        transposed: the stored weight is ``Wᵀ`` (an embedding's V×d table, GPT-2's ``Conv1D``).
         index_input: inputs are integer indices (one-hot states), not feature rows.
+        weight_name / bias_name: the attributes holding the parameters.
     """
 
+    kind = "matrix"
     transposed = False
     index_input = False
+    weight_name = "weight"
+    bias_name = "bias"
 
     def batch_size(self, module: nn.Module, x: Tensor) -> int:
         raise NotImplementedError
@@ -68,20 +82,39 @@ class AffineAdapter:
     def output_rows(self, module: nn.Module, grad_out: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def weight_shape_2d(self, module: nn.Module) -> Tuple[int, int]:
-        """``(m, n)`` of ``W`` in ``y = W x + b`` (outputs, inputs)."""
-        w = module.weight
-        return w.shape[0], w[0].numel()
+    def weight(self, module: nn.Module) -> Optional[Tensor]:
+        return module._parameters.get(self.weight_name) if self.weight_name else None
 
     def bias(self, module: nn.Module) -> Optional[Tensor]:
-        return getattr(module, "bias", None)
+        return module._parameters.get(self.bias_name) if self.bias_name else None
+
+    def weight_shape_2d(self, module: nn.Module) -> Tuple[int, int]:
+        """``(m, n)`` of ``W`` in ``y = W x + b`` (outputs, inputs)."""
+        w = self.weight(module)
+        return w.shape[0], w[0].numel()
+
+    def groups(self, module: nn.Module) -> int:
+        return 1
+
+    def batched(self, module: nn.Module, x: Tensor) -> bool:
+        """Whether ``x`` and the output gradient share a leading dimension along which a call may
+        be split into parts (the capture folds large calls in slices)."""
+        return x.dim() >= 2
+
+
+# ---------------------------------------------------------------------------------- row-wise
+
+
+def _rows_of(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() > 0 else 1
 
 
 class LinearAdapter(AffineAdapter):
-    """``nn.Linear``: rows are the input's last dimension, all leading dimensions flattened."""
+    """``nn.Linear``: rows are the input's last dimension, all leading dimensions flattened; every
+    row is a sample."""
 
     def batch_size(self, module, x):
-        return x.shape[0] if x.dim() > 1 else 1
+        return _rows_of(x)
 
     def input_rows(self, module, x):
         return x.reshape(-1, x.shape[-1])
@@ -90,15 +123,76 @@ class LinearAdapter(AffineAdapter):
         return grad_out.reshape(-1, grad_out.shape[-1])
 
 
+class TransposedLinearAdapter(LinearAdapter):
+    """``y = x W + b`` with ``W`` stored ``[in, out]`` (GPT-2's ``Conv1D``): a Linear whose stored
+    weight is the transpose of ``W`` in ``y = Wx + b``."""
+
+    transposed = True
+
+    def weight_shape_2d(self, module):
+        n, m = self.weight(module).shape
+        return m, n
+
+
+class EmbeddingAdapter(AffineAdapter):
+    """``nn.Embedding``: ``y = Eᵀ e_i`` — a Linear with ``W = Eᵀ`` on one-hot states ``e_i``. Input
+    rows are the flattened indices; every index is a sample. No bias."""
+
+    transposed = True
+    index_input = True
+    bias_name = None
+
+    def batch_size(self, module, x):
+        return max(1, x.numel())
+
+    def batched(self, module, x):
+        return x.dim() >= 1
+
+    def input_rows(self, module, x):
+        return x.reshape(-1)
+
+    def output_rows(self, module, grad_out):
+        return grad_out.reshape(-1, grad_out.shape[-1])
+
+    def weight_shape_2d(self, module):
+        v, d = module.weight.shape
+        return d, v
+
+
+# ------------------------------------------------------------------------------ convolutions
+
+
+def _im2col_nd(x: Tensor, kernel, dilation, stride) -> Tensor:
+    """Patches of an already padded ``[N, C, *spatial]`` input as ``[N, C, *out, *kernel]``."""
+    d = len(kernel)
+    for i in range(d):
+        span = (kernel[i] - 1) * dilation[i] + 1
+        x = x.unfold(2 + i, span, stride[i])
+        if dilation[i] > 1:
+            x = x[..., :: dilation[i]]
+    return x
+
+
 class ConvAdapter(AffineAdapter):
-    """``nn.Conv1d`` / ``nn.Conv2d`` (``groups == 1``): im2col patches are rows.
+    """``nn.Conv1d/2d/3d``: im2col patches are rows (``n = C_in/groups·∏k`` per group,
+    ``m = C_out/groups``), every sample (batch entry) has ``L = output positions`` rows. With
+    ``groups > 1`` the kind is ``"grouped"``: the state columns and costate columns of group ``j``
+    are the ``j``-th blocks.
 
     The costate penalty of overlapping patches is approximated by the sum over positions
     (K-FAC/KFC style); see docs/algorithms.md.
     """
 
-    def __init__(self, spatial_dims: int):
+    def __init__(self, spatial_dims: int, grouped: bool = False):
         self.spatial_dims = spatial_dims
+        self.kind = "grouped" if grouped else "matrix"
+
+    def groups(self, module):
+        return module.groups
+
+    def weight_shape_2d(self, module):
+        w = module.weight
+        return w.shape[0], w[0].numel() * module.groups  # the block-diagonal W, all groups
 
     def _as_batched(self, module, t: Tensor) -> Tensor:
         return t if t.dim() == self.spatial_dims + 2 else t.unsqueeze(0)
@@ -106,15 +200,26 @@ class ConvAdapter(AffineAdapter):
     def batch_size(self, module, x):
         return self._as_batched(module, x).shape[0]
 
+    def batched(self, module, x):
+        return x.dim() == self.spatial_dims + 2
+
     def input_rows(self, module, x):
         x = self._as_batched(module, x)
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        explicit_pad = module.padding_mode != "zeros" or isinstance(module.padding, str)
+        if explicit_pad:
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
             padding = (0,) * self.spatial_dims
         else:
-            padding = module.padding
+            padding = tuple(module.padding)
         kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+        if self.spatial_dims == 3:
+            if any(padding):
+                x = F.pad(x, tuple(p for p in reversed(padding) for _ in range(2)))
+            cols = _im2col_nd(x, kernel, dilation, stride)  # [N, C, oD, oH, oW, kD, kH, kW]
+            n, c = cols.shape[:2]
+            cols = cols.permute(0, 2, 3, 4, 1, 5, 6, 7)
+            return cols.reshape(-1, c * math.prod(kernel))
         if self.spatial_dims == 1:
             x = x.unsqueeze(2)
             kernel, dilation, stride = (1,) + kernel, (1,) + dilation, (1,) + stride
@@ -127,79 +232,243 @@ class ConvAdapter(AffineAdapter):
         return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
 
 
-class EmbeddingAdapter(AffineAdapter):
-    """``nn.Embedding``: ``y = Eᵀ e_i`` — a Linear with ``W = Eᵀ`` on one-hot states ``e_i``.
+# ------------------------------------------------------------------------- normalisation affine
 
-    Input rows are the flattened indices (one row per looked-up index); ``B`` is the size of the
-    first dimension (``[B, T]`` indices: B samples of T rows; a 1-D index tensor: one sample per
-    index). The weight is stored transposed (``E`` is V×d), and there is no bias.
+
+class ChannelAffineAdapter(AffineAdapter):
+    """``y = γ ⊙ x̂ + β`` per channel after a normalisation ``x̂ = N(x)`` (fixed dynamics).
+
+    ``input_rows`` gives the normalised rows ``x̂`` (rows × C, computed without autograd),
+    ``output_rows`` the output-gradient rows in the same layout. ``weight``/``bias``: γ, β (either
+    may be absent).
     """
 
-    transposed = True
-    index_input = True
+    kind = "channel"
 
-    def batch_size(self, module, x):
-        return x.shape[0] if x.dim() >= 1 else 1
-
-    def input_rows(self, module, x):
-        return x.reshape(-1)
-
-    def output_rows(self, module, grad_out):
-        return grad_out.reshape(-1, grad_out.shape[-1])
+    def channels(self, module) -> int:
+        p = self.weight(module) if self.weight(module) is not None else self.bias(module)
+        return p.numel()
 
     def weight_shape_2d(self, module):
-        v, d = module.weight.shape
-        return d, v
+        c = self.channels(module)
+        return c, c
 
-    def bias(self, module):
-        return None
+    def normalize(self, module, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
+    def input_rows(self, module, x):
+        with torch.no_grad():
+            return self._to_rows(module, self.normalize(module, x.detach()))
+
+    def output_rows(self, module, grad_out):
+        return self._to_rows(module, grad_out)
+
+    def _to_rows(self, module, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class _LastDimsNorm(ChannelAffineAdapter):
+    """Normalisations over the trailing ``normalized_shape`` dimensions; every row is a sample."""
+
+    def _shape(self, module):
+        return tuple(getattr(module, "normalized_shape", (self.channels(module),)))
+
+    def _to_rows(self, module, t):
+        return t.reshape(-1, math.prod(self._shape(module)))
+
+    def batch_size(self, module, x):
+        k = len(self._shape(module))
+        return max(1, x.numel() // math.prod(x.shape[x.dim() - k:])) if x.dim() > k else 1
+
+    def batched(self, module, x):
+        return x.dim() > len(self._shape(module))
+
+
+class LayerNormAdapter(_LastDimsNorm):
+    """``nn.LayerNorm`` (and classes with ``normalized_shape``/``eps`` attributes that call
+    ``F.layer_norm``): ``x̂ = (x − mean)/√(var + eps)`` over the trailing dimensions (biased var)."""
+
+    def __init__(self, eps_attr: str = "eps", default_eps: float = 1e-5):
+        self.eps_attr, self.default_eps = eps_attr, default_eps
+
+    def _shape(self, module):
+        shape = getattr(module, "normalized_shape", None)
+        if shape is None:
+            shape = tuple(self.weight(module).shape)
+        return tuple(shape) if not isinstance(shape, int) else (shape,)
+
+    def normalize(self, module, x):
+        eps = getattr(module, self.eps_attr, self.default_eps) if self.eps_attr else self.default_eps
+        return F.layer_norm(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, self._shape(module),
+                            eps=self.default_eps if eps is None else float(eps))
+
+
+class RMSNormAdapter(_LastDimsNorm):
+    """RMS normalisation over the last dimension: ``x̂ = x / √(mean(x²) + eps)`` (``nn.RMSNorm``,
+    ``eps=None`` meaning the dtype's machine epsilon; Hugging Face's ``LlamaRMSNorm`` family with
+    ``eps_attr="variance_epsilon"``, which normalises in float32)."""
+
+    def __init__(self, eps_attr: str = "eps"):
+        self.eps_attr = eps_attr
+
+    def _shape(self, module):
+        shape = getattr(module, "normalized_shape", None)
+        if shape is None:
+            shape = tuple(self.weight(module).shape)
+        return tuple(shape) if not isinstance(shape, int) else (shape,)
+
+    def normalize(self, module, x):
+        eps = getattr(module, self.eps_attr, None)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if eps is None:
+            eps = torch.finfo(x.dtype).eps
+        dims = tuple(range(x.dim() - len(self._shape(module)), x.dim()))
+        return xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + float(eps))
+
+
+class _ChannelDimNorm(ChannelAffineAdapter):
+    """Normalisations of ``[N, C, *]`` inputs with a per-channel affine; a sample is one entry of N."""
+
+    def batch_size(self, module, x):
+        return x.shape[0] if x.dim() > 1 else 1
+
+    def _to_rows(self, module, t):
+        if t.dim() == 1:
+            return t.reshape(1, -1)
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+class BatchNormAdapter(_ChannelDimNorm):
+    """``nn.BatchNorm1d/2d/3d`` in train mode (batch statistics, biased variance) or without
+    running statistics: ``x̂ = (x − mean_c)/√(var_c + eps)`` over all dimensions but the channel."""
+
+    def normalize(self, module, x):
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if not module.training and module.track_running_stats:
+            mean, var = module.running_mean, module.running_var
+        else:
+            dims = [0] + list(range(2, x.dim()))
+            mean, var = xf.mean(dims), xf.var(dims, unbiased=False)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (xf - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+
+
+class GroupNormAdapter(_ChannelDimNorm):
+    """``nn.GroupNorm`` (and ``nn.InstanceNorm*d``, ``groups = C``): statistics per sample and group of
+    channels over the spatial positions."""
+
+    def normalize(self, module, x):
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        groups = getattr(module, "num_groups", None) or x.shape[1]
+        return F.group_norm(xf, groups, eps=module.eps)
+
+
+# ------------------------------------------------------------------------------------ lookup
 
 _LINEAR = LinearAdapter()
-_CONV1D = ConvAdapter(1)
-_CONV2D = ConvAdapter(2)
+_CONV1D = TransposedLinearAdapter()
 _EMBEDDING = EmbeddingAdapter()
-_TABLE = ((nn.Linear, _LINEAR), (nn.Conv1d, _CONV1D), (nn.Conv2d, _CONV2D), (nn.Embedding, _EMBEDDING))
+_CONV = {d: ConvAdapter(d) for d in (1, 2, 3)}
+_GROUPED = {d: ConvAdapter(d, grouped=True) for d in (1, 2, 3)}
+_LAYER_NORM = LayerNormAdapter()
+_RMS_NORM = RMSNormAdapter()
+_BATCH_NORM = BatchNormAdapter()
+_GROUP_NORM = GroupNormAdapter()
+
+_BUILTIN = [
+    (nn.Linear, _LINEAR), (nn.Conv1d, None), (nn.Conv2d, None), (nn.Conv3d, None), (nn.Embedding, _EMBEDDING),
+    (nn.LayerNorm, _LAYER_NORM), (nn.GroupNorm, _GROUP_NORM),
+    (nn.modules.batchnorm._BatchNorm, _BATCH_NORM), (nn.modules.instancenorm._InstanceNorm, _GROUP_NORM),
+]
+if hasattr(nn, "RMSNorm"):
+    _BUILTIN.append((nn.RMSNorm, _RMS_NORM))
+
+#: Module classes of other libraries, by qualified name (no import of those libraries).
+_BY_NAME: Dict[str, AffineAdapter] = {
+    "transformers.pytorch_utils.Conv1D": _CONV1D,
+    **{f"transformers.models.{m}.modeling_{m}.{c}RMSNorm": RMSNormAdapter("variance_epsilon")
+       for m, c in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"),
+                    ("phi3", "Phi3"))},
+}
+_REGISTERED: Dict[type, AffineAdapter] = {}
 
 
-def _match(module: nn.Module):
-    for base, adapter in _TABLE:
-        if isinstance(module, base):
-            return base, adapter
+def register_module_type(cls: type, adapter: AffineAdapter) -> None:
+    """Give a module type of your own a closed-form rule: its instances (exactly this class, not its
+    subclasses) are controlled through ``adapter`` — one of this module's adapters, configured for
+    the class's attributes, or a subclass of them. Examples::
+
+        pmptrain.register_module_type(MyLayerNorm, LayerNormAdapter(eps_attr=None, default_eps=1e-5))
+        pmptrain.register_module_type(MyRMSNorm, RMSNormAdapter(eps_attr="variance_epsilon"))
+        pmptrain.register_module_type(MyTransposedLinear, TransposedLinearAdapter())
+
+    The adapter must describe the module's forward exactly (``y = Wx + b``, ``y = xW + b``, or
+    ``y = γ ⊙ N(x) + β`` with the adapter's normalisation ``N``); ``tests/test_modules.py`` shows how
+    to check a registration (the adapter's rows reproduce the forward and the gradient).
+    """
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"invalid cls={cls!r}: must be an nn.Module subclass")
+    if not isinstance(adapter, AffineAdapter):
+        raise TypeError(f"invalid adapter={adapter!r}: must be a pmptrain.modules adapter")
+    _REGISTERED[cls] = adapter
+
+
+def _qualname(module: nn.Module) -> str:
+    t = type(module)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _lookup(module: nn.Module):
+    """``(adapter or None, reason or None)`` for a module."""
+    t = type(module)
+    if t in _REGISTERED:
+        return _REGISTERED[t], None
+    named = _BY_NAME.get(_qualname(module))
+    if named is not None:
+        return named, None
+    for base, adapter in _BUILTIN:
+        if not isinstance(module, base):
+            continue
+        if t.forward is not base.forward:
+            return None, (f"{t.__name__} overrides {base.__name__}.forward (it may not be affine in its "
+                          "parameters); register it with pmptrain.register_module_type if it is")
+        if base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[base]
+            adapter = _GROUPED[dims] if module.groups > 1 else _CONV[dims]
+        if base is nn.Embedding:
+            if module.sparse:
+                return None, "sparse embedding gradients (sparse=True) are not supported"
+            if module.max_norm is not None:
+                return None, "max_norm renormalises the weight inside forward (not an affine map of it)"
+        return adapter, None
     return None, None
 
 
-def unsupported_reason(module: nn.Module) -> Optional[str]:
-    """Why ``module`` (of an affine base type) has no adapter, or None if it has one / is not of an
-    affine base type at all."""
-    base, _ = _match(module)
-    if base is None:
-        return None
-    if type(module).forward is not base.forward:
-        return f"{type(module).__name__} overrides {base.__name__}.forward (it may not be affine in its weight)"
-    if not isinstance(module.__dict__.get("_parameters", {}).get("weight"), nn.Parameter):
-        return "its weight is not a Parameter of the module (a parametrization or a plain tensor)"
-    if base in (nn.Conv1d, nn.Conv2d) and module.groups != 1:
-        return f"grouped convolution (groups={module.groups}) has no closed form yet"
-    if base is nn.Embedding:
-        if module.sparse:
-            return "sparse embedding gradients (sparse=True) are not supported"
-        if module.max_norm is not None:
-            return "max_norm renormalises the weight inside forward (not an affine map of it)"
-    return None
-
-
 def adapter_for(module: nn.Module) -> Optional[AffineAdapter]:
-    """The adapter of a controlled module, or None if the module has no closed form
-    (see :func:`unsupported_reason`)."""
-    base, adapter = _match(module)
-    if base is None or unsupported_reason(module) is not None:
+    """The adapter of a controlled module, or None (see :func:`unsupported_reason`). Only modules
+    whose parameters are real Parameters of the module qualify (a parametrized weight does not)."""
+    adapter, _ = _lookup(module)
+    if adapter is None:
+        return None
+    params = [adapter.weight(module), adapter.bias(module)]
+    if all(p is None for p in params):
+        return None  # e.g. LayerNorm(elementwise_affine=False): nothing to control
+    if adapter.kind != "channel" and not isinstance(adapter.weight(module), nn.Parameter):
         return None
     return adapter
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """Why ``module`` has no adapter although it is of a known type, or None."""
+    adapter, reason = _lookup(module)
+    if reason is not None:
+        return reason
+    if adapter is not None and adapter.kind != "channel" and not isinstance(adapter.weight(module), nn.Parameter):
+        return "its weight is not a Parameter of the module (a parametrization or a plain tensor)"
+    return None
 
 
 def is_weight_layer(module: nn.Module) -> bool:
     """A Linear/Conv1d/Conv2d layer (any subclass, any ``groups``): the layers whose weights
     :func:`pmptrain.discretize_` can put onto a grid."""
-    base, _ = _match(module)
-    return base in (nn.Linear, nn.Conv1d, nn.Conv2d)
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))

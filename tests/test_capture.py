@@ -210,7 +210,7 @@ def test_embedding_counts():
     idx = torch.tensor([[0, 1, 1], [5, 1, 0]])
     emb(idx).sum().backward()
     st = cap.pop("emb")
-    assert st.samples == 2 and st.rows == 6 and st.counts.tolist() == [2, 3, 0, 0, 0, 1]
+    assert st.samples == 6 and st.rows == 6 and st.counts.tolist() == [2, 3, 0, 0, 0, 1]  # every index a sample
     cap.remove()
 
 

@@ -79,7 +79,7 @@ def _binary_mlp():
 
 def _emsa_and_schedule(module):
     """E-MSA with a decay and a no-decay group (each Linear's weight and bias in different groups;
-    the LayerNorm takes the Adam fallback), running statistics (so the optimizer has a real state
+    the LayerNorm takes its per-channel closed form), running statistics (so the optimizer has a real state
     to checkpoint) and a per-step StepLR."""
     decay = [p for p in module.parameters() if p.ndim == 2]
     no_decay = [p for p in module.parameters() if p.ndim < 2]
@@ -186,14 +186,14 @@ def test_lightning_fit_equals_the_hand_written_loop(tmp_path):
     assert _mean(model.losses[-4:]) < 0.75 * _mean(model.losses[:4]), model.losses
     info = opt.last_step
     assert not info["skipped"] and opt.skipped_steps == 0
-    assert info["controlled"] == 2  # both Linear layers by the closed form (weights and biases)
-    assert info["fallback"] == 2  # LayerNorm weight and bias
+    assert info["controlled"] == 3  # both Linear layers and the LayerNorm by their closed forms
+    assert info["fallback"] == 0
     assert info["hamiltonian_gain"] > 0
     units = opt.state_dict()["pmptrain"]["units"]
     assert {n: u["rule"] for n, u in units.items()} == {
-        "net.0": "emsa", "net.3": "emsa", "net.1.weight": "fallback", "net.1.bias": "fallback"}
+        "net.0": "emsa", "net.3": "emsa", "net.1": "emsa-channel"}
     assert units["net.0"]["state"]["step"] == units["net.3"]["state"]["step"] == steps
-    assert units["net.1.weight"]["state"]["step"] == steps
+    assert units["net.1"]["state"]["step"] == steps
     # the schedule stepped once per optimizer step: StepLR(3, 0.7) after 8 steps
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(0.5 * 0.7 ** (steps // 3))
@@ -244,7 +244,7 @@ def test_lightning_resume_is_bit_exact(tmp_path):
     _assert_same(probe.state, saved, "restored optimizer state")
     assert trainer2.global_step == trainer.global_step == 2 * STEPS_PER_EPOCH
     opt = trainer2.optimizers[0]
-    assert opt.skipped_steps == 0 and opt.last_step["controlled"] == 2
+    assert opt.skipped_steps == 0 and opt.last_step["controlled"] == 3
     assert opt.state_dict()["pmptrain"]["units"]["net.0"]["state"]["step"] == 2 * STEPS_PER_EPOCH
     assert resumed.losses == full.losses[len(first.losses):]
     for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items()):
@@ -274,7 +274,7 @@ def test_lightning_second_fit_replaces_the_optimizer(tmp_path):
     assert [len(m._forward_hooks) for m in linears] == hooks
     with pytest.raises(RuntimeError, match="another pmptrain optimizer"):
         old.step()
-    assert new.skipped_steps == 0 and not new.last_step["skipped"] and new.last_step["controlled"] == 2
+    assert new.skipped_steps == 0 and not new.last_step["skipped"] and new.last_step["controlled"] == 3
     assert _mean(model.losses) < _mean(first_losses)  # the second fit went on from the first one
 
     # only the new optimizer records
@@ -339,7 +339,7 @@ def test_lightning_bf16_mixed_with_clipping(tmp_path):
     trainer.fit(model)
     opt = trainer.optimizers[0]
     assert trainer.global_step == 2 * STEPS_PER_EPOCH
-    assert opt.skipped_steps == 0 and opt.last_step["controlled"] == 2
+    assert opt.skipped_steps == 0 and opt.last_step["controlled"] == 3
     assert _mean(model.losses[-4:]) < 0.75 * _mean(model.losses[:4]), model.losses
     ref = Classifier(_emsa_and_schedule)
     _hand_loop(ref, epochs=2, autocast=True)
@@ -417,22 +417,23 @@ def _hf_train(monkeypatch, tmp_path, tie, steps=30):
     return model, opt, [h["loss"] for h in logs]
 
 
-_NO_CLOSED_FORM = "ignore:module .* has no closed-form maximiser"  # LlamaRMSNorm takes the fallback
+_NO_CLOSED_FORM = "error:module .* has no closed-form maximiser"  # LlamaRMSNorm is controlled too
 
 
 @pytest.mark.filterwarnings(_NO_CLOSED_FORM)
 def test_hf_trainer_llama(monkeypatch, tmp_path):
     """Untied Llama: the embedding, the 7 projections and lm_head by the closed form, the RMSNorm
-    weights by the fallback; the loss falls from ln(VOCAB)."""
+    weights by the per-channel closed form; nothing falls back; the loss falls from ln(VOCAB)."""
     model, opt, losses = _hf_train(monkeypatch, tmp_path, tie=False)
     assert losses[-1] < 0.6 * losses[0], losses
     affine = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     assert len(affine) == 9  # embedding, 7 projections, lm_head
     table = opt.rule_table()
     assert {r["unit"] for r in table if r["rule"] == "emsa"} == affine
-    assert opt.last_step["controlled"] == len(affine)
-    assert {r["unit"] for r in table if r["rule"] == "fallback"} == {
-        n for n, p in model.named_parameters() if p.ndim < 2}
+    norms = {n for n, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm"}
+    assert len(norms) == 3 and {r["unit"] for r in table if r["rule"] == "emsa-channel"} == norms
+    assert opt.last_step["controlled"] == len(affine) + len(norms)
+    assert not [r for r in table if r["rule"] == "fallback"]
 
 
 @pytest.mark.filterwarnings(_NO_CLOSED_FORM)
@@ -447,7 +448,7 @@ def test_hf_trainer_llama_tied_embeddings(monkeypatch, tmp_path):
     (row,) = tied
     assert "model.embed_tokens" in row["unit"] and "lm_head" in row["unit"] and row["rule"] == "emsa"
     assert row["params"] == ["model.embed_tokens.weight"]
-    assert opt.last_step["controlled"] == 8  # the tied pair and the 7 projections
+    assert opt.last_step["controlled"] == 11  # the tied pair, the 7 projections, the 3 RMSNorms
 
 
 @pytest.mark.filterwarnings(_NO_CLOSED_FORM)
@@ -477,7 +478,7 @@ def test_hf_trainer_resume_is_bit_exact(monkeypatch, tmp_path):
     trainer2.train(resume_from_checkpoint=str(ckpt))
     _assert_same(probe.state, saved, "restored optimizer state")
     assert trainer2.state.global_step == steps
-    assert opt.skipped_steps == 0 and opt.last_step["controlled"] == 9
+    assert opt.skipped_steps == 0 and opt.last_step["controlled"] == 12
     _assert_same(opt.state_dict(), full_opt.state_dict(), "final optimizer state")
     for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
@@ -507,6 +508,37 @@ def test_hf_trainer_gradient_checkpointing(monkeypatch, tmp_path):
     trainer2.train()
     assert getattr(checkpointed, "is_activation_checkpointing" if new_name else "is_gradient_checkpointing")
     assert calls == {"plain": 2 * steps, "gc": 4 * steps}  # every micro-batch's layer ran twice
-    assert opt.skipped_steps == 0 and opt.last_step["controlled"] == 9
+    assert opt.skipped_steps == 0 and opt.last_step["controlled"] == 12
     for (k, v), (k2, v2) in zip(plain.state_dict().items(), checkpointed.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_strict_accepts_hf_gpt2_and_llama(arch, monkeypatch):
+    """``EMSA(model, strict=True)`` on Hugging Face GPT-2 (Conv1D layers, tied embeddings, LayerNorm)
+    and Llama (Linear projections, LlamaRMSNorm) built from small configs: every parameter gets a
+    closed form and one step moves them all."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2, vocab_size=64,
+                                       max_position_embeddings=32)
+        model = transformers.LlamaForCausalLM(cfg)
+    opt = pmptrain.EMSA(model, strict=True)
+    rules = [r["rule"] for r in opt.rule_table()]
+    assert "fallback" not in rules
+    if arch == "gpt2":
+        assert rules.count("emsa") >= 2 * 4 + 2  # 4 Conv1D per block, wte+lm_head tied, wpe
+        assert any("wte" in r["unit"] and "lm_head" in r["unit"] for r in opt.rule_table())
+    ids = torch.randint(0, 64, (2, 16))
+    before = [p.detach().clone() for p in model.parameters()]
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert not opt.last_step["skipped"] and opt.last_step["fallback"] == 0
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -14,8 +14,9 @@ Both wrappings are covered: (a) ``DistributedDataParallel`` (the wrapper average
 BatchNorm: under DDP each rank normalises with the statistics of its own half (no SyncBatchNorm), so
 the single-process reference applies the same BatchNorm to each half separately ("ghost" batch norm,
 ``ghost=2``); the controlled Linear/Conv2d modules still see the whole batch in one call. The BN
-parameters take the Adam fallback, on the rank-averaged gradient. With ``solver="iterative"`` the BN
-is excluded (fallback) — see test_iterative_batchnorm_calls_are_not_merged for why.
+is excluded (Adam fallback, on the rank-averaged gradient): in the reference its two ghost calls
+would count as one batch of shared-module calls. The LayerNorm (per-row statistics) and the grouped
+convolution take their closed forms and must match the union batch like the Linear layers.
 
 All distributed runs happen in ONE spawn (module fixture) to keep the file fast; the single-process
 references run in the test process.
@@ -44,8 +45,9 @@ K_STEPS = 3
 
 # ------------------------------------------------------------------------------------------ models
 class MLP(nn.Module):
-    """Linear(bias) → BatchNorm1d → ReLU → Linear → Tanh → Linear. ``ghost`` = number of chunks the
-    batch norm normalises separately (the reference reproduces per-rank BN statistics)."""
+    """Linear(bias) → BatchNorm1d → ReLU → Linear → LayerNorm → Tanh → Linear. ``ghost`` = number of
+    chunks the batch norm normalises separately (the reference reproduces per-rank BN statistics;
+    BN takes the fallback here, since the ghost calls of one module would count as one batch)."""
 
     def __init__(self, ghost: int = 1):
         super().__init__()
@@ -53,20 +55,21 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(6, 10)
         self.bn = nn.BatchNorm1d(10)
         self.fc2 = nn.Linear(10, 12)
+        self.ln = nn.LayerNorm(12)
         self.fc3 = nn.Linear(12, 3)
 
     def forward(self, x):
         h = self.fc1(x)
         h = torch.cat([self.bn(c) for c in h.chunk(self.ghost)]) if self.ghost > 1 else self.bn(h)
-        return self.fc3(torch.tanh(self.fc2(torch.relu(h))))
+        return self.fc3(torch.tanh(self.ln(self.fc2(torch.relu(h)))))
 
 
 class ConvNet(nn.Module):
     def __init__(self, ghost: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.conv2 = nn.Conv2d(4, 5, 3, stride=2)
-        self.fc = nn.Linear(20, 3)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, groups=2)  # a grouped convolution
+        self.fc = nn.Linear(16, 3)
 
     def forward(self, x):
         h = torch.relu(self.conv1(x))
@@ -106,7 +109,7 @@ for _wrap, _opt in (("ddp", "primal"), ("pg", "gram"), ("pg", "isotropic")):
 
 def _optimizer_kwargs(case) -> dict:
     kw = {**BASE, **OPTIONS[case["opt"]]}
-    if kw.get("solver") == "iterative" and case["kind"] == "mlp":
+    if case["kind"] == "mlp":
         kw["exclude"] = ("bn",)
     return kw
 

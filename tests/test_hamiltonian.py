@@ -406,14 +406,16 @@ def test_embedding_adapter_and_unsupported_reasons():
     ad = adapter_for(emb)
     assert ad.transposed and ad.index_input and ad.weight_shape_2d(emb) == (3, 7)
     idx = torch.tensor([[1, 2, 2], [0, 6, 1]])
-    assert ad.batch_size(emb, idx) == 2 and ad.input_rows(emb, idx).tolist() == [1, 2, 2, 0, 6, 1]
+    assert ad.batch_size(emb, idx) == 6 and ad.input_rows(emb, idx).tolist() == [1, 2, 2, 0, 6, 1]
     assert "sparse" in unsupported_reason(nn.Embedding(7, 3, sparse=True))
     assert "max_norm" in unsupported_reason(nn.Embedding(7, 3, max_norm=1.0))
-    assert "groups=2" in unsupported_reason(nn.Conv2d(4, 4, 3, groups=2))
+    assert adapter_for(nn.Conv2d(4, 4, 3, groups=2)).kind == "grouped"
+    assert unsupported_reason(nn.ConvTranspose2d(4, 4, 3)) is None and adapter_for(nn.ConvTranspose2d(4, 4, 3)) is None
 
     class Custom(nn.Linear):
         def forward(self, x):
             return super().forward(x) ** 2
 
-    assert "overrides Linear.forward" in unsupported_reason(Custom(2, 2))
+    assert "overrides Linear.forward" in unsupported_reason(Custom(2, 2)) and "register_module_type" in \
+        unsupported_reason(Custom(2, 2))
     assert adapter_for(Custom(2, 2)) is None and unsupported_reason(nn.ReLU()) is None

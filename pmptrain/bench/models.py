@@ -20,7 +20,17 @@ name               network
 ``ref_vgg_svhn``   the same with ``width_mult=0.5`` (half conv widths), their SVHN network
 ``restanh``        residual tanh network of the E-MSA toy (:class:`ResTanh`)
 ``resnet_small``   CIFAR-style ResNet-(6n+2) (He et al., 2016, §4.2); ``resnet8``, ``resnet20``
+``resnet``         ResNet-18 (four stages of two basic blocks, widths w, 2w, 4w, 8w; default
+                   w = 64 as torchvision's) with a 3×3 stride-1 stem for 28×28 / 32×32 inputs
+``mobilenet``      MobileNet-V3-small-style: inverted residuals with depthwise convolutions,
+                   squeeze-and-excitation, hardswish (Howard et al., ICCV 2019, Table 2)
+``gpt``            nanoGPT-style decoder-only transformer (:class:`GPT`): token and position
+                   embeddings, pre-LayerNorm blocks, causal self-attention, GELU MLP, tied
+                   output layer; ``input_shape = (T,)``, ``num_classes`` = vocabulary size
 =================  =========================================================================
+
+Everything is built from ``torch.nn`` layers (torchvision's CUDA wheel does not import against the
+CPU torch this project pins, so the vision architectures are written here).
 
 Reference: Q. Li and S. Hao, "An optimal control approach to deep learning and applications to
 discrete-weight neural networks", ICML 2018 (networks as in their released notebooks; see
@@ -45,6 +55,10 @@ __all__ = [
     "ResTanh",
     "restanh",
     "resnet_small",
+    "resnet18",
+    "mobilenet_v3_small",
+    "GPT",
+    "gpt",
     "BasicBlock",
 ]
 
@@ -355,6 +369,192 @@ def resnet_small(input_shape=(3, 32, 32), num_classes: int = 10, depth: int = 8,
     return nn.Sequential(*layers)
 
 
+def resnet18(input_shape=(3, 32, 32), num_classes: int = 10, width: int = 64, bias: bool = False) -> nn.Sequential:
+    """ResNet-18 (He et al. 2016; torchvision's layout: [2, 2, 2, 2] basic blocks with widths
+    ``w, 2w, 4w, 8w``, strides 1, 2, 2, 2) for small images: the 7×7 stride-2 stem and max-pool are
+    a 3×3 stride-1 conv (the usual CIFAR adaptation). 11.2M parameters at ``width=64``; 1-D
+    ``(C, L)`` inputs get Conv1d/BatchNorm1d.
+
+    Args:
+        width: channels of the first stage (default 64). bias: conv biases (default False; BN
+            follows every conv).
+    """
+    shape = _shape(input_shape)
+    num_classes = _pos_int("num_classes", num_classes)
+    width = _pos_int("width", width)
+    Conv, BN, _, AvgPool = _spatial_layers(shape, "resnet18")
+    layers = [Conv(shape[0], width, 3, padding=1, bias=bias), BN(width), nn.ReLU()]
+    c = width
+    for stage in range(4):
+        w = width * 2 ** stage
+        for i in range(2):
+            layers.append(BasicBlock(c, w, 2 if (stage > 0 and i == 0) else 1, Conv, BN, bias))
+            c = w
+    layers += [AvgPool(1), nn.Flatten(), nn.Linear(c, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: ``x · hardsigmoid(W₂ relu(W₁ mean(x)))`` with 1×1 convolutions."""
+
+    def __init__(self, channels: int, squeeze: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return x * nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNet-V3 bottleneck: 1×1 expansion, k×k depthwise conv (``groups = channels``),
+    optional squeeze-and-excitation, 1×1 projection; a residual connection when shapes agree."""
+
+    def __init__(self, c_in: int, k: int, expand: int, c_out: int, se: bool, act: str, stride: int):
+        super().__init__()
+        Act = nn.Hardswish if act == "hs" else nn.ReLU
+        layers = []
+        if expand != c_in:
+            layers += [nn.Conv2d(c_in, expand, 1, bias=False), nn.BatchNorm2d(expand), Act()]
+        layers += [nn.Conv2d(expand, expand, k, stride, k // 2, groups=expand, bias=False),
+                   nn.BatchNorm2d(expand), Act()]
+        if se:
+            layers.append(SqueezeExcite(expand, max(8, expand // 4)))
+        layers += [nn.Conv2d(expand, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.residual else y
+
+
+#: MobileNet-V3-small bottlenecks (kernel, expansion, out, SE, activation, stride), Table 2.
+_MBV3_SMALL = [(3, 16, 16, True, "re", 2), (3, 72, 24, False, "re", 2), (3, 88, 24, False, "re", 1),
+               (5, 96, 40, True, "hs", 2), (5, 240, 40, True, "hs", 1), (5, 240, 40, True, "hs", 1),
+               (5, 120, 48, True, "hs", 1), (5, 144, 48, True, "hs", 1), (5, 288, 96, True, "hs", 2),
+               (5, 576, 96, True, "hs", 1), (5, 576, 96, True, "hs", 1)]
+
+
+def mobilenet_v3_small(input_shape=(3, 32, 32), num_classes: int = 10, width_mult: float = 1.0,
+                       dropout: float = 0.2) -> nn.Sequential:
+    """MobileNet-V3-small (Howard et al., "Searching for MobileNetV3", ICCV 2019, Table 2): a 3×3
+    stride-2 stem, the 11 bottlenecks of :data:`_MBV3_SMALL` (11 depthwise convolutions), a 1×1 conv
+    to 576·width_mult channels, global pooling, Linear 1024 → hardswish → dropout → Linear.
+
+    Args:
+        width_mult: channel multiplier (default 1.0; channels rounded to multiples of 8).
+        dropout: before the classifier (default 0.2).
+    """
+    shape = _shape(input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"mobilenet needs (C, H, W) inputs, got {shape}")
+    num_classes = _pos_int("num_classes", num_classes)
+    _prob("dropout", dropout)
+
+    def ch(c):
+        return max(8, int(c * width_mult + 4) // 8 * 8)
+
+    c = ch(16)
+    layers = [nn.Conv2d(shape[0], c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.Hardswish()]
+    for k, e, o, se, act, s in _MBV3_SMALL:
+        layers.append(InvertedResidual(c, k, ch(e), ch(o), se, act, s))
+        c = ch(o)
+    last = ch(576)
+    layers += [nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.Hardswish(),
+               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(last, 1024), nn.Hardswish(),
+               nn.Dropout(dropout), nn.Linear(1024, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------------------------
+# a small GPT
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused ``c_attn`` projection (nanoGPT's layout)."""
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool):
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class GPTBlock(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln₁(x))``, then ``x + mlp(ln₂(x))``."""
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, bias)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd, bias=bias), nn.GELU(),
+                                 nn.Linear(4 * n_embd, n_embd, bias=bias))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A nanoGPT-style decoder-only transformer (Karpathy's nanoGPT, after GPT-2).
+
+    ``wte`` (token embedding) and ``wpe`` (learned positions) → ``n_layer`` :class:`GPTBlock` →
+    ``ln_f`` → ``lm_head``, whose weight is ``wte.weight`` (tied). Initialisation as nanoGPT:
+    N(0, 0.02) for Linear and Embedding weights, residual projections scaled by ``1/√(2·n_layer)``,
+    zero biases. ``forward(idx)`` maps ``[B, T]`` token ids to ``[B, T, vocab]`` logits.
+    """
+
+    def __init__(self, vocab_size: int = 256, block_size: int = 128, n_layer: int = 2, n_head: int = 4,
+                 n_embd: int = 128, bias: bool = True):
+        super().__init__()
+        self.block_size = block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.h = nn.ModuleList(GPTBlock(n_embd, n_head, bias) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd, bias=bias)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+            elif p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02)
+            elif name.endswith("bias") and "ln" not in name:
+                nn.init.zeros_(p)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        if t > self.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size {self.block_size}")
+        pos = torch.arange(t, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def gpt(input_shape=(128,), num_classes: int = 256, n_layer: int = 2, n_head: int = 4, n_embd: int = 128,
+        bias: bool = True) -> GPT:
+    """:class:`GPT` with ``block_size = input_shape[0]`` and ``vocab_size = num_classes``."""
+    shape = _shape(input_shape)
+    if len(shape) != 1:
+        raise ValueError(f"gpt needs input_shape (T,), got {shape}")
+    return GPT(_pos_int("num_classes", num_classes), shape[0], _pos_int("n_layer", n_layer),
+               _pos_int("n_head", n_head), _pos_int("n_embd", n_embd), bool(bias))
+
+
 # --------------------------------------------------------------------------------------------
 # registry
 
@@ -384,6 +584,10 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet_small": resnet_small,
     "resnet8": _resnet(8),
     "resnet20": _resnet(20),
+    "resnet": resnet18,
+    "resnet18": resnet18,
+    "mobilenet": mobilenet_v3_small,
+    "gpt": gpt,
 }
 
 

@@ -92,8 +92,9 @@ def join_reason(members: List[Member]) -> Optional[str]:
     return None
 
 
-class AffineEMSARule(Rule):
-    r"""The exact maximiser of the augmented Hamiltonian of an affine unit (module or tie).
+class EMSARuleBase(Rule):
+    r"""What the closed-form E-MSA rules share: their group keys, the union sample counts, the
+    checks of a step without statistics, and the SGD step of ρ = 0.
 
     Group keys (canonical names; a configuration may rename them):
 
@@ -109,10 +110,7 @@ class AffineEMSARule(Rule):
     Decoupled weight decay uses the step size of ``decay_key`` (``fallback_lr``).
     """
 
-    name = "emsa"
     module_rule = True
-    affine = True
-    record_type = AffineState
     hyper = {
         "lr": Real(0.0, tensor_ok=True),
         "rho": Real(0.0),
@@ -129,6 +127,55 @@ class AffineEMSARule(Rule):
         super().__init__(keys)
         self._warned = set()
 
+    def _warn_once(self, key, msg):
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, stacklevel=4)
+
+    @staticmethod
+    def _union_sizes(st: ModuleStats, ctx: StepContext, device) -> Tuple[int, int]:
+        """``(B, N)`` summed over the ranks."""
+        samples, rows = st.samples, st.rows
+        if ctx.world > 1:
+            sizes = torch.tensor([float(samples), float(rows)], dtype=torch.float64, device=device)
+            pdist.all_reduce_sum_([sizes], ctx.process_group)
+            samples, rows = int(sizes[0].item()), int(sizes[1].item())
+        return samples, rows
+
+    def _steps(self, ctx: StepContext, params) -> dict:
+        """``{id(p): η}`` of the parameters with a gradient."""
+        return {id(p): ctx.step_size(ctx.group(p), self.key("lr")) for p in params}
+
+    def _sgd(self, unit: Unit, ctx: StepContext, grads) -> Proposal:
+        """ρ = 0 (or no statistics): the maximiser of ⟨−∇J, Δθ⟩ − (δ/2)‖Δθ‖², ``−η·∇J`` exactly."""
+        ups = [Update(p, g, alpha=-ctx.step_size(ctx.group(p), self.key("lr")), decay=ctx.decay(p, self.decay_key))
+               for p, g in grads if g is not None]
+        return Proposal(ups, self.next_state(unit))
+
+    def _no_data(self, unit: Unit, ctx: StepContext, grads) -> Proposal:
+        """No captured samples on any rank: an error if a gradient is non-zero, else only decay."""
+        if any(g is not None and bool(g.any()) for _, g in grads):
+            raise RuntimeError(_no_states_message(unit.name))
+        ups = [Update(p, torch.zeros_like(g), decay=ctx.decay(p, self.decay_key)) for p, g in grads if g is not None]
+        return Proposal(ups, self.next_state(unit))
+
+    def next_state(self, unit: Unit):
+        st = unit.state
+        return type(st)(**{**vars(st), "step": st.step + 1})
+
+    def capture_active(self, group) -> bool:
+        return float(self.value(group, "rho")) != 0.0
+
+
+class AffineEMSARule(EMSARuleBase):
+    """The exact maximiser of the augmented Hamiltonian of an affine unit (module or tie): see
+    :class:`EMSARuleBase` for its group keys and the module docstring for the mathematics."""
+
+    name = "emsa"
+    affine = True
+    adapter_kinds = ("matrix",)
+    record_type = AffineState
+
     def init_state(self, unit):
         return AffineState()
 
@@ -142,7 +189,7 @@ class AffineEMSARule(Rule):
 
     # ------------------------------------------------------------------ capture
     def capture_spec(self, unit, member, group):
-        if float(self.value(group, "rho")) == 0.0:
+        if not self.capture_active(group):
             return None
         adapter, module = member.adapter, member.module
         m, n = adapter.weight_shape_2d(module)
@@ -159,12 +206,8 @@ class AffineEMSARule(Rule):
     # ------------------------------------------------------------------ statistics
     def _gather(self, member: Member, st: ModuleStats, ctx: StepContext, group, dt, grad_b, delta_b) -> Optional[AffineMember]:
         """The member's statistics on the union of the ranks' batches (``None``: no samples)."""
-        world, pg = ctx.world, ctx.process_group
-        samples, rows = st.samples, st.rows
-        if world > 1:
-            sizes = torch.tensor([float(samples), float(rows)], dtype=torch.float64, device=member.weight.device)
-            pdist.all_reduce_sum_([sizes], pg)
-            samples, rows = int(sizes[0].item()), int(sizes[1].item())
+        pg = ctx.process_group
+        samples, rows = self._union_sizes(st, ctx, member.weight.device)
         if samples == 0:
             return None
         adapter, module = member.adapter, member.module
@@ -227,11 +270,6 @@ class AffineEMSARule(Rule):
             raw.cpp = gg / b
         return raw
 
-    def _warn_once(self, key, msg):
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(msg, stacklevel=4)
-
     # ------------------------------------------------------------------ the step
     def propose(self, unit: Unit, ctx: StepContext):
         members = unit.members
@@ -253,15 +291,12 @@ class AffineEMSARule(Rule):
         state: AffineState = unit.state
         new_state = AffineState(state.step + 1, state.running, state.eig_left, state.eig_right)
 
+        grads = [(w, gw)] + [(b, gb) for _, b, gb in biases]
         if rho == 0.0 or any(s is None for s in stats):
-            # ρ = 0: the maximiser of ⟨−∇J, Δθ⟩ − (δ/2)‖Δθ‖² is exactly the SGD step −lr·∇J
             if rho != 0.0:
                 self._warn_once(unit.name, f"{unit.name!r}: rho > 0 but no statistics were recorded (rho was 0 "
                                 "when the backward pass ran); this step is a plain gradient step")
-            ups = [Update(w, gw, alpha=-eta_w, decay=decay_w)] if gw is not None else []
-            ups += [Update(b, gb, alpha=-etas[id(b)], decay=ctx.decay(b, self.decay_key))
-                    for _, b, gb in biases if gb is not None]
-            return Proposal(ups, new_state)
+            return self._sgd(unit, ctx, grads)
 
         dt = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
         gb_of = {id(mb): g for mb, _, g in biases}
@@ -272,11 +307,7 @@ class AffineEMSARule(Rule):
         raws = [self._gather(mb, st, ctx, group, dt, gb_of.get(id(mb)), delta_b_of.get(id(mb)))
                 for mb, st in zip(members, stats)]
         if all(r is None for r in raws):
-            if (gw is not None and bool(gw.any())) or any(g is not None and bool(g.any()) for _, _, g in biases):
-                raise RuntimeError(_no_states_message(unit.name))
-            zero = [Update(w, torch.zeros_like(gw2).reshape(w.shape), decay=decay_w)] if gw is not None else []
-            return Proposal(zero + [Update(b, torch.zeros_like(g), decay=ctx.decay(b, self.decay_key))
-                                    for _, b, g in biases if g is not None], new_state)
+            return self._no_data(unit, ctx, grads)
         decay = float(self.value(group, "stat_decay"))
         if decay > 0.0:
             raws, new_state.running = self._running(raws, state.running, decay)

@@ -156,7 +156,8 @@ class DiscreteMSA(DiscreteConfig):
             return None  # codes and trainable scales: parameter rules
         if is_discrete_module(module) or parametrize.is_parametrized(module, "weight"):
             return None  # a parametrized discrete layer: its own parameter is the bias
-        if self.continuous == "emsa" and adapter_for(module) is not None:
+        adapter = adapter_for(module)
+        if self.continuous == "emsa" and adapter is not None and adapter.kind == "matrix":
             return self._affine
         return None
 

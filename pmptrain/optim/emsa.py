@@ -12,8 +12,9 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..modules import FALLBACK_MODULE_TYPES, adapter_for, unsupported_reason
+from ..modules import adapter_for, unsupported_reason
 from .affine import AffineEMSARule
+from .blocks import ChannelEMSARule, GroupedEMSARule
 from .elementwise import FallbackRule
 from .hyper import Choice
 from .iterative import IterativeEMSARule
@@ -116,7 +117,7 @@ class EMSA(PMPOptimizer):
         grad_scaler=None,
     ):
         self.solver = Choice(("closed", "iterative")).check("solver", solver)
-        self._affine = AffineEMSARule()
+        self._by_kind = {"matrix": AffineEMSARule(), "grouped": GroupedEMSARule(), "channel": ChannelEMSARule()}
         self._iterative = IterativeEMSARule()
         self._fallback = FallbackRule()
         defaults = dict(
@@ -125,7 +126,7 @@ class EMSA(PMPOptimizer):
             betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, inner_steps=inner_steps,
             inner_lr=inner_lr, inner_optimizer=inner_optimizer,
         )
-        super().__init__(model, params, defaults, [self._affine, self._iterative, self._fallback],
+        super().__init__(model, params, defaults, [*self._by_kind.values(), self._iterative, self._fallback],
                          strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler)
 
     def _validate_group(self, group):
@@ -138,11 +139,12 @@ class EMSA(PMPOptimizer):
     def _module_rule(self, name, module):
         if self.solver == "iterative":
             return self._iterative
-        if adapter_for(module) is not None:
-            return self._affine
-        if isinstance(module, FALLBACK_MODULE_TYPES):
-            return None
-        return Unsupported(unsupported_reason(module) or f"no closed form for {type(module).__name__} modules")
+        adapter = adapter_for(module)
+        if adapter is not None:
+            return self._by_kind[adapter.kind]
+        return Unsupported(unsupported_reason(module) or (
+            f"no closed form for {type(module).__name__} modules (if it is affine in its parameters, "
+            "give it one with pmptrain.register_module_type)"))
 
     def _param_rule(self, name, param):
         return self._fallback, {}

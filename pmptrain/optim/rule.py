@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Mapping, Optional
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -179,8 +179,9 @@ class Rule:
     #: the dataclass of the state record (None: stateless)
     record_type: ClassVar[Optional[type]] = None
     module_rule: ClassVar[bool] = False
-    #: module rule that works through an affine adapter (:mod:`pmptrain.modules`) and can
-    #: maximise several modules sharing one weight jointly
+    #: module rule that works through an adapter of :mod:`pmptrain.modules` (its kinds: below)
+    adapter_kinds: ClassVar[Tuple[str, ...]] = ()
+    #: can maximise several modules sharing one weight jointly
     affine: ClassVar[bool] = False
     #: the group key whose step size scales the decoupled weight decay (None: no weight decay)
     decay_key: Optional[str] = None

@@ -236,20 +236,33 @@ class PMPOptimizer(torch.optim.Optimizer):
             pname.setdefault(id(p), n)
         claims: Dict[str, Tuple[Rule, Member, List[Tensor]]] = OrderedDict()  # rule, member, its params
         owners: Dict[int, List[str]] = {}
+        why: Dict[int, str] = {}  # why a parameter takes the fallback (for strict=True)
+        excluded = set()
         for name, module in self.root.named_modules():
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in group_of]
             if not own:
                 continue
-            choice = None if name in self._excluded else self._module_rule(name, module)
+            if name in self._excluded:
+                excluded.update(id(p) for _, p in own)
+                continue
+            choice = self._module_rule(name, module)
             if isinstance(choice, Unsupported):
                 self._unsupported(name, module, choice.reason)
                 continue
             if not isinstance(choice, Rule):
+                for _, p in own:
+                    why.setdefault(id(p), f"module {name!r} ({type(module).__name__}) is trained by the fallback "
+                                          f"in {type(self).__name__}")
                 continue
             member = self._member(name, module, choice, dict(own))
             if member is None:
+                reason = f"the weight of {name!r} ({type(module).__name__}) is frozen, so its other parameters " \
+                         "cannot be maximised with it"
+                self._warn_fallback(("frozen", name), reason)
+                for _, p in own:
+                    why.setdefault(id(p), reason)
                 continue
-            taken_by_rule = [p for p in (member.weight, member.bias) if p is not None] if choice.affine \
+            taken_by_rule = [p for p in (member.weight, member.bias) if p is not None] if choice.adapter_kinds \
                 else [p for _, p in own]
             claims[name] = (choice, member, taken_by_rule)
             for p in taken_by_rule:
@@ -277,14 +290,8 @@ class PMPOptimizer(torch.optim.Optimizer):
             if len(names) > 1:
                 reason = self._join_reason(rule, [claims[n][0] for n in names], members)
                 if reason is not None:
-                    key = ("tied",) + tuple(names)
-                    if key not in self._warned:
-                        self._warned.add(key)
-                        msg = (f"modules {names} share parameters (tied weights) and cannot be maximised "
-                               f"jointly: {reason}; their parameters take the fallback step")
-                        if self.strict:
-                            raise ValueError(msg + " (strict=True)")
-                        warnings.warn(msg, stacklevel=4)
+                    self._warn_fallback(("tied",) + tuple(names), f"modules {names} share parameters (tied weights) "
+                                        f"and cannot be maximised jointly: {reason}")
                     continue
             params, seen = [], set()
             for n in names:
@@ -303,6 +310,11 @@ class PMPOptimizer(torch.optim.Optimizer):
                 rule, meta = self._param_rule(n, p)
                 new_units[n] = Unit(n, rule, [p], [n], [], None, meta)
                 taken.add(id(p))
+                if self.strict and rule.name == "fallback" and id(p) not in excluded:
+                    raise ValueError(
+                        f"strict=True: parameter {n!r} would take the fallback step: "
+                        f"{why.get(id(p), 'it belongs to no module of the model')}. Pass exclude=[...] to accept "
+                        "the fallback for a module explicitly")
         for name, unit in new_units.items():
             old = self.units.get(name)
             if old is not None and old.rule is unit.rule and [id(p) for p in old.params] == [id(p) for p in unit.params]:
@@ -315,13 +327,20 @@ class PMPOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _member(name, module, rule: Rule, own: Dict[str, Tensor]) -> Optional[Member]:
-        if rule.affine:
-            adapter = adapter_for(module)
-            weight = own.get("weight")
-            if adapter is None or weight is None:
-                return None  # frozen weight: its bias (if trained) takes a parameter rule
-            return Member(name, module, adapter, weight, own.get("bias"))
-        return Member(name, module, None, own.get("weight"), own.get("bias"))
+        """The module as a member of ``rule``'s unit, or None when the rule cannot take it (an
+        affine module with a frozen weight: its bias then takes a parameter rule)."""
+        if not rule.adapter_kinds:
+            return Member(name, module, None, own.get("weight"), own.get("bias"))
+        adapter = adapter_for(module)
+        if adapter is None or adapter.kind not in rule.adapter_kinds:
+            return None
+        in_groups = {id(p) for p in own.values()}
+        weight, bias = adapter.weight(module), adapter.bias(module)
+        weight = weight if weight is not None and id(weight) in in_groups else None
+        bias = bias if bias is not None and id(bias) in in_groups else None
+        if (adapter.kind != "channel" and weight is None) or (weight is None and bias is None):
+            return None
+        return Member(name, module, adapter, weight, bias)
 
     @staticmethod
     def _join_reason(rule: Rule, rules: List[Rule], members: List[Member]) -> Optional[str]:
@@ -334,15 +353,17 @@ class PMPOptimizer(torch.optim.Optimizer):
         return join_reason(members)
 
     def _unsupported(self, name: str, module: nn.Module, reason: str) -> None:
-        key = ("unsupported", name)
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        msg = (f"module {name!r} ({type(module).__name__}) has no closed-form maximiser: {reason}; its "
-               "parameters take the fallback step")
+        self._warn_fallback(("unsupported", name), f"module {name!r} ({type(module).__name__}) has no closed-form "
+                            f"maximiser: {reason}", " Exclude it explicitly or use solver='iterative'.")
+
+    def _warn_fallback(self, key, what: str, hint: str = " Pass exclude=[...] to accept the fallback explicitly.") -> None:
+        """Warn once that ``what`` sends parameters to the fallback step; raise with ``strict=True``."""
+        msg = f"{what}; its parameters take the fallback step"
         if self.strict:
-            raise ValueError(msg + " (strict=True). Exclude it explicitly or use solver='iterative'.")
-        warnings.warn(msg, stacklevel=5)
+            raise ValueError(f"{msg} (strict=True).{hint}")
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, stacklevel=5)
 
     def _sync_capture(self) -> None:
         """Register (or update) the hooks of every module whose rule needs captured states."""
