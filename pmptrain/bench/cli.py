@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .lm import LMConfig
 from .registry import OPTIMIZERS, UnknownOptimizerError, get_spec
 from .runner import DEFAULT_OPTIMIZERS, LOSSES, BenchConfig
 
@@ -144,7 +145,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="mnist1d (default; generated locally), mnist, fashion-mnist, cifar10, svhn")
     g.add_argument("--model", default=S,
                    help="model name: mlp (default), cnn_small, ref_mlp, ref_vgg, ref_vgg_svhn, "
-                        "restanh, resnet_small, resnet8, resnet20")
+                        "restanh, resnet_small, resnet8, resnet20, resnet (ResNet-18), mobilenet, "
+                        "gpt (the language-model bench, see below)")
     g.add_argument("--model-args", default=S, metavar="YAML",
                    help="builder keyword arguments as a YAML mapping, e.g. "
                         "'{widths: [512, 512], batchnorm: true}' (default {})")
@@ -195,6 +197,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=S,
                    help="write TensorBoard logs (default on)")
     g.add_argument("--threads", type=int, default=S, help="torch.set_num_threads (default: torch's)")
+    g = p.add_argument_group("language-model bench (--model gpt; --dataset pysrc|fortunes|FILE)")
+    g.add_argument("--steps", type=int, default=S, help="optimizer steps per run (default 200)")
+    g.add_argument("--seq-len", type=int, default=S, help="tokens (bytes) per sequence (default 128)")
+    g.add_argument("--eval-every", type=int, default=S, help="validation every N steps (default 20)")
+    g.add_argument("--warmup", type=float, default=S, help="linear warmup, fraction of the steps (default 0.1)")
+    g.add_argument("--clip", type=float, default=S, help="gradient-norm clipping, 0 = off (default 1.0)")
+    g.add_argument("--max-bytes", type=int, default=S, help="corpus size in bytes (default 2000000)")
+    g.add_argument("--target-loss", type=float, default=S,
+                   help="validation loss for steps/seconds-to-target (default: the first optimizer's "
+                        "median final loss)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +325,12 @@ def _resolve(ns: argparse.Namespace) -> Tuple[BenchConfig, Path, bool]:
         return cfg, out, True
     if ns.command == "train" and not getattr(ns, "config", None):
         raise ValueError("--config: 'pmptrain train' needs --config X.yaml (or --resume DIR)")
+    if settings.get("model") == "gpt":
+        if "dataset" not in settings:
+            settings["dataset"] = "pysrc"
+        cfg = LMConfig.from_dict(settings, where="options")
+        out = Path(ns.out) if ns.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        return cfg, out, False
     cfg = BenchConfig.from_dict(settings, where="options")
     out = Path(ns.out) if ns.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     return cfg, out, False
@@ -337,6 +355,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, UnknownOptimizerError) as e:
         print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    if isinstance(cfg, LMConfig):
+        from .lm import run_lm_bench
+
+        if runner.dist_info()[1] > 1:
+            print(f"pmptrain {ns.command}: error: the language-model bench runs in one process", file=sys.stderr)
+            return 2
+        try:
+            run_lm_bench(cfg, out)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     rank, world = runner.init_distributed()
     try:
         out = Path(runner._broadcast(str(out), rank, world))

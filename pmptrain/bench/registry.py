@@ -10,8 +10,14 @@ name               weights         optimizer (defaults)         ``--lr``   ``--t
 =================  ==============  ===========================  =========  ====================
 sgd                float           SGD, momentum 0.9            lr 0.05    0.01, 0.03, 0.1
 adam               float           Adam                         lr 1e-3    3e-4, 1e-3, 3e-3
+adamw              float           AdamW, betas (0.9, 0.95),    lr 1e-3    3e-4, 1e-3, 3e-3
+                                   decay 0.1 on ≥2-D parameters
+muon               float           Muon (hidden matrices) +     lr 0.02    0.005, 0.02, 0.05
+                                   AdamW 1e-3 (the rest)
+soap               float           SOAP                         lr 3e-3    1e-3, 3e-3, 1e-2
 msa                float           MSA (basic, ρ = 0)           lr 0.1     0.03, 0.1, 0.3
 emsa               float           EMSA closed form, ρ = 1      lr 1.0     0.3, 1.0, 3.0
+                                   (weight_decay: decay groups)
 emsa-iterative     float           EMSA solver="iterative"      lr 1.0     0.3, 1.0, 3.0
                                    (10 L-BFGS inner iterations)
 binary-msa         {−1, +1}        DiscreteMSA, decay 0.999     ρ 0.5      0.5, 0.8, 0.95
@@ -54,7 +60,7 @@ import torch
 from torch import nn
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "get_spec", "build_optimizer", "optimizer_names",
-           "UnknownOptimizerError"]
+           "UnknownOptimizerError", "decay_groups"]
 
 
 class UnknownOptimizerError(ValueError):
@@ -120,12 +126,68 @@ def _adam(model, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
                             weight_decay=weight_decay)
 
 
-def _emsa(model, **kw):
+def decay_groups(model: nn.Module, weight_decay: float):
+    """nanoGPT's / Hugging Face's grouping: ``weight_decay`` on every parameter with two or more
+    dimensions (weight matrices, conv kernels, embeddings), none on biases and norm parameters."""
+    unwrapped = getattr(model, "module", model)
+    seen, decay, no_decay = set(), [], []
+    for p in unwrapped.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _adamw(model, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+    return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+
+
+def _emsa(model, weight_decay=0.0, **kw):
     from ..optim import EMSA
 
     if "betas" in kw:
         kw["betas"] = tuple(kw["betas"])
-    return EMSA(model, **kw)
+    params = decay_groups(model, weight_decay) if weight_decay else None
+    return EMSA(model, params, **kw)
+
+
+def _pytorch_optimizer(name: str):
+    try:
+        import pytorch_optimizer
+    except ImportError as e:
+        raise RuntimeError(
+            f"the {name} baseline needs the pytorch-optimizer package: pip install 'pmptrain[baselines]'"
+        ) from e
+    return pytorch_optimizer
+
+
+def _hidden_matrices(model: nn.Module):
+    """``(hidden, other)``: the weights Muon orthogonalises (≥ 2-D, not embeddings, not the output
+    layer — the last Linear/Conv module) and everything else (AdamW), as usual for Muon."""
+    unwrapped = getattr(model, "module", model)
+    emb = {id(m.weight) for m in unwrapped.modules() if isinstance(m, nn.Embedding)}
+    layers = [m for m in unwrapped.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    out = id(layers[-1].weight) if layers else None
+    hidden = [p for p in unwrapped.parameters()
+              if p.requires_grad and p.dim() >= 2 and id(p) not in emb and id(p) != out]
+    ids = {id(p) for p in hidden}
+    other = [p for p in unwrapped.parameters() if p.requires_grad and id(p) not in ids]
+    return hidden, other
+
+
+def _muon(model, lr=0.02, momentum=0.95, weight_decay=0.0, adamw_lr=1e-3, adamw_wd=0.0):
+    po = _pytorch_optimizer("muon")
+    hidden, other = _hidden_matrices(model)
+    groups = [{"params": hidden, "use_muon": True}, {"params": other, "use_muon": False}]
+    return po.Muon(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, adamw_lr=adamw_lr,
+                   adamw_wd=adamw_wd)
+
+
+def _soap(model, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10):
+    po = _pytorch_optimizer("soap")
+    return po.SOAP(_params(model), lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                   precondition_frequency=precondition_frequency)
 
 
 def _msa(model, **kw):
@@ -171,6 +233,14 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       description="SGD with momentum 0.9 (torch.optim.SGD)"),
         OptimizerSpec("adam", _adam, {"lr": 1e-3}, "lr", (3e-4, 1e-3, 3e-3),
                       description="Adam (torch.optim.Adam)"),
+        OptimizerSpec("adamw", _adamw, {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}, "lr",
+                      (3e-4, 1e-3, 3e-3),
+                      description="AdamW, weight decay 0.1 on >=2-D parameters only (nanoGPT's groups)"),
+        OptimizerSpec("muon", _muon, {"lr": 0.02, "momentum": 0.95, "adamw_lr": 1e-3}, "lr", (0.005, 0.02, 0.05),
+                      description="Muon on hidden matrices + AdamW on the rest (pytorch-optimizer; "
+                                  "optional extra 'baselines')"),
+        OptimizerSpec("soap", _soap, {"lr": 3e-3}, "lr", (1e-3, 3e-3, 1e-2),
+                      description="SOAP (pytorch-optimizer; optional extra 'baselines')"),
         OptimizerSpec("msa", _msa, {"lr": 0.1}, "lr", (0.03, 0.1, 0.3), takes_wrapper=True,
                       description="basic MSA (rho = 0) with proximal step lr"),
         OptimizerSpec("emsa", _emsa, {"lr": 1.0, "rho": 1.0}, "lr", (0.3, 1.0, 3.0),
