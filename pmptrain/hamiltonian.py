@@ -64,6 +64,7 @@ __all__ = [
     "sylvester_in_eigenbases",
     "dense_sylvester_reference",
     "AffineMember",
+    "costate_rms",
     "affine_system",
     "affine_bias_steps",
     "solve_channel_affine",
@@ -430,8 +431,9 @@ class AffineMember:
     ``cxx`` (C_x), ``counts`` (the diagonal C_x of one-hot inputs: index counts / B); ``x_mean`` = x̄
     (None for index inputs). Costate side, one of: ``p_rows`` (``P̂/√B``, so ``C_p = p_rowsᵀp_rows``),
     ``cpp`` (C_p), ``tau`` (``tr(C_p)/m``: the isotropic approximation), or none (no costate penalty:
-    an embedding's input is not differentiable). Bias: ``grad_b`` = ∇_b J and ``delta_b`` = δ_b
-    (both None when the module has no free bias).
+    an embedding's input is not differentiable). ``p_trace``: ``tr(C_p)`` recorded without a penalty
+    (an embedding's output costates, for ``rho_scale="costate"``). Bias: ``grad_b`` = ∇_b J and
+    ``delta_b`` = δ_b (both None when the module has no free bias).
     """
 
     samples: float
@@ -446,6 +448,18 @@ class AffineMember:
     tau: Optional[float] = None
     grad_b: Optional[Tensor] = None
     delta_b: Optional[float] = None
+    p_trace: Optional[float] = None
+
+    def costate_trace(self, m: int) -> Optional[float]:
+        """``tr(C_p)`` (per sample) from whichever costate statistic was kept; None if none was
+        (``m``: the output size of the module)."""
+        if self.tau is not None:
+            return float(self.tau) * m
+        if self.p_rows is not None:
+            return float(self.p_rows.pow(2).sum())
+        if self.cpp is not None:
+            return float(self.cpp.diagonal().sum())
+        return None if self.p_trace is None else float(self.p_trace)
 
     def coupling(self, rho: float) -> float:
         """``c = ρ/(ρL + δ_b)`` (0 without a free bias)."""
@@ -503,6 +517,21 @@ def affine_system(grad_w: Tensor, members: Sequence[AffineMember], rho: float) -
             if c:
                 s = s - c * torch.outer(g_b, mb.x_mean)
     return s, left, right
+
+
+def costate_rms(parts: Sequence[Tuple[float, float, float, float]]) -> float:
+    r"""The root-mean-square costate entry of a unit, ``r = √(Σ_j B_j tr C_p^{(j)} / Σ_j B_j L_j m_j)``
+    over its members ``j`` — the typical size of one entry of ``p̂`` in one row.
+
+    ``parts``: ``(tr C_p, m, L, B)`` per member (``tr C_p`` per sample, ``m`` the output size,
+    ``L`` rows per sample, ``B`` samples). ``rho_scale="costate"`` measures ρ in units of ``r``:
+    ``ρ_t = ρ·r`` (docs/algorithms.md, "The units of ρ"). 0.0 when every costate is zero.
+    """
+    num = sum(b * tr for tr, _, _, b in parts)
+    den = sum(b * rows * m for _, m, rows, b in parts)
+    if den <= 0:
+        raise ValueError("costate_rms: no member has a costate statistic")
+    return math.sqrt(max(num, 0.0) / den)
 
 
 def affine_bias_steps(dw: Tensor, members: Sequence[AffineMember], rho: float) -> list:

@@ -34,8 +34,14 @@ def test_gpt_bench_runs_and_reports_loss_curves(tmp_path):
     assert res["summary"]["target_loss"] == pytest.approx(rows["adamw"]["final_val_loss"])
     assert (out / "val_loss_vs_step.png").is_file() and (out / "val_loss_vs_seconds.png").is_file()
     assert (out / "results.csv").read_text().startswith("optimizer,final_val_loss")
+    table = (out / "results.txt").read_text().splitlines()
+    assert table[0].split()[:4] == ["optimizer", "final", "val", "loss"] and table[2].startswith("adamw ")
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["kind"] == "language-model" and stored["config"]["steps"] == 6
+    assert cli.main(["bench", "--resume", str(out)]) == 2  # a clear refusal, not a BenchConfig error
     # the same seed gives the same run (seeded model, batches and validation batches)
     runs = [r for r in res["runs"] if r["optimizer"] == "adamw"]
+    assert [r["optimizer"] for r in res["runs"]] == ["adamw", "adamw", "emsa", "emsa"]
     assert runs[0]["history"][0]["val_loss"] != runs[1]["history"][0]["val_loss"]  # seeds differ
 
 

@@ -416,3 +416,17 @@ def test_strict_raises_for_any_fallback_whatever_the_reason():
     disc = pmptrain.discretize_(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), keep=())
     with pytest.raises(ValueError, match="strict=True: parameter '0.bias' would take the fallback"):
         pmptrain.DiscreteMSA(disc, strict=True)  # biases and BatchNorm: DiscreteMSA's fallback
+
+
+def test_rule_table_lists_every_unit_and_prints_as_a_table():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.PReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="PReLU"):
+        opt = pmptrain.EMSA(model)
+    table = opt.rule_table()
+    assert [(r["unit"], r["rule"], r["params"]) for r in table] == [
+        ("0", "emsa", ["0.weight", "0.bias"]), ("1", "emsa-channel", ["1.weight", "1.bias"]),
+        ("3", "emsa", ["3.weight", "3.bias"]), ("2.weight", "fallback", ["2.weight"])]
+    lines = str(table).splitlines()
+    assert lines[0].split() == ["unit", "rule", "params", "description"] and set(lines[1]) <= {"-", " "}
+    assert lines[3].startswith("1 ") and "emsa-channel" in lines[3] and "1.weight, 1.bias" in lines[3]
+    assert lines[5].split()[:3] == ["2.weight", "fallback", "2.weight"] and len(lines) == 6

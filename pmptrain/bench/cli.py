@@ -310,7 +310,11 @@ def _resolve(ns: argparse.Namespace) -> Tuple[BenchConfig, Path, bool]:
         stored_path = out / "config.json"
         if not stored_path.is_file():
             raise ValueError(f"--resume: {out} is not a bench directory (no config.json)")
-        stored = json.loads(stored_path.read_text())["config"]
+        stored_all = json.loads(stored_path.read_text())
+        if stored_all.get("kind") == "language-model":
+            raise ValueError(f"--resume: {out} holds a language-model bench (--model gpt), which runs "
+                             "start to finish (200 steps take minutes); run it again instead")
+        stored = stored_all["config"]
         if ns.out and Path(ns.out) != out:
             raise ValueError("--out: cannot differ from --resume DIR")
         cfg = BenchConfig.from_dict(stored, where=str(stored_path))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 __all__ = ["LMConfig", "Corpus", "load_corpus", "lr_multiplier", "run_lm_bench", "DEFAULT_LM_OPTIMIZERS"]
 
-DEFAULT_LM_OPTIMIZERS = ("adamw", "emsa")
+DEFAULT_LM_OPTIMIZERS = ("adamw", "emsa-costate", "emsa")
 _FORTUNES = Path("/usr/share/games/fortunes")
 
 
@@ -332,8 +332,10 @@ def _plots(summary: Dict[str, Any], out_dir: Path) -> List[Path]:
 
 
 def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
-    """Run every optimizer × seed, write ``results.json``/``results.csv``/plots/TensorBoard under
-    ``out_dir`` and return the results."""
+    """Run every optimizer × seed — interleaved, seed-major (seed 0 of every optimizer, then seed 1 …)
+    so that a change of machine load does not fall on one optimizer — write ``results.txt``,
+    ``results.json``, ``results.csv``, ``config.json``, plots and TensorBoard logs under ``out_dir``
+    and return the results."""
     import csv
 
     from .runner import atomic_write_json, versions
@@ -356,15 +358,16 @@ def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
         f"{len(train_data)} train / {len(val_data)} validation bytes")
     runs = []
     try:
-        for name in cfg.optimizers:
-            for seed in cfg.seeds:
+        for seed in cfg.seeds:
+            for name in cfg.optimizers:
                 r = run_one(cfg, train_data, val_batches, name, seed, writer)
                 runs.append(r)
-                log(f"  {name:<10} seed {seed}: final val loss {r['final_val_loss']:.4f}, "
+                log(f"  {name:<14} seed {seed}: final val loss {r['final_val_loss']:.4f}, "
                     f"median step {r['median_step_ms']:.1f} ms")
     finally:
         if writer is not None:
             writer.close()
+    runs.sort(key=lambda r: cfg.optimizers.index(r["optimizer"]))
     summary = aggregate(cfg, runs)
     results = {"kind": "language-model", "config": cfg.to_dict(), "corpus": {
         "name": corpus.name, "bytes": len(corpus.data), "source": corpus.source, "sha256": corpus.sha256},
@@ -378,6 +381,10 @@ def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
             w.writerow([r["optimizer"], r["final_val_loss"], r["final_ppl"], r["steps_to_target"],
                         r["seconds_to_target"], r["median_step_ms"], r["step_ratio"]])
     plots = _plots(summary, out_dir)
-    log(format_table(summary, cfg))
-    log(f"results: {out_dir / 'results.json'}, {out_dir / 'results.csv'}, plots: {', '.join(map(str, plots))}")
+    table = format_table(summary, cfg)
+    (out_dir / "results.txt").write_text(table + "\n")
+    atomic_write_json({"kind": "language-model", "config": cfg.to_dict(), "versions": versions()},
+                      out_dir / "config.json")
+    log(table)
+    log(f"results: {out_dir / 'results.txt'}, {out_dir / 'results.json'}, {out_dir / 'results.csv'}, plots: {', '.join(map(str, plots))}")
     return results

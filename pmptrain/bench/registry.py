@@ -18,18 +18,14 @@ soap               float           SOAP                         lr 3e-3    1e-3,
 msa                float           MSA (basic, ρ = 0)           lr 0.1     0.03, 0.1, 0.3
 emsa               float           EMSA closed form, ρ = 1      lr 1.0     0.3, 1.0, 3.0
                                    (weight_decay: decay groups)
+emsa-costate       float           EMSA, ρ = 5 × rms costate    lr 1e3     1e2, 1e3, 1e4
+                                   (rho_scale="costate")
 emsa-iterative     float           EMSA solver="iterative"      lr 1.0     0.3, 1.0, 3.0
                                    (10 L-BFGS inner iterations)
 binary-msa         {−1, +1}        DiscreteMSA, decay 0.999     ρ 0.5      0.5, 0.8, 0.95
 ternary-msa        {−1, 0, +1}     DiscreteMSA, decay 0.999,    ρ 0.95     0.5, 0.8, 0.95
                                    relative λ 0.2
 ternary-msa-paper  {−1, 0, +1}     DiscreteMSA, Li & Hao, λ 1e-7 ρ 0.5     0.2, 0.35, 0.5
-
-binary-msa keeps Li & Hao's ρ = 0.5: on the BatchNorm MLP 784-1024-1024-10 ρ = 0.95 measured
-2.4 points better (docs/performance.md), but on the default benches (MLPs without BN, first and
-last layers kept) ρ = 0.95 measured 0.3–1.1 points worse (docs/benchmarks.md); pass
-``--opt-arg binary-msa.rho=0.95`` for BN networks. ternary-msa uses ρ = 0.95 with the relative λ
-0.2, the only setting measured to reach ≤ 10 % non-zero weights near binary accuracy.
 kbit-msa           2-bit uniform   DiscreteMSA, decay 0.999     ρ 0.5      0.2, 0.35, 0.5
 binaryconnect      {−1, +1}        BinaryConnect (Adam on       lr 1e-3    1e-3, 3e-3, 1e-2
                                    latents, latent_scale 0.05)
@@ -37,8 +33,18 @@ twn                {−1, 0, +1}     TWN (latent_scale 0.05)      lr 1e-3    1e-
 bop                {−1, +1}        Bop, threshold 1e-8          lr = γ 1e-3  1e-4, 1e-3, 1e-2
 =================  ==============  ===========================  =========  ====================
 
-Fallback: parameters without a maximiser / rule (biases, BatchNorm affine, the full-precision first
-and last layers of a mixed-precision model) are trained by the optimizer's own fallback (Adam with
+binary-msa keeps Li & Hao's ρ = 0.5: on the BatchNorm MLP 784-1024-1024-10 ρ = 0.95 measured
+2.4 points better (docs/performance.md), but on the default benches (MLPs without BN, first and
+last layers kept) ρ = 0.95 measured 0.3–1.1 points worse (docs/benchmarks.md); pass
+``--opt-arg binary-msa.rho=0.95`` for BN networks. ternary-msa uses ρ = 0.95 with the relative λ
+0.2, the only setting measured to reach ≤ 10 % non-zero weights near binary accuracy.
+
+emsa-costate is the transformer setting (docs/algorithms.md, "The units of ρ, and schedules"): ρ
+measured in each layer's rms costate and a negligible proximal term; on the MLP benches the paper
+default ``emsa`` is better.
+
+Fallback: parameters without a maximiser / rule (for the discrete optimizers: biases, BatchNorm
+affine, the full-precision first and last layers of a mixed-precision model) are trained by the optimizer's own fallback (Adam with
 lr 1e-3 for every PMP optimizer and discrete baseline).
 
 note: ``latent_scale=0.05`` for BinaryConnect/TWN departs from their classes' default 1.0: the
@@ -245,6 +251,10 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       description="basic MSA (rho = 0) with proximal step lr"),
         OptimizerSpec("emsa", _emsa, {"lr": 1.0, "rho": 1.0}, "lr", (0.3, 1.0, 3.0),
                       takes_wrapper=True, description="closed-form E-MSA, rho 1, delta = 1/lr"),
+        OptimizerSpec("emsa-costate", _emsa, {"lr": 1e3, "rho": 5.0, "rho_scale": "costate"}, "lr",
+                      (1e2, 1e3, 1e4), takes_wrapper=True,
+                      description="closed-form E-MSA, rho 5 x each layer's rms costate, delta 1e-3 "
+                                  "(the transformer setting)"),
         OptimizerSpec("emsa-iterative", _emsa,
                       {"lr": 1.0, "rho": 1.0, "solver": "iterative", "inner_steps": 10,
                        "inner_lr": 1.0, "inner_optimizer": "lbfgs"},

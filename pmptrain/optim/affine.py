@@ -34,6 +34,7 @@ from ..hamiltonian import (
     affine_bias_steps,
     affine_system,
     choose_side,
+    costate_rms,
     curvature_eig,
     solve_sylvester,
     sylvester_in_eigenbases,
@@ -100,7 +101,11 @@ class EMSARuleBase(Rule):
 
     * ``lr`` — ``δ = 1/η`` with η the step size of this key (the group's ``lr``, or ``key·lr/base_lr``
       for a renamed key); per parameter, so weight and bias may have their own; ``η = 0`` freezes;
-    * ``rho`` — ρ ≥ 0 (module-level: the weight's group); ρ = 0 is exactly an SGD step of size η;
+    * ``rho`` — ρ ≥ 0 (module-level: the weight's group); ρ = 0 is exactly an SGD step of size η. A
+      schedule ``s = lr/base_lr`` divides it, ``ρ/s`` (with ``δ = 1/η``, both penalties scale with
+      ``1/s``, so the step is exactly ``s`` times the step at ``base_lr``);
+    * ``rho_scale`` — ``none`` (ρ as given) or ``costate`` (ρ in units of the unit's rms costate
+      entry: ``ρ_t = ρ·r_t``, :func:`~pmptrain.hamiltonian.costate_rms`);
     * ``route`` — ``auto``/``primal``/``gram``: how each side's statistic is kept and solved;
     * ``costate`` — ``exact``, ``isotropic`` (``C_p ≈ tr(C_p)/m·I``) or ``auto`` (isotropic when a
       side is in Gram form, i.e. fewer rows than features; exact otherwise);
@@ -114,6 +119,7 @@ class EMSARuleBase(Rule):
     hyper = {
         "lr": Real(0.0, tensor_ok=True),
         "rho": Real(0.0),
+        "rho_scale": Choice(("none", "costate")),
         "route": Choice(("auto", "primal", "gram")),
         "costate": Choice(("auto", "exact", "isotropic")),
         "stat_decay": Real(0.0, 1.0, hi_open=True),
@@ -166,6 +172,23 @@ class EMSARuleBase(Rule):
     def capture_active(self, group) -> bool:
         return float(self.value(group, "rho")) != 0.0
 
+    def costate_scaled(self, group) -> bool:
+        return self.value(group, "rho_scale") == "costate"
+
+    def effective_rho(self, group, ctx: StepContext, costate_parts=None) -> float:
+        """The ρ of this step: ``ρ/s`` with ``s = lr/base_lr`` (unchanged while ``lr = 0``), times
+        the rms costate entry ``r`` of ``costate_parts()`` (a callable returning ``(tr C_p, m, L, B)``
+        per member, called only when ``rho_scale="costate"``; docs/algorithms.md, "The units of ρ,
+        and schedules")."""
+        rho = ctx.scheduled_penalty(group, float(self.value(group, "rho")))
+        if self.costate_scaled(group):
+            rho *= costate_rms(costate_parts())
+        return rho
+
+    def describe_rho(self, group) -> str:
+        rho = self.value(group, "rho")
+        return f"rho {rho} x rms costate" if self.costate_scaled(group) else f"rho {rho}"
+
 
 class AffineEMSARule(EMSARuleBase):
     """The exact maximiser of the augmented Hamiltonian of an affine unit (module or tie): see
@@ -184,7 +207,7 @@ class AffineEMSARule(EMSARuleBase):
         head = "tied closed-form E-MSA" if len(unit.members) > 1 else "closed-form E-MSA"
         if float(rho) == 0.0:
             return f"{head} with rho 0 (an SGD step of size lr)"
-        return (f"{head} (rho {rho}, route {self.value(group, 'route')}, "
+        return (f"{head} ({self.describe_rho(group)}, route {self.value(group, 'route')}, "
                 f"costate {self.value(group, 'costate')})")
 
     # ------------------------------------------------------------------ capture
@@ -196,7 +219,7 @@ class AffineEMSARule(EMSARuleBase):
         w = member.weight
         dt = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
         if adapter.index_input:
-            return CaptureSpec("counts", "none", False, n, m, dt)
+            return CaptureSpec("counts", "sqnorm" if self.costate_scaled(group) else "none", False, n, m, dt)
         if float(self.value(group, "stat_decay")) > 0.0:
             return CaptureSpec("dense", "dense", False, n, m, dt)
         states = {"auto": "auto", "gram": "rows", "primal": "dense"}[self.value(group, "route")]
@@ -230,6 +253,11 @@ class AffineEMSARule(EMSARuleBase):
             counts = st.counts if st.counts is not None else torch.zeros(n, dtype=dt, device=dev)
             pdist.all_reduce_sum_([counts], pg)
             raw.counts = counts / b
+            if st.g_sq is not None:  # recorded for rho_scale="costate" only: not a penalty
+                scale = float(st.samples) * ctx.costate_inv_scale
+                sq = (st.g_sq * (scale * scale)).reshape(1).to(dt)
+                pdist.all_reduce_sum_([sq], pg)
+                raw.p_trace = float(sq) / b
             return raw  # an embedding's input is not differentiable: no costate penalty
         gram_in = not running and choose_side(n, rows, route) and st.xx is None
         if gram_in:
@@ -312,6 +340,7 @@ class AffineEMSARule(EMSARuleBase):
         if decay > 0.0:
             raws, new_state.running = self._running(raws, state.running, decay)
         present = [r for r in raws if r is not None]
+        rho = self.effective_rho(group, ctx, lambda: self._costate_parts(members, raws))
         s, left, right = affine_system(gw2.to(dt), present, rho)
         if eta_w > 0.0:
             for side in (left, right):
@@ -346,6 +375,19 @@ class AffineEMSARule(EMSARuleBase):
         return Proposal(ups, new_state)
 
     @staticmethod
+    def _costate_parts(members, raws):
+        """``(tr C_p, m, L, B)`` of every member with a costate statistic (for :meth:`effective_rho`)."""
+        parts = []
+        for mb, raw in zip(members, raws):
+            if raw is None:
+                continue
+            m = mb.adapter.weight_shape_2d(mb.module)[0]
+            tr = raw.costate_trace(m)
+            if tr is not None:
+                parts.append((tr, m, raw.rows_per_sample, raw.samples))
+        return parts
+
+    @staticmethod
     def _running(raws: List[Optional[AffineMember]], old: Optional[List[Optional[RunningStats]]], beta: float):
         """Running averages of each member's dense statistics; the members rebuilt from them."""
         new_run, out = [], []
@@ -375,7 +417,8 @@ def _member_from_running(r: RunningStats, like: Optional[AffineMember]) -> Affin
     return AffineMember(1.0, r.rows_per_sample, like.transposed if like is not None else False,
                         cxx=r.cxx, counts=r.counts, x_mean=r.x_mean, cpp=r.cpp,
                         grad_b=like.grad_b if like is not None else None,
-                        delta_b=like.delta_b if like is not None else None)
+                        delta_b=like.delta_b if like is not None else None,
+                        p_trace=like.p_trace if like is not None else None)
 
 
 def _no_states_message(name: str) -> str:

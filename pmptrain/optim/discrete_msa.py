@@ -53,7 +53,7 @@ class DiscreteMSA(DiscreteConfig):
     Every other parameter — BatchNorm affine, biases (also of discrete layers), trainable scales α,
     kept full-precision layers — takes the fallback step (Adam/SGD on ``−∇J``, i.e. ascent on H),
     or, with ``continuous="emsa"``, kept affine layers take the closed-form E-MSA step
-    (``lr = emsa_lr·s``, ρ = ``emsa_rho``).
+    (step size ``emsa_lr·s``, ρ = ``emsa_rho/s``: that step scales exactly with ``s``).
 
     Args:
         model: the model (or its ``DistributedDataParallel`` wrapper) after ``discretize_``; it must
@@ -137,7 +137,7 @@ class DiscreteMSA(DiscreteConfig):
         defaults = dict(
             lr=lr, rho=rho, decay=decay, lam=lam, decay_gamma=decay_gamma, decay_floor=decay_floor,
             rho_scope=rho_scope, lam_mode=lam_mode, emsa_lr=emsa_lr, emsa_rho=emsa_rho, route="auto",
-            costate="auto", stat_decay=0.0, eig_refresh=1, eig_floor=0.0, eig_float64=False,
+            rho_scale="none", costate="auto", stat_decay=0.0, eig_refresh=1, eig_floor=0.0, eig_float64=False,
             fallback=fallback, fallback_lr=fallback_lr, betas=betas, eps=eps, momentum=momentum,
             weight_decay=weight_decay,
         )

@@ -1,9 +1,12 @@
 r"""E-MSA and basic MSA as torch optimizers: configurations of the shell.
 
-:class:`EMSA` assigns the closed-form rule (:class:`~pmptrain.optim.affine.AffineEMSARule`) to every
-affine module (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``) — jointly to modules
-that share a weight — or, with ``solver="iterative"``, the iterative rule to every module with
-parameters; everything else takes the Adam/SGD fallback. :class:`MSA` is E-MSA with ``ρ = 0``.
+:class:`EMSA` assigns a closed-form rule to every module that has one (:mod:`pmptrain.modules`):
+:class:`~pmptrain.optim.affine.AffineEMSARule` to ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``
+and GPT-2's ``Conv1D`` — jointly to modules that share a weight —,
+:class:`~pmptrain.optim.blocks.GroupedEMSARule` to grouped/depthwise convolutions and
+:class:`~pmptrain.optim.blocks.ChannelEMSARule` to the affine of normalisation layers; with
+``solver="iterative"``, the iterative rule to every module with parameters. Everything else takes the
+Adam/SGD fallback (with a warning naming the module and the reason; ``strict=True`` raises). :class:`MSA` is E-MSA with ``ρ = 0``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ class EMSA(PMPOptimizer):
     where ``∇J`` is the parameter's ``.grad`` when ``step()`` runs (after clipping, accumulation or
     any other edit, unscaled under GradScaler) and the means run over the samples of every backward
     pass since the last ``zero_grad()``. The maximiser is exact for affine modules
-    (:func:`pmptrain.hamiltonian.solve_sylvester`); all other parameters take the fallback step.
+    for every standard parameterised layer (docs/algorithms.md §2); all other parameters take the
+    fallback step.
     Decoupled weight decay ``θ ← (1 − η·wd)θ`` with ``η = fallback_lr·lr/base_lr`` applies to
     every parameter of a group with ``weight_decay > 0`` (docs/algorithms.md, "Weight decay").
 
@@ -50,9 +54,16 @@ class EMSA(PMPOptimizer):
             different groups (``rho``, ``route``, ``costate``, ``stat_decay`` … of a module come from
             its weight's group; ``lr`` and ``weight_decay`` are per parameter).
         lr: proximal step size, ``δ = 1/lr`` (default 1.0). With ``rho=0`` the update is exactly
-            ``θ ← θ − lr·∇J`` (SGD). Schedulers change it; the fallback steps scale with
-            ``lr/base_lr``, so ``lr = 0`` freezes the whole model.
+            ``θ ← θ − lr·∇J`` (SGD). Schedulers change it: with ``s = lr/base_lr`` (``base_lr``:
+            the group's ``lr`` at creation) ρ becomes ``ρ/s`` too, so every closed-form step is
+            exactly ``s`` times its value at ``base_lr``; the fallback steps scale with ``s``, so
+            ``lr = 0`` freezes the whole model.
         rho: ρ ≥ 0, weight of the feasibility penalties (default 1.0).
+        rho_scale: ``"none"`` (default: ρ as given, as in the paper) or ``"costate"``: ρ in units
+            of each unit's root-mean-square costate entry, ``ρ_t = ρ·r_t``
+            (:func:`pmptrain.hamiltonian.costate_rms`) — the penalties then keep pace with the
+            Hamiltonian's linear term in every layer. The setting that works on transformers
+            (docs/benchmarks.md, GPT bench): ``rho=5, rho_scale="costate", lr=1e3``.
         route: ``"auto"`` (default) | ``"primal"`` | ``"gram"`` — how each side's statistic is kept
             and solved (all exact; auto uses the N×N Gram form on a side with fewer rows N than
             features).
@@ -74,7 +85,8 @@ class EMSA(PMPOptimizer):
             ``inner_optimizer`` (``"lbfgs"``, ``"adam"``, ``"sgd"``) with step ``inner_lr`` on the
             augmented Hamiltonian of *every* module with parameters (defaults 10, 1.0, ``"lbfgs"``).
         exclude: names of modules (``model.named_modules()``) that take the fallback step.
-        strict: raise instead of warning when a module with parameters has no maximiser.
+        strict: raise instead of warning when any parameter would take the fallback step, whatever
+            the reason (modules listed in ``exclude`` are the accepted exceptions).
         process_group: ``torch.distributed`` group for unwrapped models (default: the world group
             when torch.distributed is initialised). Every rank applies the update a single process
             would compute on the union of the ranks' batches.
@@ -83,9 +95,12 @@ class EMSA(PMPOptimizer):
             removed from the captured costates).
 
     Note:
-        A sample is a row of the first dimension of a module's input (``B = x.shape[0]``) in its first
-        call of a backward pass; ``p̂ = −B·∂J/∂y`` with ``B`` summed over the backward passes since
-        ``zero_grad()``, so N micro-batches of ``loss/N`` give the update of one step on their union.
+        A sample is a token (a row of a ``[..., d]`` input) for row-wise layers (Linear, Conv1D,
+        Embedding, LayerNorm, RMSNorm) and an entry of the batch dimension for convolutions and
+        batch/group norms, counted in a module's first call of a backward pass. ``p̂ = −B·∂J/∂y`` with
+        ``B`` summed over the backward passes since ``zero_grad()``, so N micro-batches of ``loss/N``
+        give the update of one step on their union, and a fixed set of tokens gives the same step
+        however it is split into sequences (docs/algorithms.md, "What a sample is").
     """
 
     def __init__(
@@ -95,6 +110,7 @@ class EMSA(PMPOptimizer):
         *,
         lr: float = 1.0,
         rho: float = 1.0,
+        rho_scale: str = "none",
         route: str = "auto",
         costate: str = "auto",
         stat_decay: float = 0.0,
@@ -121,7 +137,7 @@ class EMSA(PMPOptimizer):
         self._iterative = IterativeEMSARule()
         self._fallback = FallbackRule()
         defaults = dict(
-            lr=lr, rho=rho, route=route, costate=costate, stat_decay=stat_decay, eig_refresh=eig_refresh,
+            lr=lr, rho=rho, rho_scale=rho_scale, route=route, costate=costate, stat_decay=stat_decay, eig_refresh=eig_refresh,
             eig_floor=eig_floor, eig_float64=eig_float64, fallback=fallback, fallback_lr=fallback_lr,
             betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, inner_steps=inner_steps,
             inner_lr=inner_lr, inner_optimizer=inner_optimizer,
@@ -130,6 +146,11 @@ class EMSA(PMPOptimizer):
                          strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler)
 
     def _validate_group(self, group):
+        if self.solver == "iterative" and group.get("rho_scale", "none") != "none":
+            raise ValueError(
+                f"invalid rho_scale={group['rho_scale']!r} with solver='iterative': the costate scale "
+                "is a closed-form option (use rho_scale='none')"
+            )
         if group.get("costate") == "isotropic" and float(group.get("stat_decay", 0.0)) > 0:
             raise ValueError(
                 "invalid stat_decay with costate='isotropic': running averages apply to the exact "

@@ -32,7 +32,7 @@ class IterativeState:
 class IterativeEMSARule(Rule):
     r"""``θ ← argmax H̃_t(θ)`` by ``inner_steps`` iterations of ``inner_optimizer`` (``lbfgs``,
     ``adam``, ``sgd``) with step ``inner_lr``; ``δ = 1/lr`` per module (the group of its first
-    parameter), ρ the feasibility weight. Whole calls are recorded (inputs and keyword inputs),
+    parameter), ρ the feasibility weight (``ρ/s`` under a schedule ``s = lr/base_lr``). Whole calls are recorded (inputs and keyword inputs),
     and every rank's calls are evaluated separately, as each rank's forward pass saw them."""
 
     name = "emsa-iterative"
@@ -102,7 +102,7 @@ class IterativeEMSARule(Rule):
 
         with ctx.capture.paused():
             new = iterative_maximise(
-                fn, theta_k, calls, union, float(self.value(group, "rho")), 1.0 / eta,
+                fn, theta_k, calls, union, ctx.scheduled_penalty(group, float(self.value(group, "rho"))), 1.0 / eta,
                 int(self.value(group, "inner_steps")), float(self.value(group, "inner_lr")),
                 self.value(group, "inner_optimizer"), ham_grad={k: -grads[k] for k in params},
             )

@@ -149,6 +149,15 @@ class StepContext:
             return 0.0
         return lr / init if init != 0.0 else 1.0
 
+    def scheduled_penalty(self, group: Dict[str, Any], weight: float) -> float:
+        """A penalty weight under the schedule: ``weight/s`` (``s = lr/base_lr``; unchanged while
+        ``s = 0``, when every step size is 0). With ``δ = 1/η`` and ``η = s·η₀`` every term of the
+        augmented Hamiltonian but the linear one scales with ``1/s``, so a quadratic maximiser
+        is exactly ``s`` times its value at ``s = 1``: a schedule scales E-MSA's step as it scales
+        SGD's, whichever penalty dominates."""
+        s = self.lr_scale(group)
+        return weight / s if s > 0.0 else weight
+
     def step_size(self, group: Dict[str, Any], key: str) -> float:
         """The step size stored under ``key``: ``group["lr"]`` itself for ``key == "lr"``, else
         ``group[key] · lr/base_lr`` (so every schedule of ``lr`` reaches every rule)."""

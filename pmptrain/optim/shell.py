@@ -56,6 +56,20 @@ class StepInfo(dict):
     """
 
 
+class RuleTable(list):
+    """The rows of :meth:`PMPOptimizer.rule_table` (a list of dicts); ``print`` shows them as a table."""
+
+    COLUMNS = ("unit", "rule", "params", "description")
+
+    def __str__(self) -> str:
+        cells = [[", ".join(r[c]) if c == "params" else str(r[c]) for c in self.COLUMNS] for r in self]
+        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(self.COLUMNS)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(self.COLUMNS, widths)).rstrip(),
+                 "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+        return "\n".join(lines)
+
+
 class Unsupported:
     """A module rule choice: the module has parameters but no rule (``reason`` says why); its
     parameters take the fallback step with a warning, or raise with ``strict=True``."""
@@ -401,10 +415,10 @@ class PMPOptimizer(torch.optim.Optimizer):
         discrete weight, ``.exp_avg`` of an Adam fallback parameter, ``.latent`` of BinaryConnect)."""
         return self.unit_of(param).state
 
-    def rule_table(self) -> List[Dict[str, Any]]:
+    def rule_table(self) -> "RuleTable":
         """One row per unit: ``{"unit", "rule", "params", "description"}`` — what each module or
-        parameter is trained by (print it with ``for row in opt.rule_table(): print(row)``)."""
-        out = []
+        parameter is trained by. A list of dicts; ``print(opt.rule_table())`` shows it as a table."""
+        out = RuleTable()
         for unit in self.units.values():
             group = self._group_of(unit.primary)
             out.append({"unit": unit.name, "rule": unit.rule.name, "params": list(unit.param_names),
