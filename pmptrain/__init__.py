@@ -8,11 +8,27 @@ Public API (everything else may change):
 * low precision: :func:`discretize_`, :func:`discrete_parameters`, grids (:func:`make_grid`, …),
   activation quantisers (:func:`sign_ste`, :class:`SignActivation`, …), export
   (:func:`summary`, :func:`export_packed`, :func:`load_packed`);
-* baselines for fair comparisons: :class:`BinaryConnect`, :class:`TWN`, :class:`Bop`.
+* baselines for fair comparisons: :class:`BinaryConnect`, :class:`TWN`, :class:`Bop`;
+* closed forms for your own module types: :func:`register_module_type` with one of the adapters
+  (:class:`LinearAdapter`, :class:`TransposedLinearAdapter`, :class:`EmbeddingAdapter`,
+  :class:`ConvAdapter`, :class:`LayerNormAdapter`, :class:`RMSNormAdapter`,
+  :class:`BatchNormAdapter`, :class:`GroupNormAdapter`).
 """
 
 from .discrete import Grid, binary_grid, custom_grid, make_grid, ternary_grid, uniform_grid
 from .export import PackedFileError, export_packed, load_packed, summary
+from .modules import (
+    BatchNormAdapter,
+    ConvAdapter,
+    EmbeddingAdapter,
+    GroupNormAdapter,
+    LayerNormAdapter,
+    LinearAdapter,
+    RMSNormAdapter,
+    TransposedLinearAdapter,
+    register_module_type,
+    unregister_module_type,
+)
 from .optim import EMSA, MSA, TWN, BinaryConnect, Bop, DiscreteMSA, GroupScheduler, PMPOptimizer, StepInfo
 from .quant import (
     DiscreteTensor,
@@ -55,5 +71,15 @@ __all__ = [
     "BinaryConnect",
     "TWN",
     "Bop",
+    "register_module_type",
+    "unregister_module_type",
+    "LinearAdapter",
+    "TransposedLinearAdapter",
+    "EmbeddingAdapter",
+    "ConvAdapter",
+    "LayerNormAdapter",
+    "RMSNormAdapter",
+    "BatchNormAdapter",
+    "GroupNormAdapter",
     "__version__",
 ]

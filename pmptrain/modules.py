@@ -52,6 +52,7 @@ __all__ = [
     "adapter_for",
     "unsupported_reason",
     "register_module_type",
+    "unregister_module_type",
     "is_weight_layer",
 ]
 
@@ -403,14 +404,21 @@ def register_module_type(cls: type, adapter: AffineAdapter) -> None:
         pmptrain.register_module_type(MyTransposedLinear, TransposedLinearAdapter())
 
     The adapter must describe the module's forward exactly (``y = Wx + b``, ``y = xW + b``, or
-    ``y = γ ⊙ N(x) + β`` with the adapter's normalisation ``N``); ``tests/test_modules.py`` shows how
-    to check a registration (the adapter's rows reproduce the forward and the gradient).
+    ``y = γ ⊙ N(x) + β`` with the adapter's normalisation ``N``): pmptrain cannot check that a
+    forward it does not know matches. ``tests/test_layers.py`` shows how to check a registration
+    (the step equals the numerical maximiser of the module's augmented Hamiltonian). Optimizers
+    built afterwards use it; :func:`unregister_module_type` removes it.
     """
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise TypeError(f"invalid cls={cls!r}: must be an nn.Module subclass")
     if not isinstance(adapter, AffineAdapter):
         raise TypeError(f"invalid adapter={adapter!r}: must be a pmptrain.modules adapter")
     _REGISTERED[cls] = adapter
+
+
+def unregister_module_type(cls: type) -> None:
+    """Remove a registration of :func:`register_module_type` (a no-op for an unregistered class)."""
+    _REGISTERED.pop(cls, None)
 
 
 def _qualname(module: nn.Module) -> str:

@@ -257,3 +257,23 @@ def test_real_discrete_msa_gamma_via_end_epoch(tmp_path):
     assert ck["optimizer"]["param_groups"][0]["decay"] == pytest.approx(1 - 0.001 * 0.25)
     row = _results(out)["rows"][1]
     assert row["optimizer"] == "ternary-msa" and 0 < row["final_density"] <= 1
+
+
+def test_runs_are_interleaved_seed_major(tmp_path, monkeypatch):
+    order = []
+    real = runner.run_one
+
+    def recording(cfg, data, name, overrides, seed, *a, **kw):
+        if kw.get("max_steps") is None:
+            order.append((name, dict(overrides).get("lr"), seed))
+        return real(cfg, data, name, overrides, seed, *a, **kw)
+
+    monkeypatch.setattr(runner, "run_one", recording)
+    out = tmp_path / "b"
+    assert cli.main(["bench", "--optimizers", "adam,emsa", "--epochs", "1", "--seeds", "2", "--out", str(out),
+                     "--tune", "lr", *TINY]) == 0
+    grid_a, grid_e = registry.get_spec("adam").tune_grid, registry.get_spec("emsa").tune_grid
+    per_seed = [("adam", v) for v in grid_a] + [("emsa", v) for v in grid_e]
+    assert order == [(n, v, s) for s in (0, 1) for n, v in per_seed]
+    res = json.loads((out / "results.json").read_text())
+    assert [r["optimizer"] for r in res["rows"]] == ["adam", "emsa"]

@@ -346,17 +346,23 @@ def test_registered_module_types_are_controlled_like_their_builtin_twins(custom,
     mod = custom().double()
     with pytest.warns(UserWarning, match="register_module_type"):
         pmptrain.EMSA(nn.Sequential(mod))  # unknown type: falls back with the hint
-    register_module_type(type(mod), adapter)
-    twin = builtin().double()
-    x = torch.randn(4, 3, 6, dtype=DT)
-    t = torch.randn(4, 3, 6, dtype=DT)
-    oa, ob = pmptrain.EMSA(nn.Sequential(mod), strict=True), pmptrain.EMSA(nn.Sequential(twin), strict=True)
-    assert oa.rule_table()[0]["rule"] == "emsa-channel"
-    for m, o in ((mod, oa), (twin, ob)):
-        F.mse_loss(m(x), t).backward()
-        o.step()
-    for (n, p), q in zip(mod.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=lambda s: f"{n}: {s}")
+    pmptrain.register_module_type(type(mod), adapter)  # the public spelling
+    try:
+        twin = builtin().double()
+        x = torch.randn(4, 3, 6, dtype=DT)
+        t = torch.randn(4, 3, 6, dtype=DT)
+        oa, ob = pmptrain.EMSA(nn.Sequential(mod), strict=True), pmptrain.EMSA(nn.Sequential(twin), strict=True)
+        assert oa.rule_table()[0]["rule"] == "emsa-channel"
+        for m, o in ((mod, oa), (twin, ob)):
+            F.mse_loss(m(x), t).backward()
+            o.step()
+        for (n, p), q in zip(mod.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=lambda s: f"{n}: {s}")
+        oa.detach()
+    finally:
+        pmptrain.unregister_module_type(type(mod))
+    with pytest.warns(UserWarning, match="register_module_type"):
+        pmptrain.EMSA(nn.Sequential(mod))  # unregistered: the fallback again
 
 
 def test_register_module_type_validates():

@@ -27,6 +27,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "_doc": "the embedded default: MNIST-1D, mlp, sgd/adam/emsa/binary-msa/binaryconnect, "
                 "20 epochs, 3 seeds (~2 min on 2 cores)",
     },
+    "resnet-fmnist": {
+        "_doc": "ResNet-18 (width 16) on Fashion-MNIST: sgd (momentum 0.9, wd 5e-4) / adamw / emsa, "
+                "batch 64, 4 epochs of 6400 images (400 steps), 3 seeds (~25 min on 2 cores)",
+        "dataset": "fashion-mnist", "model": "resnet", "model_args": {"width": 16},
+        "optimizers": ["sgd", "adamw", "emsa"], "optimizer_args": {"sgd": {"weight_decay": 5e-4}},
+        "batch_size": 64, "max_train": 6400, "epochs": 4, "seeds": [0, 1, 2], "target_acc": 0.8,
+    },
     "lihao-binary-mnist": {
         "_doc": "Li & Hao (ICML 2018) binary MNIST protocol: ref_mlp 784-2048x3-10, every layer "
                 "binary (no scale), uniform init, binary-msa rho 0.5, decay 0.999, gamma 0.95, "
@@ -89,6 +96,8 @@ examples:
   pmptrain bench --dataset fashion-mnist --model mlp --optimizers sgd,adam,emsa --epochs 5 --seeds 3
   pmptrain bench --optimizers sgd,emsa --tune lr
   pmptrain bench --preset lihao-binary-mnist
+  pmptrain bench --preset resnet-fmnist
+  pmptrain bench --model gpt --optimizers adamw,emsa-costate,muon
   pmptrain train --config experiments/configs/X.yaml --resume runs/X
 """
 
@@ -197,7 +206,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=S,
                    help="write TensorBoard logs (default on)")
     g.add_argument("--threads", type=int, default=S, help="torch.set_num_threads (default: torch's)")
-    g = p.add_argument_group("language-model bench (--model gpt; --dataset pysrc|fortunes|FILE)")
+    g = p.add_argument_group(
+        "language-model bench (--model gpt; --dataset pysrc|fortunes|FILE; default optimizers "
+        "adamw,emsa-costate,emsa; batch 16 sequences; --seeds, --lr, --opt-arg, --threads, --out as above)")
     g.add_argument("--steps", type=int, default=S, help="optimizer steps per run (default 200)")
     g.add_argument("--seq-len", type=int, default=S, help="tokens (bytes) per sequence (default 128)")
     g.add_argument("--eval-every", type=int, default=S, help="validation every N steps (default 20)")

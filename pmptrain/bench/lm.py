@@ -203,7 +203,7 @@ def run_one(cfg: LMConfig, train_data: torch.Tensor, val_batches, name: str, see
     """One optimizer × seed: the history of ``(step, seconds, train_loss, val_loss)``."""
     from .models import build_model
     from .registry import get_spec
-    from .runner import _seed_all
+    from .runner import _progress, _seed_all
 
     spec = get_spec(name)
     _seed_all(seed)
@@ -214,6 +214,7 @@ def run_one(cfg: LMConfig, train_data: torch.Tensor, val_batches, name: str, see
     gen = torch.Generator().manual_seed(10_000 + seed)
     history = [{"step": 0, "seconds": 0.0, "train_loss": None, "val_loss": _val_loss(model, val_batches)}]
     clock, step_times, skipped = 0.0, [], 0
+    bar = _progress(cfg.steps, f"{name} seed {seed}", 0)
     for step in range(1, cfg.steps + 1):
         x, y = _batch(train_data, cfg.seq_len, cfg.batch_size, gen)
         t0 = time.perf_counter()
@@ -233,8 +234,11 @@ def run_one(cfg: LMConfig, train_data: torch.Tensor, val_batches, name: str, see
         if step % cfg.eval_every == 0 or step == cfg.steps:
             v = _val_loss(model, val_batches)
             history.append({"step": step, "seconds": clock, "train_loss": loss.item(), "val_loss": v})
+            bar.set_postfix(val_loss=f"{v:.3f}")
             if writer is not None:
                 writer.add_scalar(f"{name}/seed{seed}/val_loss", v, step)
+        bar.update(1)
+    bar.close()
     skipped = int(getattr(opt, "skipped_steps", 0))
     if hasattr(opt, "detach"):
         opt.detach()

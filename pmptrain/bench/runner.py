@@ -762,17 +762,19 @@ def run_bench(cfg: BenchConfig, out_dir: Path, resume: bool = False,
 
     runs: List[Dict[str, Any]] = []
     chosen: Dict[str, Dict[str, Any]] = {}
-    for name in cfg.optimizers:
-        spec = get_spec(name)
-        per_setting = []
-        for overrides in cfg.settings(name):
-            sub = Path("runs") / spec.name
-            tb = Path("tensorboard") / spec.name
-            if cfg.tune:
-                tag = f"{spec.lr_key}={_fmt_value(overrides[spec.lr_key])}"
-                sub, tb = sub / tag, tb / tag
-            recs = []
-            for seed in cfg.seeds:
+    # every (optimizer, setting) × seed, interleaved seed-major (seed 0 of every optimizer, then
+    # seed 1, …) so that a change of machine load does not fall on one optimizer's timings
+    settings = {name: list(cfg.settings(name)) for name in cfg.optimizers}
+    recs_of: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
+    for seed in cfg.seeds:
+        for name in cfg.optimizers:
+            spec = get_spec(name)
+            for i, overrides in enumerate(settings[name]):
+                sub = Path("runs") / spec.name
+                tb = Path("tensorboard") / spec.name
+                if cfg.tune:
+                    tag = f"{spec.lr_key}={_fmt_value(overrides[spec.lr_key])}"
+                    sub, tb = sub / tag, tb / tag
                 rec = run_one(cfg, data, spec.name, overrides, seed, out_dir / sub / f"seed{seed}",
                               (out_dir / tb / f"seed{seed}") if cfg.tensorboard else None,
                               resume=resume)
@@ -780,8 +782,10 @@ def run_bench(cfg: BenchConfig, out_dir: Path, resume: bool = False,
                 say(f"{spec.name:>15} {dict(overrides)} seed {seed}: test acc "
                     f"{s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "
                     f"median step {1e3 * s['median_step_time']:.2f} ms")
-                recs.append(rec)
-            per_setting.append((overrides, recs))
+                recs_of.setdefault((name, i), []).append(rec)
+    for name in cfg.optimizers:
+        spec = get_spec(name)
+        per_setting = [(o, recs_of[(name, i)]) for i, o in enumerate(settings[name])]
         if cfg.tune:
             key = "final_val_acc" if data.val_x is not None else "final_test_acc"
             best = max(per_setting, key=lambda pr: _median([r["summary"][key] for r in pr[1]]) or -1)
