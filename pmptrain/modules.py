@@ -272,7 +272,11 @@ class _LastDimsNorm(ChannelAffineAdapter):
     """Normalisations over the trailing ``normalized_shape`` dimensions; every row is a sample."""
 
     def _shape(self, module):
-        return tuple(getattr(module, "normalized_shape", (self.channels(module),)))
+        """``normalized_shape`` (an int or a tuple), or the weight's shape for classes without it."""
+        shape = getattr(module, "normalized_shape", None)
+        if shape is None:
+            shape = tuple(self.weight(module).shape)
+        return tuple(shape) if not isinstance(shape, int) else (shape,)
 
     def _to_rows(self, module, t):
         return t.reshape(-1, math.prod(self._shape(module)))
@@ -292,12 +296,6 @@ class LayerNormAdapter(_LastDimsNorm):
     def __init__(self, eps_attr: str = "eps", default_eps: float = 1e-5):
         self.eps_attr, self.default_eps = eps_attr, default_eps
 
-    def _shape(self, module):
-        shape = getattr(module, "normalized_shape", None)
-        if shape is None:
-            shape = tuple(self.weight(module).shape)
-        return tuple(shape) if not isinstance(shape, int) else (shape,)
-
     def normalize(self, module, x):
         eps = getattr(module, self.eps_attr, self.default_eps) if self.eps_attr else self.default_eps
         return F.layer_norm(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, self._shape(module),
@@ -311,12 +309,6 @@ class RMSNormAdapter(_LastDimsNorm):
 
     def __init__(self, eps_attr: str = "eps"):
         self.eps_attr = eps_attr
-
-    def _shape(self, module):
-        shape = getattr(module, "normalized_shape", None)
-        if shape is None:
-            shape = tuple(self.weight(module).shape)
-        return tuple(shape) if not isinstance(shape, int) else (shape,)
 
     def normalize(self, module, x):
         eps = getattr(module, self.eps_attr, None)
