@@ -204,3 +204,20 @@ def test_rho_scale_is_validated():
     opt = pmptrain.EMSA(model, rho_scale="costate")
     assert "rms costate" in opt.rule_table()[0]["description"]
     assert pmptrain.EMSA(model).param_groups[0]["rho_scale"] == "none"
+
+
+def test_costate_scale_set_after_the_backward_pass_warns_and_uses_rho_as_given():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Embedding(7, 3)).to(DT)
+    x = torch.randint(0, 7, (5,))
+    ref = copy.deepcopy(model)
+    opt = pmptrain.EMSA(model, rho=2.0)
+    opt.zero_grad()
+    model(x).pow(2).sum().backward()
+    opt.param_groups[0]["rho_scale"] = "costate"  # too late for this backward pass
+    with pytest.warns(UserWarning, match="no costate was recorded"):
+        opt.step()
+    opt_ref = pmptrain.EMSA(ref, rho=2.0)
+    ref(x).pow(2).sum().backward()
+    opt_ref.step()
+    torch.testing.assert_close(model[0].weight, ref[0].weight, rtol=0, atol=0)

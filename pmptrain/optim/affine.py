@@ -182,7 +182,12 @@ class EMSARuleBase(Rule):
         and schedules")."""
         rho = ctx.scheduled_penalty(group, float(self.value(group, "rho")))
         if self.costate_scaled(group):
-            rho *= costate_rms(costate_parts())
+            parts = costate_parts()
+            if not parts:  # the backward pass ran before rho_scale was set: nothing was recorded
+                self._warn_once(("rho_scale", id(group)), "rho_scale='costate' but no costate was recorded "
+                                "in the backward pass (the option changed after it); this step uses rho as given")
+                return rho
+            rho *= costate_rms(parts)
         return rho
 
     def describe_rho(self, group) -> str:
