@@ -1,28 +1,62 @@
-"""Median step time of the PMP optimizers against torch.optim.SGD and Adam, measured in one run.
+"""Step time (and peak memory) of the PMP optimizers against their baseline, measured in one run.
 
-A *step* is one full training iteration: ``zero_grad`` + forward + loss + ``backward`` + ``step``,
-on a fixed random batch (the data loader is not timed). Optimizers are measured in interleaved
-rounds (every optimizer once per round, ``--rounds`` rounds of ``--steps`` steps each) so that slow
-drifts of the machine hit all of them alike; the reported number is the median over all timed steps
-and the ratio is to SGD's median from the same run.
+A *step* is one full training iteration: ``zero_grad`` + forward + loss + ``backward`` (+ gradient
+clipping for the GPT) + ``step``, on one of 8 fixed random batches in turn (data loading is not
+timed; cycling batches keeps a model from overfitting one batch, whose vanishing gradients turn
+into subnormal floats that are ~10× slower on x86). All
+optimizers of a model are measured in interleaved rounds (each optimizer ``--steps`` steps per
+round, ``--rounds`` rounds) so that slow drifts of the machine hit all of them alike; reported: the
+median over all timed steps and its ratio to the model's reference optimizer (SGD; AdamW for the
+GPT) from the same run. The mean is reported too: it is the fair figure for ``stat_every = K``
+(amortised curvature), whose every K-th step is slower.
 
-    python benchmarks/step_time.py                    # MLP 784-256-256-10 and a small CNN, batch 128
-    python benchmarks/step_time.py --models mlp --rounds 10 --threads 2 --json out.json
+Models (the table of issue 9; batch and threads per model unless overridden):
+
+=================  ============================================================  =====  =======
+name               model                                                         batch  threads
+=================  ============================================================  =====  =======
+mlp                MLP 784-256-256-10 (ReLU)                                     128    2
+cnn                conv 1→16, pool, conv 16→32, pool, linear 1568→10              128    2
+resnet18           ResNet-18 (``pmptrain.bench.models``, width 64), 3×32×32      64     1
+gpt                nanoGPT-style 2 layers × 128, 16 × 128 tokens, clipping 1.0   16     1
+binary-mlp-bn      MLP 784-1024-1024-10 with BatchNorm, binary but the last      128    2
+binary-resnet18    ResNet-18 width 64, binary but the first and last layers      64     1
+=================  ============================================================  =====  =======
+
+``--memory`` runs every (model, optimizer) in a fresh subprocess and reports its peak memory above
+the memory held after building the model and batch (CPU: peak RSS from ``getrusage`` minus the RSS
+before the first step; CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated memory then),
+and the ratio to the reference optimizer's. ``--device cuda`` runs everything on the GPU (timed
+with ``torch.cuda.synchronize``).
+
+    python benchmarks/step_time.py                                   # every model, default optimizers
+    python benchmarks/step_time.py --models mlp,cnn --rounds 10 --json out.json
+    python benchmarks/step_time.py --models gpt --optimizers adamw,emsa-costate --memory
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import pmptrain
+from pmptrain.bench.models import build_model
+
+
+# --------------------------------------------------------------------------------------------- models
 
 
 def mlp():
@@ -39,85 +73,231 @@ def cnn():
     )
 
 
-MODELS = {"mlp": mlp, "cnn": cnn}
+def _binary(model, keep):
+    return pmptrain.discretize_(model, "binary", keep=keep)
 
-OPTIMIZERS = {
+
+@dataclass
+class ModelSpec:
+    build: Callable[[], nn.Module]
+    batch: Callable[[int, torch.Generator], tuple]  # (batch size, generator) -> (x, y)
+    default_batch: int
+    threads: int
+    reference: str
+    optimizers: Sequence[str]
+    lm: bool = False
+
+
+def _images(shape, classes=10):
+    def make(b, g):
+        return torch.randn(b, *shape, generator=g), torch.randint(0, classes, (b,), generator=g)
+    return make
+
+
+def _tokens(b, g, t=128, vocab=256):
+    return torch.randint(0, vocab, (b, t), generator=g), torch.randint(0, vocab, (b, t), generator=g)
+
+
+MODELS: Dict[str, ModelSpec] = {
+    "mlp": ModelSpec(mlp, _images((1, 28, 28)), 128, 2, "sgd", ("sgd", "adam", "emsa")),
+    "cnn": ModelSpec(cnn, _images((1, 28, 28)), 128, 2, "sgd", ("sgd", "adam", "emsa")),
+    "resnet18": ModelSpec(lambda: build_model("resnet", (3, 32, 32), 10), _images((3, 32, 32)), 64, 1, "sgd",
+                          ("sgd", "adamw", "emsa")),
+    "gpt": ModelSpec(lambda: build_model("gpt", (128,), 256), _tokens, 16, 1, "adamw",
+                     ("adamw", "emsa", "emsa-costate"), lm=True),
+    "binary-mlp-bn": ModelSpec(
+        lambda: _binary(build_model("mlp", (1, 28, 28), 10, widths=(1024, 1024), batchnorm=True), ("last",)),
+        _images((1, 28, 28)), 128, 2, "sgd", ("sgd", "binary-msa")),
+    "binary-resnet18": ModelSpec(
+        lambda: _binary(build_model("resnet", (3, 32, 32), 10), ("first", "last")), _images((3, 32, 32)), 64, 1,
+        "sgd", ("sgd", "binary-msa")),
+}
+
+OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.03, momentum=0.9),
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
+    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1),
     "emsa": lambda m: pmptrain.EMSA(m),
+    "emsa-costate": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3),
     "emsa-exact": lambda m: pmptrain.EMSA(m, costate="exact"),
     "emsa-isotropic": lambda m: pmptrain.EMSA(m, costate="isotropic"),
     "emsa-primal": lambda m: pmptrain.EMSA(m, costate="exact", route="primal"),
     "emsa-gram": lambda m: pmptrain.EMSA(m, costate="exact", route="gram"),
     "emsa-iterative": lambda m: pmptrain.EMSA(m, solver="iterative"),
+    "emsa-amortised": lambda m: pmptrain.EMSA(m, stat_every=10),
+    "emsa-costate-amortised": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3, stat_every=10),
+    "binary-msa": lambda m: pmptrain.DiscreteMSA(m, rho=0.5),
 }
 
 
-def _time_steps(model, opt, x, y, steps):
+# --------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Batches:
+    """A fixed pool of batches, served in turn."""
+
+    def __init__(self, spec: ModelSpec, batch: int, seed: int, device, count: int = 8):
+        g = torch.Generator().manual_seed(seed)
+        self.pool = [tuple(t.to(device) for t in spec.batch(batch, g)) for _ in range(count)]
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.pool)
+        return self.pool[self.i]
+
+
+def iteration(spec: ModelSpec, model, opt, batches: "Batches"):
+    x, y = batches.next()
+    opt.zero_grad(set_to_none=True)
+    out = model(x)
+    loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    loss.backward()
+    if spec.lm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def _time_steps(spec, model, opt, batches, steps, device):
     out = []
     for _ in range(steps):
+        _sync(device)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        iteration(spec, model, opt, batches)
+        _sync(device)
         out.append(time.perf_counter() - t0)
     return out
 
 
-def measure(model_name, names, batch, rounds, steps, warmup, seed=0):
+def setup(model_name: str, opt_name: str, batch: int, device, seed: int = 0):
+    """``(spec, model, optimizer, batches)`` — the same weights and batches for every optimizer."""
+    spec = MODELS[model_name]
+    batches = Batches(spec, batch, seed, device)
     torch.manual_seed(seed)
-    x = torch.randn(batch, 1, 28, 28)
-    y = torch.randint(0, 10, (batch,))
+    model = spec.build().to(device)
+    return spec, model, OPTIMIZERS[opt_name](model), batches
+
+
+def measure(model_name: str, names: List[str], batch: int, rounds: int, steps: int, warmup: int, device) -> dict:
     runs = {}
-    # a forced Gram route on a convolution would eigendecompose (batch·positions)² matrices
-    names = [n for n in names if not (model_name == "cnn" and n == "emsa-gram")]
     for name in names:
-        torch.manual_seed(seed)
-        model = MODELS[model_name]()
-        opt = OPTIMIZERS[name](model)
-        _time_steps(model, opt, x, y, warmup)
-        runs[name] = (model, opt, [])
+        spec, model, opt, batches = setup(model_name, name, batch, device)
+        _time_steps(spec, model, opt, batches, warmup, device)
+        runs[name] = (spec, model, opt, batches, [])
     for _ in range(rounds):
         for name in names:
-            model, opt, times = runs[name]
-            times += _time_steps(model, opt, x, y, steps if "iterative" not in name else max(1, steps // 5))
-    med = {name: statistics.median(runs[name][2]) for name in names}
-    return {
-        name: {"median_ms": 1e3 * med[name], "ratio_to_sgd": med[name] / med["sgd"], "samples": len(runs[name][2])}
-        for name in names
-    }
+            spec, model, opt, batches, times = runs[name]
+            n = steps if "iterative" not in name else max(1, steps // 5)
+            times += _time_steps(spec, model, opt, batches, n, device)
+    ref = MODELS[model_name].reference
+    med = {name: statistics.median(runs[name][4]) for name in names}
+    mean = {name: statistics.fmean(runs[name][4]) for name in names}
+    return {name: {"median_ms": 1e3 * med[name], "ratio": med[name] / med[ref], "mean_ms": 1e3 * mean[name],
+                   "mean_ratio": mean[name] / mean[ref], "samples": len(runs[name][4])} for name in names}
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(model_name: str, opt_name: str, batch: int, steps: int, device) -> float:
+    """Peak memory (MB) of ``steps`` steps above what the model and batch hold (this process)."""
+    spec, model, opt, batches = setup(model_name, opt_name, batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(steps):
+            iteration(spec, model, opt, batches)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    base = _rss_bytes()
+    for _ in range(steps):
+        iteration(spec, model, opt, batches)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return (peak - base) / 2**20
+
+
+def memory_table(model_name: str, names: List[str], batch: int, steps: int, device, threads: int) -> dict:
+    out = {}
+    for name in names:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", model_name, name, str(batch),
+               str(steps), str(device), str(threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[name] = float(res.stdout.strip().splitlines()[-1])
+    ref = out[MODELS[model_name].reference]
+    return {name: {"peak_mb": mb, "ratio": mb / ref if ref > 0 else float("nan")} for name, mb in out.items()}
+
+
+# --------------------------------------------------------------------------------------------- main
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--_memory-child"]:
+        model_name, name, batch, steps, device, threads = argv[1:7]
+        torch.set_num_threads(int(threads))
+        print(peak_memory(model_name, name, int(batch), int(steps), torch.device(device)))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="mlp,cnn", help="comma list of: " + ",".join(MODELS))
-    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma list (sgd is always added)")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per optimizer per round")
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--models", default=",".join(MODELS), help="comma list of: " + ",".join(MODELS))
+    ap.add_argument("--optimizers", default=None,
+                    help="comma list (default: each model's list; its reference is always added): "
+                         + ",".join(OPTIMIZERS))
+    ap.add_argument("--batch", type=int, default=None, help="override every model's batch size")
+    ap.add_argument("--threads", type=int, default=None, help="override every model's thread count")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per optimizer per round")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:k]")
+    ap.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess each)")
+    ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    names = ["sgd"] + [n for n in args.optimizers.split(",") if n and n != "sgd"]
-    for n in names:
-        if n not in OPTIMIZERS:
-            ap.error(f"unknown optimizer {n!r}; choose from {sorted(OPTIMIZERS)}")
-    results = {
-        "config": {**vars(args), "torch": torch.__version__, "pmptrain": pmptrain.__version__,
-                   "machine": platform.machine(), "python": platform.python_version()},
-        "models": {},
-    }
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    results = {"config": {**vars(args), "torch": torch.__version__, "pmptrain": pmptrain.__version__,
+                          "machine": platform.machine(), "python": platform.python_version(),
+                          "date": time.strftime("%Y-%m-%d")}, "models": {}}
     for model_name in args.models.split(","):
-        res = measure(model_name, names, args.batch, args.rounds, args.steps, args.warmup)
+        if model_name not in MODELS:
+            ap.error(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+        spec = MODELS[model_name]
+        names = list(spec.optimizers) if args.optimizers is None else args.optimizers.split(",")
+        names = [spec.reference] + [n for n in names if n and n != spec.reference]
+        for n in names:
+            if n not in OPTIMIZERS:
+                ap.error(f"unknown optimizer {n!r}; choose from {sorted(OPTIMIZERS)}")
+        threads = args.threads or spec.threads
+        batch = args.batch or spec.default_batch
+        torch.set_num_threads(threads)
+        res = {"batch": batch, "threads": threads, "reference": spec.reference,
+               "time": measure(model_name, names, batch, args.rounds, args.steps, args.warmup, device)}
+        if args.memory:
+            res["memory"] = memory_table(model_name, names, batch, args.memory_steps, device, threads)
         results["models"][model_name] = res
-        print(f"\n{model_name}, batch {args.batch}, {args.threads} threads")
-        print("| optimizer | median step (ms) | ratio to SGD |")
-        print("|---|---:|---:|")
-        for name, r in res.items():
-            print(f"| {name} | {r['median_ms']:.3f} | {r['ratio_to_sgd']:.2f}× |")
+        print(f"\n{model_name}, batch {batch}, {threads} thread(s), {args.device}; ratios to {spec.reference}")
+        head = "| optimizer | median step (ms) | × " + spec.reference + " | mean (ms) | × |"
+        if args.memory:
+            head += " peak MB above model | × " + spec.reference + " |"
+        print(head)
+        print("|---|---:|---:|---:|---:|" + ("---:|---:|" if args.memory else ""))
+        for name in names:
+            t = res["time"][name]
+            line = f"| {name} | {t['median_ms']:.2f} | {t['ratio']:.2f}× | {t['mean_ms']:.2f} | {t['mean_ratio']:.2f}× |"
+            if args.memory:
+                m = res["memory"][name]
+                line += f" {m['peak_mb']:.1f} | {m['ratio']:.2f}× |"
+            print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

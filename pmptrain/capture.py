@@ -36,6 +36,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._profile import phase
+
 __all__ = ["CaptureSpec", "ModuleStats", "ModuleCapture"]
 
 _CHUNK_ROWS = 1 << 16  # rows materialised at a time when folding a call into dense statistics
@@ -179,6 +181,8 @@ class _ForwardHook:
         if not isinstance(x, Tensor):
             return None
         entry = cap._entries[self.key]
+        if entry.spec is None:  # inactive this step (an amortised step records nothing)
+            return None
         call = None
         if entry.spec.calls:
             call = (tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
@@ -207,7 +211,8 @@ class _CostateHook:
             return None
         x, call = self.x, self.call
         self.x = self.call = None
-        cap._accumulate(self.key, x, call, grad.detach())
+        with phase("capture"):
+            cap._accumulate(self.key, x, call, grad.detach())
         return None
 
     def __reduce__(self):
@@ -296,6 +301,8 @@ class ModuleCapture:
         if new_pass:
             self._reset_if_gradient_was_reset(entry)
         st, spec, adapter, module = entry.stats, entry.spec, entry.adapter, entry.module
+        if spec is None:
+            return
         if new_pass:
             st._task = task
             st.samples += adapter.batch_size(module, x) if adapter is not None else (x.shape[0] if x.dim() > 0 else 1)

@@ -51,6 +51,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._profile import phase
+
 __all__ = [
     "Curvature",
     "affine_augmented_hamiltonian",
@@ -210,14 +212,15 @@ def eigh_psd(mat: Tensor, floor: float = 0.0, float64: bool = False) -> Tuple[Te
     """
     work = mat.double() if (float64 and mat.dtype != torch.float64) else mat
     work = 0.5 * (work + work.mT)  # also a batch of matrices
-    try:
-        evals, evecs = torch.linalg.eigh(work)
-    except torch.linalg.LinAlgError:
-        if not bool(torch.isfinite(work).all()):
-            raise
-        # LAPACK's divide-and-conquer can fail on (numerically) repeated eigenvalues; a float64
-        # solve of the same matrix is the documented remedy.
-        evals, evecs = torch.linalg.eigh(work.double())
+    with phase("factorise"):
+        try:
+            evals, evecs = torch.linalg.eigh(work)
+        except torch.linalg.LinAlgError:
+            if not bool(torch.isfinite(work).all()):
+                raise
+            # LAPACK's divide-and-conquer can fail on (numerically) repeated eigenvalues; a float64
+            # solve of the same matrix is the documented remedy.
+            evals, evecs = torch.linalg.eigh(work.double())
     evals = evals.clamp_min(floor)
     return evals.to(mat.dtype), evecs.to(mat.dtype)
 
@@ -225,8 +228,10 @@ def eigh_psd(mat: Tensor, floor: float = 0.0, float64: bool = False) -> Tuple[Te
 def _spd_solve_right(b: Tensor, mat: Tensor) -> Tensor:
     """``b · mat⁻¹`` for a symmetric positive definite ``mat`` (Cholesky; eigendecomposition if
     rounding makes the factorisation fail)."""
-    factor, info = torch.linalg.cholesky_ex(mat)
-    if int(info) == 0:
+    with phase("factorise"):
+        factor, info = torch.linalg.cholesky_ex(mat)
+        ok = int(info) == 0
+    if ok:
         return torch.cholesky_solve(b.T, factor).T
     lam, u = eigh_psd(mat)
     return ((b @ u) / lam.clamp_min(torch.finfo(mat.dtype).tiny)) @ u.T
@@ -250,10 +255,10 @@ def center_rows(x_rows: Tensor, batch_size: float, c_times_l: float) -> Tensor:
     r"""``A = K½ X`` with ``K½ = (I − α·11ᵀ/N)/√B``, ``α = 1 − √(1 − cL)``: the Gram factor of
     ``C'_x = C_x − c x̄x̄ᵀ`` (``AᵀA = XᵀX/B − (c/B²) Xᵀ11ᵀX``). ``c_times_l`` = cL ∈ [0, 1)."""
     alpha = 1.0 - math.sqrt(1.0 - min(c_times_l, 1.0))
-    a = x_rows
-    if alpha != 0.0:
-        a = a - alpha * a.mean(0, keepdim=True)
-    return a / math.sqrt(batch_size)
+    scale = 1.0 / math.sqrt(batch_size)
+    if alpha == 0.0:
+        return x_rows * scale
+    return torch.sub(x_rows, x_rows.mean(0, keepdim=True), alpha=alpha).mul_(scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +403,8 @@ def _one_sided(s: Tensor, c: Curvature, d: float, rho: float, side: str) -> Tens
         gram = a @ a.T
         gram.mul_(rho).diagonal().add_(d)
         ta = t @ a.T  # m×N
-        out = (t - rho * (_spd_solve_right(ta, gram) @ a)) / d
+        # (t − ρ·(ta K⁻¹)·a)/d as one product: no m×n temporaries (each would be a fresh allocation)
+        out = torch.addmm(t, _spd_solve_right(ta, gram), a, beta=1.0 / d, alpha=-rho / d)
     else:
         mat = c.to_dense(t).mul_(rho)
         mat.diagonal().add_(d)
@@ -511,11 +517,11 @@ def affine_system(grad_w: Tensor, members: Sequence[AffineMember], rho: float) -
         if mb.transposed:
             left, right = left + state, right + costate
             if c:
-                s = s - c * torch.outer(mb.x_mean, g_b)
+                s.addr_(mb.x_mean, g_b, alpha=-c)  # s is this function's own tensor
         else:
             left, right = left + costate, right + state
             if c:
-                s = s - c * torch.outer(g_b, mb.x_mean)
+                s.addr_(g_b, mb.x_mean, alpha=-c)
     return s, left, right
 
 

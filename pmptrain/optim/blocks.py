@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as pdist
+from .._profile import phase
 from ..capture import CaptureSpec
 from ..hamiltonian import solve_channel_affine, solve_grouped_affine
 from .affine import EMSARuleBase
@@ -123,7 +124,8 @@ class ChannelEMSARule(EMSARuleBase):
         rho = self.effective_rho(group, ctx)
         ups = []
         if gs is not None or gb is not None:
-            d_scale, d_shift = solve_channel_affine(gs, gb, a, b, e, L, 1.0, rho, ds, db)
+            with phase("solve"):
+                d_scale, d_shift = solve_channel_affine(gs, gb, a, b, e, L, 1.0, rho, ds, db)
         else:
             d_scale = d_shift = None
         for p, d in ((scale, d_scale), (shift, d_shift)):
@@ -219,10 +221,11 @@ class GroupedEMSARule(EMSARuleBase):
         grad_w = gw.to(dt).reshape(g, m_g, n_g) if gw is not None else torch.zeros(g, m_g, n_g, dtype=dt, device=dev)
         grad_b = gb.to(dt).reshape(g, m_g) if (gb is not None and eta_b > 0.0) else None
         if eta_w > 0.0:
-            dw, db, eig = solve_grouped_affine(grad_w, grad_b, cxx, x_mean, costate, L, rho, 1.0 / eta_w,
-                                               1.0 / eta_b if grad_b is not None else None,
-                                               float(self.value(group, "eig_floor")),
-                                               bool(self.value(group, "eig_float64")), eig)
+            with phase("solve"):
+                dw, db, eig = solve_grouped_affine(grad_w, grad_b, cxx, x_mean, costate, L, rho, 1.0 / eta_w,
+                                                   1.0 / eta_b if grad_b is not None else None,
+                                                   float(self.value(group, "eig_floor")),
+                                                   bool(self.value(group, "eig_float64")), eig)
             if beta > 0.0:
                 new_state.eig_in, new_state.eig_out = eig
         else:  # the weight is frozen this step: the bias alone, Δb = g_b/(ρL + δ_b)

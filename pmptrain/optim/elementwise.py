@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._profile import phase
 from ..discrete import (
     discrete_argmax,
     discrete_msa_delta,
@@ -185,7 +186,8 @@ class DiscreteMSARule(ParamRule):
             lam = relative_lambda(new_acc, lam, scope)
         rho_eff = rho / s
         if has_fast_path(d.grid):
-            delta, rho_k, acc_max = discrete_msa_delta(w, new_acc, d.grid, rho_eff, lam, scope)
+            with phase("discrete"):
+                delta, rho_k, acc_max = discrete_msa_delta(w, new_acc, d.grid, rho_eff, lam, scope)
             upd = Update(p, delta)
         else:
             rho_k, _ = penalty_scale(new_acc, w, d.grid, rho_eff, lam, scope=scope)

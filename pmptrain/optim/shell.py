@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as pdist
+from .._profile import phase
 from ..capture import ModuleCapture
 from ..modules import adapter_for
 from .hyper import Real, Spec
@@ -380,20 +381,21 @@ class PMPOptimizer(torch.optim.Optimizer):
             warnings.warn(msg, stacklevel=5)
 
     def _sync_capture(self) -> None:
-        """Register (or update) the hooks of every module whose rule needs captured states."""
+        """Register (or update) the hooks of every module whose rule needs captured states; a rule
+        that needs none this step (``capture_spec`` None) leaves its hooks registered but inactive."""
         if self.capture.removed:
             return
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for unit in self.units.values():
             if not unit.rule.module_rule:
                 continue
-            group = self._group_of(unit.primary)
+            group = group_of[id(unit.primary)]
             for mb in unit.members:
                 spec = unit.rule.capture_spec(unit, mb, group)
-                if spec is None:
-                    continue
                 entry = self.capture._entries.get(mb.name)
                 if entry is None:
-                    self.capture.add(mb.name, mb.module, mb.adapter, spec, mb.sentinel)
+                    if spec is not None:
+                        self.capture.add(mb.name, mb.module, mb.adapter, spec, mb.sentinel)
                 elif entry.spec != spec:
                     entry.spec = spec
 
@@ -489,9 +491,11 @@ class PMPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step(loss)  # an exception leaves everything as it was, statistics included
-        self.capture.reset()
-        self._sync_capture()
+        with phase("step"):
+            self._step(loss)  # an exception leaves everything as it was, statistics included
+            with phase("reset"):
+                self.capture.reset()
+                self._sync_capture()
         return loss
 
     def _skip(self, reason: str) -> None:
@@ -518,7 +522,8 @@ class PMPOptimizer(torch.optim.Optimizer):
         proposals: List[Tuple[Unit, Proposal]] = []
         for unit in self.units.values():
             try:
-                prop = unit.rule.propose(unit, ctx)
+                with phase("propose"):
+                    prop = unit.rule.propose(unit, ctx)
             except torch.linalg.LinAlgError:
                 # δ > 0 keeps every factorisation well-posed: only non-finite data make it fail
                 self._skip(self._skip_reason(loss, grads_present, f"unit {unit.name!r}"))
@@ -527,30 +532,33 @@ class PMPOptimizer(torch.optim.Optimizer):
                 proposals.append((unit, prop))
         # ⟨∇J, Δθ⟩ of every update: the first-order gain of H, and at the same time the finiteness
         # check (a NaN/Inf in Δθ or in the gradient makes the product non-finite, even where Δθ = 0)
-        terms = []
-        for _, prop in proposals:
-            for u in prop.updates:
-                d = u.change()
-                g = ctx.grad(u.param)
-                if g is not None:
-                    terms.append(torch.dot(g.reshape(-1).to(d.dtype), d.reshape(-1)))
-                else:
-                    terms.append(d.sum() * 0.0)
-        if isinstance(loss, Tensor):
-            terms.append(loss.detach().float().sum() * 0.0)
-        stacked = torch.stack([t.float() for t in terms]) if terms else None
-        if stacked is not None and not bool(torch.isfinite(stacked).all()):
+        with phase("check"):
+            terms = []
+            for _, prop in proposals:
+                for u in prop.updates:
+                    d = u.change()
+                    g = ctx.grad(u.param)
+                    if g is not None:
+                        terms.append(torch.dot(g.reshape(-1).to(d.dtype), d.reshape(-1)))
+                    else:
+                        terms.append(d.sum() * 0.0)
+            if isinstance(loss, Tensor):
+                terms.append(loss.detach().float().sum() * 0.0)
+            stacked = torch.stack([t.float() for t in terms]) if terms else None
+            finite = stacked is None or bool(torch.isfinite(stacked).all())
+        if not finite:
             self._skip(self._skip_reason(loss, grads_present, "an update"))
             return
-        for _, prop in proposals:
-            for u in prop.updates:
-                p = u.param
-                if u.value is not None:
-                    p.copy_(u.value)
-                    continue
-                if u.decay:
-                    p.mul_(1.0 - u.decay)
-                p.add_(u.delta.to(p.dtype), alpha=u.alpha)
+        with phase("apply"):
+            for _, prop in proposals:
+                for u in prop.updates:
+                    p = u.param
+                    if u.value is not None:
+                        p.copy_(u.value)
+                        continue
+                    if u.decay:
+                        p.mul_(1.0 - u.decay)
+                    p.add_(u.delta.to(p.dtype), alpha=u.alpha)
         for unit, prop in proposals:
             unit.state = prop.state
         n_mod = sum(1 for unit, _ in proposals if unit.rule.module_rule)

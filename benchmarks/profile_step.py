@@ -1,0 +1,129 @@
+"""Where the time of a training step goes, per phase, with ``torch.profiler``.
+
+pmptrain marks its work with ``record_function`` scopes named ``pmptrain::<phase>`` (only while a
+profiler records; ``pmptrain/_profile.py``), and this script marks the parts of the iteration
+(``iter::zero_grad``, ``iter::forward``, ``iter::backward``, ``iter::clip``, ``iter::step``). Each
+phase's time is *exclusive*: its scope's CPU time minus the scopes nested in it, so the rows add up
+to the iteration. Phases:
+
+* ``forward``, ``backward`` — the model's own work (``backward`` without the capture hooks);
+* ``pmptrain::capture`` — the statistics formed in the backward hooks (``XᵀX``, ``P̂ᵀP̂``, rows kept);
+* ``pmptrain::statistics`` — gathering them into each unit's operators at ``step()`` (and running
+  averages);
+* ``pmptrain::factorise`` — eigendecompositions and Cholesky factorisations;
+* ``pmptrain::solve`` — the rest of the closed-form solves (products with the factors);
+* ``pmptrain::discrete`` — the fused discrete rule; ``pmptrain::propose`` — each rule's remaining
+  work (fallback steps, bookkeeping, Python);
+* ``pmptrain::check`` — the finiteness check / Hamiltonian gain; ``pmptrain::apply`` — writing the
+  updates; ``pmptrain::reset`` — dropping the statistics;
+* ``pmptrain::step`` — what is left of ``step()`` (the shell's Python: group checks, contexts);
+* ``iter::step`` — what is left of the iteration's ``opt.step()`` call (a baseline's whole step).
+
+    python benchmarks/profile_step.py --models mlp,gpt --optimizers emsa,emsa-costate --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import MODELS, OPTIMIZERS, setup  # noqa: E402
+
+ORDER = ["iter::zero_grad", "iter::forward", "iter::backward", "pmptrain::capture", "iter::clip",
+         "iter::step", "pmptrain::step", "pmptrain::propose", "pmptrain::statistics", "pmptrain::factorise",
+         "pmptrain::solve", "pmptrain::discrete", "pmptrain::check", "pmptrain::apply", "pmptrain::reset"]
+
+
+def labelled_iteration(spec, model, opt, batches):
+    x, y = batches.next()
+    with record_function("iter::zero_grad"):
+        opt.zero_grad(set_to_none=True)
+    with record_function("iter::forward"):
+        out = model(x)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    with record_function("iter::backward"):
+        loss.backward()
+    if spec.lm:
+        with record_function("iter::clip"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    with record_function("iter::step"):
+        opt.step()
+
+
+def _labelled(ev) -> bool:
+    return ev.name.startswith("pmptrain::") or ev.name.startswith("iter::")
+
+
+def _nested_labelled_time(ev) -> float:
+    total = 0.0
+    stack = list(ev.cpu_children)
+    while stack:
+        c = stack.pop()
+        if _labelled(c):
+            total += c.cpu_time_total
+        else:
+            stack.extend(c.cpu_children)
+    return total
+
+
+def phase_times(prof, steps: int) -> dict:
+    """Exclusive ms per step of every labelled phase."""
+    out = collections.defaultdict(float)
+    for ev in prof.events():
+        if _labelled(ev):
+            out[ev.name] += (ev.cpu_time_total - _nested_labelled_time(ev)) / 1e3 / steps
+    return dict(out)
+
+
+def profile_one(model_name, opt_name, batch, steps, warmup, device):
+    spec, model, opt, batches = setup(model_name, opt_name, batch, device)
+    for _ in range(warmup):
+        labelled_iteration(spec, model, opt, batches)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            labelled_iteration(spec, model, opt, batches)
+    return phase_times(prof, steps)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--optimizers", default=None, help="default: each model's list")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    results = {}
+    for model_name in args.models.split(","):
+        spec = MODELS[model_name]
+        names = list(spec.optimizers) if args.optimizers is None else args.optimizers.split(",")
+        names = [spec.reference] + [n for n in names if n != spec.reference]
+        torch.set_num_threads(args.threads or spec.threads)
+        res = {n: profile_one(model_name, n, spec.default_batch, args.steps, args.warmup, device) for n in names
+               if n in OPTIMIZERS}
+        results[model_name] = res
+        phases = [p for p in ORDER if any(p in r for r in res.values())]
+        print(f"\n{model_name}, batch {spec.default_batch}, {args.threads or spec.threads} thread(s): exclusive ms "
+              "per step (profiler on: absolute times are inflated, compare the rows)")
+        print("| phase | " + " | ".join(res) + " |")
+        print("|---|" + "---:|" * len(res))
+        for p in phases:
+            print(f"| {p} | " + " | ".join(f"{r.get(p, 0.0):.2f}" for r in res.values()) + " |")
+        print("| **total** | " + " | ".join(f"{sum(r.values()):.2f}" for r in res.values()) + " |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
