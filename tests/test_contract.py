@@ -62,6 +62,8 @@ _EMSA_ERRORS = [
     ({"inner_steps": 0}, ValueError, "inner_steps"), ({"inner_lr": 0.0}, ValueError, "inner_lr"),
     ({"inner_optimizer": "newton"}, ValueError, "inner_optimizer"), ({"eig_float64": 1}, TypeError, "eig_float64"),
     ({"costate": "isotropic", "stat_decay": 0.5}, ValueError, "stat_decay"), ({"strict": "yes"}, TypeError, "strict"),
+    ({"stat_every": 0}, ValueError, "stat_every"), ({"stat_every": 1.5}, TypeError, "stat_every"),
+    ({"costate": "isotropic", "stat_every": 2}, ValueError, "stat_every"),
 ]
 _DMSA_ERRORS = [
     ({"rho": -1.0}, ValueError, "rho"), ({"decay": 1.5}, ValueError, "decay"), ({"lam": -1.0}, ValueError, "lam"),
@@ -86,6 +88,7 @@ REGISTRY = [
     Config("emsa-gram-exact", _emsa(route="gram", costate="exact")),
     Config("emsa-isotropic", _emsa(costate="isotropic")),
     Config("emsa-running", _emsa(stat_decay=0.9, eig_refresh=2)),
+    Config("emsa-amortised", _emsa(stat_every=2)),
     Config("emsa-sgd-fallback", _emsa(fallback="sgd", fallback_lr=0.01)),
     Config("emsa-iterative", _emsa(solver="iterative", inner_steps=2)),
     Config("msa", lambda model, params=None, **o: pmptrain.MSA(model, params, **{"lr": 0.5, **o}), captures=False),

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as pdist
+from .._profile import phase
 from ..capture import CaptureSpec, ModuleStats
 from ..hamiltonian import (
     AffineMember,
@@ -51,14 +52,16 @@ _MAX_DENSE_DIM = 16384   # a dense eigendecomposition beyond this dimension is r
 
 @dataclass
 class RunningStats:
-    """Running averages of one member (``stat_decay > 0``): ``cxx`` = C_x, ``x_mean`` = x̄,
-    ``cpp`` = C_p, ``counts`` = index counts / B (embeddings), ``rows_per_sample`` = L."""
+    """The kept statistics of one member (``stat_decay > 0``: running averages; ``stat_every > 1``:
+    those of the last refresh): ``cxx`` = C_x, ``x_mean`` = x̄, ``cpp`` = C_p, ``counts`` = index
+    counts / B (embeddings), ``rows_per_sample`` = L, ``p_trace`` = an embedding's tr C_p."""
 
     cxx: Optional[Tensor]
     x_mean: Optional[Tensor]
     cpp: Optional[Tensor]
     counts: Optional[Tensor]
     rows_per_sample: float
+    p_trace: Optional[float] = None
 
 
 @dataclass
@@ -110,7 +113,10 @@ class EMSARuleBase(Rule):
     * ``costate`` — ``exact``, ``isotropic`` (``C_p ≈ tr(C_p)/m·I``) or ``auto`` (isotropic when a
       side is in Gram form, i.e. fewer rows than features; exact otherwise);
     * ``stat_decay`` (β), ``eig_refresh`` (k) — running averages ``C ← βC + (1−β)C_batch`` with the
-      eigenbases recomputed every k steps; ``eig_floor``, ``eig_float64`` — eigensolver options.
+      eigenbases recomputed every k steps; ``stat_every`` (K) — statistics captured only every K-th
+      step (the steps in between solve with the kept statistics and eigenbases and their own
+      gradient: amortised curvature, K-FAC's factor interval; the matrix rule only);
+      ``eig_floor``, ``eig_float64`` — eigensolver options.
 
     Decoupled weight decay uses the step size of ``decay_key`` (``fallback_lr``).
     """
@@ -123,6 +129,7 @@ class EMSARuleBase(Rule):
         "route": Choice(("auto", "primal", "gram")),
         "costate": Choice(("auto", "exact", "isotropic")),
         "stat_decay": Real(0.0, 1.0, hi_open=True),
+        "stat_every": Int(1),
         "eig_refresh": Int(1),
         "eig_floor": Real(0.0),
         "eig_float64": Flag(),
@@ -216,8 +223,19 @@ class AffineEMSARule(EMSARuleBase):
                 f"costate {self.value(group, 'costate')})")
 
     # ------------------------------------------------------------------ capture
+    def amortised(self, group) -> bool:
+        """Statistics kept across steps (running averages or a refresh interval): the primal route
+        with the exact costate."""
+        return float(self.value(group, "stat_decay")) > 0.0 or int(self.value(group, "stat_every")) > 1
+
+    def refresh_step(self, unit, group) -> bool:
+        """Whether the coming step captures statistics (always, unless ``stat_every = K > 1`` and
+        kept statistics exist and the step is not a multiple of K)."""
+        every = int(self.value(group, "stat_every"))
+        return every <= 1 or unit.state.running is None or unit.state.step % every == 0
+
     def capture_spec(self, unit, member, group):
-        if not self.capture_active(group):
+        if not self.capture_active(group) or not self.refresh_step(unit, group):
             return None
         adapter, module = member.adapter, member.module
         m, n = adapter.weight_shape_2d(module)
@@ -225,7 +243,7 @@ class AffineEMSARule(EMSARuleBase):
         dt = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
         if adapter.index_input:
             return CaptureSpec("counts", "sqnorm" if self.costate_scaled(group) else "none", False, n, m, dt)
-        if float(self.value(group, "stat_decay")) > 0.0:
+        if self.amortised(group):
             return CaptureSpec("dense", "dense", False, n, m, dt)
         states = {"auto": "auto", "gram": "rows", "primal": "dense"}[self.value(group, "route")]
         costates = "sqnorm" if self.value(group, "costate") == "isotropic" else states
@@ -245,7 +263,7 @@ class AffineEMSARule(EMSARuleBase):
         m, n = adapter.weight_shape_2d(module)
         dev = member.weight.device
         route = self.value(group, "route")
-        running = float(self.value(group, "stat_decay")) > 0.0
+        running = self.amortised(group)
         b = float(samples)
         if route == "gram" and rows > _MAX_GRAM_ROWS:
             raise RuntimeError(
@@ -325,7 +343,10 @@ class AffineEMSARule(EMSARuleBase):
         new_state = AffineState(state.step + 1, state.running, state.eig_left, state.eig_right)
 
         grads = [(w, gw)] + [(b, gb) for _, b, gb in biases]
-        if rho == 0.0 or any(s is None for s in stats):
+        amortised = self.amortised(group)
+        # statistics of this step's backward passes, or (an amortised step) the kept ones
+        fresh = self.refresh_step(unit, group)
+        if fresh and any(s is None for s in stats) or rho == 0.0:
             if rho != 0.0:
                 self._warn_once(unit.name, f"{unit.name!r}: rho > 0 but no statistics were recorded (rho was 0 "
                                 "when the backward pass ran); this step is a plain gradient step")
@@ -337,39 +358,48 @@ class AffineEMSARule(EMSARuleBase):
         for mb, b, gb in biases:
             eta_b = etas[id(b)]
             delta_b_of[id(mb)] = (1.0 / eta_b) if (gb is not None and eta_b > 0.0) else None
-        raws = [self._gather(mb, st, ctx, group, dt, gb_of.get(id(mb)), delta_b_of.get(id(mb)))
-                for mb, st in zip(members, stats)]
-        if all(r is None for r in raws):
-            return self._no_data(unit, ctx, grads)
         decay = float(self.value(group, "stat_decay"))
-        if decay > 0.0:
-            raws, new_state.running = self._running(raws, state.running, decay)
-        present = [r for r in raws if r is not None]
-        rho = self.effective_rho(group, ctx, lambda: self._costate_parts(members, raws))
-        s, left, right = affine_system(gw2.to(dt), present, rho)
-        if eta_w > 0.0:
-            for side in (left, right):
-                if side.kind() == "dense" and side.dim > _MAX_DENSE_DIM:
-                    raise ValueError(
-                        f"{unit.name!r}: the exact solve needs a dense {side.dim}×{side.dim} eigendecomposition; "
-                        "use costate='isotropic' (or 'auto') for this module"
-                    )
-            delta_w = 1.0 / eta_w
-            floor, f64 = float(self.value(group, "eig_floor")), bool(self.value(group, "eig_float64"))
-            if decay > 0.0:
-                refresh = state.eig_left is None or state.step % int(self.value(group, "eig_refresh")) == 0
-                eig_l = curvature_eig(left, s, floor, f64) if refresh else state.eig_left
-                eig_r = curvature_eig(right, s, floor, f64) if refresh else state.eig_right
-                new_state.eig_left, new_state.eig_right = eig_l, eig_r
-                dws = sylvester_in_eigenbases(s, eig_l, eig_r, rho, delta_w)
+        with phase("statistics"):
+            if fresh:
+                raws = [self._gather(mb, st, ctx, group, dt, gb_of.get(id(mb)), delta_b_of.get(id(mb)))
+                        for mb, st in zip(members, stats)]
+                if all(r is None for r in raws):
+                    return self._no_data(unit, ctx, grads)
+                if amortised:
+                    raws, new_state.running = self._running(raws, state.running, decay)
+            else:  # an amortised step: the kept statistics, this step's bias gradients
+                raws = [None if run is None else _member_from_running(run, AffineMember(
+                            0.0, 0.0, mb.adapter.transposed, grad_b=None if gb_of.get(id(mb)) is None
+                            or delta_b_of.get(id(mb)) is None else gb_of[id(mb)].to(dt),
+                            delta_b=delta_b_of.get(id(mb)) if gb_of.get(id(mb)) is not None else None))
+                        for mb, run in zip(members, state.running)]
+            present = [r for r in raws if r is not None]
+            rho = self.effective_rho(group, ctx, lambda: self._costate_parts(members, raws))
+        with phase("solve"):
+            s, left, right = affine_system(gw2.to(dt), present, rho)
+            if eta_w > 0.0:
+                for side in (left, right):
+                    if side.kind() == "dense" and side.dim > _MAX_DENSE_DIM:
+                        raise ValueError(
+                            f"{unit.name!r}: the exact solve needs a dense {side.dim}×{side.dim} "
+                            "eigendecomposition; use costate='isotropic' (or 'auto') for this module"
+                        )
+                delta_w = 1.0 / eta_w
+                floor, f64 = float(self.value(group, "eig_floor")), bool(self.value(group, "eig_float64"))
+                if amortised:
+                    refresh = state.eig_left is None or (fresh and state.step % int(self.value(group, "eig_refresh")) == 0)
+                    eig_l = curvature_eig(left, s, floor, f64) if refresh else state.eig_left
+                    eig_r = curvature_eig(right, s, floor, f64) if refresh else state.eig_right
+                    new_state.eig_left, new_state.eig_right = eig_l, eig_r
+                    dws = sylvester_in_eigenbases(s, eig_l, eig_r, rho, delta_w)
+                else:
+                    dws = solve_sylvester(s, left, right, rho, delta_w, floor, f64)
             else:
-                dws = solve_sylvester(s, left, right, rho, delta_w, floor, f64)
-        else:
-            dws = torch.zeros_like(s)
-        db_of = {}
-        for mb, raw in zip(members, raws):
-            if raw is not None:
-                db_of[id(mb)] = affine_bias_steps(dws, [raw], rho)[0]
+                dws = torch.zeros_like(s)
+            db_of = {}
+            for mb, raw in zip(members, raws):
+                if raw is not None:
+                    db_of[id(mb)] = affine_bias_steps(dws, [raw], rho)[0]
         ups = [Update(w, dws.reshape(w.shape).to(w.dtype), decay=decay_w)] if gw is not None else []
         for mb, b, gb in biases:
             if gb is None:
@@ -404,13 +434,14 @@ class AffineEMSARule(EMSARuleBase):
                 continue
             cxx = raw.cxx if raw.x_rows is None else raw.x_rows.T @ raw.x_rows / raw.samples
             cpp = raw.cpp if raw.p_rows is None else raw.p_rows.T @ raw.p_rows
-            cur = RunningStats(cxx, raw.x_mean, cpp, raw.counts, raw.rows_per_sample)
-            if prev is not None:
+            cur = RunningStats(cxx, raw.x_mean, cpp, raw.counts, raw.rows_per_sample, raw.p_trace)
+            if prev is not None and beta > 0.0:
                 def ema(a, b):
                     return None if a is None or b is None else beta * a + (1.0 - beta) * b
                 cur = RunningStats(ema(prev.cxx, cur.cxx), ema(prev.x_mean, cur.x_mean), ema(prev.cpp, cur.cpp),
                                    ema(prev.counts, cur.counts),
-                                   beta * prev.rows_per_sample + (1.0 - beta) * cur.rows_per_sample)
+                                   beta * prev.rows_per_sample + (1.0 - beta) * cur.rows_per_sample,
+                                   ema(prev.p_trace, cur.p_trace))
             new_run.append(cur)
             out.append(_member_from_running(cur, raw))
         return out, new_run
@@ -423,7 +454,7 @@ def _member_from_running(r: RunningStats, like: Optional[AffineMember]) -> Affin
                         cxx=r.cxx, counts=r.counts, x_mean=r.x_mean, cpp=r.cpp,
                         grad_b=like.grad_b if like is not None else None,
                         delta_b=like.delta_b if like is not None else None,
-                        p_trace=like.p_trace if like is not None else None)
+                        p_trace=r.p_trace if r.p_trace is not None else (like.p_trace if like is not None else None))
 
 
 def _no_states_message(name: str) -> str:

@@ -74,6 +74,12 @@ class EMSA(PMPOptimizer):
         stat_decay: β ∈ [0, 1): running averages ``C ← βC + (1−β)C_batch`` (default 0: this step's
             backward passes only). β > 0 forces the primal route and the exact costate.
         eig_refresh: recompute the eigenbases every k steps when ``stat_decay > 0`` (default 1).
+        stat_every: K ≥ 1 — capture the statistics only on every K-th step (default 1: every step).
+            The steps in between solve the same closed form with the statistics and eigenbases of
+            the last capture and their own ``.grad`` (amortised curvature, K-FAC's factor interval):
+            no capture cost and no eigendecomposition on those steps, at an accuracy cost measured in
+            docs/performance.md. Applies to the matrix rule (Linear, convolutions, embeddings,
+            Conv1D, ties) and, like ``stat_decay > 0``, forces the primal route and the exact costate.
         eig_floor: lower clamp of eigenvalues (default 0.0); eig_float64: eigensolves in float64
             (default False).
         fallback: ``"adam"`` (default) or ``"sgd"`` for parameters without a maximiser.
@@ -114,6 +120,7 @@ class EMSA(PMPOptimizer):
         route: str = "auto",
         costate: str = "auto",
         stat_decay: float = 0.0,
+        stat_every: int = 1,
         eig_refresh: int = 1,
         eig_floor: float = 0.0,
         eig_float64: bool = False,
@@ -137,7 +144,8 @@ class EMSA(PMPOptimizer):
         self._iterative = IterativeEMSARule()
         self._fallback = FallbackRule()
         defaults = dict(
-            lr=lr, rho=rho, rho_scale=rho_scale, route=route, costate=costate, stat_decay=stat_decay, eig_refresh=eig_refresh,
+            lr=lr, rho=rho, rho_scale=rho_scale, route=route, costate=costate, stat_decay=stat_decay,
+            stat_every=stat_every, eig_refresh=eig_refresh,
             eig_floor=eig_floor, eig_float64=eig_float64, fallback=fallback, fallback_lr=fallback_lr,
             betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, inner_steps=inner_steps,
             inner_lr=inner_lr, inner_optimizer=inner_optimizer,
@@ -154,6 +162,11 @@ class EMSA(PMPOptimizer):
         if group.get("costate") == "isotropic" and float(group.get("stat_decay", 0.0)) > 0:
             raise ValueError(
                 "invalid stat_decay with costate='isotropic': running averages apply to the exact "
+                "primal solve (use costate='exact' or 'auto')"
+            )
+        if group.get("costate") == "isotropic" and int(group.get("stat_every", 1)) > 1:
+            raise ValueError(
+                "invalid stat_every with costate='isotropic': amortised statistics apply to the exact "
                 "primal solve (use costate='exact' or 'auto')"
             )
 
