@@ -149,14 +149,38 @@ def test_diagnostics_of_a_past_step_stay_valid():
     x, y = data()
     train_step(model, opt, x, y)
     diag = opt.last_step["discrete"]
-    before = codes(model)
-    train_step(model, opt, x, y)
-    train_step(model, opt, x, y)
-    # read late: still the first step's numbers (its delta and accumulator are never reused)
     d0 = discrete_parameters(model)[0]
+    acc_mean = float(opt.state_of(d0.param).accumulator.abs().double().mean())
+    before = codes(model)
+    for _ in range(3):  # the accumulator's buffer of step 1 is reused by step 3
+        train_step(model, opt, x, y)
+    # read late: still the first step's numbers (converted before their buffers were reused)
+    assert diag["layers"][d0.name]["acc_abs_mean"] == pytest.approx(acc_mean, rel=1e-12)
     assert diag["layers"][d0.name]["numel"] == d0.param.numel()
     assert 0 < diag["total"]["density"] < 1 and diag["total"]["flips"] > 0
     assert any(not torch.equal(b, c) for b, c in zip(before, codes(model)))
+
+
+def test_a_skipped_step_between_steps_changes_nothing_with_reused_buffers():
+    """The accumulator's second buffer: skipped steps (NaN gradient) in the middle of a run leave
+    the state and the codes as a run without it has them, step for step."""
+    runs = []
+    for skip in (False, True):
+        model = mlp()
+        pmptrain.discretize_(model, "binary", keep=())
+        opt = DiscreteMSA(model, rho=0.3)
+        x, y = data()
+        for t in range(5):
+            for _ in range(2 if skip and t == 2 else 0):  # two skipped steps in a row
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                discrete_parameters(model)[0].param.grad[0, 0] = float("nan")
+                opt.step()
+                assert opt.last_step["skipped"]
+            train_step(model, opt, x, y)
+        runs.append((codes(model), [opt.state_of(d.param).accumulator.clone() for d in discrete_parameters(model)]))
+    (c0, a0), (c1, a1) = runs
+    assert all(torch.equal(p, q) for p, q in zip(c0, c1)) and all(torch.equal(p, q) for p, q in zip(a0, a1))
 
 
 # ---------------------------------------------------------------- rho, empty set

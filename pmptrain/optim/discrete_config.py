@@ -8,6 +8,7 @@ to the fallback, and publishes ``opt.last_step["discrete"]`` (:class:`DiscreteDi
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
@@ -23,7 +24,8 @@ class DiscreteDiagnostics(Mapping):
     """Diagnostics of the discrete tensors in one step, computed lazily.
 
     The step stores 0-dim tensors and references to the step's ``W_new − W`` and new accumulator
-    (neither is modified afterwards); flips and ``|M|`` mean are counted, and everything converted
+    (the optimizer reuses the accumulator's buffer two steps later, and converts diagnostics still
+    held before that); flips and ``|M|`` mean are counted, and everything converted
     with one ``torch.stack(...).tolist()``, only on first access — a loop that does not read the
     diagnostics pays nothing for them. Keys:
 
@@ -126,10 +128,24 @@ class DiscreteConfig(PMPOptimizer):
             return self._discrete_rule, {"discrete": d}
         return self._fallback, {}
 
+    _TRANSIENT = PMPOptimizer._TRANSIENT + ("_last_diagnostics", "_older_diagnostics")
+
+    def _step(self, loss) -> None:
+        # The rules reuse the buffers of the step before last (the accumulator's second buffer):
+        # diagnostics of that step still held by the caller are converted before they are.
+        older = getattr(self, "_older_diagnostics", None)
+        diag = older() if older is not None else None
+        if diag is not None:
+            diag._materialise()
+        super()._step(loss)
+
     def _step_info(self, info: StepInfo, proposals) -> StepInfo:
         raw = {}
         for unit, prop in proposals:
             if prop.info is not None and "discrete" in unit.meta:
                 raw[unit.meta["discrete"].name] = prop.info
-        info["discrete"] = DiscreteDiagnostics(raw)
+        diag = DiscreteDiagnostics(raw)
+        self._older_diagnostics = getattr(self, "_last_diagnostics", None)
+        self._last_diagnostics = weakref.ref(diag)
+        info["discrete"] = diag
         return info

@@ -167,6 +167,19 @@ class DiscreteMSARule(ParamRule):
         w = unit.params[0].detach()
         return DiscreteState(0, sign_nonzero(w).mul_(self.acc_init))
 
+    @staticmethod
+    def _accumulate(unit: Unit, acc: Tensor, g: Tensor, a: float) -> Tensor:
+        """``a·M + (1−a)·(−g)`` into a second buffer (the accumulator the step before last, free
+        once the last step was accepted; ``unit.scratch["accumulator"]``), leaving ``M = acc`` as it is until
+        the step is accepted. Two passes; bit-identical to
+        :func:`~pmptrain.discrete.ema_accumulate_` on a copy (``x + α·(−g) = x − α·g`` exactly)."""
+        spare = unit.scratch.get("accumulator")
+        if (spare is None or spare is acc or spare.shape != acc.shape or spare.dtype != acc.dtype
+                or spare.device != acc.device):
+            spare = torch.empty_like(acc)
+        unit.scratch["accumulator"] = acc  # free for the step after next (the shell commits or drops this one)
+        return torch.mul(acc, a, out=spare).sub_(g, alpha=1.0 - a)
+
     def describe(self, unit, group):
         d = unit.meta["discrete"]
         return f"discrete MSA on {d.grid.name} (rho {self.value(group, 'rho')}, decay {self.value(group, 'decay')})"
@@ -177,7 +190,7 @@ class DiscreteMSARule(ParamRule):
         a, rho, lam = float(self.value(group, "decay")), float(self.value(group, "rho")), float(self.value(group, "lam"))
         s = ctx.lr_scale(group)
         w = p.detach()
-        new_acc = ema_accumulate_(st.accumulator.clone(), g.to(w.dtype).neg(), a)
+        new_acc = self._accumulate(unit, st.accumulator, g.to(w.dtype), a)
         new = DiscreteState(st.step + 1, new_acc)
         if s == 0.0:  # lr = 0: the codes are frozen (the accumulator still averages)
             return Proposal([Update(p, torch.zeros_like(w))], new, discrete_info(d, w, None, new_acc))
@@ -204,14 +217,15 @@ def discrete_info(d, w: Tensor, delta: Optional[Tensor], acc: Tensor, rho_k=None
     """Raw diagnostics of one discrete tensor, converted lazily by
     :class:`~pmptrain.optim.discrete_config.DiscreteDiagnostics`: ``w`` the codes before the step,
     ``delta`` their change (None: unchanged), ``acc`` the accumulator / latent / gradient EMA."""
-    new_w = w if delta is None else w + delta
     if not d.grid.has_zero:
         nnz = torch.tensor(float(w.numel()))
-    elif d.grid.values == (-1.0, 0.0, 1.0):  # Σ W² counts the non-zero ternary codes exactly
-        flat = new_w.reshape(-1)
-        nnz = torch.dot(flat, flat)
     else:
-        nnz = torch.count_nonzero(new_w)
+        new_w = w if delta is None else w + delta
+        if d.grid.values == (-1.0, 0.0, 1.0):  # Σ W² counts the non-zero ternary codes exactly
+            flat = new_w.reshape(-1)
+            nnz = torch.dot(flat, flat)
+        else:
+            nnz = torch.count_nonzero(new_w)
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
     return {"delta": delta if delta is not None else torch.zeros_like(w), "acc": acc,
             "numel": w.numel(), "rho_k": rho_k if rho_k is not None else zero,

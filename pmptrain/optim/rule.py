@@ -60,7 +60,8 @@ class Unit:
     """What one rule updates jointly. ``params``/``param_names``: every parameter it updates;
     ``members``: its modules (empty for parameter rules); ``state``: the rule's record; ``meta``:
     what the configuration attached (the :class:`~pmptrain.quant.DiscreteTensor` of a discrete
-    weight)."""
+    weight); ``scratch``: buffers a rule reuses between steps (not state: a copy or a pickle of the
+    optimizer starts without them)."""
 
     name: str
     rule: "Rule"
@@ -69,6 +70,14 @@ class Unit:
     members: List[Member] = field(default_factory=list)
     state: Any = None
     meta: Dict[str, Any] = field(default_factory=dict)
+    scratch: Dict[str, Tensor] = field(default_factory=dict)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "scratch"}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.scratch = {}
 
     @property
     def primary(self) -> Tensor:
