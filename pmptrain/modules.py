@@ -31,6 +31,7 @@ in the parameters); register them with :func:`register_module_type` otherwise.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Dict, Optional, Tuple
 
@@ -163,15 +164,23 @@ class EmbeddingAdapter(AffineAdapter):
 # ------------------------------------------------------------------------------ convolutions
 
 
-def _im2col_nd(x: Tensor, kernel, dilation, stride) -> Tensor:
-    """Patches of an already padded ``[N, C, *spatial]`` input as ``[N, C, *out, *kernel]``."""
+def _patch_rows(x: Tensor, kernel, dilation, stride) -> Tensor:
+    """The im2col rows of an already padded ``[N, C, *spatial]`` input: ``[N·∏out, C·∏k]``, one row
+    per output position, columns in the weight's flattening order ``(c, k_1, …, k_d)``.
+
+    Built as one ``torch.stack`` of the ``∏k`` shifted (strided) views of the channels-last input, so
+    the rows are written once (``F.unfold`` + transpose writes them twice); the same numbers as
+    ``F.unfold`` (pure copies, tested)."""
     d = len(kernel)
-    for i in range(d):
-        span = (kernel[i] - 1) * dilation[i] + 1
-        x = x.unfold(2 + i, span, stride[i])
-        if dilation[i] > 1:
-            x = x[..., :: dilation[i]]
-    return x
+    xl = x.movedim(1, -1)  # [N, *spatial, C], a view
+    out = [(x.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(d)]
+    views = []
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        idx = (slice(None),) + tuple(
+            slice(o * dilation[i], o * dilation[i] + (out[i] - 1) * stride[i] + 1, stride[i])
+            for i, o in enumerate(offset))
+        views.append(xl[idx])
+    return torch.stack(views, dim=-1).reshape(-1, x.shape[1] * math.prod(kernel))
 
 
 class ConvAdapter(AffineAdapter):
@@ -206,27 +215,12 @@ class ConvAdapter(AffineAdapter):
 
     def input_rows(self, module, x):
         x = self._as_batched(module, x)
-        explicit_pad = module.padding_mode != "zeros" or isinstance(module.padding, str)
-        if explicit_pad:
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-            padding = (0,) * self.spatial_dims
-        else:
-            padding = tuple(module.padding)
-        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-        if self.spatial_dims == 3:
-            if any(padding):
-                x = F.pad(x, tuple(p for p in reversed(padding) for _ in range(2)))
-            cols = _im2col_nd(x, kernel, dilation, stride)  # [N, C, oD, oH, oW, kD, kH, kW]
-            n, c = cols.shape[:2]
-            cols = cols.permute(0, 2, 3, 4, 1, 5, 6, 7)
-            return cols.reshape(-1, c * math.prod(kernel))
-        if self.spatial_dims == 1:
-            x = x.unsqueeze(2)
-            kernel, dilation, stride = (1,) + kernel, (1,) + dilation, (1,) + stride
-            padding = (0,) + tuple(padding)
-        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        elif any(module.padding):
+            x = F.pad(x, tuple(p for p in reversed(module.padding) for _ in range(2)))
+        return _patch_rows(x, module.kernel_size, module.dilation, module.stride)
 
     def output_rows(self, module, grad_out):
         g = self._as_batched(module, grad_out)

@@ -128,6 +128,17 @@ def test_convolution_rows_reproduce_the_forward(name, conv, shape):
     assert ad.kind == ("grouped" if conv.groups > 1 else "matrix")
 
 
+@pytest.mark.parametrize("conv,shape", [
+    (nn.Conv2d(3, 4, 3, padding=1), (5, 3, 7, 6)),
+    (nn.Conv2d(2, 3, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(2, 0)), (2, 2, 9, 8)),
+    (nn.Conv2d(4, 6, 1, stride=2, groups=2), (3, 4, 5, 5)),
+])
+def test_convolution_rows_are_bit_identical_to_unfold(conv, shape):
+    x = torch.randn(shape)
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    assert torch.equal(adapter_for(conv).input_rows(conv, x), cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+
+
 @pytest.mark.parametrize("costate", ["exact", "isotropic"])
 @pytest.mark.parametrize("name,conv,shape", CONVS, ids=[c[0] for c in CONVS])
 def test_convolution_step_is_the_maximiser_of_the_row_form(name, conv, shape, costate):
