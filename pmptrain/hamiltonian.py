@@ -348,6 +348,7 @@ def solve_sylvester(
     delta: float,
     eig_floor: float = 0.0,
     eig_float64: bool = False,
+    overwrite_s: bool = False,
 ) -> Tensor:
     r"""The exact solution ``ΔW`` (m×n) of ``ρ L ΔW + ρ ΔW R + δ ΔW = S``.
 
@@ -357,6 +358,8 @@ def solve_sylvester(
         right: R (n×n) as a :class:`Curvature` (``C'_x``, the state side, for a Linear).
         rho: ρ ≥ 0; delta: δ > 0 (``1/lr``).
         eig_floor: lower clamp of eigenvalues (default 0); eig_float64: eigensolves in float64.
+        overwrite_s: S may be overwritten (default False; the Woodbury route of a contiguous
+            right-hand side then writes ΔW into it: one m×n pass less, the same numbers).
 
     Routes, by the structure of the two operators (every one exact):
 
@@ -373,9 +376,9 @@ def solve_sylvester(
     kl, kr = left.kind(), right.kind()
     if kl == "scalar" or kr == "scalar":
         if kl == "scalar" and kr != "scalar":
-            return _one_sided(s, right, rho * float(left.scalar) + delta, rho, "right")
+            return _one_sided(s, right, rho * float(left.scalar) + delta, rho, "right", overwrite_s)
         if kr == "scalar" and kl != "scalar":
-            return _one_sided(s, left, rho * float(right.scalar) + delta, rho, "left")
+            return _one_sided(s, left, rho * float(right.scalar) + delta, rho, "left", overwrite_s)
         return s / (rho * (float(left.scalar) + float(right.scalar)) + delta)
     if kl == "gram" and kr == "gram":
         return _gram_times_gram(s, left.rows, left.scalar, right.rows, right.scalar, rho, delta,
@@ -391,8 +394,9 @@ def solve_sylvester(
                                    curvature_eig(right, s, eig_floor, eig_float64), rho, delta)
 
 
-def _one_sided(s: Tensor, c: Curvature, d: float, rho: float, side: str) -> Tensor:
-    r"""``ΔW(ρR + dI) = S`` (side ``"right"``) or ``(ρL + dI)ΔW = S`` (side ``"left"``)."""
+def _one_sided(s: Tensor, c: Curvature, d: float, rho: float, side: str, overwrite: bool = False) -> Tensor:
+    r"""``ΔW(ρR + dI) = S`` (side ``"right"``) or ``(ρL + dI)ΔW = S`` (side ``"left"``); with
+    ``overwrite`` the Gram route writes the result into ``s``."""
     t = s if side == "right" else s.T
     kind = c.kind()
     if kind == "diag":
@@ -404,7 +408,11 @@ def _one_sided(s: Tensor, c: Curvature, d: float, rho: float, side: str) -> Tens
         gram.mul_(rho).diagonal().add_(d)
         ta = t @ a.T  # m×N
         # (t − ρ·(ta K⁻¹)·a)/d as one product: no m×n temporaries (each would be a fresh allocation)
-        out = torch.addmm(t, _spd_solve_right(ta, gram), a, beta=1.0 / d, alpha=-rho / d)
+        y = _spd_solve_right(ta, gram)
+        if overwrite and t.is_contiguous():  # (in place on a transposed view rounds differently)
+            out = t.addmm_(y, a, beta=1.0 / d, alpha=-rho / d)
+        else:
+            out = torch.addmm(t, y, a, beta=1.0 / d, alpha=-rho / d)
     else:
         mat = c.to_dense(t).mul_(rho)
         mat.diagonal().add_(d)

@@ -72,6 +72,8 @@ def test_every_sylvester_route_equals_the_dense_solve(left, right, n_rows):
     got = solve_sylvester(s, lc, rc, 0.8, 0.5)
     ref = dense_sylvester_reference(s, lc.to_dense(s), rc.to_dense(s), 0.8, 0.5)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    # overwrite_s: the same numbers, bit for bit (S may be used as the output buffer)
+    assert torch.equal(solve_sylvester(s.clone(), lc, rc, 0.8, 0.5, overwrite_s=True), got)
 
 
 def test_curvature_addition_stacks_gram_rows():

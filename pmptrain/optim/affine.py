@@ -393,7 +393,7 @@ class AffineEMSARule(EMSARuleBase):
                     new_state.eig_left, new_state.eig_right = eig_l, eig_r
                     dws = sylvester_in_eigenbases(s, eig_l, eig_r, rho, delta_w)
                 else:
-                    dws = solve_sylvester(s, left, right, rho, delta_w, floor, f64)
+                    dws = solve_sylvester(s, left, right, rho, delta_w, floor, f64, overwrite_s=True)
             else:
                 dws = torch.zeros_like(s)
             db_of = {}

@@ -30,7 +30,6 @@ from .._profile import phase
 from ..discrete import (
     discrete_argmax,
     discrete_msa_delta,
-    ema_accumulate_,
     has_fast_path,
     penalty_scale,
     relative_lambda,
