@@ -40,7 +40,9 @@ from ._profile import phase
 
 __all__ = ["CaptureSpec", "ModuleStats", "ModuleCapture"]
 
-_CHUNK_ROWS = 1 << 16  # rows materialised at a time when folding a call into dense statistics
+#: elements (rows × features) materialised at a time when folding a call into dense statistics: a
+#: convolution's patch rows are built for a few samples at a time (16 MB in float32), not the batch
+_CHUNK_ELEMENTS = 1 << 22
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
@@ -311,10 +313,10 @@ class ModuleCapture:
             st.calls.append((args, kwargs, g))
             st.rows += g.shape[0] if g.dim() > 0 else 1
             return
-        # slices of whole entries of the leading dimension, at most ~_CHUNK_ROWS rows each
+        # slices of whole entries of the leading dimension, at most ~_CHUNK_ELEMENTS row entries each
         lead = x.shape[0] if adapter.batched(module, x) else 1
         rows_per_entry = max(1, g.numel() // max(1, spec.out_dim * lead))
-        step = max(1, _CHUNK_ROWS // rows_per_entry)
+        step = max(1, _CHUNK_ELEMENTS // (rows_per_entry * max(1, spec.in_dim, spec.out_dim)))
         if step >= lead or (spec.states not in ("dense", "auto", "diag")
                             and spec.costates not in ("dense", "auto", "diag")):
             slices = [(x, g)]

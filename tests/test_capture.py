@@ -90,7 +90,7 @@ def test_dense_statistics_equal_the_rows_and_are_built_in_sample_chunks(monkeypa
     F.cross_entropy(model(x), y).backward()
     ref = {n: cap_rows.pop(n) for n in cap_rows.keys()}
     cap_rows.remove()
-    monkeypatch.setattr(capture_mod, "_CHUNK_ROWS", 40)  # forces several slices of whole samples
+    monkeypatch.setattr(capture_mod, "_CHUNK_ELEMENTS", 40)  # forces several slices of whole samples
     for spec in (CaptureSpec("dense", "dense", dtype=DT), CaptureSpec("auto", "auto", dtype=DT)):
         model.zero_grad()
         cap = _capture(model, spec)

@@ -602,8 +602,8 @@ def test_linear_on_sequence_inputs_and_modules_not_called():
 
 
 def test_conv_statistics_in_sample_chunks_equal_the_full_im2col(monkeypatch):
-    def step_with(chunk_rows):
-        monkeypatch.setattr(capture_mod, "_CHUNK_ROWS", chunk_rows)
+    def step_with(chunk_elements):
+        monkeypatch.setattr(capture_mod, "_CHUNK_ELEMENTS", chunk_elements)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 3)).double()
         opt = pmptrain.EMSA(model, route="primal", costate="exact")
@@ -611,7 +611,7 @@ def test_conv_statistics_in_sample_chunks_equal_the_full_im2col(monkeypatch):
         fit_full_batch(model, opt, x, y, F.cross_entropy, 2)
         return params_of(model)
 
-    for a, b in zip(step_with(1 << 20), step_with(40)):  # 36 rows per sample: one sample per slice
+    for a, b in zip(step_with(1 << 22), step_with(36 * 18)):  # 36 rows × 18 features per sample: one per slice
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
