@@ -464,6 +464,10 @@ class AffineMember:
     delta_b: Optional[float] = None
     p_trace: Optional[float] = None
 
+    def primal(self) -> bool:
+        """Both sides explicit (no kept rows, no isotropic costate): the primal route."""
+        return self.x_rows is None and self.p_rows is None and self.tau is None
+
     def costate_trace(self, m: int) -> Optional[float]:
         """``tr(C_p)`` (per sample) from whichever costate statistic was kept; None if none was
         (``m``: the output size of the module)."""

@@ -20,7 +20,7 @@ def _model(seed=0):
                          nn.Linear(6, 4)).to(DT)
 
 
-def _batch(i, n=12):
+def _batch(i, n=24):  # more rows than features in every layer: all on the primal route
     g = torch.Generator().manual_seed(100 + i)
     return torch.randn(n, 2, 5, generator=g, dtype=DT), torch.randn(n, 4, generator=g, dtype=DT)
 
@@ -110,9 +110,33 @@ def test_nothing_is_captured_between_refreshes():
         opt.zero_grad()
         _loss(model, t).backward()
         recorded = {name: opt.capture.peek(name).samples for name in opt.capture.keys()}
-        assert all(v == (12 if active[-1] else 0) for v in recorded.values()), (t, recorded)
+        assert all(v == (24 if active[-1] else 0) for v in recorded.values()), (t, recorded)
         opt.step()
     assert active == [True, False, False, True, False, False, True]
+
+
+def test_a_layer_in_gram_form_is_solved_exactly_every_step():
+    """At batch 12 the Linear 15→6 has fewer rows than inputs (Gram form): it keeps nothing and
+    every step is the default exact step on its own batch, while the convolution is amortised."""
+    model = _model()
+    opt = pmptrain.EMSA(model, stat_every=3, fallback="sgd")
+    for t in range(2):
+        x, y = _batch(t, n=12)
+        if t == 1:
+            ref_model = copy.deepcopy(model)
+            ref = pmptrain.EMSA(ref_model, fallback="sgd")
+            ref.zero_grad()
+            F.mse_loss(ref_model(x), y).backward()
+            ref.step()
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    assert opt.units["3"].state.running is None and opt.units["0"].state.running is not None
+    assert opt.capture._entries["3"].spec is not None and opt.capture._entries["0"].spec is None
+    for name in ("3.weight", "3.bias"):
+        torch.testing.assert_close(dict(model.named_parameters())[name], dict(ref_model.named_parameters())[name],
+                                   rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(model[0].weight, ref_model[0].weight)  # the amortised conv differs
 
 
 def test_stat_every_with_running_averages_blends_only_refreshes():

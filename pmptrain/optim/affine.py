@@ -115,7 +115,8 @@ class EMSARuleBase(Rule):
     * ``stat_decay`` (β), ``eig_refresh`` (k) — running averages ``C ← βC + (1−β)C_batch`` with the
       eigenbases recomputed every k steps; ``stat_every`` (K) — statistics captured only every K-th
       step (the steps in between solve with the kept statistics and eigenbases and their own
-      gradient: amortised curvature, K-FAC's factor interval; the matrix rule only);
+      gradient: amortised curvature, K-FAC's factor interval; the matrix rule only, and only for
+      units solved on the primal route — a unit in Gram form is solved exactly every step);
       ``eig_floor``, ``eig_float64`` — eigensolver options.
 
     Decoupled weight decay uses the step size of ``decay_key`` (``fallback_lr``).
@@ -224,9 +225,14 @@ class AffineEMSARule(EMSARuleBase):
 
     # ------------------------------------------------------------------ capture
     def amortised(self, group) -> bool:
-        """Statistics kept across steps (running averages or a refresh interval): the primal route
-        with the exact costate."""
+        """Statistics may be kept across steps: running averages (``stat_decay > 0``) or a refresh
+        interval (``stat_every > 1``)."""
         return float(self.value(group, "stat_decay")) > 0.0 or int(self.value(group, "stat_every")) > 1
+
+    def running_averages(self, group) -> bool:
+        """``stat_decay > 0``: every member's statistics are dense running averages (the primal
+        route with the exact costate)."""
+        return float(self.value(group, "stat_decay")) > 0.0
 
     def refresh_step(self, unit, group) -> bool:
         """Whether the coming step captures statistics (always, unless ``stat_every = K > 1`` and
@@ -243,7 +249,7 @@ class AffineEMSARule(EMSARuleBase):
         dt = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
         if adapter.index_input:
             return CaptureSpec("counts", "sqnorm" if self.costate_scaled(group) else "none", False, n, m, dt)
-        if self.amortised(group):
+        if self.running_averages(group):
             return CaptureSpec("dense", "dense", False, n, m, dt)
         states = {"auto": "auto", "gram": "rows", "primal": "dense"}[self.value(group, "route")]
         costates = "sqnorm" if self.value(group, "costate") == "isotropic" else states
@@ -263,7 +269,7 @@ class AffineEMSARule(EMSARuleBase):
         m, n = adapter.weight_shape_2d(module)
         dev = member.weight.device
         route = self.value(group, "route")
-        running = self.amortised(group)
+        running = self.running_averages(group)
         b = float(samples)
         if route == "gram" and rows > _MAX_GRAM_ROWS:
             raise RuntimeError(
@@ -365,8 +371,10 @@ class AffineEMSARule(EMSARuleBase):
                         for mb, st in zip(members, stats)]
                 if all(r is None for r in raws):
                     return self._no_data(unit, ctx, grads)
-                if amortised:
+                if amortised and (decay > 0.0 or all(r is None or r.primal() for r in raws)):
                     raws, new_state.running = self._running(raws, state.running, decay)
+                elif amortised:  # a unit solved in Gram form: exact every step (cheap), nothing kept
+                    new_state.running = new_state.eig_left = new_state.eig_right = None
             else:  # an amortised step: the kept statistics, this step's bias gradients
                 raws = [None if run is None else _member_from_running(run, AffineMember(
                             0.0, 0.0, mb.adapter.transposed, grad_b=None if gb_of.get(id(mb)) is None
@@ -386,7 +394,7 @@ class AffineEMSARule(EMSARuleBase):
                         )
                 delta_w = 1.0 / eta_w
                 floor, f64 = float(self.value(group, "eig_floor")), bool(self.value(group, "eig_float64"))
-                if amortised:
+                if new_state.running is not None:
                     refresh = state.eig_left is None or (fresh and state.step % int(self.value(group, "eig_refresh")) == 0)
                     eig_l = curvature_eig(left, s, floor, f64) if refresh else state.eig_left
                     eig_r = curvature_eig(right, s, floor, f64) if refresh else state.eig_right

@@ -79,7 +79,10 @@ class EMSA(PMPOptimizer):
             the last capture and their own ``.grad`` (amortised curvature, K-FAC's factor interval):
             no capture cost and no eigendecomposition on those steps, at an accuracy cost measured in
             docs/performance.md. Applies to the matrix rule (Linear, convolutions, embeddings,
-            Conv1D, ties) and, like ``stat_decay > 0``, forces the primal route and the exact costate.
+            Conv1D, ties) on the primal route (more rows than features: convolutions, transformer
+            layers); a layer the step solves in Gram form (fewer rows than features, e.g. an MLP at
+            batch 128) is cheap already and is solved exactly every step. Not with
+            ``costate="isotropic"``.
         eig_floor: lower clamp of eigenvalues (default 0.0); eig_float64: eigensolves in float64
             (default False).
         fallback: ``"adam"`` (default) or ``"sgd"`` for parameters without a maximiser.
