@@ -83,14 +83,25 @@ def phase_times(prof, steps: int) -> dict:
     return dict(out)
 
 
-def profile_one(model_name, opt_name, batch, steps, warmup, device):
+def iteration_ms(prof, steps: int) -> float:
+    """Inclusive ms per step of the iteration's own scopes (``iter::*``, which do not nest): what the
+    exclusive phases add up to."""
+    return sum(ev.cpu_time_total for ev in prof.events() if ev.name.startswith("iter::")) / 1e3 / steps
+
+
+def run_profiled(model_name, opt_name, batch, steps, warmup, device):
+    """The profiler of ``steps`` labelled iterations (after ``warmup`` unprofiled ones)."""
     spec, model, opt, batches = setup(model_name, opt_name, batch, device)
     for _ in range(warmup):
         labelled_iteration(spec, model, opt, batches)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             labelled_iteration(spec, model, opt, batches)
-    return phase_times(prof, steps)
+    return prof
+
+
+def profile_one(model_name, opt_name, batch, steps, warmup, device):
+    return phase_times(run_profiled(model_name, opt_name, batch, steps, warmup, device), steps)
 
 
 def main(argv=None):
@@ -104,14 +115,20 @@ def main(argv=None):
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
     results = {}
     for model_name in args.models.split(","):
+        if model_name not in MODELS:
+            ap.error(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
         spec = MODELS[model_name]
         names = list(spec.optimizers) if args.optimizers is None else args.optimizers.split(",")
-        names = [spec.reference] + [n for n in names if n != spec.reference]
+        names = [spec.reference] + [n for n in names if n and n != spec.reference]
+        for n in names:
+            if n not in OPTIMIZERS:
+                ap.error(f"unknown optimizer {n!r}; choose from {sorted(OPTIMIZERS)}")
         torch.set_num_threads(args.threads or spec.threads)
-        res = {n: profile_one(model_name, n, spec.default_batch, args.steps, args.warmup, device) for n in names
-               if n in OPTIMIZERS}
+        res = {n: profile_one(model_name, n, spec.default_batch, args.steps, args.warmup, device) for n in names}
         results[model_name] = res
         phases = [p for p in ORDER if any(p in r for r in res.values())]
         print(f"\n{model_name}, batch {spec.default_batch}, {args.threads or spec.threads} thread(s): exclusive ms "
