@@ -426,7 +426,7 @@ def dense_sylvester_reference(s: Tensor, left: Tensor, right: Tensor, rho: float
     m, n = s.shape
     eye_m = torch.eye(m, dtype=s.dtype, device=s.device)
     eye_n = torch.eye(n, dtype=s.dtype, device=s.device)
-    op = rho * torch.kron(left, eye_n) + rho * torch.kron(eye_m, right.T.contiguous()) + delta * torch.eye(m * n, dtype=s.dtype)
+    op = rho * torch.kron(left, eye_n) + rho * torch.kron(eye_m, right.T.contiguous()) + delta * torch.eye(m * n, dtype=s.dtype, device=s.device)
     return torch.linalg.solve(op, s.reshape(-1)).reshape(m, n)
 
 

@@ -217,7 +217,7 @@ def discrete_info(d, w: Tensor, delta: Optional[Tensor], acc: Tensor, rho_k=None
     :class:`~pmptrain.optim.discrete_config.DiscreteDiagnostics`: ``w`` the codes before the step,
     ``delta`` their change (None: unchanged), ``acc`` the accumulator / latent / gradient EMA."""
     if not d.grid.has_zero:
-        nnz = torch.tensor(float(w.numel()))
+        nnz = torch.tensor(float(w.numel()), device=w.device)
     else:
         new_w = w if delta is None else w + delta
         if d.grid.values == (-1.0, 0.0, 1.0):  # Σ W² counts the non-zero ternary codes exactly

@@ -75,7 +75,7 @@ class IterativeEMSARule(Rule):
             return Proposal([Update(v, grads[k].mul(0.0), decay=decays[k]) for k, v in params.items()], new_state)
         samples = st.samples
         if ctx.world > 1:
-            t = torch.tensor([float(samples)], dtype=torch.float64)
+            t = torch.tensor([float(samples)], dtype=torch.float64, device=unit.primary.device)
             pdist.all_reduce_sum_([t], ctx.process_group)
             union = int(t.item())
         else:
