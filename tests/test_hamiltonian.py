@@ -421,3 +421,17 @@ def test_embedding_adapter_and_unsupported_reasons():
     assert "overrides Linear.forward" in unsupported_reason(Custom(2, 2)) and "register_module_type" in \
         unsupported_reason(Custom(2, 2))
     assert adapter_for(Custom(2, 2)) is None and unsupported_reason(nn.ReLU()) is None
+
+
+def test_spd_solve_right_equals_the_inverse_and_falls_back_on_a_singular_matrix():
+    from pmptrain.hamiltonian import _spd_solve_right
+    g = _gen(7)
+    a = torch.randn(6, 5, generator=g, dtype=DT)
+    mat = a.T @ a + 0.5 * torch.eye(5, dtype=DT)
+    b = torch.randn(3, 5, generator=g, dtype=DT)
+    torch.testing.assert_close(_spd_solve_right(b, mat), b @ torch.linalg.inv(mat), rtol=1e-12, atol=1e-12)
+    sing = torch.zeros(5, 5, dtype=DT)
+    sing[:2, :2] = mat[:2, :2]  # rank 2: the LU solve reports it, the eigendecomposition takes over
+    out = _spd_solve_right(b, sing)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :2], b[:, :2] @ torch.linalg.inv(mat[:2, :2]), rtol=1e-10, atol=1e-10)

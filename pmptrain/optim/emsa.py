@@ -68,7 +68,7 @@ class EMSA(PMPOptimizer):
             and solved (all exact; auto uses the N×N Gram form on a side with fewer rows N than
             features).
         costate: how the costate penalty ``ρC_p`` enters. ``"exact"``; ``"isotropic"`` replaces
-            ``ρC_p`` by ``ρ·tr(C_p)/m·I`` (one Cholesky solve; exact when C_p is isotropic);
+            ``ρC_p`` by ``ρ·tr(C_p)/m·I`` (one SPD solve; exact when C_p is isotropic);
             ``"auto"`` (default) uses ``"isotropic"`` when a side is in Gram form (wide Linear
             layers, where C_p is measured to be tiny) and ``"exact"`` otherwise.
         stat_decay: β ∈ [0, 1): running averages ``C ← βC + (1−β)C_batch`` (default 0: this step's
