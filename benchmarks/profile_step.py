@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import MODELS, OPTIMIZERS, setup  # noqa: E402
+from step_time import MODELS, resolve_names, setup  # noqa: E402
 
 ORDER = ["iter::zero_grad", "iter::forward", "iter::backward", "pmptrain::capture", "iter::clip",
          "iter::step", "pmptrain::step", "pmptrain::propose", "pmptrain::statistics", "pmptrain::factorise",
@@ -119,14 +119,7 @@ def main(argv=None):
         ap.error("--device cuda: no CUDA device is available")
     results = {}
     for model_name in args.models.split(","):
-        if model_name not in MODELS:
-            ap.error(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
-        spec = MODELS[model_name]
-        names = list(spec.optimizers) if args.optimizers is None else args.optimizers.split(",")
-        names = [spec.reference] + [n for n in names if n and n != spec.reference]
-        for n in names:
-            if n not in OPTIMIZERS:
-                ap.error(f"unknown optimizer {n!r}; choose from {sorted(OPTIMIZERS)}")
+        spec, names = resolve_names(ap, model_name, args.optimizers)
         torch.set_num_threads(args.threads or spec.threads)
         res = {n: profile_one(model_name, n, spec.default_batch, args.steps, args.warmup, device) for n in names}
         results[model_name] = res

@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -242,6 +242,20 @@ def memory_table(model_name: str, names: List[str], batch: int, steps: int, devi
 # --------------------------------------------------------------------------------------------- main
 
 
+def resolve_names(ap: argparse.ArgumentParser, model_name: str, optimizers: Optional[str]):
+    """``(spec, names)`` of a ``--models`` entry: its optimizers (the model's list, or the
+    ``--optimizers`` comma list), reference first; ``ap.error`` for unknown names."""
+    if model_name not in MODELS:
+        ap.error(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+    spec = MODELS[model_name]
+    names = list(spec.optimizers) if optimizers is None else optimizers.split(",")
+    names = [spec.reference] + [n for n in names if n and n != spec.reference]
+    for n in names:
+        if n not in OPTIMIZERS:
+            ap.error(f"unknown optimizer {n!r}; choose from {sorted(OPTIMIZERS)}")
+    return spec, names
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--_memory-child"]:
@@ -271,14 +285,7 @@ def main(argv=None):
                           "machine": platform.machine(), "python": platform.python_version(),
                           "date": time.strftime("%Y-%m-%d")}, "models": {}}
     for model_name in args.models.split(","):
-        if model_name not in MODELS:
-            ap.error(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
-        spec = MODELS[model_name]
-        names = list(spec.optimizers) if args.optimizers is None else args.optimizers.split(",")
-        names = [spec.reference] + [n for n in names if n and n != spec.reference]
-        for n in names:
-            if n not in OPTIMIZERS:
-                ap.error(f"unknown optimizer {n!r}; choose from {sorted(OPTIMIZERS)}")
+        spec, names = resolve_names(ap, model_name, args.optimizers)
         threads = args.threads or spec.threads
         batch = args.batch or spec.default_batch
         torch.set_num_threads(threads)
