@@ -191,3 +191,52 @@ def test_files_are_written_under_their_final_name_only(tmp_path):
     ck.save({"a": 1}, path)
     ck.save({"a": 2}, path)
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+
+
+# ------------------------------------------------------------------------ small things (finding 7)
+
+
+def test_a_temporary_file_left_by_a_killed_save_is_removed(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    stale = tmp_path / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a torch.save")
+    other = tmp_path / ".results.json.x.tmp"  # another file's temporary is not touched
+    other.write_bytes(b"x")
+    ck.save({"a": 1}, path)
+    assert not stale.exists() and other.exists() and ck.load(path)["a"] == 1
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        ck.save({"a": 1}, tmp_path / "checkpoint.pt")
+        from pmptrain._io import atomic_write
+        with atomic_write(tmp_path / "r.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    for name in ("checkpoint.pt", "r.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_out_that_is_a_file_or_unwritable_is_exit_2(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert cli.main(["bench", "--out", str(f), "--epochs", "1"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert cli.main(["bench", "--out", str(f / "sub"), "--epochs", "1"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        assert cli.main(["bench", "--out", str(ro / "x"), "--epochs", "1"]) == 2
+        assert "permission denied" in capsys.readouterr().err
+
+
+def test_resume_with_fewer_epochs_is_refused(tmp_path, capsys):
+    cfg = _config(tmp_path, epochs=2, opts=("sgd",))
+    out = tmp_path / "done"
+    assert cli.main(["train", "--config", str(cfg), "--out", str(out)]) == 0
+    assert cli.main(["train", "--resume", str(out), "--epochs", "1"]) == 2
+    assert "fewer than the 2 epochs" in capsys.readouterr().err

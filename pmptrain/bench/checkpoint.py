@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, remove_stale_temporaries
 
 __all__ = ["CheckpointError", "save", "load", "load_latest", "previous_path", "FORMAT", "VERSION"]
 
@@ -60,7 +60,7 @@ def _envelope(state: Dict[str, Any]) -> Dict[str, Any]:
 
 def save(state: Dict[str, Any], path) -> None:
     """Write ``state`` (plain data and tensors) to ``path`` atomically; a verified existing file is
-    kept as :func:`previous_path` first. Raises :class:`CheckpointError` if ``state`` holds anything
+    kept as :func:`previous_path` first, and temporary files of a killed earlier save are removed. Raises :class:`CheckpointError` if ``state`` holds anything
     :func:`load` would refuse (checked before anything is written)."""
     path = Path(path)
     env = _envelope(state)
@@ -75,6 +75,7 @@ def save(state: Dict[str, Any], path) -> None:
             pass  # a damaged newest file is overwritten; the previous good one stays
         else:
             os.replace(path, previous_path(path))
+    remove_stale_temporaries(path)  # left by a writer killed during torch.save (one writer per run)
     with atomic_write(path) as f:
         torch.save(env, f)
 
