@@ -210,6 +210,25 @@ def export_packed(model: nn.Module, path) -> dict:
     return manifest
 
 
+def _field(e, name: str, kind: str, where: str):
+    """``e[name]`` checked to be of ``kind`` (``"count"``: an int ≥ 0; ``"shape"``: a list of counts;
+    ``"str"``; ``"dict"``), else :class:`PackedFileError` naming the entry and the field."""
+    if not isinstance(e, dict):
+        raise PackedFileError(f"packed file: {where} is a {type(e).__name__}, not an object")
+    if name not in e:
+        raise PackedFileError(f"packed file: {where} lacks the field {name!r}")
+    v = e[name]
+
+    def count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    ok = {"count": lambda: count(v), "shape": lambda: isinstance(v, list) and all(count(x) for x in v),
+          "str": lambda: isinstance(v, str), "dict": lambda: isinstance(v, dict)}[kind]()
+    if not ok:
+        raise PackedFileError(f"packed file: {where}: field {name!r} = {v!r} is not a valid {kind}")
+    return v
+
+
 def _read_manifest(data: bytes):
     if len(data) < _HEADER.size:
         raise PackedFileError(f"packed file: truncated header ({len(data)} bytes < {_HEADER.size})")
@@ -229,20 +248,35 @@ def _read_manifest(data: bytes):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PackedFileError(f"packed file: manifest is not valid JSON: {e}") from None
     payload = data[start + mlen:]
-    try:
-        pn, psha = int(manifest["payload_nbytes"]), manifest["payload_sha256"]
-        entries = list(manifest["discrete"]), list(manifest["tensors"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise PackedFileError(f"packed file: manifest lacks a field: {e}") from None
+    pn = _field(manifest, "payload_nbytes", "count", "the manifest")
+    psha = _field(manifest, "payload_sha256", "str", "the manifest")
+    entries = []
+    for part in ("discrete", "tensors"):
+        lst = manifest.get(part) if isinstance(manifest, dict) else None
+        if not isinstance(lst, list):
+            raise PackedFileError(f"packed file: the manifest's {part!r} is not a list")
+        entries.append(lst)
     if len(payload) < pn:
         raise PackedFileError(f"packed file: truncated payload ({len(payload)} of {pn} bytes)")
     if len(payload) > pn:
         raise PackedFileError(f"packed file: {len(payload) - pn} unexpected trailing bytes after the payload")
     if hashlib.sha256(payload).hexdigest() != psha:
         raise PackedFileError("packed file: payload checksum mismatch (corrupt file)")
-    for e in entries[0] + entries[1]:
-        if not (0 <= e["offset"] and e["offset"] + e["nbytes"] <= pn):
-            raise PackedFileError(f"packed file: entry {e.get('key')!r} lies outside the payload")
+    for part, lst in zip(("discrete", "tensors"), entries):
+        for i, e in enumerate(lst):
+            where = f"{part} entry {i}"
+            key = _field(e, "key", "str", where)
+            where = f"{part} entry {key!r}"
+            off, nb = _field(e, "offset", "count", where), _field(e, "nbytes", "count", where)
+            _field(e, "dtype", "str", where)
+            _field(e, "shape", "shape", where)
+            if part == "discrete":
+                _field(e, "module", "str", where)
+                _field(e, "spec", "dict", where)
+                _field(e, "numel", "count", where)
+                _field(e, "bits", "count", where)
+            if off + nb > pn:
+                raise PackedFileError(f"packed file: entry {key!r} lies outside the payload")
     return manifest, payload
 
 
@@ -267,8 +301,12 @@ def load_packed(path, model: nn.Module) -> nn.Module:
     the file. The loaded model's ``state_dict`` equals the exported one bit for bit, so its outputs
     equal the original's exactly.
 
+    All or nothing: the file is decoded and checked completely, and the load is rehearsed on a copy
+    of ``model``, before ``model`` is touched; on any error ``model`` is left exactly as it was.
+
     Raises:
-        PackedFileError: corrupt, truncated, wrong-magic, wrong-version or checksum-mismatch file.
+        PackedFileError: corrupt, truncated, wrong-magic, wrong-version or checksum-mismatch file, or a
+            manifest whose fields are malformed (every such case; never a bare TypeError/KeyError).
         ValueError: the model does not match the file (missing module, different grid or shapes).
 
     Returns:
@@ -277,24 +315,38 @@ def load_packed(path, model: nn.Module) -> nn.Module:
     with open(os.fspath(path), "rb") as f:
         data = f.read()
     manifest, payload = _read_manifest(data)
-    modules = dict(model.named_modules())
     tensors = {e["key"]: _decode_tensor(e, payload) for e in manifest["tensors"]}
+    discrete = [_decode_discrete(e, payload) for e in manifest["discrete"]]
+    import copy
+
+    _load_into(copy.deepcopy(model), tensors, discrete)  # a rehearsal: raises before model changes
+    return _load_into(model, tensors, discrete)
+
+
+def _decode_discrete(e: dict, payload: bytes):
+    """``(module name, key, spec, codes)`` of one discrete entry (validated fields)."""
+    try:
+        spec = DiscreteSpec.from_dict(e["spec"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise PackedFileError(f"packed file: bad spec for {e.get('module')!r}: {err}") from None
+    numel, bits, shape = e["numel"], e["bits"], tuple(e["shape"])
+    blob = payload[e["offset"]:e["offset"] + e["nbytes"]]
+    n = 1
+    for d in shape:
+        n *= d
+    if bits != spec.grid.bits or len(blob) != packed_nbytes(numel, bits) or n != numel:
+        raise PackedFileError(f"packed file: entry {e['key']!r} has inconsistent shape/size/bits")
+    idx = unpack_codes(torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8), bits, numel)
+    if numel and int(idx.max()) >= len(spec.grid):
+        raise PackedFileError(f"packed file: entry {e['key']!r} has codes outside its {len(spec.grid)}-level grid")
+    codes = spec.grid.tensor(_dtype_from_name(e["dtype"]))[idx].reshape(shape)
+    return e["module"], e["key"], spec, codes
+
+
+def _load_into(model: nn.Module, tensors: dict, discrete: list) -> nn.Module:
+    modules = dict(model.named_modules())
     state = dict(tensors)
-    for e in manifest["discrete"]:
-        try:
-            spec = DiscreteSpec.from_dict(e["spec"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise PackedFileError(f"packed file: bad spec for {e.get('module')!r}: {err}") from None
-        numel, bits = int(e["numel"]), int(e["bits"])
-        blob = payload[e["offset"]:e["offset"] + e["nbytes"]]
-        if bits != spec.grid.bits or len(blob) != packed_nbytes(numel, bits):
-            raise PackedFileError(f"packed file: entry {e['key']!r} has inconsistent size/bits")
-        idx = unpack_codes(torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8), bits, numel)
-        if numel and int(idx.max()) >= len(spec.grid):
-            raise PackedFileError(f"packed file: entry {e['key']!r} has codes outside its {len(spec.grid)}-level grid")
-        codes = spec.grid.tensor(_dtype_from_name(e["dtype"]))[idx].reshape(tuple(e["shape"]))
-        state[e["key"]] = codes
-        name = e["module"]
+    for name, key, spec, codes in discrete:  # every check before the first change
         if name not in modules:
             raise ValueError(f"model: has no module {name!r} (the file holds a discrete weight for it)")
         module = modules[name]
@@ -302,9 +354,12 @@ def load_packed(path, model: nn.Module) -> nn.Module:
             have = getattr(module, "_pmp_discrete")
             if have != spec:
                 raise ValueError(f"model: module {name!r} is discrete with {have}, the file has {spec}")
-        else:
-            if getattr(module, "weight", None) is None or tuple(module.weight.shape) != tuple(codes.shape):
-                raise ValueError(f"model: module {name!r} has no weight of shape {tuple(codes.shape)}")
+        elif getattr(module, "weight", None) is None or tuple(module.weight.shape) != tuple(codes.shape):
+            raise ValueError(f"model: module {name!r} has no weight of shape {tuple(codes.shape)}")
+    for name, key, spec, codes in discrete:
+        state[key] = codes
+        module = modules[name]
+        if not is_discrete_module(module):
             alpha = tensors.get(f"{name}.parametrizations.weight.0.alpha" if name else "parametrizations.weight.0.alpha")
             attach_discrete(module, spec, codes.to(module.weight.dtype), alpha)
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pmptrain.bench import checkpoint as ckpt_mod
 from pmptrain.bench import cli, registry, runner
 from pmptrain.bench.report import ROW_FIELDS
 
@@ -169,7 +170,7 @@ class _Killed(BaseException):
 
 
 def _final_state(out: Path, opt: str):
-    ck = torch.load(out / "runs" / opt / "seed0" / "checkpoint.pt", weights_only=False)
+    ck = ckpt_mod.load(out / "runs" / opt / "seed0" / "checkpoint.pt")
     return ck["model"], ck["history"]
 
 
@@ -195,7 +196,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
         cli.main(["train", "--config", str(cfg), "--out", str(part)])
     monkeypatch.undo()
     assert killed and not (part / "results.json").exists()
-    ck = torch.load(killed[0] / "checkpoint.pt", weights_only=False)
+    ck = ckpt_mod.load(killed[0] / "checkpoint.pt")
     assert ck["epoch"] == 0
     # another option than epochs cannot change on resume
     assert cli.main(["train", "--resume", str(part), "--batch-size", "16"]) == 2
@@ -253,7 +254,7 @@ def test_real_discrete_msa_gamma_via_end_epoch(tmp_path):
     out = tmp_path / "g"
     assert cli.main(["bench", "--optimizers", "binary-msa,ternary-msa", "--epochs", "2", "--seeds",
                      "1", "--opt-arg", "binary-msa.gamma=0.5", "--out", str(out), *TINY]) == 0
-    ck = torch.load(out / "runs" / "binary-msa" / "seed0" / "checkpoint.pt", weights_only=False)
+    ck = ckpt_mod.load(out / "runs" / "binary-msa" / "seed0" / "checkpoint.pt")
     assert ck["optimizer"]["param_groups"][0]["decay"] == pytest.approx(1 - 0.001 * 0.25)
     row = _results(out)["rows"][1]
     assert row["optimizer"] == "ternary-msa" and 0 < row["final_density"] <= 1

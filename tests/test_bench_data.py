@@ -283,6 +283,28 @@ def test_cifar_restricted_unpickler(tmp_path):
         D.read_cifar10(d)
 
 
+@pytest.mark.parametrize("kind", ["data-list", "rows", "labels"])
+def test_cifar_pickle_that_would_blow_up_is_refused_before_converting(tmp_path, kind, monkeypatch):
+    """A pickle repeats one object by reference: 1500 references to one 200 KB row make a 200 KB
+    file that np.asarray would turn into 307 MB. Refused before any conversion."""
+    row = bytes(3072 * 66)  # ~200 KB
+    if kind == "data-list":
+        payload = {b"data": [row] * 1500, b"labels": [0] * 1500}
+    elif kind == "rows":
+        payload = {b"data": np.zeros((10001, 3072), np.uint8), b"labels": [0] * 10001}
+    else:
+        payload = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [[0] * 100000] * 2}
+    blob = pickle.dumps(payload, protocol=2)
+    if kind == "data-list":
+        assert len(blob) < 300_000
+    calls = []
+    real = np.asarray
+    monkeypatch.setattr(D.np, "asarray", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(D.CorruptDataError, match="b'data'|data must be|b'labels'"):
+        D._load_cifar_batch(blob, "crafted")
+    assert not calls
+
+
 def test_svhn_mat(tmp_path):
     scipy_io = pytest.importorskip("scipy.io")
     rng = np.random.default_rng(0)

@@ -177,3 +177,66 @@ def test_summary_with_scale_and_odd_sizes():
     rows = {r.name: r for r in table.rows}
     assert rows["0"].packed_bytes == 3 and rows["0"].bits == 3  # ceil(7*3/8)
     assert rows["0.parametrizations.weight.0.alpha"].packed_bytes == 4
+
+
+# --------------------------------------------------- all or nothing, malformed manifests (issue 10, finding 4)
+
+
+def _rewrite_manifest(data: bytes, edit) -> bytes:
+    """The file with its manifest edited by ``edit(manifest)`` and the manifest checksum recomputed
+    (what a tool that "repairs" checksums produces)."""
+    import hashlib
+    import json
+
+    from pmptrain.export import _HEADER
+    magic, version, mlen, _ = _HEADER.unpack_from(data, 0)
+    manifest = json.loads(data[_HEADER.size:_HEADER.size + mlen])
+    edit(manifest)
+    mbytes = json.dumps(manifest).encode()
+    return (_HEADER.pack(magic, version, len(mbytes), hashlib.sha256(mbytes).digest()) + mbytes
+            + data[_HEADER.size + mlen:])
+
+
+def test_a_mismatching_model_is_left_untouched(tmp_path):
+    x = torch.randn(4, 12)
+    model = prepare(make_mlp, 2, x, levels="binary", keep=None)
+    export_packed(model, tmp_path / "m.pmp")
+    # the same Linear layers but a BatchNorm without affine parameters: every discrete weight fits,
+    # so the layers would be discretised and overwritten before load_state_dict finds the mismatch
+    torch.manual_seed(5)
+    layers = list(make_mlp())
+    layers[5] = nn.BatchNorm1d(16, affine=False)
+    wrong = nn.Sequential(*layers)
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(ValueError, match="model"):
+        load_packed(tmp_path / "m.pmp", wrong)
+    assert not discrete_parameters(wrong)
+    after = wrong.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m["discrete"][0].__setitem__("offset", "0"), "offset"),
+    (lambda m: m["discrete"][0].__setitem__("shape", [16, -12]), "shape"),
+    (lambda m: m["discrete"][0].__setitem__("numel", "many"), "numel"),
+    (lambda m: m["discrete"][0].pop("module"), "module"),
+    (lambda m: m["discrete"][0].__setitem__("spec", [1, 2]), "spec"),
+    (lambda m: m["discrete"][0].__setitem__("spec", {"grid": "nonsense"}), "bad spec"),
+    (lambda m: m["discrete"][0].__setitem__("shape", [16, 13]), "inconsistent"),
+    (lambda m: m["tensors"][0].__setitem__("dtype", "float7"), "dtype"),
+    (lambda m: m["tensors"][0].__setitem__("nbytes", None), "nbytes"),
+    (lambda m: m["tensors"].__setitem__(0, "x"), "not an object"),
+    (lambda m: m.__setitem__("tensors", {"a": 1}), "not a list"),
+    (lambda m: m.__setitem__("payload_nbytes", -3), "payload_nbytes"),
+    (lambda m: m.pop("payload_sha256"), "payload_sha256"),
+])
+def test_malformed_manifest_fields_raise_packed_file_error(tmp_path, edit, match):
+    x = torch.randn(4, 12)
+    model = prepare(make_mlp, 1, x, levels="binary", keep=None, scale="tensor")
+    export_packed(model, tmp_path / "m.pmp")
+    bad = tmp_path / "bad.pmp"
+    bad.write_bytes(_rewrite_manifest((tmp_path / "m.pmp").read_bytes(), edit))
+    target = make_mlp()
+    with pytest.raises(PackedFileError, match=match):
+        load_packed(bad, target)
+    assert not discrete_parameters(target)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -337,6 +338,9 @@ def _resolve(ns: argparse.Namespace) -> Tuple[BenchConfig, Path, bool]:
                 raise ValueError(f"--resume: options {diff} differ from the bench in {out}; only "
                                  f"{sorted(_RESUMABLE)} may change when resuming")
             cfg = given
+        if cfg.epochs < int(stored.get("epochs", cfg.epochs)):
+            raise ValueError(f"--epochs: {cfg.epochs} is fewer than the {stored['epochs']} epochs of the bench in "
+                             f"{out}; a resumed bench can only be extended (use a new --out for a shorter one)")
         return cfg, out, True
     if ns.command == "train" and not getattr(ns, "config", None):
         raise ValueError("--config: 'pmptrain train' needs --config X.yaml (or --resume DIR)")
@@ -349,6 +353,20 @@ def _resolve(ns: argparse.Namespace) -> Tuple[BenchConfig, Path, bool]:
     cfg = BenchConfig.from_dict(settings, where="options")
     out = Path(ns.out) if ns.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     return cfg, out, False
+
+
+def _check_out_dir(out: Path) -> None:
+    """``--out``/``--resume`` must be a directory this process can create and write (ValueError
+    naming it otherwise, before any work starts)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a directory")
+    parent = out
+    while not parent.exists():  # the nearest existing ancestor must be writable to create it
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out: cannot create {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: cannot write to {parent if parent != out else out} (permission denied)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -367,6 +385,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         cfg, out, resume = _resolve(ns)
+        _check_out_dir(out)
     except (ValueError, UnknownOptimizerError) as e:
         print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
         return 2

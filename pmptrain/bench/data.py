@@ -195,6 +195,7 @@ RESOURCES: Dict[str, Tuple[Resource, ...]] = {
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_BATCH_ROWS = 10000  # images per file of the python distribution (5 train batches + test)
 _CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
@@ -534,10 +535,19 @@ def _load_cifar_batch(blob: bytes, where: str) -> Tuple[np.ndarray, np.ndarray]:
         raise CorruptDataError(f"{where}: not a readable CIFAR-10 batch pickle ({e})") from e
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         raise CorruptDataError(f"{where}: CIFAR-10 batch must be a dict with b'data' and b'labels'")
-    x = np.asarray(d[b"data"])
-    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-        raise CorruptDataError(f"{where}: data must be uint8 (N, 3072), got {x.dtype} {x.shape}")
-    y = _check_labels(where, np.asarray(d[b"labels"]), len(x), 10)
+    # checked before anything is converted: a pickle can repeat one object many times by reference,
+    # so a list turned into an array can be far larger than the file
+    x, labels = d[b"data"], d[b"labels"]
+    if not isinstance(x, np.ndarray):
+        raise CorruptDataError(f"{where}: b'data' must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or x.shape[0] > _CIFAR_BATCH_ROWS:
+        raise CorruptDataError(f"{where}: data must be uint8 (N ≤ {_CIFAR_BATCH_ROWS}, 3072), got {x.dtype} {x.shape}")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(x):
+        raise CorruptDataError(f"{where}: b'labels' must be a list of {len(x)} labels, got "
+                               f"{type(labels).__name__} of length {len(labels) if hasattr(labels, '__len__') else '?'}")
+    if isinstance(labels, list) and not all(type(v) is int for v in labels):
+        raise CorruptDataError(f"{where}: b'labels' must hold integers")
+    y = _check_labels(where, np.asarray(labels), len(x), 10)
     return x.reshape(-1, 3, 32, 32), y
 
 

@@ -8,10 +8,12 @@ Determinism. A run seeds ``torch``, ``random`` and ``numpy`` with its seed, buil
 (same seed ⇒ same initial weights for every optimizer), discretises it if the optimizer needs it,
 and draws its batches from :func:`pmptrain.bench.data.make_loader` with ``(seed, epoch)``, so the
 batch order does not depend on any global RNG. Checkpoints (``checkpoint.pt``, written atomically
-after every epoch: temp file + ``os.replace``) hold the model and optimizer ``state_dict`` s, the
+after every epoch by :mod:`pmptrain.bench.checkpoint`: plain data only, SHA-256-checked, the
+previous good one kept as ``checkpoint.prev.pt``) hold the model and optimizer ``state_dict`` s, the
 ``torch``/``random``/``numpy`` RNG states, the epoch and the history; resuming restores all of
 them, so an interrupted run continues to the same final numbers as an uninterrupted one (the
-timings differ, of course). A killed run loses at most the epoch in progress.
+timings differ, of course). A killed run loses at most the epoch in progress; a damaged newest
+checkpoint, at most one more.
 
 Measurements (per run; see :func:`run_one`):
 
@@ -60,10 +62,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._io import atomic_write
+from . import checkpoint
 from .registry import OptimizerSpec, get_spec
 
 __all__ = ["BenchConfig", "LOSSES", "squared_hinge_loss", "run_one", "run_bench", "init_distributed",
-           "dist_info", "atomic_save", "versions", "git_hash", "DEFAULT_OPTIMIZERS"]
+           "dist_info", "versions", "git_hash", "DEFAULT_OPTIMIZERS"]
 
 #: Optimizers of the default ``pmptrain bench`` (MNIST-1D, ~2 minutes on 2 cores).
 DEFAULT_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adam", "emsa", "binary-msa", "binaryconnect")
@@ -314,12 +317,6 @@ def versions() -> Dict[str, Any]:
             "pmptrain": __version__, "platform": platform.platform(), "git": git_hash()}
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace`` it."""
-    with atomic_write(path) as f:
-        torch.save(obj, f)
-
-
 def atomic_write_json(obj: Any, path: Path) -> None:
     """Write JSON atomically (temporary file + ``os.replace``)."""
     with atomic_write(path, "w") as f:
@@ -398,13 +395,23 @@ def _state_bytes(obj) -> int:
 
 
 def _rng_state() -> Dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The global RNG states as plain data (tensors, ints, floats, strings: what a checkpoint may
+    hold, docs/cli.md)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss},
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
 
 
 def _set_rng_state(st: Dict[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    py, npy = st["python"], st["numpy"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
 
 
 def _seed_all(seed: int) -> None:
@@ -577,8 +584,9 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
 
     history: List[Dict[str, Any]] = []
     start_epoch, peak_prev, inc_prev = 0, 0.0, 0.0
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+    found = checkpoint.load_latest(ckpt_path) if resume and ckpt_path is not None else None
+    if found is not None:
+        ck, _ = found
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         _set_rng_state(ck["rng"])
@@ -683,7 +691,7 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
                     writer.flush()
                 if writes:
                     pk, ic = mem.result_mb()
-                    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "rng": _rng_state(), "epoch": epoch, "history": history,
                                  "config": cfg.to_dict(), "optimizer_name": spec.name,
                                  "hparams": hparams, "seed": seed,
