@@ -38,6 +38,7 @@ __all__ = [
     "on_grid",
     "sign_nonzero",
     "ema_accumulate_",
+    "ema_accumulate",
     "penalty_scale",
     "relative_lambda",
     "discrete_argmax",
@@ -219,6 +220,15 @@ def sign_nonzero(x: Tensor) -> Tensor:
     return torch.where(x >= 0, one, torch.where(x < 0, -one, x))
 
 
+def _check_ema(acc: Tensor, grad: Tensor, a: float, name: str) -> float:
+    a = float(a)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"a: EMA rate must lie in [0, 1], got {a}")
+    if acc.shape != grad.shape:
+        raise ValueError(f"{name}: shape {tuple(grad.shape)} != acc shape {tuple(acc.shape)}")
+    return a
+
+
 def ema_accumulate_(acc: Tensor, ham_grad: Tensor, a: float) -> Tensor:
     """In place ``M <- a·M + (1 - a)·g`` with ``M = acc``, ``g = ham_grad = -dJ/dW``.
 
@@ -227,12 +237,23 @@ def ema_accumulate_(acc: Tensor, ham_grad: Tensor, a: float) -> Tensor:
         ham_grad: the Hamiltonian gradient, i.e. *minus* the loss gradient.
         a: the EMA rate, in [0, 1] (close to 1, e.g. 0.999; docs/discrete.md).
     """
-    a = float(a)
-    if not 0.0 <= a <= 1.0:
-        raise ValueError(f"a: EMA rate must lie in [0, 1], got {a}")
-    if acc.shape != ham_grad.shape:
-        raise ValueError(f"ham_grad: shape {tuple(ham_grad.shape)} != acc shape {tuple(acc.shape)}")
+    a = _check_ema(acc, ham_grad, a, "ham_grad")
     return acc.mul_(a).add_(ham_grad, alpha=1.0 - a)
+
+
+def ema_accumulate(acc: Tensor, loss_grad: Tensor, a: float, out: Tensor) -> Tensor:
+    """``out <- a·M + (1 - a)·(-dJ/dW)`` with ``M = acc`` left unchanged: the same numbers as
+    :func:`ema_accumulate_` on a copy of ``acc`` with ``ham_grad = -loss_grad``, bit for bit
+    (``x + α·(−g) = x − α·g`` exactly), in two passes and without a copy or a negation.
+
+    Args:
+        acc: the accumulator M (read only).
+        loss_grad: the loss gradient ``dJ/dW`` (not negated).
+        a: the EMA rate, in [0, 1].
+        out: where the new accumulator is written (same shape; not ``acc``).
+    """
+    a = _check_ema(acc, loss_grad, a, "loss_grad")
+    return torch.mul(acc, a, out=out).sub_(loss_grad, alpha=1.0 - a)
 
 
 def _check_rho_lam(rho: float, lam: float) -> None:

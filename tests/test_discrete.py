@@ -422,3 +422,18 @@ def test_fused_rule_buffers_and_scope_errors():
         penalty_scale(m[0], w[0], t, 0.5, scope="channel")  # 1-D: no channels
     with pytest.raises(ValueError, match="rho_k"):
         discrete_argmax(w, m, t, torch.ones(5, 1))
+
+
+def test_ema_accumulate_into_a_buffer_equals_the_in_place_form_bit_for_bit():
+    from pmptrain.discrete import ema_accumulate
+    g = torch.Generator().manual_seed(4)
+    acc, grad = torch.randn(257, generator=g), torch.randn(257, generator=g) * 1e-3
+    before = acc.clone()
+    out = torch.empty_like(acc)
+    res = ema_accumulate(acc, grad, 0.999, out=out)
+    assert res is out and torch.equal(acc, before)
+    assert torch.equal(res, ema_accumulate_(acc.clone(), grad.neg(), 0.999))
+    with pytest.raises(ValueError, match="loss_grad"):
+        ema_accumulate(acc, grad[:3], 0.9, out=out)
+    with pytest.raises(ValueError, match="EMA rate"):
+        ema_accumulate(acc, grad, 1.5, out=out)

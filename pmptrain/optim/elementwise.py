@@ -30,6 +30,7 @@ from .._profile import phase
 from ..discrete import (
     discrete_argmax,
     discrete_msa_delta,
+    ema_accumulate,
     has_fast_path,
     penalty_scale,
     relative_lambda,
@@ -139,8 +140,8 @@ class DiscreteMSARule(ParamRule):
 
     with ``s = lr/base_lr`` (``ρ_k`` is the proximal weight of the discrete step, so the step
     scales like E-MSA's ``δ = 1/lr``: ``s ≤ ρ`` freezes a binary tensor, ``lr = 0`` every tensor).
-    The accumulator update is :func:`pmptrain.discrete.ema_accumulate_` (on a copy: nothing changes
-    before the step is accepted); the rule is the fused :func:`~pmptrain.discrete.discrete_msa_delta`
+    The accumulator update is :func:`pmptrain.discrete.ema_accumulate` (into a second buffer:
+    nothing changes before the step is accepted); the rule is the fused :func:`~pmptrain.discrete.discrete_msa_delta`
     on the binary/ternary grids and the reference :func:`~pmptrain.discrete.penalty_scale` +
     :func:`~pmptrain.discrete.discrete_argmax` on others. Weight decay does not apply to codes.
 
@@ -168,16 +169,15 @@ class DiscreteMSARule(ParamRule):
 
     @staticmethod
     def _accumulate(unit: Unit, acc: Tensor, g: Tensor, a: float) -> Tensor:
-        """``a·M + (1−a)·(−g)`` into a second buffer (the accumulator the step before last, free
-        once the last step was accepted; ``unit.scratch["accumulator"]``), leaving ``M = acc`` as it is until
-        the step is accepted. Two passes; bit-identical to
-        :func:`~pmptrain.discrete.ema_accumulate_` on a copy (``x + α·(−g) = x − α·g`` exactly)."""
+        """:func:`~pmptrain.discrete.ema_accumulate` into a second buffer (the accumulator of the
+        step before last, free once the last step was accepted; ``unit.scratch["accumulator"]``),
+        leaving ``M = acc`` as it is until the step is accepted."""
         spare = unit.scratch.get("accumulator")
         if (spare is None or spare is acc or spare.shape != acc.shape or spare.dtype != acc.dtype
                 or spare.device != acc.device):
             spare = torch.empty_like(acc)
         unit.scratch["accumulator"] = acc  # free for the step after next (the shell commits or drops this one)
-        return torch.mul(acc, a, out=spare).sub_(g, alpha=1.0 - a)
+        return ema_accumulate(acc, g, a, out=spare)
 
     def describe(self, unit, group):
         d = unit.meta["discrete"]
