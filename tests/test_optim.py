@@ -186,7 +186,7 @@ def test_running_average_first_step_equals_the_exact_primal_step():
 
 
 @pytest.mark.parametrize("kw", [{}, {"route": "primal", "costate": "exact"}, {"route": "gram", "costate": "exact"},
-                                {"costate": "isotropic"}, {"stat_decay": 0.5}])
+                                {"costate": "isotropic"}, {"stat_decay": 0.5}, {"stat_every": 2}])
 def test_clipping_scales_the_update_exactly(kw):
     """The maximiser is linear in ∇J for fixed curvature: clipping the gradient by c scales every
     controlled step by c (the bug it guards against: Gram-route layers ignored clipping)."""
@@ -213,7 +213,7 @@ def _accum_model():
 
 
 @pytest.mark.parametrize("kw", [{}, {"route": "primal", "costate": "exact"}, {"route": "gram", "costate": "exact"},
-                                {"costate": "isotropic"}, {"stat_decay": 0.5},
+                                {"costate": "isotropic"}, {"stat_decay": 0.5}, {"stat_every": 2},
                                 {"solver": "iterative", "inner_steps": 3}])
 def test_accumulated_micro_batches_equal_one_step_on_their_union(kw):
     g = torch.Generator().manual_seed(0)
@@ -653,3 +653,18 @@ def test_sin_regression_toy_short():
     with torch.no_grad():
         end = F.mse_loss(model(x), y).item()
     assert end < 0.05 and end < 0.2 * start
+
+
+def test_solver_defaults_are_emsas_signature_defaults():
+    """DiscreteMSA's kept layers take AffineEMSARule.SOLVER_DEFAULTS; they are EMSA's own defaults
+    and cover every solver option of the rule."""
+    import inspect
+
+    from pmptrain.optim.affine import AffineEMSARule
+    sig = inspect.signature(pmptrain.EMSA).parameters
+    assert set(AffineEMSARule.SOLVER_DEFAULTS) == set(AffineEMSARule.hyper) - {"lr", "rho"}
+    assert {k: sig[k].default for k in AffineEMSARule.SOLVER_DEFAULTS} == AffineEMSARule.SOLVER_DEFAULTS
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    pmptrain.discretize_(model, "binary", keep=("last",))
+    group = pmptrain.DiscreteMSA(model, continuous="emsa").param_groups[0]
+    assert {k: group[k] for k in AffineEMSARule.SOLVER_DEFAULTS} == AffineEMSARule.SOLVER_DEFAULTS

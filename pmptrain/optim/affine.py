@@ -136,6 +136,10 @@ class EMSARuleBase(Rule):
         "eig_float64": Flag(),
     }
     decay_key = "fallback_lr"
+    #: the defaults of the solver options (every key of ``hyper`` but lr and rho), as in ``EMSA``'s
+    #: signature; configurations that do not expose them (DiscreteMSA's kept layers) use these
+    SOLVER_DEFAULTS = dict(rho_scale="none", route="auto", costate="auto", stat_decay=0.0, stat_every=1,
+                           eig_refresh=1, eig_floor=0.0, eig_float64=False)
 
     def __init__(self, keys=None):
         super().__init__(keys)

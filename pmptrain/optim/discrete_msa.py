@@ -136,8 +136,8 @@ class DiscreteMSA(DiscreteConfig):
         self._fallback = FallbackRule()
         defaults = dict(
             lr=lr, rho=rho, decay=decay, lam=lam, decay_gamma=decay_gamma, decay_floor=decay_floor,
-            rho_scope=rho_scope, lam_mode=lam_mode, emsa_lr=emsa_lr, emsa_rho=emsa_rho, route="auto",
-            rho_scale="none", costate="auto", stat_decay=0.0, stat_every=1, eig_refresh=1, eig_floor=0.0, eig_float64=False,
+            rho_scope=rho_scope, lam_mode=lam_mode, emsa_lr=emsa_lr, emsa_rho=emsa_rho,
+            **AffineEMSARule.SOLVER_DEFAULTS,
             fallback=fallback, fallback_lr=fallback_lr, betas=betas, eps=eps, momentum=momentum,
             weight_decay=weight_decay,
         )

@@ -162,16 +162,12 @@ class EMSA(PMPOptimizer):
                 f"invalid rho_scale={group['rho_scale']!r} with solver='iterative': the costate scale "
                 "is a closed-form option (use rho_scale='none')"
             )
-        if group.get("costate") == "isotropic" and float(group.get("stat_decay", 0.0)) > 0:
-            raise ValueError(
-                "invalid stat_decay with costate='isotropic': running averages apply to the exact "
-                "primal solve (use costate='exact' or 'auto')"
-            )
-        if group.get("costate") == "isotropic" and int(group.get("stat_every", 1)) > 1:
-            raise ValueError(
-                "invalid stat_every with costate='isotropic': amortised statistics apply to the exact "
-                "primal solve (use costate='exact' or 'auto')"
-            )
+        for key, off, what in (("stat_decay", 0.0, "running averages"), ("stat_every", 1, "amortised statistics")):
+            if group.get("costate") == "isotropic" and float(group.get(key, off)) > off:
+                raise ValueError(
+                    f"invalid {key} with costate='isotropic': {what} apply to the exact "
+                    "primal solve (use costate='exact' or 'auto')"
+                )
 
     def _module_rule(self, name, module):
         if self.solver == "iterative":
