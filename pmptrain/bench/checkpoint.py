@@ -70,7 +70,7 @@ def save(state: Dict[str, Any], path) -> None:
         raise CheckpointError(path, f"not written: {e.reason}") from None
     if path.is_file():
         try:
-            load(path)
+            _verified_payload(path)  # ours, so the checksum is the check: no need to unpickle it
         except CheckpointError:
             pass  # a damaged newest file is overwritten; the previous good one stays
         else:
@@ -80,33 +80,28 @@ def save(state: Dict[str, Any], path) -> None:
         torch.save(env, f)
 
 
-def _read_payload(data: bytes, path: Path) -> Dict[str, Any]:
+def _torch_load(source, path: Path, unreadable: str):
+    """``torch.load(source, weights_only=True)`` with every failure as a :class:`CheckpointError`
+    on ``path`` (``unreadable``: what a parse failure means at this level)."""
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(path, "it holds objects other than tensors and plain data; refused without "
                               f"loading them ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # noqa: BLE001 - any failure to parse is a damaged file
-        raise CheckpointError(path, f"the state cannot be read ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - truncated, not a zip, any failure to parse
+        raise CheckpointError(path, f"{unreadable} ({type(e).__name__}: {e})") from None
+
+
+def _read_payload(data: bytes, path: Path) -> Dict[str, Any]:
+    state = _torch_load(io.BytesIO(data), path, "the state cannot be read")
     if not isinstance(state, dict):
         raise CheckpointError(path, f"the state is a {type(state).__name__}, not a dict")
     return state
 
 
-def load(path) -> Dict[str, Any]:
-    """The state saved in ``path``, after checking the envelope and the checksum.
-
-    Raises :class:`CheckpointError` naming the file: not a pmptrain checkpoint, written by another
-    format version, holding anything but plain data (nothing in it is run), or a checksum mismatch.
-    """
-    path = Path(path)
-    try:
-        env = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(path, "it holds objects other than tensors and plain data; refused without "
-                              f"loading them ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # noqa: BLE001 - truncated, not a zip, unreadable
-        raise CheckpointError(path, f"not a readable checkpoint ({type(e).__name__}: {e})") from None
+def _verified_payload(path: Path) -> bytes:
+    """The payload bytes of ``path`` after checking the envelope and the checksum."""
+    env = _torch_load(path, path, "not a readable checkpoint")
     if not isinstance(env, dict) or env.get("format") != FORMAT:
         raise CheckpointError(path, f"not a {FORMAT} file (checkpoints written before pmptrain 0.2 "
                               "cannot be read safely: rerun without --resume)")
@@ -120,7 +115,17 @@ def load(path) -> Dict[str, Any]:
     if hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(path, "checksum mismatch: the file was modified or damaged after it was "
                               "written")
-    return _read_payload(data, path)
+    return data
+
+
+def load(path) -> Dict[str, Any]:
+    """The state saved in ``path``, after checking the envelope and the checksum.
+
+    Raises :class:`CheckpointError` naming the file: not a pmptrain checkpoint, written by another
+    format version, holding anything but plain data (nothing in it is run), or a checksum mismatch.
+    """
+    path = Path(path)
+    return _read_payload(_verified_payload(path), path)
 
 
 def load_latest(path) -> Optional[Tuple[Dict[str, Any], Path]]:
