@@ -369,7 +369,7 @@ class _CountingSequences(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _hf_trainer(monkeypatch, out, *, tie=False, steps=30, stat_decay=0.0, callbacks=(), **arguments):
+def _hf_trainer(monkeypatch, out, *, tie=False, steps=30, stat_decay=0.0, stat_every=1, callbacks=(), **arguments):
     """``(model, opt, trainer)``: a tiny LlamaForCausalLM (built from a config under seed 0, nothing
     downloaded) with EMSA in ``transformers.Trainer`` — decay/no-decay groups, a warm-up LambdaLR,
     accumulation over 2 batches, clipping at 1.0, no checkpoints unless ``arguments`` ask."""
@@ -386,7 +386,7 @@ def _hf_trainer(monkeypatch, out, *, tie=False, steps=30, stat_decay=0.0, callba
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # the RMSNorm weights
     opt = pmptrain.EMSA(model, [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                        lr=1.0, fallback_lr=1e-2, stat_decay=stat_decay)
+                        lr=1.0, fallback_lr=1e-2, stat_decay=stat_decay, stat_every=stat_every)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
     kwargs = dict(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=16, gradient_accumulation_steps=2,
@@ -452,9 +452,11 @@ def test_hf_trainer_llama_tied_embeddings(monkeypatch, tmp_path):
 
 
 @pytest.mark.filterwarnings(_NO_CLOSED_FORM)
-def test_hf_trainer_resume_is_bit_exact(monkeypatch, tmp_path):
+@pytest.mark.parametrize("kept", [{"stat_decay": 0.5}, {"stat_every": 3}], ids=["running", "amortised"])
+def test_hf_trainer_resume_is_bit_exact(monkeypatch, tmp_path, kept):
     """``trainer.train(resume_from_checkpoint=...)`` from step 4 of 8 equals the uninterrupted run bit
-    for bit; the Trainer's ``optimizer.pt`` (read with ``weights_only=True``) holds the E-MSA state."""
+    for bit; the Trainer's ``optimizer.pt`` (read with ``weights_only=True``) holds the E-MSA state —
+    with running averages, and amortised (``stat_every=3``: step 4 resumes between two refreshes)."""
     transformers = pytest.importorskip("transformers")
 
     class Probe(transformers.TrainerCallback):
@@ -462,7 +464,7 @@ def test_hf_trainer_resume_is_bit_exact(monkeypatch, tmp_path):
             self.state = copy.deepcopy(kwargs["optimizer"].state_dict())
 
     steps = 8
-    full, full_opt, trainer = _hf_trainer(monkeypatch, tmp_path / "full", steps=steps, stat_decay=0.5,
+    full, full_opt, trainer = _hf_trainer(monkeypatch, tmp_path / "full", steps=steps, **kept,
                                           save_strategy="steps", save_steps=steps // 2)
     trainer.train()
     ckpt = tmp_path / "full" / f"checkpoint-{steps // 2}"
@@ -473,7 +475,7 @@ def test_hf_trainer_resume_is_bit_exact(monkeypatch, tmp_path):
     assert saved["pmptrain"]["units"]["lm_head"]["state"]["running"]
 
     probe = Probe()
-    resumed, opt, trainer2 = _hf_trainer(monkeypatch, tmp_path / "resumed", steps=steps, stat_decay=0.5,
+    resumed, opt, trainer2 = _hf_trainer(monkeypatch, tmp_path / "resumed", steps=steps, **kept,
                                          callbacks=[probe])
     trainer2.train(resume_from_checkpoint=str(ckpt))
     _assert_same(probe.state, saved, "restored optimizer state")
