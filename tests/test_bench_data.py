@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pmptrain.bench import data as D
+from pmptrain.bench.data import catalog, readers, sources
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +23,7 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("PMPTRAIN_DATA", raising=False)
     monkeypatch.delenv("PMPTRAIN_DOWNLOAD", raising=False)
-    monkeypatch.setattr(D, "DEBIAN_DIRS", {"fashion-mnist": (str(tmp_path / "debian-fmnist"),)})
+    monkeypatch.setattr(sources, "DEBIAN_DIRS", {"fashion-mnist": (str(tmp_path / "debian-fmnist"),)})
 
 
 # ------------------------------------------------------------------ writers of tiny test files
@@ -64,7 +65,7 @@ def write_cifar_tarball(path: Path, n=3):
     path.parent.mkdir(parents=True, exist_ok=True)
     written = {}
     with tarfile.open(path, "w:gz") as tar:
-        for i, b in enumerate(D._CIFAR_BATCHES):
+        for i, b in enumerate(catalog.CIFAR_BATCHES):
             blob, x, y = cifar_blob(n, i)
             written[b] = (x, y)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{b}")
@@ -144,7 +145,7 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert source() == tmp_path / "env"
     monkeypatch.delenv("PMPTRAIN_DATA")
     assert source() == tmp_path / "debian-fmnist"
-    monkeypatch.setattr(D, "DEBIAN_DIRS", {})
+    monkeypatch.setattr(sources, "DEBIAN_DIRS", {})
     assert source() == tmp_path / "xdg" / "pmptrain" / "fashion-mnist"
 
 
@@ -262,7 +263,7 @@ def test_cifar_corrupt(tmp_path):
     # wrong shape inside a pickle
     d = tmp_path / "cifar-10-batches-py"
     d.mkdir()
-    for b in D._CIFAR_BATCHES:
+    for b in catalog.CIFAR_BATCHES:
         (d / b).write_bytes(cifar_blob(2, 0)[0])
     (d / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8),
                                                  b"labels": [0, 1]}))
@@ -277,7 +278,7 @@ def test_cifar_restricted_unpickler(tmp_path):
 
     d = tmp_path / "cifar-10-batches-py"
     d.mkdir()
-    for b in D._CIFAR_BATCHES:
+    for b in catalog.CIFAR_BATCHES:
         (d / b).write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
     with pytest.raises(D.CorruptDataError, match="refusing to load global"):
         D.read_cifar10(d)
@@ -299,9 +300,9 @@ def test_cifar_pickle_that_would_blow_up_is_refused_before_converting(tmp_path, 
         assert len(blob) < 300_000
     calls = []
     real = np.asarray
-    monkeypatch.setattr(D.np, "asarray", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(readers.np, "asarray", lambda *a, **k: calls.append(1) or real(*a, **k))
     with pytest.raises(D.CorruptDataError, match="b'data'|data must be|b'labels'"):
-        D._load_cifar_batch(blob, "crafted")
+        readers._load_cifar_batch(blob, "crafted")
     assert not calls
 
 
@@ -409,7 +410,7 @@ def test_loader_bad_args():
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
                     reason="dataset-fashion-mnist is not installed")
 def test_debian_fashion_mnist(monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_DIRS", {"fashion-mnist": ("/usr/share/datasets/fashion-mnist",)})
+    monkeypatch.setattr(sources, "DEBIAN_DIRS", {"fashion-mnist": ("/usr/share/datasets/fashion-mnist",)})
     ds = D.load_dataset("fashion-mnist")
     assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
     assert ds.train_y.bincount().tolist() == [6000] * 10

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pmptrain.bench import cli
-from pmptrain.bench.data import DatasetNotFoundError, _canonical, _locate
+from pmptrain.bench.data import DatasetNotFoundError, canonical_name, locate
 from pmptrain.bench.models import build_model
 from pmptrain.bench.registry import get_spec
 
@@ -37,11 +37,11 @@ def _resolve(path: Path):
 
 def _data_absent(dataset: str):
     """``None`` if the data set can be loaded offline here, else the reason it cannot."""
-    name = _canonical(dataset)
+    name = canonical_name(dataset)
     if name == "mnist1d":
         return None
     try:
-        _locate(name, None, False, None)
+        locate(name, None, False, None)
     except DatasetNotFoundError:
         return f"{name} data not found offline (needs download: pmptrain bench --download)"
     return None
@@ -66,7 +66,7 @@ def test_config_resolves_and_model_builds(path):
         get_spec(name)
     for name in cfg.optimizer_args:
         assert name in cfg.optimizers, f"optimizer_args for {name!r}, which the config does not run"
-    shape, classes = SHAPES[_canonical(cfg.dataset)]
+    shape, classes = SHAPES[canonical_name(cfg.dataset)]
     with torch.device("meta"):
         model = build_model(cfg.model, shape, classes, **cfg.model_args)
     assert sum(p.numel() for p in model.parameters()) > 0
