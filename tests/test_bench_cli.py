@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from pmptrain.bench import checkpoint as ckpt_mod
-from pmptrain.bench import cli, registry, runner
+from pmptrain.bench import cli, losses, registry, runner, sweep
+from pmptrain.bench.config import BenchConfig
 from pmptrain.bench.report import ROW_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,8 +102,8 @@ def test_squared_hinge_loss():
     y = torch.tensor([2, 0])
     t = torch.tensor([[-1.0, -1.0, 1.0], [1.0, -1.0, -1.0]])
     ref = (torch.clamp(1 - t * logits, min=0) ** 2).mean(1)
-    assert torch.allclose(runner.squared_hinge_loss(logits, y), ref)
-    assert runner.squared_hinge_loss(logits, y)[0] == pytest.approx((1.5**2 + 0 + 0) / 3)
+    assert torch.allclose(losses.squared_hinge_loss(logits, y), ref)
+    assert losses.squared_hinge_loss(logits, y)[0] == pytest.approx((1.5**2 + 0 + 0) / 3)
 
 
 # ---------------------------------------------------------------------------------- smoke runs
@@ -269,7 +270,7 @@ def test_runs_are_interleaved_seed_major(tmp_path, monkeypatch):
             order.append((name, dict(overrides).get("lr"), seed))
         return real(cfg, data, name, overrides, seed, *a, **kw)
 
-    monkeypatch.setattr(runner, "run_one", recording)
+    monkeypatch.setattr(sweep, "run_one", recording)
     out = tmp_path / "b"
     assert cli.main(["bench", "--optimizers", "adam,emsa", "--epochs", "1", "--seeds", "2", "--out", str(out),
                      "--tune", "lr", *TINY]) == 0
@@ -278,3 +279,53 @@ def test_runs_are_interleaved_seed_major(tmp_path, monkeypatch):
     assert order == [(n, v, s) for s in (0, 1) for n, v in per_seed]
     res = json.loads((out / "results.json").read_text())
     assert [r["optimizer"] for r in res["rows"]] == ["adam", "emsa"]
+
+
+# ---------------------------------------------------------------------------------- diagnostics
+def test_step_info_scalars_are_the_declared_schema():
+    from pmptrain.optim import StepInfo
+
+    class _Disc(dict):  # what DiscreteDiagnostics exposes: "layers" and "total"
+        pass
+
+    disc = _Disc(layers={"fc": {}}, total={"flip_ratio": 0.25, "density": 0.5, "flips": 1, "numel": 4})
+    info = StepInfo(skipped=False, hamiltonian_gain=torch.tensor(1.5), discrete=disc)
+    assert info.scalars() == {"hamiltonian_gain": 1.5, "flip_ratio": 0.25, "density": 0.5}
+    assert list(info.scalars()) == list(StepInfo.SCALARS)
+    assert StepInfo(skipped=False, hamiltonian_gain=0.5).scalars() == {"hamiltonian_gain": 0.5}
+    no_layers = _Disc(layers={}, total={"flip_ratio": 0.0, "density": 0.0})
+    assert StepInfo(skipped=False, hamiltonian_gain=0.5, discrete=no_layers).scalars() == {"hamiltonian_gain": 0.5}
+    assert StepInfo(skipped=True, hamiltonian_gain=0.0, discrete=disc).scalars() == {}
+
+
+def test_epoch_diagnostics_average_over_the_steps_that_report_them():
+    st = runner._EpochStats()
+    for d in ({"hamiltonian_gain": 1.0, "flip_ratio": 0.5}, {}, {"hamiltonian_gain": 3.0}):
+        st.add_scalars(d)
+    assert st.diag_means() == {"hamiltonian_gain": 2.0, "flip_ratio": 0.5}
+
+
+def test_run_history_logs_each_optimizers_step_scalars(tmp_path, monkeypatch):
+    """Per-epoch diagnostics are the means of what each step's StepInfo.scalars() reported: the
+    discrete MSA's flip ratio and the E-MSA gain are logged; torch's SGD reports nothing."""
+    cfg = BenchConfig(mnist1d_samples=200, batch_size=32, epochs=1, seeds=[0], tensorboard=False,
+                          optimizers=["sgd", "emsa", "binary-msa"])
+    data = runner.load_data(cfg)
+    seen = []
+    real = runner.step_scalars
+    monkeypatch.setattr(runner, "step_scalars", lambda opt: seen.append(real(opt)) or seen[-1])
+    hist = {}
+    for name in cfg.optimizers:
+        seen.clear()
+        h = runner.run_one(cfg, data, name, {}, 0, None)["history"][0]
+        hist[name] = h
+        for key in ("hamiltonian_gain", "flip_ratio"):
+            vals = [d[key] for d in seen if key in d]
+            if vals:
+                assert h[key] == pytest.approx(sum(vals) / len(vals), rel=1e-12)
+            else:
+                assert key not in h
+    assert "hamiltonian_gain" not in hist["sgd"] and "flip_ratio" not in hist["sgd"]
+    assert hist["emsa"]["hamiltonian_gain"] > 0 and "flip_ratio" not in hist["emsa"]
+    assert 0 < hist["binary-msa"]["flip_ratio"] < 1 and hist["binary-msa"]["hamiltonian_gain"] > 0
+    assert 0 < hist["binary-msa"]["density"] <= 1

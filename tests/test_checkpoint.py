@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pmptrain.bench import checkpoint as ck
-from pmptrain.bench import cli, runner
+from pmptrain.bench import cli, runner, seeding
 
 MARKER = "pmptrain-test-payload-ran"
 
@@ -70,13 +70,13 @@ def test_rng_state_is_plain_data_and_restores_exactly():
 
     import numpy as np
     torch.manual_seed(3), random.seed(3), np.random.seed(3)
-    st = runner._rng_state()
+    st = seeding.rng_state()
     buf = io.BytesIO()
     torch.save(st, buf)
     buf.seek(0)
     back = torch.load(buf, weights_only=True)  # would raise on numpy objects
     a = (torch.rand(3), random.random(), np.random.rand(3), np.random.randn())
-    runner._set_rng_state(back)
+    seeding.set_rng_state(back)
     b = (torch.rand(3), random.random(), np.random.rand(3), np.random.randn())
     assert torch.equal(a[0], b[0]) and a[1] == b[1] and (a[2] == b[2]).all() and a[3] == b[3]
 

@@ -18,11 +18,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .lm import LMConfig
 from .registry import OPTIMIZERS, UnknownOptimizerError, get_spec
-from .runner import DEFAULT_OPTIMIZERS, LOSSES, BenchConfig
+from .config import DEFAULT_OPTIMIZERS, BenchConfig
+from .losses import LOSSES
 
 __all__ = ["main", "PRESETS", "build_parser"]
 
-#: Named protocols: a partial :class:`~pmptrain.bench.runner.BenchConfig` each.
+#: Named protocols: a partial :class:`~pmptrain.bench.config.BenchConfig` each.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "mnist1d-default": {
         "_doc": "the embedded default: MNIST-1D, mlp, sgd/adam/emsa/binary-msa/binaryconnect, "
@@ -380,8 +381,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0
 
-    from . import runner
     from .data import DataError
+    from .ranks import broadcast_object, dist_info, init_distributed
+    from .sweep import run_bench
 
     try:
         cfg, out, resume = _resolve(ns)
@@ -392,7 +394,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if isinstance(cfg, LMConfig):
         from .lm import run_lm_bench
 
-        if runner.dist_info()[1] > 1:
+        if dist_info()[1] > 1:
             print(f"pmptrain {ns.command}: error: the language-model bench runs in one process", file=sys.stderr)
             return 2
         try:
@@ -404,10 +406,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
             return 1
         return 0
-    rank, world = runner.init_distributed()
+    rank, world = init_distributed()
     try:
-        out = Path(runner._broadcast(str(out), rank, world))
-        runner.run_bench(cfg, out, resume=resume)
+        out = Path(broadcast_object(str(out)))
+        run_bench(cfg, out, resume=resume)
     except (ValueError, DataError) as e:
         if rank == 0:
             print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)

@@ -203,10 +203,11 @@ def run_one(cfg: LMConfig, train_data: torch.Tensor, val_batches, name: str, see
     """One optimizer × seed: the history of ``(step, seconds, train_loss, val_loss)``."""
     from .models import build_model
     from .registry import get_spec
-    from .runner import _progress, _seed_all
+    from .runner import progress_bar
+    from .seeding import seed_all
 
     spec = get_spec(name)
-    _seed_all(seed)
+    seed_all(seed)
     model = build_model("gpt", (cfg.seq_len,), 256, **cfg.model_args)
     opt = spec.build(model, **cfg.settings(name))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -214,7 +215,7 @@ def run_one(cfg: LMConfig, train_data: torch.Tensor, val_batches, name: str, see
     gen = torch.Generator().manual_seed(10_000 + seed)
     history = [{"step": 0, "seconds": 0.0, "train_loss": None, "val_loss": _val_loss(model, val_batches)}]
     clock, step_times, skipped = 0.0, [], 0
-    bar = _progress(cfg.steps, f"{name} seed {seed}", 0)
+    bar = progress_bar(cfg.steps, f"{name} seed {seed}", 0)
     for step in range(1, cfg.steps + 1):
         x, y = _batch(train_data, cfg.seq_len, cfg.batch_size, gen)
         t0 = time.perf_counter()
@@ -342,7 +343,7 @@ def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
     and return the results."""
     import csv
 
-    from .runner import atomic_write_json, versions
+    from .records import atomic_write_json, versions
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

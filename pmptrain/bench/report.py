@@ -184,7 +184,7 @@ def plot(results: Dict[str, Any], out_dir: Path) -> List[Path]:
 
 def write_report(results: Dict[str, Any], out_dir: Path, log: Callable[[str], None] = print) -> None:
     """Write ``results.json``, ``results.csv``, ``results.txt`` and the plots; print the table."""
-    from .runner import atomic_write_json
+    from .records import atomic_write_json
 
     out_dir = Path(out_dir)
     atomic_write_json(results, out_dir / "results.json")

@@ -54,7 +54,31 @@ class StepInfo(dict):
     their maximiser), ``fallback`` (parameters updated by the fallback), ``hamiltonian_gain``
     (``Σ −⟨∇J, Δθ⟩`` over every rule update, decay excluded: the first-order gain of H); discrete
     configurations add ``"discrete"`` (:class:`~pmptrain.optim.discrete_msa.DiscreteDiagnostics`).
+
+    Loggers read :meth:`scalars`, the declared per-step scalars (:attr:`SCALARS`), rather than
+    probing keys.
     """
+
+    #: The scalar diagnostics :meth:`scalars` may return, in this order.
+    SCALARS: Tuple[str, ...] = ("hamiltonian_gain", "flip_ratio", "density")
+
+    def scalars(self) -> Dict[str, float]:
+        """The step's scalar diagnostics as floats, a subset of :attr:`SCALARS`:
+        ``hamiltonian_gain`` for every step taken; ``flip_ratio`` (codes changed / codes updated)
+        and ``density`` (non-zero fraction of the updated codes) when discrete tensors were updated.
+        Empty for a skipped step: a skipped step has no diagnostics to average."""
+        if self.get("skipped", False):
+            return {}
+        out: Dict[str, float] = {}
+        gain = self.get("hamiltonian_gain")
+        if gain is not None:
+            out["hamiltonian_gain"] = float(gain)
+        disc = self.get("discrete")
+        if disc is not None and disc["layers"]:
+            total = disc["total"]
+            out["flip_ratio"] = float(total["flip_ratio"])
+            out["density"] = float(total["density"])
+        return out
 
 
 class RuleTable(list):
@@ -426,6 +450,10 @@ class PMPOptimizer(torch.optim.Optimizer):
             out.append({"unit": unit.name, "rule": unit.rule.name, "params": list(unit.param_names),
                         "description": unit.rule.describe(unit, group)})
         return out
+
+    def end_epoch(self) -> None:
+        """Advance per-epoch schedules; call once at the end of every epoch. No-op here;
+        configurations with an epoch schedule override it (e.g. DiscreteMSA's EMA decay)."""
 
     # ------------------------------------------------------------------ hooks and lifetime
     def detach(self) -> None:
