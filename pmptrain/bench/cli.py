@@ -20,6 +20,7 @@ from .lm import LMConfig
 from .registry import OPTIMIZERS, UnknownOptimizerError, get_spec
 from .config import DEFAULT_OPTIMIZERS, BenchConfig
 from .losses import LOSSES
+from .schema import MAX_YAML_BYTES, load_yaml
 
 __all__ = ["main", "PRESETS", "build_parser"]
 
@@ -105,12 +106,7 @@ examples:
 
 
 def _yaml_value(text: str, opt: str):
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{opt}: cannot parse {text!r}: {e}") from None
+    return load_yaml(text, f"{opt} {text!r}")
 
 
 def _parse_seeds(text: str):
@@ -269,17 +265,21 @@ def _cli_overrides(ns: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _load_yaml(path: str) -> Dict[str, Any]:
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--config: file not found: {path}")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise ValueError(f"--config: {path} is larger than {MAX_YAML_BYTES} bytes; a configuration is a few lines")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config: {path} is not valid YAML: {e}") from None
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config: cannot read {path}: {e}") from None
+    d = load_yaml(text, f"--config {path}") or {}
     if not isinstance(d, dict):
         raise ValueError(f"--config: {path} must hold a mapping of options")
+    bad = [k for k in d if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"--config: {path}: option names must be strings, got {bad!r}")
     return d
 
 

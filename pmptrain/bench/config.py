@@ -3,18 +3,49 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Dict, List, Optional, Tuple
 
 from .data import DATASETS, canonical_name
 from .losses import LOSSES
 from .models import MODELS
 from .registry import get_spec
+from .schema import (Bool, ConfigError, Int, Kind, Mapping_, Maybe, NameList, Number, OneOf, PathText, Seeds,
+                     Text, check_fields, check_model_args, check_optimizer_args, check_unknown)
 
 __all__ = ["BenchConfig", "DEFAULT_OPTIMIZERS"]
 
 #: Optimizers of the default ``pmptrain bench`` (MNIST-1D, ~2 minutes on 2 cores).
 DEFAULT_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adam", "emsa", "binary-msa", "binaryconnect")
+
+
+_LR = Number(lo=0)
+
+#: The kind of every :class:`BenchConfig` field (docs/cli.md, "What is validated").
+FIELDS: Dict[str, Kind] = {
+    "dataset": Text(),
+    "model": Text(),
+    "model_args": Mapping_(),
+    "optimizers": NameList(),
+    "epochs": Int(1),
+    "seeds": Seeds(),
+    "batch_size": Int(1),
+    "eval_batch_size": Int(1),
+    "tune": Maybe(OneOf(["lr"])),
+    "val_fraction": Maybe(Number(0, 1, hi_open=True)),
+    "target_acc": Number(0, 1, lo_open=True),
+    "loss": OneOf(LOSSES),
+    "keep": NameList(choices=("first", "last"), nonempty=False, empty_words=("", "none")),
+    "scale": Maybe(OneOf(("tensor", "channel"), str.lower), none_word="none"),
+    "init": OneOf(("sign", "uniform")),
+    "max_train": Maybe(Int(1)),
+    "max_test": Maybe(Int(1)),
+    "mnist1d_samples": Int(10),
+    "data_dir": Maybe(PathText()),
+    "download": Maybe(Bool()),
+    "tensorboard": Bool(),
+    "threads": Maybe(Int(1)),
+    "preset": Maybe(Text()),
+}
 
 
 @dataclasses.dataclass
@@ -73,14 +104,12 @@ class BenchConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], where: str = "config") -> "BenchConfig":
-        """Build from a mapping (YAML/JSON); unknown keys raise ``ValueError`` naming them."""
+        """Build from a mapping (YAML/JSON) and :meth:`validate` it; unknown keys raise
+        :class:`~pmptrain.bench.schema.ConfigError` naming them and ``where``."""
         if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a mapping of options, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k.replace("-", "_"): v for k, v in d.items()}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown option(s) {unknown}; valid: {sorted(names)}")
+            raise ConfigError(f"{where}: expected a mapping of options, got {type(d).__name__}")
+        d = {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in d.items()}
+        check_unknown(d, (f.name for f in dataclasses.fields(cls)), where)
         cfg = cls(**d)
         cfg.validate()
         return cfg
@@ -90,82 +119,31 @@ class BenchConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> "BenchConfig":
-        """Check every field; raise ``ValueError`` naming the option and the value."""
-        def bad(opt, msg):
-            raise ValueError(f"--{opt.replace('_', '-')}: {msg}")
-
-        def pos_int(opt, v, allow_none=False):
-            if v is None and allow_none:
-                return
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(opt, f"must be a positive integer, got {v!r}")
-
-        try:
-            canonical_name(self.dataset)
-        except ValueError:
-            bad("dataset", f"unknown data set {self.dataset!r}; valid: {', '.join(DATASETS)}")
-        if str(self.model).strip().lower().replace("-", "_") not in MODELS:
-            bad("model", f"unknown model {self.model!r}; valid: {', '.join(sorted(MODELS))}")
-        if not isinstance(self.model_args, dict):
-            bad("model_args", f"must be a mapping, got {self.model_args!r}")
-        if isinstance(self.optimizers, str):
-            self.optimizers = [s for s in self.optimizers.split(",") if s.strip()]
-        if not self.optimizers:
-            bad("optimizers", "needs at least one optimizer")
-        self.optimizers = [get_spec(n).name for n in self.optimizers]  # raises with valid names
+        """Check every field against :data:`FIELDS` and the rules between fields; normalise
+        spellings (comma lists, registry names). Raises
+        :class:`~pmptrain.bench.schema.ConfigError` (a ``ValueError``) naming the option."""
+        check_fields(self, FIELDS)
+        if self.dataset not in DATASETS:
+            try:
+                self.dataset = canonical_name(self.dataset)
+            except ValueError:
+                raise ConfigError(f"--dataset: unknown data set {self.dataset!r}; valid: {', '.join(DATASETS)}") from None
+        model = self.model.strip().lower().replace("-", "_")
+        if model not in MODELS:
+            raise ConfigError(f"--model: unknown model {self.model!r}; valid: {', '.join(sorted(MODELS))}")
+        check_model_args(MODELS[model], self.model_args)
+        self.optimizers = [get_spec(n).name for n in self.optimizers]  # raises with the valid names
         if len(set(self.optimizers)) != len(self.optimizers):
-            bad("optimizers", f"names repeated: {self.optimizers}")
-        if not isinstance(self.optimizer_args, dict):
-            bad("optimizer_args", f"must be a mapping {{optimizer: {{key: value}}}}, got {self.optimizer_args!r}")
-        self.optimizer_args = {get_spec(k).name: dict(v or {}) for k, v in self.optimizer_args.items()}
-        pos_int("epochs", self.epochs)
-        if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
-            self.seeds = list(range(self.seeds))
-        if (not isinstance(self.seeds, (list, tuple)) or not self.seeds
-                or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds)):
-            bad("seeds", f"must be a count or a non-empty list of non-negative integers, got {self.seeds!r}")
-        self.seeds = list(self.seeds)
+            raise ConfigError(f"--optimizers: names repeated: {self.optimizers}")
+        self.optimizer_args = check_optimizer_args(self.optimizer_args)
         if len(set(self.seeds)) != len(self.seeds):
-            bad("seeds", f"seeds repeated: {self.seeds}")
-        pos_int("batch_size", self.batch_size)
-        pos_int("eval_batch_size", self.eval_batch_size)
-        if self.lr is not None:
-            if isinstance(self.lr, dict):
-                self.lr = {get_spec(k).name: v for k, v in self.lr.items()}
-                vals = list(self.lr.values())
-            else:
-                vals = [self.lr]
-            for v in vals:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                    bad("lr", f"must be a finite number >= 0 (or name=value pairs), got {self.lr!r}")
-        if self.tune not in (None, "lr"):
-            bad("tune", f"only 'lr' can be tuned, got {self.tune!r}")
+            raise ConfigError(f"--seeds: seeds repeated: {self.seeds}")
+        if isinstance(self.lr, dict):
+            self.lr = {get_spec(k).name: _LR.check("lr", v) for k, v in self.lr.items()}
+        elif self.lr is not None:
+            _LR.check("lr", self.lr)
         if self.tune and self.lr is not None:
-            bad("tune", "--tune lr and --lr are exclusive")
-        if self.val_fraction is not None and (
-                not isinstance(self.val_fraction, (int, float)) or not 0 <= self.val_fraction < 1):
-            bad("val_fraction", f"must be in [0, 1), got {self.val_fraction!r}")
-        if not isinstance(self.target_acc, (int, float)) or not 0 < self.target_acc <= 1:
-            bad("target_acc", f"must be a fraction in (0, 1], got {self.target_acc!r}")
-        if self.loss not in LOSSES:
-            bad("loss", f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
-        if isinstance(self.keep, str):
-            self.keep = [] if self.keep.lower() in ("", "none") else self.keep.split(",")
-        if not isinstance(self.keep, (list, tuple)) or set(self.keep) - {"first", "last"}:
-            bad("keep", f"must be a subset of first,last (or none), got {self.keep!r}")
-        self.keep = list(self.keep)
-        if isinstance(self.scale, str) and self.scale.lower() == "none":
-            self.scale = None
-        if self.scale not in (None, "tensor", "channel"):
-            bad("scale", f"must be none, tensor or channel, got {self.scale!r}")
-        if self.init not in ("sign", "uniform"):
-            bad("init", f"must be sign or uniform, got {self.init!r}")
-        pos_int("max_train", self.max_train, allow_none=True)
-        pos_int("max_test", self.max_test, allow_none=True)
-        if isinstance(self.mnist1d_samples, bool) or not isinstance(self.mnist1d_samples, int) \
-                or self.mnist1d_samples < 10:
-            bad("mnist1d_samples", f"must be an integer >= 10, got {self.mnist1d_samples!r}")
-        pos_int("threads", self.threads, allow_none=True)
+            raise ConfigError("--tune: --tune lr and --lr are exclusive")
         return self
 
     # ---------------------------------------------------------------- derived

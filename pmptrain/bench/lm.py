@@ -36,6 +36,9 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .schema import (Bool, ConfigError, Int, Kind, Mapping_, Maybe, NameList, Number, Seeds, Text, check_fields,
+                     check_model_args, check_optimizer_args)
+
 __all__ = ["LMConfig", "Corpus", "load_corpus", "lr_multiplier", "run_lm_bench", "DEFAULT_LM_OPTIMIZERS"]
 
 DEFAULT_LM_OPTIMIZERS = ("adamw", "emsa-costate", "emsa")
@@ -93,6 +96,17 @@ def lr_multiplier(step: int, total: int, warmup: float, min_ratio: float) -> flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+#: The kind of every :class:`LMConfig` field.
+LM_FIELDS: Dict[str, Kind] = {
+    "dataset": Text(), "max_bytes": Int(10_000), "val_fraction": Number(0, 0.5),
+    "model": Text(), "model_args": Mapping_(), "optimizers": NameList(), "steps": Int(1),
+    "batch_size": Int(1), "seq_len": Int(1), "warmup": Number(0, 1), "min_lr_ratio": Number(0, 1),
+    "clip": Number(lo=0), "eval_every": Int(1), "eval_batches": Int(1), "seeds": Seeds(),
+    "target_loss": Maybe(Number()), "tensorboard": Bool(), "threads": Maybe(Int(1)),
+    "preset": Maybe(Text()),
+}
+
+
 @dataclasses.dataclass
 class LMConfig:
     """Everything that determines a GPT bench (defaults in brackets).
@@ -130,14 +144,16 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], where: str = "config") -> "LMConfig":
+        """Build from a mapping and :meth:`validate` it; keys of the classifier bench that do not
+        apply here are refused by name."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a mapping of options, got {type(d).__name__}")
+        d = {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in d.items()}
         names = {f.name for f in dataclasses.fields(cls)}
-        d = {k.replace("-", "_"): v for k, v in d.items()}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(str(k) for k in set(d) - names)
         if unknown:
-            raise ValueError(f"{where}: option(s) {unknown} do not apply to the language-model bench "
-                             f"(--model gpt); valid: {sorted(names)}")
-        if isinstance(d.get("seeds"), int) and not isinstance(d.get("seeds"), bool):
-            d["seeds"] = list(range(d["seeds"]))  # a count, as in the classifier bench
+            raise ConfigError(f"{where}: option(s) {unknown} do not apply to the language-model bench "
+                              f"(--model gpt); valid: {sorted(names)}")
         cfg = cls(**d)
         cfg.validate()
         return cfg
@@ -146,28 +162,28 @@ class LMConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        """Check every field (:data:`LM_FIELDS`) and the optimizer overrides; raises
+        :class:`~pmptrain.bench.schema.ConfigError` naming the option."""
         from .registry import get_spec
 
-        def need(cond, opt, msg):
-            if not cond:
-                raise ValueError(f"--{opt.replace('_', '-')}: {msg}")
-
-        for opt in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "max_bytes"):
-            v = getattr(self, opt)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, opt, f"must be a positive int, got {v!r}")
-        for opt, lo, hi in (("val_fraction", 0.0, 0.5), ("warmup", 0.0, 1.0), ("min_lr_ratio", 0.0, 1.0)):
-            v = getattr(self, opt)
-            need(isinstance(v, (int, float)) and lo <= v <= hi and math.isfinite(v), opt,
-                 f"must be in [{lo}, {hi}], got {v!r}")
-        need(isinstance(self.clip, (int, float)) and self.clip >= 0 and math.isfinite(self.clip), "clip",
-             f"must be a finite number >= 0, got {self.clip!r}")
-        need(isinstance(self.optimizers, list) and self.optimizers, "optimizers", "must be a non-empty list")
+        check_fields(self, LM_FIELDS)
         self.optimizers = [get_spec(n).name for n in self.optimizers]
         for n in self.optimizers:
-            need(not get_spec(n).discrete, "optimizers", f"{n} trains discrete weights, not a GPT")
-        need(self.model == "gpt", "model", f"the language-model bench trains 'gpt', got {self.model!r}")
-        need(isinstance(self.seeds, list) and self.seeds and all(isinstance(s, int) for s in self.seeds), "seeds",
-             f"must be a non-empty list of ints, got {self.seeds!r}")
+            if get_spec(n).discrete:
+                raise ConfigError(f"--optimizers: {n} trains discrete weights, not a GPT")
+        if len(set(self.optimizers)) != len(self.optimizers):
+            raise ConfigError(f"--optimizers: names repeated: {self.optimizers}")
+        if self.model != "gpt":
+            raise ConfigError(f"--model: the language-model bench trains 'gpt', got {self.model!r}")
+        from .models import MODELS
+
+        check_model_args(MODELS["gpt"], self.model_args)
+        self.optimizer_args = check_optimizer_args(self.optimizer_args)
+        lr = Number(lo=0)
+        if isinstance(self.lr, dict):
+            self.lr = {get_spec(k).name: lr.check("lr", v) for k, v in self.lr.items()}
+        elif self.lr is not None:
+            lr.check("lr", self.lr)
 
     def settings(self, name: str) -> Dict[str, Any]:
         from .registry import get_spec

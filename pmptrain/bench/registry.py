@@ -60,6 +60,7 @@ MSA optimizers is ``gamma``) is handed to ``DiscreteMSA`` as ``decay_gamma``; th
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Dict, Tuple, Union
 
 import torch
@@ -90,6 +91,9 @@ class OptimizerSpec:
         takes_wrapper: hand a ``DistributedDataParallel`` wrapper to the builder (PMP optimizers,
             which unwrap it themselves) instead of the bare module.
         description: one line for ``--help`` and the results.
+        forwards_to: name of the :mod:`pmptrain.optim` class a builder's ``**kwargs`` go to
+            (``"EMSA"``, …), so that :meth:`options` can list them; ``""`` when the builder's own
+            signature lists every keyword.
     """
 
     name: str
@@ -100,6 +104,31 @@ class OptimizerSpec:
     levels: Union[None, str, int] = None
     takes_wrapper: bool = False
     description: str = ""
+    forwards_to: str = ""
+
+    def options(self) -> Dict[str, Any]:
+        """Every keyword :meth:`build` accepts, with its default (``inspect.Parameter.empty`` when
+        it has none): the builder's keywords and, for ``**kwargs`` builders, those of
+        :attr:`forwards_to` and the classes it forwards to in turn. Objects that a configuration
+        cannot hold (``process_group``, ``grad_scaler``) are left out."""
+        out: Dict[str, Any] = {}
+        targets = [self.builder]
+        if self.forwards_to:
+            from .. import optim
+
+            cls = getattr(optim, self.forwards_to)
+            targets += [c.__init__ for c in cls.__mro__ if "__init__" in vars(c) and c is not object]
+        for fn in targets:
+            params = list(inspect.signature(fn).parameters.values())
+            for prm in params:
+                if prm.kind in (prm.VAR_KEYWORD, prm.VAR_POSITIONAL) or prm.name in _NOT_OPTIONS:
+                    continue
+                out.setdefault(prm.name, prm.default)
+            if not any(prm.kind is prm.VAR_KEYWORD for prm in params):
+                break
+        for k, v in self.defaults.items():
+            out[k] = v
+        return out
 
     @property
     def default_lr(self) -> float:
@@ -116,6 +145,10 @@ class OptimizerSpec:
         kwargs = dict(self.defaults)
         kwargs.update(overrides)
         return self.builder(model, **kwargs)
+
+
+#: Builder/constructor parameters that are not options of a configuration.
+_NOT_OPTIONS = frozenset({"self", "model", "params", "process_group", "grad_scaler"})
 
 
 def _params(model: nn.Module):
@@ -248,39 +281,39 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         OptimizerSpec("soap", _soap, {"lr": 3e-3}, "lr", (1e-3, 3e-3, 1e-2),
                       description="SOAP (pytorch-optimizer; optional extra 'baselines')"),
         OptimizerSpec("msa", _msa, {"lr": 0.1}, "lr", (0.03, 0.1, 0.3), takes_wrapper=True,
-                      description="basic MSA (rho = 0) with proximal step lr"),
+                      forwards_to="MSA", description="basic MSA (rho = 0) with proximal step lr"),
         OptimizerSpec("emsa", _emsa, {"lr": 1.0, "rho": 1.0}, "lr", (0.3, 1.0, 3.0),
-                      takes_wrapper=True, description="closed-form E-MSA, rho 1, delta = 1/lr"),
+                      takes_wrapper=True, forwards_to="EMSA", description="closed-form E-MSA, rho 1, delta = 1/lr"),
         OptimizerSpec("emsa-costate", _emsa, {"lr": 1e3, "rho": 5.0, "rho_scale": "costate"}, "lr",
                       (1e2, 1e3, 1e4), takes_wrapper=True,
-                      description="closed-form E-MSA, rho 5 x each layer's rms costate, delta 1e-3 "
+                      forwards_to="EMSA", description="closed-form E-MSA, rho 5 x each layer's rms costate, delta 1e-3 "
                                   "(the transformer setting)"),
         OptimizerSpec("emsa-iterative", _emsa,
                       {"lr": 1.0, "rho": 1.0, "solver": "iterative", "inner_steps": 10,
                        "inner_lr": 1.0, "inner_optimizer": "lbfgs"},
                       "lr", (0.3, 1.0, 3.0), takes_wrapper=True,
-                      description="iterative E-MSA: 10 L-BFGS iterations on the augmented Hamiltonian"),
+                      forwards_to="EMSA", description="iterative E-MSA: 10 L-BFGS iterations on the augmented Hamiltonian"),
         OptimizerSpec("binary-msa", _discrete_msa, {"rho": 0.5, "decay": 0.999}, "rho", _RHO_GRID,
                       levels="binary", takes_wrapper=True,
-                      description="latent-free discrete MSA on {-1, +1}, Li & Hao's rho 0.5"),
+                      forwards_to="DiscreteMSA", description="latent-free discrete MSA on {-1, +1}, Li & Hao's rho 0.5"),
         OptimizerSpec("ternary-msa", _discrete_msa,
                       {"rho": 0.95, "decay": 0.999, "lam": 0.2, "lam_mode": "relative"}, "rho",
                       _RHO_GRID, levels="ternary", takes_wrapper=True,
-                      description="latent-free discrete MSA on {-1, 0, +1}, rho 0.95, relative lambda 0.2"),
+                      forwards_to="DiscreteMSA", description="latent-free discrete MSA on {-1, 0, +1}, rho 0.95, relative lambda 0.2"),
         OptimizerSpec("ternary-msa-paper", _discrete_msa,
                       {"rho": 0.5, "decay": 0.999, "lam": 1e-7, "lam_mode": "absolute"}, "rho",
                       _PAPER_RHO_GRID, levels="ternary", takes_wrapper=True,
-                      description="discrete MSA on {-1, 0, +1} with Li & Hao's rho 0.5, lambda 1e-7"),
+                      forwards_to="DiscreteMSA", description="discrete MSA on {-1, 0, +1} with Li & Hao's rho 0.5, lambda 1e-7"),
         OptimizerSpec("kbit-msa", _discrete_msa, {"rho": 0.5, "decay": 0.999}, "rho", _PAPER_RHO_GRID,
                       levels=2, takes_wrapper=True,
-                      description="latent-free discrete MSA on the symmetric 2-bit grid"),
+                      forwards_to="DiscreteMSA", description="latent-free discrete MSA on the symmetric 2-bit grid"),
         OptimizerSpec("binaryconnect", _binaryconnect, {"lr": 1e-3, "latent_scale": 0.05}, "lr",
                       (1e-3, 3e-3, 1e-2), levels="binary",
-                      description="BinaryConnect / STE, Adam on clipped latents"),
+                      forwards_to="BinaryConnect", description="BinaryConnect / STE, Adam on clipped latents"),
         OptimizerSpec("twn", _twn, {"lr": 1e-3, "latent_scale": 0.05}, "lr", (1e-3, 3e-3, 1e-2),
-                      levels="ternary", description="Ternary Weight Networks, Adam on latents"),
+                      levels="ternary", forwards_to="TWN", description="Ternary Weight Networks, Adam on latents"),
         OptimizerSpec("bop", _bop, {"lr": 1e-3, "threshold": 1e-8}, "lr", (1e-4, 1e-3, 1e-2),
-                      levels="binary", description="Bop: latent-free flips on a gradient EMA"),
+                      levels="binary", forwards_to="Bop", description="Bop: latent-free flips on a gradient EMA"),
     )
 }
 

@@ -62,9 +62,10 @@ from .models import build_model
 from .ranks import dist_info
 from .records import atomic_write_json, versions
 from .registry import OptimizerSpec, get_spec
+from .schema import ConfigError
 from .seeding import rng_state, seed_all, set_rng_state
 
-__all__ = ["load_data", "build_run", "evaluate", "run_one", "step_scalars", "progress_bar"]
+__all__ = ["load_data", "build_run", "preflight", "evaluate", "run_one", "step_scalars", "progress_bar"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +99,30 @@ def build_run(cfg: BenchConfig, data, spec: OptimizerSpec, overrides: Dict[str, 
     except TypeError as e:
         raise ValueError(f"--opt-arg: bad option for optimizer {spec.name!r}: {e}") from e
     return model, wrapped, opt
+
+
+def preflight(cfg: BenchConfig, data, settings: Dict[str, List[Dict[str, Any]]]) -> None:
+    """Build the model and every optimizer setting once, before any training, so that a value
+    only the model builder or the optimizer can judge (``model_args``, ``--opt-arg`` ranges) is
+    refused up front with the option named, instead of after the runs before it have trained.
+
+    Raises:
+        ConfigError: naming ``--model-args`` or ``--opt-arg <optimizer>``, with the builder's or
+        the optimizer's own message.
+    """
+    try:
+        build_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--model-args: model {cfg.model!r} refuses {cfg.model_args}: {e}") from None
+    for name, per in settings.items():
+        spec = get_spec(name)
+        for overrides in per:
+            try:
+                _, _, opt = build_run(cfg, data, spec, overrides, cfg.seeds[0], world=1)
+            except (TypeError, ValueError) as e:
+                cause = e.__cause__ if isinstance(e.__cause__, TypeError) else e
+                raise ConfigError(f"--opt-arg {spec.name}: {cause}") from None
+            _detach(opt)
 
 
 @torch.no_grad()

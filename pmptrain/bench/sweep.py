@@ -19,7 +19,7 @@ from .config import BenchConfig
 from .ranks import broadcast_object, dist_info
 from .records import atomic_write_json, versions
 from .registry import get_spec
-from .runner import load_data, run_one, time_steps
+from .runner import load_data, preflight, run_one, time_steps
 
 __all__ = ["run_bench"]
 
@@ -57,6 +57,8 @@ def run_bench(cfg: BenchConfig, out_dir: Path, resume: bool = False,
     meta = {"config": cfg.to_dict(), "versions": versions(), "world_size": world,
             "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     data = load_data(cfg)  # before creating anything: missing data leaves no empty bench dir
+    settings = {name: list(cfg.settings(name)) for name in cfg.optimizers}
+    preflight(cfg, data, settings)  # so does a value only the model or an optimizer can refuse
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not (resume and (out_dir / "config.json").is_file()):
@@ -67,7 +69,6 @@ def run_bench(cfg: BenchConfig, out_dir: Path, resume: bool = False,
     chosen: Dict[str, Dict[str, Any]] = {}
     # every (optimizer, setting) × seed, interleaved seed-major (seed 0 of every optimizer, then
     # seed 1, …) so that a change of machine load does not fall on one optimizer's timings
-    settings = {name: list(cfg.settings(name)) for name in cfg.optimizers}
     recs_of: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
     for seed in cfg.seeds:
         for name in cfg.optimizers:
