@@ -174,3 +174,17 @@ def test_lm_config_uses_the_schema():
         LMConfig.from_dict({"model_args": {"bogus": 1}})
     with pytest.raises(schema.ConfigError, match="--clip: must be a finite number >= 0"):
         LMConfig.from_dict({"clip": math.inf})
+
+
+def test_lm_bench_refuses_builder_only_values_before_training(tmp_path, capsys, monkeypatch):
+    from pmptrain.bench import lm
+
+    monkeypatch.setattr(lm, "run_one", lambda *a, **k: pytest.fail("a run started"))
+    tiny = ["--model", "gpt", "--steps", "2", "--seeds", "1", "--batch-size", "2", "--seq-len", "16",
+            "--max-bytes", "30000", "--model-args", "{n_layer: 1, n_embd: 16, n_head: 2}", "--no-tensorboard",
+            "--optimizers", "adamw,emsa-costate"]
+    assert cli.main(["bench", *tiny, "--opt-arg", "emsa-costate.rho=-1", "--out", str(tmp_path / "a")]) == 2
+    assert "--opt-arg emsa-costate: invalid rho=-1" in capsys.readouterr().err
+    assert cli.main(["bench", *tiny[:-2], "--model-args", "{n_layer: 0}", "--out", str(tmp_path / "b")]) == 2
+    assert "--model-args: model 'gpt' refuses" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
