@@ -231,7 +231,7 @@ def run_one(cfg: LMConfig, train_data: torch.Tensor, val_batches, name: str, see
         opt, lambda s: lr_multiplier(s, cfg.steps, cfg.warmup, cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(10_000 + seed)
     history = [{"step": 0, "seconds": 0.0, "train_loss": None, "val_loss": _val_loss(model, val_batches)}]
-    clock, step_times, skipped = 0.0, [], 0
+    clock, step_times = 0.0, []
     bar = progress_bar(cfg.steps, f"{name} seed {seed}", 0)
     for step in range(1, cfg.steps + 1):
         x, y = _batch(train_data, cfg.seq_len, cfg.batch_size, gen)
