@@ -70,6 +70,7 @@ UNEQUAL: Dict[str, dict] = {
     "mlp-isotropic-f64": dict(kind="mlp", opt=dict(costate="isotropic")),
     "mlp-decay-f64": dict(kind="mlp", opt=dict(route="primal", stat_decay=0.5, eig_refresh=2)),
     "mlp-every2-f64": dict(kind="mlp", opt=dict(route="primal", stat_every=2)),
+    "mlp-every2-noln-f64": dict(kind="mlp", opt=dict(route="primal", stat_every=2, exclude=("ln",))),
     "mlp-iterative-f64": dict(kind="mlp", opt=dict(solver="iterative", inner_steps=3, inner_lr=0.05)),
     "mlp-exclude-f64": dict(kind="mlp", opt=dict(exclude=("ln",))),  # fallback grads: the shared shares
     "conv-auto-f64": dict(kind="conv", opt=dict()),
