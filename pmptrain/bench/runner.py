@@ -35,8 +35,9 @@ Distributed. Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) :func:`init_distri
 gloo group; each global batch is split across ranks (``make_loader(rank, world_size)``), the model
 is wrapped in ``DistributedDataParallel``, and each rank's loss is ``Σ_local ℓ · world/B_global``,
 so the averaged gradient equals the single-process one (with equal shards this is the local mean,
-which is what the PMP optimizers' costate scaling assumes — keep the global batch divisible by the
-number of ranks). Only rank 0 writes files, logs and prints.
+which is what the PMP optimizers' costate scaling assumes; they refuse unequal shards under DDP).
+``--batch-size`` must be divisible by the number of ranks, and a final global batch that cannot be
+split into equal shards is dropped. Only rank 0 writes files, logs and prints.
 """
 
 from __future__ import annotations
@@ -600,11 +601,14 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
     if writes:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
 
+    # a final global batch that cannot be split into equal shards is dropped (DDP averages the
+    # ranks' gradients uniformly: the PMP optimizers refuse unequal per-rank batches)
+    uneven_tail = world > 1 and (len(data.train_x) % cfg.batch_size) % world != 0
     writer = None
     if tb_dir is not None and rank == 0 and max_steps is None:
         from torch.utils.tensorboard import SummaryWriter  # lazy: heavy import
 
-        steps_per_epoch = -(-len(data.train_x) // cfg.batch_size)
+        steps_per_epoch = -(-len(data.train_x) // cfg.batch_size) - int(uneven_tail)
         writer = SummaryWriter(str(tb_dir), purge_step=start_epoch * steps_per_epoch)
 
     from .data import make_loader
@@ -616,7 +620,7 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
         with PeakRSS() as mem:
             for epoch in range(start_epoch, cfg.epochs):
                 loader = make_loader(data.train_x, data.train_y, cfg.batch_size, shuffle=True,
-                                     seed=seed, epoch=epoch, rank=rank, world_size=world)
+                                     seed=seed, epoch=epoch, rank=rank, world_size=world, drop_last=uneven_tail)
                 batches = loader.global_batches()
                 wrapped.train()
                 step_times, diag_sum, diag_n = [], {}, 0
@@ -757,8 +761,8 @@ def run_bench(cfg: BenchConfig, out_dir: Path, resume: bool = False,
     out_dir = Path(out_dir)
     say = log if rank == 0 else (lambda *_: None)
     if world > 1 and cfg.batch_size % world:
-        say(f"warning: --batch-size {cfg.batch_size} is not divisible by {world} ranks; the PMP "
-            "optimizers' costate scaling assumes equal shards")
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks: the PMP optimizers "
+                         "refuse unequal per-rank batches under DistributedDataParallel")
     meta = {"config": cfg.to_dict(), "versions": versions(), "world_size": world,
             "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     data = load_data(cfg)  # before creating anything: missing data leaves no empty bench dir
