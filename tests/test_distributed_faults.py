@@ -9,7 +9,8 @@ modules, on 2 gloo ranks (one spawn for the whole file, hard timeout).
 * **Unequal batches under DDP** (which averages ``.grad`` uniformly, the ranks' own gradients gone):
   a ``RuntimeError`` naming the sizes on both ranks, parameters untouched.
 * **Different modules** (rank-dependent branches, a rank without any backward, a module called a
-  different number of times with the iterative solver, DDP with ``find_unused_parameters``): the
+  different number of times with the iterative solver, DDP with ``find_unused_parameters``, a
+  different model on one rank): the
   same ``RuntimeError`` on both ranks before any collective whose shapes depend on it, naming the
   parameters / modules and the ranks; parameters untouched.
 
@@ -200,6 +201,18 @@ def different_call_counts(rank: int, world: int) -> dict:
     return _outcome(opt.step, model)
 
 
+def different_models(rank: int, world: int) -> dict:
+    """Rank 1's last layer has another output width (same numbers of units and parameters)."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    if rank == 1:
+        model.fc3 = nn.Linear(12, 4).double()
+    opt = pmptrain.EMSA(model, **BASE)
+    x, y = make_data("mlp", torch.float64)[0]
+    F.cross_entropy(model(x[rank * 4 : rank * 4 + 4]), y[rank * 4 : rank * 4 + 4]).backward()
+    return _outcome(opt.step, model)
+
+
 FAULTS = {
     "ddp_unequal": ddp_unequal,
     "different_modules": different_modules,
@@ -207,6 +220,7 @@ FAULTS = {
     "different_modules_fallback": different_modules_fallback,
     "no_backward_on_one_rank": no_backward_on_one_rank,
     "different_call_counts": different_call_counts,
+    "different_models": different_models,
 }
 
 
@@ -262,6 +276,7 @@ EXPECTED = {
     "different_modules_fallback": ["parameters 'a.weight', 'a.bias' have a gradient on rank 0 and none on rank 1"],
     "no_backward_on_one_rank": ["have a gradient on rank 0 and none on rank 1", "'fc1.weight'"],
     "different_call_counts": ["module 'fc1' was called 1 times on rank 0, 2 times on rank 1"],
+    "different_models": ["train different parameters", "rank 0: 4 units, 8 parameters; rank 1: 4 units, 8 parameters"],
 }
 
 

@@ -48,9 +48,9 @@ def check_structure(table: List[List[int]]) -> None:
         return
     desc = "; ".join(f"rank {r}: {row[0]} units, {row[1]} parameters" for r, row in enumerate(table))
     raise RuntimeError(
-        "the ranks' optimizers train different sets of parameters (different models, param groups or "
-        f"excluded modules on different ranks: {desc}); every rank must build the same model and "
-        "optimizer. Nothing was updated.")
+        "the ranks' optimizers train different parameters (their names, shapes or rules differ: "
+        f"different models, param groups or excluded modules on different ranks; {desc}); every rank "
+        "must build the same model and optimizer. Nothing was updated.")
 
 
 def local_signature(units, capture) -> List[int]:
