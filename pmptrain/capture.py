@@ -13,7 +13,9 @@ Rules (they mirror what autograd does with ``.grad``):
   (``model.zero_grad()``, ``p.grad = None``, an in-place zeroing), detected when the next backward
   reaches the module. The sample count ``B`` adds up too: a *sample* is a row of the first dimension
   of the module's first call that a backward pass reaches (so a module called k times per forward,
-  or several forwards whose losses are summed into one backward, count one batch).
+  or several forwards whose losses are summed into one backward, count one batch). A module whose
+  rule needs no statistics this step (an amortised step) counts its samples only: distributed steps
+  weight the ranks' gradients by them.
 * **Forwards without a backward cost nothing.** A pending record lives only as long as the autograd
   graph that holds it: forwards in train mode that never get a backward (metrics, generation) are
   freed with their graphs; nothing is recorded in ``eval()`` mode, under ``torch.no_grad()``, while
@@ -183,10 +185,8 @@ class _ForwardHook:
         if not isinstance(x, Tensor):
             return None
         entry = cap._entries[self.key]
-        if entry.spec is None:  # inactive this step (an amortised step records nothing)
-            return None
         call = None
-        if entry.spec.calls:
+        if entry.spec is not None and entry.spec.calls:
             call = (tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
         output.register_hook(_CostateHook(cap, self.key, x.detach(), call))
         return None
@@ -303,11 +303,11 @@ class ModuleCapture:
         if new_pass:
             self._reset_if_gradient_was_reset(entry)
         st, spec, adapter, module = entry.stats, entry.spec, entry.adapter, entry.module
-        if spec is None:
-            return
         if new_pass:
             st._task = task
             st.samples += adapter.batch_size(module, x) if adapter is not None else (x.shape[0] if x.dim() > 0 else 1)
+        if spec is None:  # inactive this step (an amortised step): the sample count only
+            return
         if spec.calls:
             args, kwargs = call
             st.calls.append((args, kwargs, g))

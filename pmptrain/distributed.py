@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["world_size", "all_reduce_sum_", "all_reduce_mean_", "all_gather_rows", "all_gather_parts", "is_rank_zero"]
+__all__ = ["world_size", "rank", "all_reduce_sum_", "all_reduce_mean_", "all_gather_rows", "all_gather_parts",
+           "all_gather_ints", "is_rank_zero"]
 
 
 def world_size(group=None) -> int:
@@ -21,10 +22,15 @@ def world_size(group=None) -> int:
     return dist.get_world_size(group)
 
 
-def is_rank_zero(group=None) -> bool:
+def rank(group=None) -> int:
+    """This process's rank in ``group`` (0 without torch.distributed)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return True
-    return dist.get_rank(group) == 0
+        return 0
+    return dist.get_rank(group)
+
+
+def is_rank_zero(group=None) -> bool:
+    return rank(group) == 0
 
 
 def all_reduce_sum_(tensors: Sequence[Tensor], group=None) -> None:
@@ -75,3 +81,15 @@ def all_gather_rows(t: Tensor, group=None) -> Tensor:
     """Concatenate ``t`` (rows × …) of every rank along dim 0, in rank order."""
     parts = all_gather_parts(t, group)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def all_gather_ints(values: Sequence[int], group=None, device=None) -> List[List[int]]:
+    """Every rank's list of integers (all ranks must pass lists of the same length), in rank order:
+    one all-gather of an int64 tensor. ``[list(values)]`` without torch.distributed."""
+    n = world_size(group)
+    if n == 1:
+        return [list(values)]
+    t = torch.tensor(list(values), dtype=torch.int64, device=device)
+    parts = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(parts, t, group=group)
+    return [p.tolist() for p in parts]

@@ -35,8 +35,9 @@ Distributed. Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) :func:`pmptrain.be
 starts a gloo group; each global batch is split across ranks (``make_loader(rank, world_size)``), the
 model is wrapped in ``DistributedDataParallel``, and each rank's loss is ``Σ_local ℓ · world/B_global``,
 so the averaged gradient equals the single-process one (with equal shards this is the local mean,
-which is what the PMP optimizers' costate scaling assumes — keep the global batch divisible by the
-number of ranks). Only rank 0 writes files, logs and prints.
+which is what the PMP optimizers' costate scaling assumes; they refuse unequal shards under DDP).
+``--batch-size`` must be divisible by the number of ranks, and a final global batch that cannot be
+split into equal shards is dropped. Only rank 0 writes files, logs and prints.
 """
 
 from __future__ import annotations
@@ -191,12 +192,20 @@ class _EpochStats:
         return {k: v / self.diag_n[k] for k, v in self.diag_sum.items()}
 
 
+def _uneven_tail(cfg: BenchConfig, data, world: int) -> bool:
+    """Whether the final global batch cannot be split into equal shards across ``world`` ranks; it is
+    then dropped (DDP averages the ranks' gradients uniformly, so the PMP optimizers refuse unequal
+    per-rank batches)."""
+    return world > 1 and (len(data.train_x) % cfg.batch_size) % world != 0
+
+
 def _train_epoch(cfg: BenchConfig, data, opt, wrapped: nn.Module, loss_fn, seed: int, epoch: int,
                  rank: int, world: int, desc: str, writer=None, max_steps: Optional[int] = None
                  ) -> _EpochStats:
     """Train one epoch of global batches (stop after ``max_steps`` steps if given)."""
     loader = make_loader(data.train_x, data.train_y, cfg.batch_size, shuffle=True,
-                         seed=seed, epoch=epoch, rank=rank, world_size=world)
+                         seed=seed, epoch=epoch, rank=rank, world_size=world,
+                         drop_last=_uneven_tail(cfg, data, world))
     batches = loader.global_batches()
     wrapped.train()
     st = _EpochStats()
@@ -364,7 +373,7 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
     if tb_dir is not None and rank == 0:
         from torch.utils.tensorboard import SummaryWriter  # lazy: heavy import
 
-        steps_per_epoch = -(-len(data.train_x) // cfg.batch_size)
+        steps_per_epoch = -(-len(data.train_x) // cfg.batch_size) - int(_uneven_tail(cfg, data, world))
         writer = SummaryWriter(str(tb_dir), purge_step=start_epoch * steps_per_epoch)
 
     state_mb = state_bytes(opt.state_dict()) / 2**20

@@ -19,6 +19,7 @@ from .config import BenchConfig
 from .ranks import broadcast_object, dist_info
 from .records import atomic_write_json, versions
 from .registry import get_spec
+from .schema import ConfigError
 from .runner import load_data, preflight, run_one, time_steps
 
 __all__ = ["run_bench"]
@@ -52,8 +53,8 @@ def run_bench(cfg: BenchConfig, out_dir: Path, resume: bool = False,
     out_dir = Path(out_dir)
     say = log if rank == 0 else (lambda *_: None)
     if world > 1 and cfg.batch_size % world:
-        say(f"warning: --batch-size {cfg.batch_size} is not divisible by {world} ranks; the PMP "
-            "optimizers' costate scaling assumes equal shards")
+        raise ConfigError(f"--batch-size: {cfg.batch_size} is not divisible by the {world} ranks: the PMP optimizers "
+                          "refuse unequal per-rank batches under DistributedDataParallel")
     meta = {"config": cfg.to_dict(), "versions": versions(), "world_size": world,
             "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     data = load_data(cfg)  # before creating anything: missing data leaves no empty bench dir

@@ -97,8 +97,8 @@ def join_reason(members: List[Member]) -> Optional[str]:
 
 
 class EMSARuleBase(Rule):
-    r"""What the closed-form E-MSA rules share: their group keys, the union sample counts, the
-    checks of a step without statistics, and the SGD step of ρ = 0.
+    r"""What the closed-form E-MSA rules share: their group keys, the checks of a step without
+    statistics, and the SGD step of ρ = 0.
 
     Group keys (canonical names; a configuration may rename them):
 
@@ -149,16 +149,6 @@ class EMSARuleBase(Rule):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(msg, stacklevel=4)
-
-    @staticmethod
-    def _union_sizes(st: ModuleStats, ctx: StepContext, device) -> Tuple[int, int]:
-        """``(B, N)`` summed over the ranks."""
-        samples, rows = st.samples, st.rows
-        if ctx.world > 1:
-            sizes = torch.tensor([float(samples), float(rows)], dtype=torch.float64, device=device)
-            pdist.all_reduce_sum_([sizes], ctx.process_group)
-            samples, rows = int(sizes[0].item()), int(sizes[1].item())
-        return samples, rows
 
     def _steps(self, ctx: StepContext, params) -> dict:
         """``{id(p): η}`` of the parameters with a gradient."""
@@ -263,7 +253,7 @@ class AffineEMSARule(EMSARuleBase):
     def _gather(self, member: Member, st: ModuleStats, ctx: StepContext, group, dt, grad_b, delta_b) -> Optional[AffineMember]:
         """The member's statistics on the union of the ranks' batches (``None``: no samples)."""
         pg = ctx.process_group
-        samples, rows = self._union_sizes(st, ctx, member.weight.device)
+        samples, rows = ctx.union_sizes(member.name, st)
         if samples == 0:
             return None
         adapter, module = member.adapter, member.module

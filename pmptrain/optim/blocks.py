@@ -92,7 +92,7 @@ class ChannelEMSARule(EMSARuleBase):
         if rho == 0.0 or st is None:
             return self._sgd(unit, ctx, grads)
         dev, dt = unit.primary.device, _dtype(unit.primary)
-        samples, rows = self._union_sizes(st, ctx, dev)
+        samples, rows = ctx.union_sizes(mb.name, st)
         if samples == 0:
             return self._no_data(unit, ctx, grads)
         c = mb.adapter.channels(mb.module)
@@ -187,7 +187,7 @@ class GroupedEMSARule(EMSARuleBase):
         if rho == 0.0 or st is None:
             return self._sgd(unit, ctx, grads)
         dev, dt = w.device, _dtype(w)
-        samples, rows = self._union_sizes(st, ctx, dev)
+        samples, rows = ctx.union_sizes(mb.name, st)
         if samples == 0:
             return self._no_data(unit, ctx, grads)
         g = mb.module.groups

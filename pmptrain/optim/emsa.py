@@ -98,7 +98,9 @@ class EMSA(PMPOptimizer):
             the reason (modules listed in ``exclude`` are the accepted exceptions).
         process_group: ``torch.distributed`` group for unwrapped models (default: the world group
             when torch.distributed is initialised). Every rank applies the update a single process
-            would compute on the union of the ranks' batches.
+            would compute on the union of the ranks' batches: the optimizer averages the gradients
+            weighted by the ranks' batch sizes (under DDP, which averages uniformly, unequal sizes
+            raise); ranks that ran different modules raise the same ``RuntimeError`` on every rank.
         grad_scaler: the GradScaler in use, when something other than ``scaler.step(opt)`` calls
             ``step()`` (default None: the scaler is found from ``scaler.step``; its loss scale is
             removed from the captured costates).

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch.func import functional_call
 
 from .. import distributed as pdist
@@ -74,12 +73,7 @@ class IterativeEMSARule(Rule):
         if eta == 0.0:
             return Proposal([Update(v, grads[k].mul(0.0), decay=decays[k]) for k, v in params.items()], new_state)
         samples = st.samples
-        if ctx.world > 1:
-            t = torch.tensor([float(samples)], dtype=torch.float64, device=unit.primary.device)
-            pdist.all_reduce_sum_([t], ctx.process_group)
-            union = int(t.item())
-        else:
-            union = samples
+        union = ctx.union_sizes(member.name, st)[0]
         if union == 0:
             if any(bool(g.any()) for g in (grads[k] for k in params)):
                 raise RuntimeError(_no_states_message(member.name))

@@ -120,19 +120,29 @@ class StepContext:
         costate_inv_scale: 1/loss-scale of the captured output gradients under GradScaler (``.grad``
             itself is unscaled by ``scaler.step`` / ``scaler.unscale_`` before ``step()`` runs).
         capture: the :class:`~pmptrain.capture.ModuleCapture`; process_group / world: distributed.
+        sizes: with ``world > 1``, ``{member name: (samples, rows)}`` summed over the ranks (gathered
+            by the shell before the step; None in one process).
     """
 
     def __init__(self, groups: Mapping[int, Dict[str, Any]], costate_inv_scale: float, capture, process_group,
-                 world: int):
+                 world: int, sizes: Optional[Dict[str, Tuple[int, int]]] = None):
         self._groups = groups
         self.costate_inv_scale = costate_inv_scale
         self.capture = capture
         self.process_group = process_group
         self.world = world
+        self.sizes = sizes
         self._grads: Dict[int, Optional[Tensor]] = {}
 
     def group(self, p: Tensor) -> Dict[str, Any]:
         return self._groups[id(p)]
+
+    def union_sizes(self, member: str, stats) -> Tuple[int, int]:
+        """``(B, N)`` of ``member`` summed over the ranks (``stats``: this rank's
+        :class:`~pmptrain.capture.ModuleStats`)."""
+        if self.world == 1:
+            return stats.samples, stats.rows
+        return self.sizes[member]
 
     def grad(self, p: Optional[Tensor]) -> Optional[Tensor]:
         """``∇J`` of ``p`` as the user left it in ``.grad`` (None without a gradient)."""

@@ -6,7 +6,9 @@ fallback) — optax's ``partition``, larq's ``CaseOptimizer`` —, hooks the mod
 captured states, and runs every step as one transaction:
 
 1. **gradients** — ``.grad`` as the user left it (clipped, accumulated, edited), unscaled under
-   ``GradScaler``, averaged across ranks for unwrapped models;
+   ``GradScaler``; with several ranks, first one all-gather checks that every rank ran the same
+   modules (:mod:`pmptrain.optim.ranks`), then for unwrapped models the ranks' gradients are
+   averaged weighted by their batch sizes;
 2. **propose** — every rule computes its units' updates and new state records from the gradients and
    the statistics captured since the last ``zero_grad()``, modifying nothing;
 3. **check** — one reduction over ``⟨∇J, Δθ⟩`` of every update (a NaN/Inf in a loss, gradient,
@@ -40,6 +42,7 @@ from .._profile import phase
 from ..capture import ModuleCapture
 from ..modules import adapter_for
 from .hyper import Real, Spec
+from . import ranks
 from .rule import Member, Proposal, Rule, StepContext, Unit
 
 __all__ = ["PMPOptimizer", "StepInfo", "Unsupported", "unwrap_model"]
@@ -170,7 +173,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         strict: raise instead of warning when a module with parameters has no rule.
         exclude: module names whose parameters take the fallback step.
         process_group: ``torch.distributed`` group for unwrapped models (default: the world group
-            when initialised).
+            when initialised); their gradients are averaged weighted by the ranks' batch sizes.
         grad_scaler: the ``torch.amp.GradScaler`` in use, when something other than
             ``scaler.step(opt)`` calls ``step()`` (the loss scale of the captured costates is read
             from it; default None: found from ``scaler.step``).
@@ -475,7 +478,7 @@ class PMPOptimizer(torch.optim.Optimizer):
 
     #: instance attributes that do not travel with a copy or a pickle: the hooks (re-registered on the
     #: copy's model), process-local handles, and what LR schedulers / GradScaler attach to ``step``
-    _TRANSIENT = ("capture", "_finalizer", "process_group", "grad_scaler", "step", "_opt_called")
+    _TRANSIENT = ("capture", "_finalizer", "process_group", "grad_scaler", "step", "_opt_called", "_structure_agreed")
 
     def __getstate__(self) -> Dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()
@@ -539,14 +542,20 @@ class PMPOptimizer(torch.optim.Optimizer):
         for g in self.param_groups:
             self._check_group(g)
         grads_present = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        world = pdist.world_size(self.process_group)
+        sizes = weights = None
+        if world > 1:  # before anything else: every rank raises, or none (before its first collective)
+            sizes, weights = self._agree_across_ranks(world)
         if not grads_present:
             return  # as in torch: nothing to do without gradients
         costate_inv = self._costate_inv_scale(bool(grads_present))
-        world = pdist.world_size(self.process_group)
         if world > 1 and not self._grads_averaged_by_wrapper:
-            pdist.all_reduce_mean_([p.grad for p in grads_present], self.process_group)
+            if weights is None:
+                pdist.all_reduce_mean_([p.grad for p in grads_present], self.process_group)
+            else:
+                self._weighted_grad_sum(weights, world)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world)
+        ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
         proposals: List[Tuple[Unit, Proposal]] = []
         for unit in self.units.values():
             try:
@@ -595,6 +604,41 @@ class PMPOptimizer(torch.optim.Optimizer):
         self.last_step = self._step_info(
             StepInfo(skipped=False, skip_reason=None, controlled=n_mod, fallback=n_fb, hamiltonian_gain=gain),
             proposals)
+
+    def _agree_across_ranks(self, world: int):
+        """One all-gather of a small integer vector per rank (``pmptrain.optim.ranks``): raises the
+        same ``RuntimeError`` on every rank when the ranks ran different modules, or (under DDP) had
+        different batch sizes; returns the union ``(samples, rows)`` of every captured module and the
+        gradient weights (None: the plain mean is exact). The first step after a (re)partition
+        also checks, with one more all-gather, that every rank has the same units."""
+        units = list(self.units.values())
+        device = units[0].primary.device if units else None
+        if getattr(self, "_structure_agreed", None) is not self.units:
+            ranks.check_structure(pdist.all_gather_ints(ranks.structure_signature(units), self.process_group, device))
+            self._structure_agreed = self.units
+        table = pdist.all_gather_ints(ranks.local_signature(units, self.capture), self.process_group, device)
+        ranks.check_agreement(table, units)
+        samples = ranks.unit_samples(table, units)
+        if self._grads_averaged_by_wrapper:
+            ranks.check_uniform_for_wrapper(samples)
+            weights = None
+        else:
+            with_grads = [u.name for u in units if any(p.grad is not None for p in u.params)]
+            weights = ranks.grad_weights(samples, with_grads, world)
+        return ranks.union_sizes(table, units), weights
+
+    def _weighted_grad_sum(self, weights, world: int) -> None:
+        """``.grad ← Σ_r w_r·.grad_r`` (``w_r = B_r/B`` of the parameter's unit): the gradient of the
+        mean loss over the union batch, each rank's loss being the mean over its own batch."""
+        me = pdist.rank(self.process_group)
+        grads = []
+        for unit in self.units.values():
+            w = weights.get(unit.name)
+            for p in unit.params:
+                if p.grad is not None:
+                    p.grad.mul_(float(w[me]) if w is not None else 1.0 / world)
+                    grads.append(p.grad)
+        pdist.all_reduce_sum_(grads, self.process_group)
 
     @staticmethod
     def _skip_reason(loss, params, where: str) -> str:
