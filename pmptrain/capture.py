@@ -140,7 +140,7 @@ def _fold(rows: List[Tensor], acc: Optional[Tensor], dtype, groups: int = 1) -> 
     for r in rows:
         r = r.to(dtype)
         if groups > 1:
-            b = r.reshape(r.shape[0], groups, -1).transpose(0, 1)  # groups × N × k
+            b = r.reshape(r.shape[0], groups, r.shape[1] // groups).transpose(0, 1)  # groups × N × k (N may be 0)
             blocks = torch.bmm(b.transpose(1, 2), b)
             acc = blocks if acc is None else acc.add_(blocks)
         else:
@@ -195,6 +195,30 @@ class _ForwardHook:
         return (_Inert, ())
 
 
+class _RootHook:
+    """Forward pre-hook of the optimizer's root module: notes a zero-size batch (the first tensor
+    input has no entries along dimension 0)."""
+
+    __slots__ = ("capture",)
+
+    def __init__(self, capture: "ModuleCapture"):
+        self.capture = capture
+
+    def __call__(self, module, args, kwargs):
+        cap = self.capture
+        if cap._paused or cap.removed or not module.training or not torch.is_grad_enabled():
+            return None
+        for v in list(args) + list(kwargs.values()):
+            if isinstance(v, Tensor):
+                if v.dim() > 0 and v.shape[0] == 0:
+                    cap.root_empty = True
+                return None
+        return None
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+
 class _CostateHook:
     """Tensor hook on a module output: hands (input, ∂J/∂y) to the statistics once, then lets go of
     the input."""
@@ -241,6 +265,14 @@ class ModuleCapture:
         self.removed = False
         self.removed_reason: Optional[str] = None
         self._warned_repeat = False
+        self.root_empty = False  # a training forward of the watched root had a zero-size batch
+
+    def watch_root(self, root: nn.Module) -> None:
+        """Record whether a training forward pass of ``root`` (under autograd) received a
+        zero-size batch: its first tensor input has no entries along dimension 0. This tells an
+        empty batch apart from a zero gradient when no module is recorded (every parameter on a
+        parameter rule)."""
+        self._handles.append(root.register_forward_pre_hook(_RootHook(self), with_kwargs=True))
 
     # ------------------------------------------------------------------ registration
     def add(self, key: str, module: nn.Module, adapter, spec: CaptureSpec, sentinel: Optional[Tensor]) -> None:
@@ -379,11 +411,18 @@ class ModuleCapture:
     def has_data(self) -> bool:
         return any(not e.stats.empty for e in self._entries.values())
 
+    def saw_empty_pass(self) -> bool:
+        """Whether, since the last reset, the watched root received a zero-size batch or a
+        recording module's backward pass carried no rows (``ModuleStats.rows == 0`` after a pass)."""
+        return self.root_empty or any(e.spec is not None and e.stats._task is not None and e.stats.rows == 0
+                                      for e in self._entries.values())
+
     def reset(self) -> None:
         """Drop every accumulated statistic (``optimizer.zero_grad()``). Pending records of
         forwards whose backward has not run yet still count when it runs, as their gradients do."""
         for e in self._entries.values():
             e.stats = ModuleStats()
+        self.root_empty = False
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

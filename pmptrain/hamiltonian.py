@@ -208,19 +208,28 @@ def eigh_psd(mat: Tensor, floor: float = 0.0, float64: bool = False) -> Tuple[Te
     ``float64=True`` solves in float64 and casts back (accuracy for tiny or ill-conditioned
     problems). Rounding can make tiny eigenvalues slightly negative; they are clamped at ``floor``
     (default 0: the proximal weight δ > 0 already keeps every denominator positive).
-    Raises ``torch.linalg.LinAlgError`` only for non-finite input (after a float64 retry).
+
+    LAPACK's divide-and-conquer eigensolver can fail on a finite matrix with (numerically)
+    repeated eigenvalues — a rank-1 statistic such as one sample's ``xxᵀ`` or a batch of equal
+    rows: it either raises or, depending on the thread count, silently returns NaN. Both are
+    detected and the same matrix is solved in float64 (docs/algorithms.md, "Stable
+    factorisations"). Raises ``torch.linalg.LinAlgError`` only for non-finite input, or if the
+    float64 solve fails too.
     """
     work = mat.double() if (float64 and mat.dtype != torch.float64) else mat
     work = 0.5 * (work + work.mT)  # also a batch of matrices
     with phase("factorise"):
         try:
             evals, evecs = torch.linalg.eigh(work)
+            ok = bool(torch.isfinite(evals).all()) and bool(torch.isfinite(evecs).all())
         except torch.linalg.LinAlgError:
+            ok = False
+        if not ok:
             if not bool(torch.isfinite(work).all()):
-                raise
-            # LAPACK's divide-and-conquer can fail on (numerically) repeated eigenvalues; a float64
-            # solve of the same matrix is the documented remedy.
+                raise torch.linalg.LinAlgError("eigh_psd: the matrix has non-finite entries")
             evals, evecs = torch.linalg.eigh(work.double())
+            if not (bool(torch.isfinite(evals).all()) and bool(torch.isfinite(evecs).all())):
+                raise torch.linalg.LinAlgError("eigh_psd: the float64 eigensolver failed on a finite matrix")
     evals = evals.clamp_min(floor)
     return evals.to(mat.dtype), evecs.to(mat.dtype)
 
@@ -232,7 +241,8 @@ def _spd_solve_right(b: Tensor, mat: Tensor) -> Tensor:
     reports a singular matrix."""
     with phase("factorise"):
         x, info = torch.linalg.solve_ex(mat, b.T)
-        ok = int(info) == 0
+        # a singular report, or a non-finite solution of finite data (a pivot that underflowed)
+        ok = int(info) == 0 and bool(torch.isfinite(x).all())
     if ok:
         return x.T
     lam, u = eigh_psd(mat)
@@ -330,8 +340,8 @@ def _gram_times_gram(
     k = (a[:, None] + b[None, :] + 2 * dp) / (
         dp * (a[:, None] + dp) * (b[None, :] + dp) * (a[:, None] + b[None, :] + dp)
     )
-    core = (rps @ aq) * k  # RᵀPSAᵀQ ∘ k
-    return out + (rho * rho) * (pr @ core @ aq.T)
+    core = (rps @ aq) * (k * rho).mul_(rho)  # RᵀPSAᵀQ ∘ ρ²k (ρ² itself may exceed the float32 range)
+    return out + pr @ core @ aq.T
 
 
 def curvature_eig(c: Curvature, like: Tensor, floor: float = 0.0, f64: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
@@ -373,8 +383,33 @@ def solve_sylvester(
     * one Gram side, one explicit side: columns decouple in the explicit eigenbasis, Woodbury on
       the Gram side (:func:`_gram_times_explicit`);
     * both Gram: :func:`_gram_times_gram`.
+
+    A non-finite result of finite float32 data (an intermediate that overflows or underflows,
+    e.g. ``1/δ³`` of the two-sided Gram route when ``lr`` is huge) is recomputed in float64 and
+    cast back (docs/algorithms.md, "Stable factorisations"); it stays non-finite only if the
+    solution itself is beyond the range of ``s``'s dtype.
     """
     _check_delta(delta)
+    out = _sylvester_routes(s, left, right, rho, delta, eig_floor, eig_float64, overwrite_s)
+    if s.dtype == torch.float64 or out.data_ptr() == s.data_ptr() or bool(torch.isfinite(out).all()):
+        return out
+    parts = [s] + [t for c in (left, right) for t in (c.diag, c.dense, c.rows) if t is not None]
+    if not all(bool(torch.isfinite(t).all()) for t in parts):
+        return out  # non-finite data: the shell skips the step
+    wide = _sylvester_routes(s.double(), _curvature_to(left, torch.float64), _curvature_to(right, torch.float64),
+                             rho, delta, eig_floor, True, False)
+    return wide.to(s.dtype)
+
+
+def _curvature_to(c: Curvature, dtype) -> Curvature:
+    def cast(t):
+        return t.to(dtype) if isinstance(t, Tensor) else t
+
+    return Curvature(c.dim, cast(c.scalar), cast(c.diag), cast(c.dense), cast(c.rows))
+
+
+def _sylvester_routes(s, left, right, rho, delta, eig_floor, eig_float64, overwrite_s) -> Tensor:
+    """The routes of :func:`solve_sylvester` (without its float64 retry)."""
     kl, kr = left.kind(), right.kind()
     if kl == "scalar" or kr == "scalar":
         if kl == "scalar" and kr != "scalar":

@@ -40,7 +40,7 @@ from ..hamiltonian import (
     solve_sylvester,
     sylvester_in_eigenbases,
 )
-from .hyper import Choice, Flag, Int, Real
+from .hyper import PENALTY_MAX, RHO_WHY, Choice, Flag, Int, Real, StepSize
 from .rule import Member, Proposal, Rule, StepContext, Unit, Update
 
 __all__ = ["AffineEMSARule", "AffineState", "RunningStats", "join_reason"]
@@ -124,15 +124,15 @@ class EMSARuleBase(Rule):
 
     module_rule = True
     hyper = {
-        "lr": Real(0.0, tensor_ok=True),
-        "rho": Real(0.0),
+        "lr": StepSize(),
+        "rho": Real(0.0, PENALTY_MAX, why=RHO_WHY),
         "rho_scale": Choice(("none", "costate")),
         "route": Choice(("auto", "primal", "gram")),
         "costate": Choice(("auto", "exact", "isotropic")),
         "stat_decay": Real(0.0, 1.0, hi_open=True),
         "stat_every": Int(1),
         "eig_refresh": Int(1),
-        "eig_floor": Real(0.0),
+        "eig_floor": Real(0.0, PENALTY_MAX, why="rho times the floor must stay finite in float32"),
         "eig_float64": Flag(),
     }
     decay_key = "fallback_lr"

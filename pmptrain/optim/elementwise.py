@@ -37,11 +37,11 @@ from ..discrete import (
     sign_nonzero,
 )
 from ..fallback import adam_delta, sgd_delta
-from .hyper import Choice, Pair, Real
+from .hyper import PENALTY_MAX, Choice, Pair, Real
 from .rule import Proposal, Rule, StepContext, Unit, Update
 
 __all__ = [
-    "ParamRule", "FallbackState", "FallbackRule",
+    "ParamRule", "FallbackState", "FallbackRule", "compute_dtype",
     "DiscreteState", "DiscreteMSARule",
     "LatentState", "LatentSignRule", "TWNRule", "ternarize",
     "BopState", "BopRule", "discrete_info",
@@ -79,16 +79,25 @@ class FallbackState:
     momentum_buffer: Optional[Tensor] = None
 
 
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """The dtype a per-parameter rule computes and keeps its moments in: the parameter's own, but
+    float32 for float16/bfloat16 parameters (Adam's ``ε = 1e-8`` is 0 in float16 and ``g²``
+    underflows, which made every step 0/0 — non-finite, so skipped — for ever)."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
 class FallbackRule(ParamRule):
     r"""Gradient ascent on H for a parameter without a maximiser: Adam (``fallback="adam"``) or SGD
     with heavy-ball momentum (``"sgd"``), step ``fallback_lr · lr/base_lr``; decoupled weight
-    decay at the same step size (:mod:`pmptrain.fallback`)."""
+    decay at the same step size (:mod:`pmptrain.fallback`). A float16/bfloat16 parameter's step and
+    moments are computed and kept in float32 (:func:`compute_dtype`); the step is rounded to the
+    parameter's dtype when it is applied."""
 
     name = "fallback"
     record_type = FallbackState
     hyper = {
         "fallback": Choice(("adam", "sgd")),
-        "fallback_lr": Real(0.0),
+        "fallback_lr": Real(0.0, PENALTY_MAX, why="an Adam step is about fallback_lr per entry: it must stay finite"),
         "betas": _BETAS,
         "eps": _EPS,
         "momentum": Real(0.0, 1.0, hi_open=True),
@@ -106,14 +115,16 @@ class FallbackRule(ParamRule):
         lr = ctx.step_size(group, self.key("fallback_lr"))
         st: FallbackState = unit.state
         decay = ctx.decay(p, self.decay_key)
+        dt = compute_dtype(p)
         if self.value(group, "fallback") == "adam":
-            m0 = st.exp_avg if st.exp_avg is not None else torch.zeros_like(p)
-            v0 = st.exp_avg_sq if st.exp_avg_sq is not None else torch.zeros_like(p)
-            delta, m, v = adam_delta(g.to(p.dtype), m0, v0, st.step + 1, lr, tuple(self.value(group, "betas")),
+            m0 = st.exp_avg.to(dt) if st.exp_avg is not None else torch.zeros_like(p, dtype=dt)
+            v0 = st.exp_avg_sq.to(dt) if st.exp_avg_sq is not None else torch.zeros_like(p, dtype=dt)
+            delta, m, v = adam_delta(g.to(dt), m0, v0, st.step + 1, lr, tuple(self.value(group, "betas")),
                                      float(self.value(group, "eps")))
             new = FallbackState(st.step + 1, m, v, st.momentum_buffer)
         else:
-            delta, buf = sgd_delta(g.to(p.dtype), st.momentum_buffer, lr, float(self.value(group, "momentum")))
+            buf0 = st.momentum_buffer.to(dt) if st.momentum_buffer is not None else None
+            delta, buf = sgd_delta(g.to(dt), buf0, lr, float(self.value(group, "momentum")))
             new = FallbackState(st.step + 1, st.exp_avg, st.exp_avg_sq, buf)
         return Proposal([Update(p, delta, decay=decay)], new)
 
@@ -274,10 +285,11 @@ class LatentSignRule(ParamRule):
 
     def init_state(self, unit):
         w = unit.params[0].detach()
-        latent = w.clone().mul_(self.latent_scale)
+        dt = compute_dtype(w)  # float32 latents and moments for a float16/bfloat16 weight
+        latent = w.to(dt, copy=True).mul_(self.latent_scale)
         if self.clip is not None:
             latent.clamp_(-self.clip, self.clip)
-        return LatentState(0, latent, torch.zeros_like(w), torch.zeros_like(w))
+        return LatentState(0, latent, torch.zeros_like(w, dtype=dt), torch.zeros_like(w, dtype=dt))
 
     def bind(self, unit, group):
         with torch.no_grad():
@@ -343,7 +355,9 @@ class TWNRule(ParamRule):
 
     def init_state(self, unit):
         w = unit.params[0].detach()
-        return LatentState(0, w.clone().mul_(self.latent_scale), torch.zeros_like(w), torch.zeros_like(w))
+        dt = compute_dtype(w)  # float32 latents and moments for a float16/bfloat16 weight
+        return LatentState(0, w.to(dt, copy=True).mul_(self.latent_scale), torch.zeros_like(w, dtype=dt),
+                           torch.zeros_like(w, dtype=dt))
 
     def _writes(self, unit, latent: Tensor, delta_factor: float):
         p = unit.params[0]

@@ -58,7 +58,8 @@ class EMSA(PMPOptimizer):
             the group's ``lr`` at creation) ρ becomes ``ρ/s`` too, so every closed-form step is
             exactly ``s`` times its value at ``base_lr``; the fallback steps scale with ``s``, so
             ``lr = 0`` freezes the whole model.
-        rho: ρ ≥ 0, weight of the feasibility penalties (default 1.0).
+        rho: 0 ≤ ρ ≤ 2**64, weight of the feasibility penalties (default 1.0); the bound (and
+            ``lr`` = 0 or in [2**-64, 2**64]) keeps ρ·C, ρ² and δ = 1/lr finite in float32.
         rho_scale: ``"none"`` (default: ρ as given, as in the paper) or ``"costate"``: ρ in units
             of each unit's root-mean-square costate entry, ``ρ_t = ρ·r_t``
             (:func:`pmptrain.hamiltonian.costate_rms`) — the penalties then keep pace with the

@@ -13,7 +13,16 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["Spec", "Real", "Int", "Choice", "Pair", "Flag", "is_number"]
+__all__ = ["Spec", "Real", "Int", "Choice", "Pair", "Flag", "StepSize", "is_number", "PENALTY_MAX", "RHO_WHY"]
+
+#: The largest penalty weight (ρ, δ = 1/lr, an eigenvalue floor) and step size the solvers accept:
+#: ``2**64 ≈ 1.8e19 = √(float32 max)``. The closed forms compute in float32 (for float32, float16
+#: and bfloat16 parameters) and form ``ρ·C``, ``ρ²`` (the two-sided Gram route), ``lr·g``: with both
+#: factors at most ``2**64`` every such product stays finite in float32 (beyond it ρ = 3.5e38 is
+#: not even a float32, and ρ = 1e300 made every step non-finite, i.e. skipped).
+PENALTY_MAX = 2.0 ** 64
+#: why ρ is bounded (the message of its spec)
+RHO_WHY = "rho*statistics and rho**2 must stay finite in the float32 solves"
 
 
 def is_number(v: Any, tensor_ok: bool = False) -> bool:
@@ -44,14 +53,14 @@ class Real(Spec):
     """A finite real number in an interval (``lo``/``hi`` None for unbounded, ``*_open`` for strict
     bounds); ``tensor_ok`` also accepts a 0-dim tensor (``lr`` may be a tensor, as in torch)."""
 
-    def __init__(self, lo=None, hi=None, lo_open=False, hi_open=False, tensor_ok=False):
+    def __init__(self, lo=None, hi=None, lo_open=False, hi_open=False, tensor_ok=False, why: str = ""):
         self.lo, self.hi, self.lo_open, self.hi_open, self.tensor_ok = lo, hi, lo_open, hi_open, tensor_ok
         parts = []
         if lo is not None:
             parts.append(f"{'>' if lo_open else '>='} {lo}")
         if hi is not None:
-            parts.append(f"{'<' if hi_open else '<='} {hi}")
-        self.what = "a finite number" + (" " + " and ".join(parts) if parts else "")
+            parts.append(f"{'<' if hi_open else '<='} {_fmt_bound(hi)}")
+        self.what = "a finite number" + (" " + " and ".join(parts) if parts else "") + (f": {why}" if why else "")
 
     def check(self, key, value):
         if not is_number(value, self.tensor_ok):
@@ -63,6 +72,27 @@ class Real(Spec):
         if ok and self.hi is not None:
             ok = v < self.hi if self.hi_open else v <= self.hi
         if not ok:
+            raise self._value_error(key, value)
+        return value
+
+
+def _fmt_bound(v) -> str:
+    return "2**64 (about 1.8e19)" if v == PENALTY_MAX else str(v)
+
+
+class StepSize(Spec):
+    """The ``lr`` of a proximal (E-MSA) rule: 0 (frozen) or ``2**-64 <= lr <= 2**64``, so that the
+    proximal weight ``δ = 1/lr`` is within :data:`PENALTY_MAX` too (below ``2**-64`` δ overflows
+    the float32 solves); a 0-dim tensor is accepted, as in torch."""
+
+    what = ("0 or a finite number >= 2**-64 (about 5.4e-20) and <= 2**64 (about 1.8e19): the proximal "
+            "weight 1/lr and lr itself must stay within 2**64 for the float32 solves")
+
+    def check(self, key, value):
+        if not is_number(value, True):
+            raise self._type_error(key, value)
+        v = float(value)
+        if not (v == 0.0 or (math.isfinite(v) and 1.0 / PENALTY_MAX <= v <= PENALTY_MAX)):
             raise self._value_error(key, value)
         return value
 

@@ -17,7 +17,7 @@ from .. import distributed as pdist
 from ..capture import CaptureSpec
 from ..hamiltonian import iterative_maximise
 from .affine import _no_states_message
-from .hyper import Choice, Int, Real
+from .hyper import PENALTY_MAX, RHO_WHY, Choice, Int, Real, StepSize
 from .rule import Proposal, Rule, Update
 
 __all__ = ["IterativeEMSARule", "IterativeState"]
@@ -38,8 +38,8 @@ class IterativeEMSARule(Rule):
     module_rule = True
     record_type = IterativeState
     hyper = {
-        "lr": Real(0.0, tensor_ok=True),
-        "rho": Real(0.0),
+        "lr": StepSize(),
+        "rho": Real(0.0, PENALTY_MAX, why=RHO_WHY),
         "inner_steps": Int(1),
         "inner_lr": Real(0.0, lo_open=True),
         "inner_optimizer": Choice(("adam", "sgd", "lbfgs")),

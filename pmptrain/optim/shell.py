@@ -13,7 +13,8 @@ captured states, and runs every step as one transaction:
    the statistics captured since the last ``zero_grad()``, modifying nothing;
 3. **check** — one reduction over ``⟨∇J, Δθ⟩`` of every update (a NaN/Inf in a loss, gradient,
    statistic or update makes it non-finite): if anything is non-finite, nothing changes and the skip
-   is counted;
+   is counted (so is a zero-size batch, before any rule runs; a run of ``SKIP_WARN_AFTER``
+   skipped steps warns);
 4. **apply** — ``θ ← (1 − ηλ)θ + Δθ`` (decoupled weight decay), or the exact new codes;
 5. **commit** — the new state records replace the old ones.
 
@@ -41,8 +42,8 @@ from .. import distributed as pdist
 from .._profile import phase
 from ..capture import ModuleCapture
 from ..modules import adapter_for
-from .hyper import Real, Spec
 from . import ranks
+from .hyper import PENALTY_MAX, Real, Spec
 from .rule import Member, Proposal, Rule, StepContext, Unit
 
 __all__ = ["PMPOptimizer", "StepInfo", "Unsupported", "unwrap_model"]
@@ -53,7 +54,8 @@ _FORMAT = 2
 class StepInfo(dict):
     """Diagnostics of the last step (a dict, for logging).
 
-    Keys: ``skipped`` (bool), ``skip_reason`` (str or None), ``controlled`` (module units updated by
+    Keys: ``skipped`` (bool), ``skip_reason`` (str or None: ``"non-finite loss"``, ``"non-finite
+    gradient"``, ``"non-finite statistics or update in …"``, ``"empty batch (zero samples)"``), ``controlled`` (module units updated by
     their maximiser), ``fallback`` (parameters updated by the fallback), ``hamiltonian_gain``
     (``Σ −⟨∇J, Δθ⟩`` over every rule update, decay excluded: the first-order gain of H); discrete
     configurations add ``"discrete"`` (:class:`~pmptrain.optim.discrete_msa.DiscreteDiagnostics`).
@@ -153,7 +155,7 @@ def _calling_grad_scaler():
 
 
 _SHELL_SPECS: Dict[str, Spec] = {
-    "lr": Real(0.0, tensor_ok=True),
+    "lr": Real(0.0, PENALTY_MAX, tensor_ok=True, why="the step lr*grad must stay finite"),
     "weight_decay": Real(0.0),
 }
 
@@ -222,6 +224,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             self._specs.update(r.group_specs())
         self.units: Dict[str, Unit] = OrderedDict()
         self.skipped_steps = 0
+        self._skip_run = 0  # consecutive skipped steps (warned about at SKIP_WARN_AFTER)
         self.last_step = StepInfo(skipped=False)
         self._warned: set = set()
         self._attach_capture()
@@ -233,6 +236,7 @@ class PMPOptimizer(torch.optim.Optimizer):
 
     def _attach_capture(self) -> None:
         self.capture = ModuleCapture()
+        self.capture.watch_root(self.root)  # tells a zero-size batch from a zero gradient
         self._finalizer = weakref.finalize(self, self.capture.remove, "the optimizer was garbage-collected")
 
     # ------------------------------------------------------------------ configuration interface
@@ -529,10 +533,35 @@ class PMPOptimizer(torch.optim.Optimizer):
                 self._sync_capture()
         return loss
 
+    #: consecutive skipped steps after which :meth:`step` warns (once per run of skips)
+    SKIP_WARN_AFTER = 10
+
     def _skip(self, reason: str) -> None:
         self.skipped_steps += 1
+        self._skip_run = getattr(self, "_skip_run", 0) + 1
+        if self._skip_run == self.SKIP_WARN_AFTER:
+            warnings.warn(
+                f"{type(self).__name__}: the last {self._skip_run} steps were all skipped (this one: {reason}); "
+                "nothing is being trained. opt.skipped_steps counts skipped steps, opt.last_step['skip_reason'] "
+                "says why", RuntimeWarning, stacklevel=6)
         self.last_step = self._step_info(
             StepInfo(skipped=True, skip_reason=reason, controlled=0, fallback=0, hamiltonian_gain=0.0), [])
+
+    def _empty_batch(self, grads_present: List[Tensor]) -> bool:
+        """A zero-size batch on every rank: a recording module's backward pass carried no rows and
+        every gradient is exactly zero (on every rank: the gradients are averaged already, and the
+        row test is reduced across ranks, so every rank decides alike)."""
+        world = pdist.world_size(self.process_group)
+        if world == 1 and not self.capture.saw_empty_pass():
+            return False
+        if any(bool(g.any()) for g in (p.grad for p in grads_present)):
+            return False
+        if world > 1:
+            flag = torch.tensor([0.0 if self.capture.saw_empty_pass() else 1.0], dtype=torch.float64,
+                                device=grads_present[0].device)
+            pdist.all_reduce_sum_([flag], self.process_group)
+            return float(flag) == 0.0
+        return True
 
     def _step_info(self, info: StepInfo, proposals) -> StepInfo:
         """Hook for configurations to add diagnostics (``proposals``: ``[(unit, Proposal)]``)."""
@@ -554,6 +583,11 @@ class PMPOptimizer(torch.optim.Optimizer):
                 pdist.all_reduce_mean_([p.grad for p in grads_present], self.process_group)
             else:
                 self._weighted_grad_sum(weights, world)
+        if self._empty_batch(grads_present):
+            # nothing to learn from, and every statistic would be divided by B = 0: skipped and
+            # counted (the statistics are dropped; no weight, state or moment changes)
+            self._skip("empty batch (zero samples)")
+            return
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
         proposals: List[Tuple[Unit, Proposal]] = []
@@ -598,6 +632,7 @@ class PMPOptimizer(torch.optim.Optimizer):
                     p.add_(u.delta.to(p.dtype), alpha=u.alpha)
         for unit, prop in proposals:
             unit.state = prop.state
+        self._skip_run = 0
         n_mod = sum(1 for unit, _ in proposals if unit.rule.module_rule)
         n_fb = sum(1 for unit, _ in proposals if unit.rule.name == "fallback")
         gain = -float(stacked.sum()) if stacked is not None else 0.0
