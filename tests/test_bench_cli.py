@@ -266,8 +266,7 @@ def test_runs_are_interleaved_seed_major(tmp_path, monkeypatch):
     real = runner.run_one
 
     def recording(cfg, data, name, overrides, seed, *a, **kw):
-        if kw.get("max_steps") is None:
-            order.append((name, dict(overrides).get("lr"), seed))
+        order.append((name, dict(overrides).get("lr"), seed))
         return real(cfg, data, name, overrides, seed, *a, **kw)
 
     monkeypatch.setattr(sweep, "run_one", recording)
