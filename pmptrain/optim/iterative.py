@@ -124,7 +124,8 @@ class IterativeEMSARule(Rule):
             gen = torch.Generator().manual_seed(perturb_seed(int(self.value(group, "perturb_seed")), unit.name,
                                                              unit.state.step))
             # drawn on the CPU (the same draw on every device), then moved to the parameter
-            start = {k: v + a * (2.0 * torch.rand(v.shape, generator=gen, dtype=torch.float64, device="cpu") - 1.0).to(v)
+            start = {k: v + a * (2.0 * torch.rand(v.shape, generator=gen, dtype=torch.float64,
+                                                  device="cpu") - 1.0).to(v)
                      for k, v in theta_k.items()}
         with ctx.capture.paused():
             new = iterative_maximise(
