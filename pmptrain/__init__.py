@@ -2,7 +2,9 @@
 
 Public API (everything else may change):
 
-* continuous optimizers: :class:`EMSA`, :class:`MSA` (``torch.optim.Optimizer`` s taking the model);
+* continuous optimizers: :class:`EMSA`, :class:`MSA` (``torch.optim.Optimizer`` s taking the model;
+  ``EMSA.paper`` the reference code's configuration), :func:`controlled_block` (a whole block as one
+  controlled function of the iterative solver);
 * discrete-weight MSA: :class:`DiscreteMSA` (latent-free), :class:`GroupScheduler` (schedules any
   param-group key, e.g. ρ);
 * low precision: :func:`discretize_`, :func:`discrete_parameters`, grids (:func:`make_grid`, …),
@@ -29,7 +31,18 @@ from .modules import (
     register_module_type,
     unregister_module_type,
 )
-from .optim import EMSA, MSA, TWN, BinaryConnect, Bop, DiscreteMSA, GroupScheduler, PMPOptimizer, StepInfo
+from .optim import (
+    EMSA,
+    MSA,
+    TWN,
+    BinaryConnect,
+    Bop,
+    DiscreteMSA,
+    GroupScheduler,
+    PMPOptimizer,
+    StepInfo,
+    controlled_block,
+)
 from .quant import (
     DiscreteTensor,
     QuantizedActivation,
@@ -46,6 +59,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EMSA",
     "MSA",
+    "controlled_block",
     "PMPOptimizer",
     "StepInfo",
     "DiscreteMSA",

@@ -723,15 +723,17 @@ def augmented_hamiltonian(
     rho: float,
     delta: float,
     linear_correction: Optional[Dict[str, Tensor]] = None,
+    rho_costate: Optional[float] = None,
+    l2: float = 0.0,
 ) -> Tensor:
     r"""The augmented Hamiltonian of a general module, up to a constant, differentiable in ``theta``:
 
     .. math::
 
         \tilde H(θ) = \tfrac1B Σ_s p̂_s·f(x_s, θ) + ⟨e, θ − θ_k⟩
-            − \tfrac{ρ}{2}\tfrac1B Σ_s ‖f(x_s, θ) − f(x_s, θ_k)‖²
-            − \tfrac{ρ}{2}\tfrac1B Σ_s ‖∇_x[p̂_s·f(x_s, θ)] − ∇_x[p̂_s·f(x_s, θ_k)]‖²
-            − \tfrac{δ}{2}‖θ − θ_k‖²
+            − \tfrac{ρ_x}{2}\tfrac1B Σ_s ‖f(x_s, θ) − f(x_s, θ_k)‖²
+            − \tfrac{ρ_p}{2}\tfrac1B Σ_s ‖∇_x[p̂_s·f(x_s, θ)] − ∇_x[p̂_s·f(x_s, θ_k)]‖²
+            − \tfrac{δ}{2}‖θ − θ_k‖² − \tfrac{λ}{2}‖θ‖²
 
     Args:
         fn: ``fn(θ, x, extra) → y``, the module as a function of its parameters
@@ -739,26 +741,33 @@ def augmented_hamiltonian(
         theta / theta_k: parameter dicts θ (requires grad) and θ_k (current, fixed).
         calls: per recorded call ``(x, p̂, extra, y_k, gx_k)`` with ``y_k = f(x, θ_k)`` and
             ``gx_k = ∇_x[p̂·f(x, θ_k)]`` (None when ρ = 0), as prepared by :func:`iterative_maximise`.
-        batch_size: B; rho: ρ; delta: δ.
+        batch_size: B; rho: the state-penalty weight ρ_x; delta: δ ≥ 0 (0: no proximal term).
         linear_correction: ``e`` per parameter (default 0): shifts the linear term of H at θ_k so
             that it equals ``−∇J`` from ``.grad`` (see :func:`iterative_maximise`).
+        rho_costate: the costate-penalty weight ρ_p (default None: ρ_p = ρ_x = ``rho``).
+        l2: λ ≥ 0 of the L2 regulariser ``−(λ/2)‖θ‖²`` inside H (default 0; exact, not linearised:
+            the reference E-MSA's ``msa_reg``).
 
     The costate penalty differentiates the module output with respect to its first input exactly
     (double backward), including overlapping convolution patches.
     """
     b = float(batch_size)
+    rho_p = rho if rho_costate is None else rho_costate
     total = None
     for x, p, extra, y_k, gx_k in calls:
-        xr = x.detach().requires_grad_(rho > 0.0)
+        xr = x.detach().requires_grad_(rho_p > 0.0)
         y = fn(theta, xr, extra)
         term = (p * y).sum() / b
         if rho > 0.0:
             term = term - 0.5 * rho * _sum_pow2(y - y_k) / b
+        if rho_p > 0.0:
             (gx,) = torch.autograd.grad((p * y).sum(), xr, create_graph=True)
-            term = term - 0.5 * rho * _sum_pow2(gx - gx_k) / b
+            term = term - 0.5 * rho_p * _sum_pow2(gx - gx_k) / b
         total = term if total is None else total + term
-    prox = sum(_sum_pow2(theta[k] - theta_k[k]) for k in theta)
-    total = total - 0.5 * delta * prox
+    if delta > 0.0:
+        total = total - 0.5 * delta * sum(_sum_pow2(theta[k] - theta_k[k]) for k in theta)
+    if l2 > 0.0:
+        total = total - 0.5 * l2 * sum(_sum_pow2(theta[k]) for k in theta)
     if linear_correction:
         total = total + sum((linear_correction[k] * (theta[k] - theta_k[k])).sum() for k in linear_correction)
     return total
@@ -775,6 +784,9 @@ def iterative_maximise(
     lr: float = 1.0,
     method: str = "lbfgs",
     ham_grad: Optional[Dict[str, Tensor]] = None,
+    rho_costate: Optional[float] = None,
+    l2: float = 0.0,
+    theta_init: Optional[Dict[str, Tensor]] = None,
 ) -> Dict[str, Tensor]:
     r"""Maximise :func:`augmented_hamiltonian` by ``steps`` iterations of an inner optimiser.
 
@@ -790,15 +802,27 @@ def iterative_maximise(
             Hamiltonian's own gradient). When given, the Hamiltonian's first-order term at θ_k is
             replaced by ``⟨g, θ − θ_k⟩`` — ``H(θ) − ⟨∇H(θ_k), θ − θ_k⟩ + ⟨g, θ − θ_k⟩`` — so the
             curvature of H comes from the captured calls and the linear term from the gradient.
+        rho_costate, l2: the costate-penalty weight ρ_p (default: ``rho``) and the L2 weight λ of
+            :func:`augmented_hamiltonian`.
+        theta_init: where the inner optimiser starts (default: θ_k; the reference E-MSA's toy
+            starts L-BFGS from ``θ_k + a·U(−1, 1)``). The penalties stay centred at θ_k.
 
-    Returns the new parameters θ (detached), started from θ_k.
+    ``delta = 0`` (no proximal term) is allowed with ``method="lbfgs"`` only: the line search keeps
+    the inner problem's steps finite, a fixed-step Adam/SGD ascent of an unbounded H would not.
+
+    Returns the new parameters θ (detached), started from ``theta_init`` (default θ_k).
     """
+    if not (delta >= 0.0 and math.isfinite(delta)):
+        raise ValueError(f"iterative_maximise: delta must be a finite number >= 0, got {delta!r}")
+    if delta == 0.0 and method != "lbfgs":
+        raise ValueError(f"iterative_maximise: delta = 0 (no proximal term) needs method='lbfgs', got {method!r}")
+    rho_p = rho if rho_costate is None else rho_costate
     prepared = []
     for x, p, extra in calls:
         with torch.enable_grad():
-            xr = x.detach().requires_grad_(rho > 0.0)
+            xr = x.detach().requires_grad_(rho_p > 0.0)
             y_k = fn(theta_k, xr, extra)
-            gx_k = torch.autograd.grad((p * y_k).sum(), xr)[0].detach() if rho > 0.0 else None
+            gx_k = torch.autograd.grad((p * y_k).sum(), xr)[0].detach() if rho_p > 0.0 else None
         prepared.append((x, p, extra, y_k.detach(), gx_k))
     correction = None
     if ham_grad is not None:
@@ -811,7 +835,10 @@ def iterative_maximise(
             k: ham_grad[k] - (g if g is not None else torch.zeros_like(ham_grad[k]))
             for k, g in zip(names, grads)
         }
-    theta = {k: v.detach().clone().requires_grad_(True) for k, v in theta_k.items()}
+    start = theta_k if theta_init is None else theta_init
+    if set(start) != set(theta_k):
+        raise ValueError(f"iterative_maximise: theta_init has keys {sorted(start)}, theta_k {sorted(theta_k)}")
+    theta = {k: start[k].detach().clone().requires_grad_(True) for k in theta_k}
     params = list(theta.values())
     if method == "adam":
         inner = torch.optim.Adam(params, lr=lr)
@@ -825,7 +852,8 @@ def iterative_maximise(
     def closure():
         inner.zero_grad()
         with torch.enable_grad():
-            loss = -augmented_hamiltonian(fn, theta, theta_k, prepared, batch_size, rho, delta, correction)
+            loss = -augmented_hamiltonian(fn, theta, theta_k, prepared, batch_size, rho, delta, correction,
+                                          rho_p, l2)
             loss.backward()
         return loss
 

@@ -22,6 +22,9 @@ emsa-costate       float           EMSA, ρ = 5 × rms costate    lr 1e3     1e2
                                    (rho_scale="costate")
 emsa-iterative     float           EMSA solver="iterative"      lr 1.0     0.3, 1.0, 3.0
                                    (10 L-BFGS inner iterations)
+emsa-paper         float           EMSA.paper: the reference    ρ 1.0      0.3, 1.0, 3.0
+                                   code's E-MSA (whole residual
+                                   blocks, sums, δ = 0, L2 1e-3)
 binary-msa         {−1, +1}        DiscreteMSA, decay 0.999     ρ 0.5      0.5, 0.8, 0.95
 ternary-msa        {−1, 0, +1}     DiscreteMSA, decay 0.999,    ρ 0.95     0.5, 0.8, 0.95
                                    relative λ 0.2
@@ -191,6 +194,25 @@ def _emsa(model, weight_decay=0.0, **kw):
     return EMSA(model, params, **kw)
 
 
+#: The bench's residual blocks that ``emsa-paper`` controls as whole blocks (module class names in
+#: :mod:`pmptrain.bench.models`), as the reference code's residual layers are.
+PAPER_BLOCKS = ("TanhResidualBlock",)
+
+
+def _emsa_paper(model, blocks=None, weight_decay=0.0, **kw):
+    """:meth:`pmptrain.EMSA.paper`; ``blocks`` (module names) default to every instance of
+    :data:`PAPER_BLOCKS` in the model (none: every module with parameters is its own unit)."""
+    from ..optim import EMSA
+    from . import models as bench_models
+
+    if blocks is None:
+        root = getattr(model, "module", model)
+        types = tuple(getattr(bench_models, n) for n in PAPER_BLOCKS if hasattr(bench_models, n))
+        blocks = tuple(t for t in types if any(isinstance(m, t) for m in root.modules()))
+    params = decay_groups(model, weight_decay) if weight_decay else None
+    return EMSA.paper(model, params, blocks=blocks, **kw)
+
+
 def _pytorch_optimizer(name: str):
     try:
         import pytorch_optimizer
@@ -293,6 +315,13 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                        "inner_lr": 1.0, "inner_optimizer": "lbfgs"},
                       "lr", (0.3, 1.0, 3.0), takes_wrapper=True,
                       forwards_to="EMSA", description="iterative E-MSA: 10 L-BFGS iterations on the augmented Hamiltonian"),
+        OptimizerSpec("emsa-paper", _emsa_paper,
+                      {"lr": 1.0, "rho": 1.0, "solver": "iterative", "inner_steps": 10, "inner_lr": 1.0,
+                       "inner_optimizer": "lbfgs", "penalty_units": "sum", "proximal": False, "l2": 1e-3,
+                       "perturb_init": 0.0},
+                      "rho", (0.3, 1.0, 3.0), takes_wrapper=True, forwards_to="EMSA",
+                      description="the reference code's E-MSA (EMSA.paper): whole residual blocks, 10 L-BFGS "
+                                  "iterations, penalties summed over the batch, no proximal term, L2 1e-3 in H"),
         OptimizerSpec("binary-msa", _discrete_msa, {"rho": 0.5, "decay": 0.999}, "rho", _RHO_GRID,
                       levels="binary", takes_wrapper=True,
                       forwards_to="DiscreteMSA", description="latent-free discrete MSA on {-1, +1}, Li & Hao's rho 0.5"),

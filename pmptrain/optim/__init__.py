@@ -5,11 +5,11 @@
 from .baselines import TWN, BinaryConnect, Bop
 from .discrete_config import DiscreteDiagnostics
 from .discrete_msa import DiscreteMSA, GroupScheduler
-from .emsa import EMSA, MSA
+from .emsa import EMSA, MSA, controlled_block
 from .rule import Proposal, Rule, StepContext, Unit, Update
 from .shell import PMPOptimizer, StepInfo, Unsupported
 
 __all__ = [
-    "EMSA", "MSA", "DiscreteMSA", "GroupScheduler", "DiscreteDiagnostics", "BinaryConnect", "TWN", "Bop",
+    "EMSA", "MSA", "controlled_block", "DiscreteMSA", "GroupScheduler", "DiscreteDiagnostics", "BinaryConnect", "TWN", "Bop",
     "PMPOptimizer", "StepInfo", "Unsupported", "Rule", "Unit", "Update", "Proposal", "StepContext",
 ]

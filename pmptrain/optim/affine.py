@@ -19,6 +19,7 @@ Each bias is eliminated exactly (``Δb = (g_b − ρΔW x̄)/(ρL + δ_b)``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from ..hamiltonian import (
     solve_sylvester,
     sylvester_in_eigenbases,
 )
-from .hyper import PENALTY_MAX, RHO_WHY, Choice, Flag, Int, Real, StepSize
+from .hyper import PENALTY_MAX, RHO_WHY, Choice, Flag, Int, Maybe, Real, StepSize
 from .rule import Member, Proposal, Rule, StepContext, Unit, Update
 
 __all__ = ["AffineEMSARule", "AffineState", "RunningStats", "join_reason"]
@@ -109,6 +110,10 @@ class EMSARuleBase(Rule):
       ``1/s``, so the step is exactly ``s`` times the step at ``base_lr``);
     * ``rho_scale`` — ``none`` (ρ as given) or ``costate`` (ρ in units of the unit's rms costate
       entry: ``ρ_t = ρ·r_t``, :func:`~pmptrain.hamiltonian.costate_rms`);
+    * ``rho_state``, ``rho_costate`` — the weights ρ_x, ρ_p of the state and costate penalties
+      (None: ``rho``); ``penalty_units`` — ``mean`` (the penalties are means over the B samples) or
+      ``sum`` (sums, as in the reference code: ρ_x·B and ρ_p/B in mean units). Schedules and
+      ``rho_scale`` scale both alike; the closed form needs ρ_x > 0 whenever ρ_p > 0;
     * ``route`` — ``auto``/``primal``/``gram``: how each side's statistic is kept and solved;
     * ``costate`` — ``exact``, ``isotropic`` (``C_p ≈ tr(C_p)/m·I``) or ``auto`` (isotropic when a
       side is in Gram form, i.e. fewer rows than features; exact otherwise);
@@ -127,6 +132,9 @@ class EMSARuleBase(Rule):
         "lr": StepSize(),
         "rho": Real(0.0, PENALTY_MAX, why=RHO_WHY),
         "rho_scale": Choice(("none", "costate")),
+        "rho_state": Maybe(Real(0.0, PENALTY_MAX, why=RHO_WHY)),
+        "rho_costate": Maybe(Real(0.0, PENALTY_MAX, why=RHO_WHY)),
+        "penalty_units": Choice(("mean", "sum")),
         "route": Choice(("auto", "primal", "gram")),
         "costate": Choice(("auto", "exact", "isotropic")),
         "stat_decay": Real(0.0, 1.0, hi_open=True),
@@ -138,7 +146,7 @@ class EMSARuleBase(Rule):
     decay_key = "fallback_lr"
     #: the defaults of the solver options (every key of ``hyper`` but lr and rho), as in ``EMSA``'s
     #: signature; configurations that do not expose them (DiscreteMSA's kept layers) use these
-    SOLVER_DEFAULTS = dict(rho_scale="none", route="auto", costate="auto", stat_decay=0.0, stat_every=1,
+    SOLVER_DEFAULTS = dict(rho_scale="none", rho_state=None, rho_costate=None, penalty_units="mean", route="auto", costate="auto", stat_decay=0.0, stat_every=1,
                            eig_refresh=1, eig_floor=0.0, eig_float64=False)
 
     def __init__(self, keys=None):
@@ -172,17 +180,33 @@ class EMSARuleBase(Rule):
         return type(st)(**{**vars(st), "step": st.step + 1})
 
     def capture_active(self, group) -> bool:
-        return float(self.value(group, "rho")) != 0.0
+        return self.state_rho(group) != 0.0
+
+    def state_rho(self, group) -> float:
+        """The nominal state-penalty weight: ``rho_state``, or ``rho`` when it is None (0: no
+        penalty, the step is ``−η·∇J``)."""
+        return float(penalty_bases(self, group)[0])
+
+    def costate_ratio(self, group, batch: float) -> float:
+        """``ρ_p/ρ_x`` of this step (``batch``: the B of the penalties' means)."""
+        rx, rp = penalty_bases(self, group)
+        if self.value(group, "penalty_units") == "sum":
+            rx, rp = rx * batch, rp / batch
+        return rp / rx
 
     def costate_scaled(self, group) -> bool:
         return self.value(group, "rho_scale") == "costate"
 
-    def effective_rho(self, group, ctx: StepContext, costate_parts=None) -> float:
-        """The ρ of this step: ``ρ/s`` with ``s = lr/base_lr`` (unchanged while ``lr = 0``), times
+    def effective_rho(self, group, ctx: StepContext, costate_parts=None, batch: float = 1.0) -> float:
+        """The state-penalty weight ρ_x of this step (:meth:`state_rho`, times ``batch`` = B with
+        ``penalty_units="sum"``): ``ρ_x/s`` with ``s = lr/base_lr`` (unchanged while ``lr = 0``), times
         the rms costate entry ``r`` of ``costate_parts()`` (a callable returning ``(tr C_p, m, L, B)``
         per member, called only when ``rho_scale="costate"``; docs/algorithms.md, "The units of ρ,
-        and schedules")."""
-        rho = ctx.scheduled_penalty(group, float(self.value(group, "rho")))
+        and schedules"). The costate weight is this times :meth:`costate_ratio`."""
+        rho = self.state_rho(group)
+        if self.value(group, "penalty_units") == "sum":
+            rho *= float(batch)
+        rho = ctx.scheduled_penalty(group, rho)
         if self.costate_scaled(group):
             parts = costate_parts()
             if not parts:  # the backward pass ran before rho_scale was set: nothing was recorded
@@ -336,7 +360,7 @@ class AffineEMSARule(EMSARuleBase):
         rows_s, cols_s = w.shape[0], w[0].numel()
         gw2 = gw.reshape(rows_s, cols_s) if gw is not None else torch.zeros(rows_s, cols_s, dtype=w.dtype, device=w.device)
         eta_w = ctx.step_size(group, self.key("lr"))
-        rho = float(self.value(group, "rho"))
+        rho = self.state_rho(group)
         etas = {id(b): ctx.step_size(ctx.group(b), self.key("lr")) for _, b, _ in biases}
         decay_w = ctx.decay(w, self.decay_key)
         state: AffineState = unit.state
@@ -376,7 +400,12 @@ class AffineEMSARule(EMSARuleBase):
                             delta_b=delta_b_of.get(id(mb)) if gb_of.get(id(mb)) is not None else None))
                         for mb, run in zip(members, state.running)]
             present = [r for r in raws if r is not None]
-            rho = self.effective_rho(group, ctx, lambda: self._costate_parts(members, raws))
+            batch = present[0].samples if present else 1.0
+            rho = self.effective_rho(group, ctx, lambda: self._costate_parts(members, raws), batch)
+            ratio = self.costate_ratio(group, batch)
+            if ratio != 1.0:  # ρ_p ≠ ρ_x: the costate statistic carries ρ_p/ρ_x (the solve uses ρ = ρ_x)
+                raws = [None if r is None else scale_costate(r, ratio) for r in raws]
+                present = [r for r in raws if r is not None]
         with phase("solve"):
             s, left, right = affine_system(gw2.to(dt), present, rho)
             if eta_w > 0.0:
@@ -457,6 +486,21 @@ def _member_from_running(r: RunningStats, like: Optional[AffineMember]) -> Affin
                         grad_b=like.grad_b if like is not None else None,
                         delta_b=like.delta_b if like is not None else None,
                         p_trace=r.p_trace if r.p_trace is not None else (like.p_trace if like is not None else None))
+
+
+def penalty_bases(rule, group) -> tuple:
+    """``(ρ_x, ρ_p)`` as given: ``rho_state`` / ``rho_costate``, each ``rho`` when None."""
+    rho = float(rule.value(group, "rho"))
+    rx, rp = rule.value(group, "rho_state"), rule.value(group, "rho_costate")
+    return (rho if rx is None else float(rx)), (rho if rp is None else float(rp))
+
+
+def scale_costate(raw: AffineMember, k: float) -> AffineMember:
+    """``raw`` with its costate statistic multiplied by ``k`` (``C_p → k·C_p``)."""
+    return dataclasses.replace(
+        raw, tau=None if raw.tau is None else raw.tau * k,
+        cpp=None if raw.cpp is None else raw.cpp * k,
+        p_rows=None if raw.p_rows is None else raw.p_rows * math.sqrt(k))
 
 
 def _no_states_message(name: str) -> str:

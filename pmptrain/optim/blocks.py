@@ -88,7 +88,7 @@ class ChannelEMSARule(EMSARuleBase):
         if all(g is None for _, g in grads):
             return None
         group = ctx.group(unit.primary)
-        rho = float(self.value(group, "rho"))
+        rho = self.state_rho(group)
         if rho == 0.0 or st is None:
             return self._sgd(unit, ctx, grads)
         dev, dt = unit.primary.device, _dtype(unit.primary)
@@ -121,11 +121,12 @@ class ChannelEMSARule(EMSARuleBase):
             return -g.to(dt).reshape(-1), 1.0 / steps[id(p)]
 
         (gs, ds), (gb, db) = free(scale), free(shift)
-        rho = self.effective_rho(group, ctx)
+        rho = self.effective_rho(group, ctx, batch=b_)
         ups = []
         if gs is not None or gb is not None:
             with phase("solve"):
-                d_scale, d_shift = solve_channel_affine(gs, gb, a, b, e, L, 1.0, rho, ds, db)
+                d_scale, d_shift = solve_channel_affine(gs, gb, a, b, e * self.costate_ratio(group, b_), L, 1.0,
+                                                        rho, ds, db)
         else:
             d_scale = d_shift = None
         for p, d in ((scale, d_scale), (shift, d_shift)):
@@ -183,7 +184,7 @@ class GroupedEMSARule(EMSARuleBase):
         if gw is None and gb is None:
             return None
         group = ctx.group(w)
-        rho = float(self.value(group, "rho"))
+        rho = self.state_rho(group)
         if rho == 0.0 or st is None:
             return self._sgd(unit, ctx, grads)
         dev, dt = w.device, _dtype(w)
@@ -213,7 +214,9 @@ class GroupedEMSARule(EMSARuleBase):
         costate = cpp
         if self.value(group, "costate") == "isotropic" and beta == 0.0:
             costate = cpp.diagonal(dim1=1, dim2=2).sum(-1) / m_g
-        rho = self.effective_rho(group, ctx, lambda: [(float(cpp.diagonal(dim1=1, dim2=2).sum()), g * m_g, L, 1.0)])
+        costate = costate * self.costate_ratio(group, b_)  # ρ_p/ρ_x: the solve uses ρ = ρ_x
+        rho = self.effective_rho(group, ctx, lambda: [(float(cpp.diagonal(dim1=1, dim2=2).sum()), g * m_g, L, 1.0)],
+                                 batch=b_)
         eta_w = self._steps(ctx, [w])[id(w)] if gw is not None else 0.0
         eta_b = self._steps(ctx, [bias])[id(bias)] if gb is not None else 0.0
         if eta_w == 0.0 and eta_b == 0.0:

@@ -21,9 +21,51 @@ from .blocks import ChannelEMSARule, GroupedEMSARule
 from .elementwise import FallbackRule
 from .hyper import Choice
 from .iterative import IterativeEMSARule
-from .shell import PMPOptimizer, Unsupported
+from .shell import PMPOptimizer, Unsupported, unwrap_model
 
-__all__ = ["EMSA", "MSA"]
+__all__ = ["EMSA", "MSA", "controlled_block"]
+
+
+def controlled_block(module: nn.Module) -> nn.Module:
+    """Mark ``module`` as one controlled block for the iterative E-MSA solver (returns it): its
+    whole forward, activation and residual included, is the controlled function of every parameter
+    inside it (see ``EMSA(blocks=...)``, which does the same by class or name). The closed form
+    ignores the mark (it solves the affine modules inside)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"controlled_block: expected an nn.Module, got {type(module).__name__}")
+    module._pmptrain_block = True
+    return module
+
+
+def _check_blocks(blocks, model, solver):
+    """``(types, names)`` of ``EMSA(blocks=...)``, each entry checked."""
+    if isinstance(blocks, (str, type)):
+        blocks = (blocks,)
+    try:
+        entries = list(blocks)
+    except TypeError:
+        raise TypeError(f"invalid blocks={blocks!r}: must be a list of module classes and/or module names") from None
+    if entries and solver != "iterative":
+        raise ValueError(
+            f"invalid blocks={blocks!r} with solver={solver!r}: a block is a controlled function of the iterative "
+            "solver (the closed form maximises the affine modules inside it); use solver='iterative'")
+    root = unwrap_model(model)[0] if isinstance(model, nn.Module) else None
+    named = dict(root.named_modules()) if root is not None else {}
+    types, names = [], set()
+    for b in entries:
+        if isinstance(b, type) and issubclass(b, nn.Module):
+            if root is not None and not any(isinstance(m, b) for m in named.values()):
+                raise ValueError(f"invalid blocks: no module of the model is a {b.__name__}")
+            types.append(b)
+        elif isinstance(b, str):
+            if root is not None and b not in named:
+                raise ValueError(f"invalid blocks: module {b!r} does not exist in the model")
+            if b == "":
+                raise ValueError("invalid blocks: '' is the whole model, not a block (name its submodules)")
+            names.add(b)
+        else:
+            raise TypeError(f"invalid blocks entry {b!r}: must be an nn.Module subclass or a module name")
+    return tuple(types), names
 
 
 class EMSA(PMPOptimizer):
@@ -93,7 +135,34 @@ class EMSA(PMPOptimizer):
         weight_decay: decoupled weight decay λ ≥ 0 (default 0).
         solver: ``"closed"`` (default) or ``"iterative"`` — ``inner_steps`` iterations of
             ``inner_optimizer`` (``"lbfgs"``, ``"adam"``, ``"sgd"``) with step ``inner_lr`` on the
-            augmented Hamiltonian of *every* module with parameters (defaults 10, 1.0, ``"lbfgs"``).
+            augmented Hamiltonian of *every* module with parameters (defaults 10, 1.0, ``"lbfgs"``;
+            L-BFGS runs at most ``inner_steps`` iterations, scipy L-BFGS-B's ``maxiter``).
+        rho_state, rho_costate: ρ_x and ρ_p ≥ 0, the weights of the state and the costate penalty
+            (default None: both ``rho``). The closed form needs ρ_x > 0 whenever ρ_p > 0.
+        penalty_units: ``"mean"`` (default: each penalty is a mean over the B samples of the step)
+            or ``"sum"`` (a sum over them, as in the reference code of Li et al.: in mean units the
+            state weight is ρ_x·B and the costate weight ρ_p/B, B counted as in the Note below).
+            ``"sum"`` needs the statistics of the step itself (``stat_decay=0``, ``stat_every=1``).
+        proximal: True (default): the proximal term with δ = 1/lr; False: δ = 0, no proximal term,
+            as in the reference (``solver="iterative"`` with ``inner_optimizer="lbfgs"`` only: the
+            line search bounds the inner steps; ``lr`` then only scales the penalties under a
+            schedule, ``ρ/s``, and ``lr = 0`` still freezes).
+        l2: λ ≥ 0, an L2 regulariser ``−(λ/2)‖θ‖²`` inside H of every controlled unit (default 0;
+            ``solver="iterative"`` only; exact, not linearised, and not scaled by schedules). Do not
+            also add it to the loss you backward (its gradient would then count twice); report the
+            regularised objective with :meth:`l2_penalty`. Not weight decay (which is decoupled).
+        perturb_init: a ≥ 0: the inner solver starts from ``θ_k + a·U(−1, 1)`` instead of θ_k
+            (default 0; ``solver="iterative"`` only) — the reference's sin toy uses 0.005, which
+            breaks the symmetry of zero-initialised blocks with a repeated input.
+        perturb_seed: seed of those draws (default 0); each unit's draw at its k-th step depends on
+            the seed, the unit's name and k only, so runs are reproducible and resume identically.
+        blocks: controlled blocks for ``solver="iterative"``: module classes (every instance) and/or
+            module names (``model.named_modules()``). A block is one unit: its controlled function
+            ``f_t(x, θ)`` is the whole module — activation, residual and submodules included —, θ
+            every parameter inside it, and its submodules get no unit of their own (the outermost
+            block wins). Modules marked with :func:`pmptrain.controlled_block` are blocks too. E.g.
+            ``blocks=(TanhResidualBlock,)`` maximises ``x + 0.25·tanh(xK + b)`` as a whole, as the
+            reference code does, instead of the ``nn.Linear`` inside it.
         exclude: names of modules (``model.named_modules()``) that take the fallback step.
         strict: raise instead of warning when any parameter would take the fallback step, whatever
             the reason (modules listed in ``exclude`` are the accepted exceptions).
@@ -140,12 +209,21 @@ class EMSA(PMPOptimizer):
         inner_steps: int = 10,
         inner_lr: float = 1.0,
         inner_optimizer: str = "lbfgs",
+        rho_state: Optional[float] = None,
+        rho_costate: Optional[float] = None,
+        penalty_units: str = "mean",
+        proximal: bool = True,
+        l2: float = 0.0,
+        perturb_init: float = 0.0,
+        perturb_seed: int = 0,
+        blocks: Sequence = (),
         exclude: Sequence[str] = (),
         strict: bool = False,
         process_group=None,
         grad_scaler=None,
     ):
         self.solver = Choice(("closed", "iterative")).check("solver", solver)
+        self._block_types, self._block_names = _check_blocks(blocks, model, self.solver)
         self._by_kind = {"matrix": AffineEMSARule(), "grouped": GroupedEMSARule(), "channel": ChannelEMSARule()}
         self._iterative = IterativeEMSARule()
         self._fallback = FallbackRule()
@@ -154,10 +232,53 @@ class EMSA(PMPOptimizer):
             stat_every=stat_every, eig_refresh=eig_refresh,
             eig_floor=eig_floor, eig_float64=eig_float64, fallback=fallback, fallback_lr=fallback_lr,
             betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, inner_steps=inner_steps,
-            inner_lr=inner_lr, inner_optimizer=inner_optimizer,
+            inner_lr=inner_lr, inner_optimizer=inner_optimizer, rho_state=rho_state, rho_costate=rho_costate,
+            penalty_units=penalty_units, proximal=proximal, l2=l2, perturb_init=perturb_init,
+            perturb_seed=perturb_seed,
         )
         super().__init__(model, params, defaults, [*self._by_kind.values(), self._iterative, self._fallback],
                          strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler)
+
+    @classmethod
+    def paper(cls, model: nn.Module, params: Optional[Iterable] = None, **overrides) -> "EMSA":
+        r"""The E-MSA of the reference code of Li, Chen, Tai & E (``LiQianxiao/MaxPrinciple-DeepLearning``,
+        msalib/train.py, msalib/layers.py, config.yml): per controlled unit, L-BFGS (at most 10
+        iterations, scipy's ``maxiter=10``) on
+
+        .. math::
+
+            H(θ) − \tfrac{ρ}{2}Σ_s‖f(x_s,θ) − x_{s+1}‖² − \tfrac{ρ}{2}Σ_s‖∇_x H_s(θ) − p_s‖²,
+            \quad H(θ) = Σ_s p_s·f(x_s, θ) − λ·\tfrac12‖θ‖²,
+
+        penalties summed over the batch (``penalty_units="sum"``), no proximal term
+        (``proximal=False``), ``λ = l2 = 1e-3``, ρ = 1 (the toy's ``config.yml``; its MNIST run uses
+        ``rho=0.03``), the inner start θ_k (``perturb_init=0``; the toy uses 0.005). Every keyword
+        of :class:`EMSA` may be overridden; pass ``blocks=`` to make whole residual blocks the
+        controlled functions, as the reference's ``ResidualDense`` layers are. The preset's values
+        are :attr:`PAPER`. Report the regularised objective with :meth:`l2_penalty`.
+        """
+        kwargs = dict(cls.PAPER)
+        kwargs.update(overrides)
+        return cls(model, params, **kwargs)
+
+    #: The reference configuration of :meth:`paper`.
+    PAPER = dict(solver="iterative", inner_optimizer="lbfgs", inner_steps=10, inner_lr=1.0, lr=1.0, rho=1.0,
+                 penalty_units="sum", proximal=False, l2=1e-3, perturb_init=0.0)
+
+    def l2_penalty(self) -> float:
+        """``Σ_groups (λ/2)‖θ‖²`` over the parameters of every group with ``l2 = λ > 0``: what the
+        reference adds to the data loss when it reports the training loss."""
+        total = 0.0
+        for g in self.param_groups:
+            lam = float(g.get("l2", 0.0))
+            if lam > 0.0:
+                total += 0.5 * lam * sum(float(p.detach().double().pow(2).sum()) for p in g["params"])
+        return total
+
+    def _is_block(self, name, module):
+        return (name in self._block_names or bool(getattr(module, "_pmptrain_block", False))
+                or (bool(self._block_types) and isinstance(module, self._block_types))) \
+            and self.solver == "iterative"
 
     def _validate_group(self, group):
         if self.solver == "iterative" and group.get("rho_scale", "none") != "none":
@@ -165,6 +286,34 @@ class EMSA(PMPOptimizer):
                 f"invalid rho_scale={group['rho_scale']!r} with solver='iterative': the costate scale "
                 "is a closed-form option (use rho_scale='none')"
             )
+        if self.solver == "closed":
+            for key, off, why in (("proximal", True, "without a proximal term"),
+                                  ("l2", 0.0, "with an L2 term inside H"),
+                                  ("perturb_init", 0.0, "with a perturbed inner start")):
+                if key in group and group[key] != off:
+                    raise ValueError(
+                        f"invalid {key}={group[key]!r} with solver='closed': maximising {why} is an option "
+                        "of the iterative solver (solver='iterative'); for the closed form add an L2 term "
+                        "to the loss instead")
+            rho = float(group.get("rho", 0.0))
+            rx = group.get("rho_state")
+            rp = group.get("rho_costate")
+            rx = rho if rx is None else float(rx)
+            rp = rho if rp is None else float(rp)
+            if rx == 0.0 and rp > 0.0:
+                raise ValueError(
+                    f"invalid rho_state=0 with a costate weight {rp!r} > 0: the closed form needs a state "
+                    "penalty whenever it has a costate penalty (use solver='iterative')")
+        elif not group.get("proximal", True) and group.get("inner_optimizer") != "lbfgs":
+            raise ValueError(
+                f"invalid proximal=False with inner_optimizer={group.get('inner_optimizer')!r}: without a "
+                "proximal term only L-BFGS's line search keeps the inner steps bounded (use 'lbfgs')")
+        if group.get("penalty_units") == "sum":
+            for key, off in (("stat_decay", 0.0), ("stat_every", 1)):
+                if float(group.get(key, off)) != off:
+                    raise ValueError(
+                        f"invalid {key}={group[key]!r} with penalty_units='sum': sums over the batch need "
+                        "the statistics of the step itself (stat_decay=0, stat_every=1)")
         for key, off, what in (("stat_decay", 0.0, "running averages"), ("stat_every", 1, "amortised statistics")):
             if group.get("costate") == "isotropic" and float(group.get(key, off)) > off:
                 raise ValueError(

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["Spec", "Real", "Int", "Choice", "Pair", "Flag", "StepSize", "is_number", "PENALTY_MAX", "RHO_WHY"]
+__all__ = ["Spec", "Real", "Int", "Choice", "Pair", "Flag", "StepSize", "Maybe", "is_number", "PENALTY_MAX", "RHO_WHY"]
 
 #: The largest penalty weight (ρ, δ = 1/lr, an eigenvalue floor) and step size the solvers accept:
 #: ``2**64 ≈ 1.8e19 = √(float32 max)``. The closed forms compute in float32 (for float32, float16
@@ -151,3 +151,21 @@ class Pair(Spec):
         for i, v in enumerate(value):
             self.elem.check(f"{key}[{i}]", v)
         return tuple(value)
+
+
+class Maybe(Spec):
+    """None (the option is off / takes its default) or a value checked by ``elem``."""
+
+    def __init__(self, elem: Spec):
+        self.elem = elem
+        self.what = f"None or {elem.what}"
+
+    def check(self, key, value):
+        if value is None:
+            return None
+        try:
+            return self.elem.check(key, value)
+        except TypeError:
+            raise self._type_error(key, value) from None
+        except ValueError:
+            raise self._value_error(key, value) from None

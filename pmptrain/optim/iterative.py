@@ -9,18 +9,21 @@ and the two feasibility penalties (docs/algorithms.md §3).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+
+import torch
 
 from torch.func import functional_call
 
 from .. import distributed as pdist
 from ..capture import CaptureSpec
 from ..hamiltonian import iterative_maximise
-from .affine import _no_states_message
-from .hyper import PENALTY_MAX, RHO_WHY, Choice, Int, Real, StepSize
+from .affine import _no_states_message, penalty_bases
+from .hyper import PENALTY_MAX, RHO_WHY, Choice, Flag, Int, Maybe, Real, StepSize
 from .rule import Proposal, Rule, Update
 
-__all__ = ["IterativeEMSARule", "IterativeState"]
+__all__ = ["IterativeEMSARule", "IterativeState", "perturb_seed"]
 
 
 @dataclass
@@ -31,8 +34,17 @@ class IterativeState:
 class IterativeEMSARule(Rule):
     r"""``θ ← argmax H̃_t(θ)`` by ``inner_steps`` iterations of ``inner_optimizer`` (``lbfgs``,
     ``adam``, ``sgd``) with step ``inner_lr``; ``δ = 1/lr`` per module (the group of its first
-    parameter), ρ the feasibility weight (``ρ/s`` under a schedule ``s = lr/base_lr``). Whole calls are recorded (inputs and keyword inputs),
-    and every rank's calls are evaluated separately, as each rank's forward pass saw them."""
+    parameter; ``proximal=False``: δ = 0, L-BFGS only), the feasibility weights ``ρ_x`` / ``ρ_p``
+    (``rho_state`` / ``rho_costate``, each ``rho`` when None; ``penalty_units="sum"``: ``ρ_x·B`` and
+    ``ρ_p/B``; both ``/s`` under a schedule ``s = lr/base_lr``), ``l2`` = λ of ``−(λ/2)‖θ‖²`` in H
+    (not scheduled: it is part of the objective), and the inner start ``θ_k + a·U(−1, 1)`` with
+    ``a = perturb_init`` (default 0: θ_k), drawn from a generator seeded by ``perturb_seed``, the
+    unit's name and its step count (deterministic, and the same after a checkpoint resume).
+
+    A unit is a module with parameters, or a controlled block (``EMSA(blocks=...)``): the whole
+    block, activation and residual included, is the controlled function ``f_t(x, θ)`` of every
+    parameter inside it. Whole calls are recorded (inputs and keyword inputs), and every rank's
+    calls are evaluated separately, as each rank's forward pass saw them."""
 
     name = "emsa-iterative"
     module_rule = True
@@ -40,6 +52,13 @@ class IterativeEMSARule(Rule):
     hyper = {
         "lr": StepSize(),
         "rho": Real(0.0, PENALTY_MAX, why=RHO_WHY),
+        "rho_state": Maybe(Real(0.0, PENALTY_MAX, why=RHO_WHY)),
+        "rho_costate": Maybe(Real(0.0, PENALTY_MAX, why=RHO_WHY)),
+        "penalty_units": Choice(("mean", "sum")),
+        "proximal": Flag(),
+        "l2": Real(0.0, PENALTY_MAX, why="the L2 weight must stay finite"),
+        "perturb_init": Real(0.0, PENALTY_MAX, why="the perturbation must stay finite"),
+        "perturb_seed": Int(0),
         "inner_steps": Int(1),
         "inner_lr": Real(0.0, lo_open=True),
         "inner_optimizer": Choice(("adam", "sgd", "lbfgs")),
@@ -60,7 +79,7 @@ class IterativeEMSARule(Rule):
         member = unit.members[0]
         module = member.module
         st = ctx.capture.pop(member.name)
-        names = dict(module.named_parameters(recurse=False))
+        names = dict(module.named_parameters())  # recursive: a controlled block's unit holds its submodules
         own = {k: v for k, v in names.items() if any(v is p for p in unit.params)}
         grads = {k: ctx.grad(v) for k, v in own.items()}
         params = {k: v for k, v in own.items() if grads[k] is not None}
@@ -79,7 +98,7 @@ class IterativeEMSARule(Rule):
                 raise RuntimeError(_no_states_message(member.name))
             return Proposal([Update(v, grads[k].mul(0.0), decay=decays[k]) for k, v in params.items()], new_state)
         theta_k = {k: v.detach() for k, v in params.items()}
-        buffers = {k: v.detach().clone() for k, v in module.named_buffers(recurse=False)}
+        buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
         scale = -float(samples) * ctx.costate_inv_scale
         calls = []
         for args, kwargs, g in st.calls:
@@ -94,10 +113,31 @@ class IterativeEMSARule(Rule):
             rest, kwargs = extra
             return functional_call(module, {**theta, **buffers}, (x,) + tuple(rest), kwargs)
 
+        rho_x, rho_p = penalty_bases(self, group)
+        if self.value(group, "penalty_units") == "sum":
+            rho_x, rho_p = rho_x * union, rho_p / union
+        rho_x, rho_p = ctx.scheduled_penalty(group, rho_x), ctx.scheduled_penalty(group, rho_p)
+        delta = 1.0 / eta if self.value(group, "proximal") else 0.0
+        start = None
+        a = float(self.value(group, "perturb_init"))
+        if a > 0.0:
+            gen = torch.Generator().manual_seed(perturb_seed(int(self.value(group, "perturb_seed")), unit.name,
+                                                             unit.state.step))
+            # drawn on the CPU (the same draw on every device), then moved to the parameter
+            start = {k: v + a * (2.0 * torch.rand(v.shape, generator=gen, dtype=torch.float64,
+                                                  device="cpu") - 1.0).to(v)
+                     for k, v in theta_k.items()}
         with ctx.capture.paused():
             new = iterative_maximise(
-                fn, theta_k, calls, union, ctx.scheduled_penalty(group, float(self.value(group, "rho"))), 1.0 / eta,
+                fn, theta_k, calls, union, rho_x, delta,
                 int(self.value(group, "inner_steps")), float(self.value(group, "inner_lr")),
                 self.value(group, "inner_optimizer"), ham_grad={k: -grads[k] for k in params},
+                rho_costate=rho_p, l2=float(self.value(group, "l2")), theta_init=start,
             )
         return Proposal([Update(params[k], new[k] - theta_k[k], decay=decays[k]) for k in params], new_state)
+
+
+def perturb_seed(seed: int, unit: str, step: int) -> int:
+    """The seed of the inner start's perturbation of ``unit`` at its ``step``-th step (0-based):
+    a function of the three only, so a run is reproducible and resumes identically."""
+    return (int(seed) * 1_000_003 + zlib.crc32(unit.encode()) * 7919 + int(step)) % (2 ** 63)

@@ -245,6 +245,11 @@ class PMPOptimizer(torch.optim.Optimizer):
         rules), or :class:`Unsupported`."""
         raise NotImplementedError
 
+    def _is_block(self, name: str, module: nn.Module) -> bool:
+        """Whether ``module`` is one controlled block: one unit holding every parameter of the module
+        and its submodules, whose submodules get no unit of their own (default: no block)."""
+        return False
+
     def _param_rule(self, name: str, param: Tensor) -> Tuple[Rule, Dict[str, Any]]:
         """``(rule, meta)`` of a parameter no module rule took."""
         raise NotImplementedError
@@ -284,8 +289,14 @@ class PMPOptimizer(torch.optim.Optimizer):
         owners: Dict[int, List[str]] = {}
         why: Dict[int, str] = {}  # why a parameter takes the fallback (for strict=True)
         excluded = set()
+        blocks: List[str] = []  # names of the controlled blocks met so far (their descendants are skipped)
         for name, module in self.root.named_modules():
-            own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in group_of]
+            if any(name.startswith(b + ".") for b in blocks):
+                continue  # inside a controlled block: the block is the unit
+            is_block = self._is_block(name, module)
+            if is_block:
+                blocks.append(name)
+            own = [(n, p) for n, p in module.named_parameters(recurse=is_block) if id(p) in group_of]
             if not own:
                 continue
             if name in self._excluded:
@@ -376,6 +387,8 @@ class PMPOptimizer(torch.optim.Optimizer):
         """The module as a member of ``rule``'s unit, or None when the rule cannot take it (an
         affine module with a frozen weight: its bias then takes a parameter rule)."""
         if not rule.adapter_kinds:
+            if "weight" not in own and "bias" not in own and own:  # a block: its first parameter is the sentinel
+                return Member(name, module, None, next(iter(own.values())), None)
             return Member(name, module, None, own.get("weight"), own.get("bias"))
         adapter = adapter_for(module)
         if adapter is None or adapter.kind not in rule.adapter_kinds:
