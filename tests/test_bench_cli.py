@@ -19,6 +19,7 @@ from pmptrain.bench import checkpoint as ckpt_mod
 from pmptrain.bench import cli, losses, registry, runner, sweep
 from pmptrain.bench.config import BenchConfig
 from pmptrain.bench.report import ROW_FIELDS
+from pmptrain.bench.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--mnist1d-samples", "200", "--batch-size", "32", "--no-tensorboard", "--threads", "1"]
@@ -328,3 +329,33 @@ def test_run_history_logs_each_optimizers_step_scalars(tmp_path, monkeypatch):
     assert hist["emsa"]["hamiltonian_gain"] > 0 and "flip_ratio" not in hist["emsa"]
     assert 0 < hist["binary-msa"]["flip_ratio"] < 1 and hist["binary-msa"]["hamiltonian_gain"] > 0
     assert 0 < hist["binary-msa"]["density"] <= 1
+
+
+@pytest.mark.parametrize("flag, want", [([], True), (["--no-shuffle"], False), (["--shuffle"], True)])
+def test_shuffle_option_reaches_the_loader(flag, want, tmp_path, monkeypatch):
+    """--shuffle/--no-shuffle (YAML ``shuffle``) decides whether the training batches are permuted;
+    with --no-shuffle the model sees the training set in file order."""
+    from pmptrain.bench import runner
+
+    seen = []
+    real = runner.make_loader
+
+    def spy(x, y, batch_size, shuffle=True, **kw):
+        loader = real(x, y, batch_size, shuffle=shuffle, **kw)
+        seen.append((shuffle, [idx.tolist() for idx in loader.global_batches()]))
+        return loader
+
+    monkeypatch.setattr(runner, "make_loader", spy)
+    out = tmp_path / "run"
+    assert cli.main(["bench", "--optimizers", "sgd", "--epochs", "1", "--seeds", "1", "--max-train", "64",
+                     "--max-test", "32", "--batch-size", "16", "--mnist1d-samples", "200", "--threads", "1",
+                     "--no-tensorboard", "--out", str(out), *flag]) == 0
+    assert [s for s, _ in seen] == [want]
+    order = [i for batch in seen[0][1] for i in batch]
+    assert sorted(order) == list(range(64)) and (order == list(range(64))) == (not want)
+    assert json.loads((out / "config.json").read_text())["config"]["shuffle"] is want  # recorded
+
+
+def test_shuffle_must_be_a_bool():
+    with pytest.raises(ConfigError, match="--shuffle: must be true or false"):
+        BenchConfig.from_dict({"shuffle": "no"})

@@ -128,3 +128,57 @@ def test_errors():
         M.ref_vgg(width_mult=0)
     with pytest.raises(TypeError):
         M.build_model("mlp", (40,), 10, no_such_option=1)
+
+
+def test_emsa_cnn_is_the_reference_network():
+    """The E-MSA reference MNIST CNN (main_mnist.py/config.yml of LiQianxiao/MaxPrinciple-DeepLearning):
+    layer order, hand-counted parameters, Glorot-uniform weights and zero biases, and the forward
+    pass recomputed with functional ops (so the residual step 0.5 and the channel mean are checked)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = M.build_model("emsa-cnn", (1, 28, 28), 10)
+    kinds = [type(l) for l in m]
+    assert kinds == [nn.Conv2d, nn.Tanh, nn.AvgPool2d, nn.Conv2d, nn.Tanh, nn.AvgPool2d,
+                     M.TanhResidualConv, M.TanhResidualConv, M.ChannelMean, nn.Flatten, nn.Linear]
+    convs = [l for l in m.modules() if isinstance(l, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == \
+        [(1, 5, (3, 3), (1, 1))] + [(5, 5, (3, 3), (1, 1))] * 3
+    assert (m[10].in_features, m[10].out_features) == (49, 10)
+    # 1·5·9+5, 5·5·9+5 three times, 49·10+10
+    assert n_params(m) == 50 + 3 * 230 + 500 == 1240
+    for layer in convs + [m[10]]:
+        fan_in = layer.weight[0].numel()
+        fan_out = layer.weight.shape[0] * layer.weight[0, 0].numel()
+        limit = (6.0 / (fan_in + fan_out)) ** 0.5
+        assert layer.weight.abs().max() <= limit
+        assert layer.weight.abs().max() > 0.8 * limit  # Glorot's bound, not torch's default 1/sqrt(fan_in)
+        assert torch.count_nonzero(layer.bias) == 0
+    with torch.no_grad():
+        for p in m.parameters():  # non-zero biases, so that a dropped bias would show
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.rand(4, 1, 28, 28)
+    h = F.avg_pool2d(torch.tanh(F.conv2d(x, convs[0].weight, convs[0].bias, padding=1)), 2)
+    h = F.avg_pool2d(torch.tanh(F.conv2d(h, convs[1].weight, convs[1].bias, padding=1)), 2)
+    for c in convs[2:]:
+        h = h + 0.5 * torch.tanh(F.conv2d(h, c.weight, c.bias, padding=1))
+    want = h.mean(1).reshape(4, 49) @ m[10].weight.T + m[10].bias
+    torch.testing.assert_close(m(x), want)
+
+
+def test_emsa_cnn_options_odd_sizes_and_errors():
+    m = M.emsa_cnn((3, 7, 9), 4, channels=2, kernel_size=5, depth=3, step=0.25)
+    assert sum(isinstance(l, M.TanhResidualConv) for l in m) == 3
+    assert all(b.step == 0.25 and b.conv.kernel_size == (5, 5) for b in m if isinstance(b, M.TanhResidualConv))
+    assert m[-1].in_features == 2 * 3  # 7x9 -> 4x5 -> 2x3 (TensorFlow "same" pooling)
+    assert m(torch.randn(2, 3, 7, 9)).shape == (2, 4)
+    # a partial window averages only the entries inside the image (no zero padding counted)
+    x = torch.ones(1, 1, 3, 3)
+    torch.testing.assert_close(m[2](x), torch.ones(1, 1, 2, 2))
+    assert sum(isinstance(l, M.TanhResidualConv) for l in M.emsa_cnn(depth=0)) == 0
+    for kw, word in (({"kernel_size": 4}, "kernel_size"), ({"depth": -1}, "depth"), ({"step": 0}, "step"),
+                     ({"channels": 0}, "channels"), ({"step": float("nan")}, "step")):
+        with pytest.raises(ValueError, match=word):
+            M.emsa_cnn(**kw)
+    with pytest.raises(ValueError, match="input_shape"):
+        M.emsa_cnn((1, 40))

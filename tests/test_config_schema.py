@@ -188,3 +188,19 @@ def test_lm_bench_refuses_builder_only_values_before_training(tmp_path, capsys, 
     assert cli.main(["bench", *tiny[:-2], "--model-args", "{n_layer: 0}", "--out", str(tmp_path / "b")]) == 2
     assert "--model-args: model 'gpt' refuses" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_adagrad_entry_builds_torch_adagrad_with_its_options():
+    import torch
+    from torch import nn
+
+    spec = get_spec("adagrad")
+    assert spec.defaults == {"lr": 0.01} and spec.lr_key == "lr" and spec.levels is None
+    assert set(spec.options()) == {"lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"}
+    model = nn.Linear(3, 2)
+    opt = spec.build(model, initial_accumulator_value=0.1, weight_decay=1e-3)
+    assert isinstance(opt, torch.optim.Adagrad)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["initial_accumulator_value"], g["weight_decay"], g["eps"]) == (0.01, 0.1, 1e-3, 1e-10)
+    with pytest.raises(schema.ConfigError, match="adagrad has no option 'momentum'"):
+        schema.check_optimizer_args({"adagrad": {"momentum": 0.9}})

@@ -51,7 +51,7 @@ def test_every_published_experiment_has_a_config():
     names = {p.stem for p in CONFIGS}
     expected = {f"lihao-{k}-{d}" for k in ("binary", "ternary")
                 for d in ("mnist", "cifar10", "svhn")}
-    expected |= {"emsa-mnist", "mnist1d-default", "fmnist-bench", "fmnist-emsa-mlp",
+    expected |= {"emsa-mnist", "emsa-mnist-reference", "mnist1d-default", "fmnist-bench", "fmnist-emsa-mlp",
                  "fmnist-discrete-mlp"}
     assert expected <= names, f"missing configs: {sorted(expected - names)}"
     readme = (ROOT / "experiments" / "README.md").read_text()
@@ -82,6 +82,26 @@ def test_lihao_configs_follow_the_reference_protocol():
         assert args["gamma"] == (0.98 if cfg.dataset == "cifar10" else 0.95), path.name
         if opt == "ternary-msa":
             assert args["lam"] == pytest.approx(1e-7), path.name
+
+
+def test_emsa_mnist_reference_config_follows_the_reference_protocol():
+    """main_mnist.py / config.yml ("mnist") of LiQianxiao/MaxPrinciple-DeepLearning: the tiny tanh CNN,
+    1 epoch, batch 128, file order, rho 0.03, SGD/Adagrad 0.01, Adam 1e-3, the L2 term 1e-3 as
+    coupled weight decay, TensorFlow's plain SGD and Adagrad accumulator 0.1."""
+    cfg = _resolve(CONFIG_DIR / "emsa-mnist-reference.yaml")
+    assert (cfg.model, cfg.model_args, cfg.epochs, cfg.batch_size, cfg.shuffle, cfg.loss) == \
+        ("emsa_cnn", {}, 1, 128, False, "cross-entropy")
+    assert cfg.optimizers == ["emsa", "emsa-iterative", "adam", "adagrad", "sgd"]
+    args = cfg.optimizer_args
+    assert args["emsa"]["rho"] == args["emsa-iterative"]["rho"] == 0.03
+    assert get_spec("emsa-iterative").defaults["solver"] == "iterative"
+    assert get_spec("emsa-iterative").defaults["inner_steps"] == 10
+    assert args["adam"] == {"lr": 1e-3, "weight_decay": 1e-3}
+    assert args["adagrad"] == {"lr": 0.01, "initial_accumulator_value": 0.1, "weight_decay": 1e-3}
+    assert args["sgd"] == {"lr": 0.01, "momentum": 0.0, "weight_decay": 1e-3}
+    with torch.device("meta"):
+        model = build_model(cfg.model, (1, 28, 28), 10, **cfg.model_args)
+    assert sum(p.numel() for p in model.parameters()) == 1240
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -152,7 +152,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="mnist1d (default; generated locally), mnist, fashion-mnist, cifar10, svhn")
     g.add_argument("--model", default=S,
                    help="model name: mlp (default), cnn_small, ref_mlp, ref_vgg, ref_vgg_svhn, "
-                        "restanh, resnet_small, resnet8, resnet20, resnet (ResNet-18), mobilenet, "
+                        "restanh, emsa_cnn, resnet_small, resnet8, resnet20, resnet (ResNet-18), mobilenet, "
                         "gpt (the language-model bench, see below)")
     g.add_argument("--model-args", default=S, metavar="YAML",
                    help="builder keyword arguments as a YAML mapping, e.g. "
@@ -170,6 +170,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="a count (3 -> seeds 0,1,2) or a comma list of seeds (default 3)")
     g.add_argument("--batch-size", type=int, default=S,
                    help="global batch size, split across ranks under torchrun (default 128)")
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=S,
+                   help="permute the training set every epoch, seeded by (seed, epoch) (default on); "
+                        "--no-shuffle feeds it in file order")
     g.add_argument("--lr", default=S, metavar="X|OPT=X,...",
                    help="each optimizer's step-size hyper-parameter (lr; rho for *-msa; for bop its lr "
                         "is the rate gamma): one value for all or per name (default: registry defaults)")

@@ -29,6 +29,7 @@ FIELDS: Dict[str, Kind] = {
     "epochs": Int(1),
     "seeds": Seeds(),
     "batch_size": Int(1),
+    "shuffle": Bool(),
     "eval_batch_size": Int(1),
     "tune": Maybe(OneOf(["lr"])),
     "val_fraction": Maybe(Number(0, 1, hi_open=True)),
@@ -59,6 +60,8 @@ class BenchConfig:
         optimizer_args: per-optimizer keyword overrides, ``{name: {key: value}}`` [``{}``].
         epochs: training epochs [20]. seeds: seeds, one run each [``[0, 1, 2]``].
         batch_size: global batch size [128]. eval_batch_size: evaluation batch [1000].
+        shuffle: permute the training set every epoch (seeded by ``(seed, epoch)``) [True];
+            ``False`` feeds it in file order every epoch (the E-MSA reference MNIST protocol).
         lr: value of each optimizer's step-size hyper-parameter (``spec.lr_key``), either one
             number for all or ``{name: value}`` [None: registry defaults].
         tune: ``None`` or ``"lr"``: run every value of each optimizer's grid, keep the best
@@ -84,6 +87,7 @@ class BenchConfig:
     epochs: int = 20
     seeds: List[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     batch_size: int = 128
+    shuffle: bool = True
     eval_batch_size: int = 1000
     lr: Any = None
     tune: Optional[str] = None

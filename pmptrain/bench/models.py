@@ -1,10 +1,11 @@
 """Model builders for ``pmptrain bench``, by name.
 
 ``build_model(name, input_shape, num_classes, **kw)`` returns a plain ``torch.nn.Module`` made of
-Linear, Conv1d/Conv2d, BatchNorm, ReLU/Tanh, pooling, Dropout and Flatten only, so every
-controlled layer is visible to the PMP optimizers (and to discretisation) through
-``named_modules()``. Construction is deterministic given ``torch.manual_seed``: the only random
-numbers drawn are the layers' default initialisations, in module order.
+Linear, Conv1d/Conv2d, BatchNorm, ReLU/Tanh, pooling, Dropout and Flatten (and parameter-free
+wrappers around them: residual blocks, :class:`ChannelMean`) only, so every controlled layer is
+visible to the PMP optimizers (and to discretisation) through ``named_modules()``. Construction is
+deterministic given ``torch.manual_seed``: the only random numbers drawn are the layers' default
+initialisations, in module order (and, for ``emsa_cnn``, its Glorot-uniform re-initialisation).
 
 Inputs are channels-first: ``input_shape`` is ``(C, L)`` for 1-D signals (MNIST-1D: ``(1, 40)``),
 ``(C, H, W)`` for images (``(1, 28, 28)``, ``(3, 32, 32)``) or ``(F,)`` for flat features. Models
@@ -19,6 +20,8 @@ name               network
 ``ref_vgg``        Li & Hao CIFAR-10: C128-C128-MP-C256-C256-MP-C512-C512-MP-FC1024-FC1024-FC10
 ``ref_vgg_svhn``   the same with ``width_mult=0.5`` (half conv widths), their SVHN network
 ``restanh``        residual tanh network of the E-MSA toy (:class:`ResTanh`)
+``emsa_cnn``       the E-MSA reference MNIST CNN (Li, Chen, Tai & E): tanh Conv5-AvgPool-Conv5-AvgPool,
+                   two residual tanh convolutions with step 0.5, channel mean, Linear (:func:`emsa_cnn`)
 ``resnet_small``   CIFAR-style ResNet-(6n+2) (He et al., 2016, §4.2); ``resnet8``, ``resnet20``
 ``resnet``         ResNet-18 (four stages of two basic blocks, widths w, 2w, 4w, 8w; default
                    w = 64 as torchvision's) with a 3×3 stride-1 stem for 28×28 / 32×32 inputs
@@ -60,6 +63,9 @@ __all__ = [
     "GPT",
     "gpt",
     "BasicBlock",
+    "emsa_cnn",
+    "TanhResidualConv",
+    "ChannelMean",
 ]
 
 
@@ -556,6 +562,83 @@ def gpt(input_shape=(128,), num_classes: int = 256, n_layer: int = 2, n_head: in
 
 
 # --------------------------------------------------------------------------------------------
+# the E-MSA reference MNIST CNN (Li, Chen, Tai & E, JMLR 2018; their released main_mnist.py)
+
+
+class ChannelMean(nn.Module):
+    """``x ↦ mean(x, dim=1, keepdim=True)``: the average over the channels of a ``(N, C, ...)``
+    tensor (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1, keepdim=True)
+
+
+class TanhResidualConv(nn.Module):
+    """``h ← h + step · tanh(conv(h))`` with ``conv`` one ``nn.Conv2d(channels, channels, k)``
+    ("same" zero padding, stride 1, with bias): one convolution per residual block."""
+
+    def __init__(self, channels: int, kernel_size: int = 3, step: float = 0.5):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.step = step
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.step * torch.tanh(self.conv(h))
+
+
+def emsa_cnn(input_shape=(1, 28, 28), num_classes: int = 10, channels: int = 5, kernel_size: int = 3,
+             depth: int = 2, step: float = 0.5) -> nn.Sequential:
+    """The tiny CNN of the reference E-MSA MNIST experiment (Li, Chen, Tai & E, JMLR 2018; the
+    authors' ``LiQianxiao/MaxPrinciple-DeepLearning``, ``main_mnist.py`` and ``config.yml``):
+
+    ``Conv(c, k) → Tanh → AvgPool(2) → Conv(c, k) → Tanh → AvgPool(2)
+    → [h ← h + step·tanh(Conv(c, k)(h))]×depth → ChannelMean → Flatten → Linear(num_classes)``
+
+    All convolutions are 2-D, stride 1, "same" zero padding (``k // 2``), with biases; the pooling
+    is 2×2 average pooling with stride 2 that, like TensorFlow's ``padding="same"``, keeps a
+    partial last window on odd sizes and averages only the entries inside the image
+    (``ceil_mode=True``). The channel mean reduces ``(N, c, H/4, W/4)`` to one map, flattened to
+    ``H/4 · W/4`` features (49 for 28×28) for the linear output layer (logits; no activation).
+    Every weight is Glorot-uniform (``nn.init.xavier_uniform_``, TensorFlow's default kernel
+    initialiser) and every bias zero, as in the reference. For MNIST the reference values are the
+    defaults (``c = 5``, ``k = 3``, ``depth = 2``, ``step = 0.5``): 1,240 parameters.
+
+    Args:
+        input_shape: ``(C, H, W)``; default ``(1, 28, 28)``. num_classes: outputs; default 10.
+        channels: ``c``, channels of every convolution; default 5. kernel_size: odd ``k``; default 3.
+        depth: number of residual convolutions; default 2 (may be 0).
+        step: the residual step (the reference's ``delta``) multiplying each residual; default 0.5.
+
+    Raises:
+        ValueError: a shape that is not ``(C, H, W)``, an even or non-positive ``kernel_size``, a
+        negative ``depth`` or a non-positive ``step`` (each named).
+    """
+    shape = _shape(input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"input_shape: emsa_cnn needs (C, H, W) images, got {shape}")
+    c, k = _pos_int("channels", channels), _pos_int("kernel_size", kernel_size)
+    if k % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (\"same\" padding), got {k}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be a non-negative int, got {depth!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or not step > 0:
+        raise ValueError(f"step must be a finite number > 0, got {step!r}")
+    h, w = shape[1:]
+    for _ in range(2):
+        h, w = -(-h // 2), -(-w // 2)
+    layers = [nn.Conv2d(shape[0], c, k, padding=k // 2), nn.Tanh(), nn.AvgPool2d(2, 2, ceil_mode=True),
+              nn.Conv2d(c, c, k, padding=k // 2), nn.Tanh(), nn.AvgPool2d(2, 2, ceil_mode=True)]
+    layers += [TanhResidualConv(c, k, float(step)) for _ in range(depth)]
+    layers += [ChannelMean(), nn.Flatten(), nn.Linear(h * w, _pos_int("num_classes", num_classes))]
+    net = nn.Sequential(*layers)
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+# --------------------------------------------------------------------------------------------
 # registry
 
 
@@ -588,6 +671,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "mobilenet": mobilenet_v3_small,
     "gpt": gpt,
+    "emsa_cnn": emsa_cnn,
 }
 
 

@@ -12,6 +12,8 @@ sgd                float           SGD, momentum 0.9            lr 0.05    0.01,
 adam               float           Adam                         lr 1e-3    3e-4, 1e-3, 3e-3
 adamw              float           AdamW, betas (0.9, 0.95),    lr 1e-3    3e-4, 1e-3, 3e-3
                                    decay 0.1 on ≥2-D parameters
+adagrad            float           Adagrad (torch's defaults:   lr 0.01    3e-3, 0.01, 0.03
+                                   accumulator 0, eps 1e-10)
 muon               float           Muon (hidden matrices) +     lr 0.02    0.005, 0.02, 0.05
                                    AdamW 1e-3 (the rest)
 soap               float           SOAP                         lr 3e-3    1e-3, 3e-3, 1e-2
@@ -168,6 +170,11 @@ def _adam(model, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
                             weight_decay=weight_decay)
 
 
+def _adagrad(model, lr, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10):
+    return torch.optim.Adagrad(_params(model), lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                               initial_accumulator_value=initial_accumulator_value, eps=eps)
+
+
 def decay_groups(model: nn.Module, weight_decay: float):
     """nanoGPT's / Hugging Face's grouping: ``weight_decay`` on every parameter with two or more
     dimensions (weight matrices, conv kernels, embeddings), none on biases and norm parameters."""
@@ -297,6 +304,8 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         OptimizerSpec("adamw", _adamw, {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}, "lr",
                       (3e-4, 1e-3, 3e-3),
                       description="AdamW, weight decay 0.1 on >=2-D parameters only (nanoGPT's groups)"),
+        OptimizerSpec("adagrad", _adagrad, {"lr": 0.01}, "lr", (3e-3, 0.01, 0.03),
+                      description="Adagrad (torch.optim.Adagrad)"),
         OptimizerSpec("muon", _muon, {"lr": 0.02, "momentum": 0.95, "adamw_lr": 1e-3}, "lr", (0.005, 0.02, 0.05),
                       description="Muon on hidden matrices + AdamW on the rest (pytorch-optimizer; "
                                   "optional extra 'baselines')"),

@@ -203,7 +203,7 @@ def _train_epoch(cfg: BenchConfig, data, opt, wrapped: nn.Module, loss_fn, seed:
                  rank: int, world: int, desc: str, writer=None, max_steps: Optional[int] = None
                  ) -> _EpochStats:
     """Train one epoch of global batches (stop after ``max_steps`` steps if given)."""
-    loader = make_loader(data.train_x, data.train_y, cfg.batch_size, shuffle=True,
+    loader = make_loader(data.train_x, data.train_y, cfg.batch_size, shuffle=cfg.shuffle,
                          seed=seed, epoch=epoch, rank=rank, world_size=world,
                          drop_last=_uneven_tail(cfg, data, world))
     batches = loader.global_batches()
