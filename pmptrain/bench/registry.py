@@ -71,6 +71,8 @@ from typing import Any, Callable, Dict, Tuple, Union
 import torch
 from torch import nn
 
+from ..optim.emsa import EMSA
+
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "get_spec", "build_optimizer", "optimizer_names",
            "UnknownOptimizerError", "decay_groups"]
 
@@ -324,10 +326,7 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                        "inner_lr": 1.0, "inner_optimizer": "lbfgs"},
                       "lr", (0.3, 1.0, 3.0), takes_wrapper=True,
                       forwards_to="EMSA", description="iterative E-MSA: 10 L-BFGS iterations on the augmented Hamiltonian"),
-        OptimizerSpec("emsa-paper", _emsa_paper,
-                      {"lr": 1.0, "rho": 1.0, "solver": "iterative", "inner_steps": 10, "inner_lr": 1.0,
-                       "inner_optimizer": "lbfgs", "penalty_units": "sum", "proximal": False, "l2": 1e-3,
-                       "perturb_init": 0.0},
+        OptimizerSpec("emsa-paper", _emsa_paper, dict(EMSA.PAPER),
                       "rho", (0.3, 1.0, 3.0), takes_wrapper=True, forwards_to="EMSA",
                       description="the reference code's E-MSA (EMSA.paper): whole residual blocks, 10 L-BFGS "
                                   "iterations, penalties summed over the batch, no proximal term, L2 1e-3 in H"),
