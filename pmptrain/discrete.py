@@ -44,6 +44,9 @@ __all__ = [
     "discrete_argmax",
     "discrete_msa_step",
     "discrete_msa_delta",
+    "initial_accumulator",
+    "ACC_INIT_MODES",
+    "WRONG_SETS",
     "has_fast_path",
     "DiscreteStepStats",
     "init_scale",
@@ -220,6 +223,43 @@ def sign_nonzero(x: Tensor) -> Tensor:
     return torch.where(x >= 0, one, torch.where(x < 0, -one, x))
 
 
+#: Initial accumulators (``mode`` of :func:`initial_accumulator`).
+ACC_INIT_MODES = ("sign", "uniform")
+
+
+def initial_accumulator(weight: Tensor, scale: float, mode: str = "sign", seed: Optional[int] = None) -> Tensor:
+    """The accumulator ``M_0`` of a discrete tensor before any data.
+
+    * ``mode="sign"`` (the package default): ``M_0 = scale·sgn(W)`` with ``sgn(0) = +1`` —
+      deterministic, agreeing with the current codes (a binary code is never "wrong" before data).
+    * ``mode="uniform"`` (the reference code, LiQianxiao/discrete-MSA ``layers.py``:
+      ``random_uniform_initializer(-1e-6, 1e-6)``): ``M_0 ~ U(−scale, scale)`` i.i.d., drawn in
+      float64 on the CPU from a private ``torch.Generator`` seeded with ``seed`` (so the same seed
+      gives the same ``M_0`` on every rank and device, and torch's global RNG is not consumed),
+      then cast to ``weight``'s dtype and device. About half the codes start "wrong"; until the
+      EMA of the gradient outgrows ``scale`` these random entries decide which codes flip.
+
+    Args:
+        weight: the codes W (shape, dtype and device of the result).
+        scale: ``> 0``, the magnitude (reference 1e-6).
+        mode: ``"sign"`` or ``"uniform"``.
+        seed: an int in ``[0, 2^32)`` (torch's CPU generator keeps 32 bits of a seed), required
+            for ``"uniform"`` (ignored for ``"sign"``).
+    """
+    if mode not in ACC_INIT_MODES:
+        raise ValueError(f"mode: expected 'sign' or 'uniform', got {mode!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: must be a finite number > 0, got {scale!r}")
+    w = weight.detach()
+    if mode == "sign":
+        return sign_nonzero(w).mul_(float(scale))
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed: 'uniform' needs an int in [0, 2^32), got {seed!r}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    u = torch.rand(w.shape, generator=gen, dtype=torch.float64, device="cpu").mul_(2.0).sub_(1.0).mul_(float(scale))
+    return u.to(dtype=w.dtype, device=w.device)
+
+
 def _check_ema(acc: Tensor, grad: Tensor, a: float, name: str) -> float:
     a = float(a)
     if not 0.0 <= a <= 1.0:
@@ -267,6 +307,19 @@ def _check_rho_lam(rho: float, lam: float) -> None:
 
 
 _SCOPES = ("tensor", "channel")
+
+#: Definitions of the wrong set (``wrong_set``): ``"hamiltonian"`` (default: ``W_ij`` is not a
+#: maximiser of the unpenalised score ``M_ij q − λ|q|``) or ``"sign"`` (the reference code's
+#: ``W_ij ≠ sign(M_ij)``, λ ignored; binary and ternary grids only).
+WRONG_SETS = ("hamiltonian", "sign")
+
+
+def _check_wrong_set(wrong_set: str, grid: "Grid") -> None:
+    if wrong_set not in WRONG_SETS:
+        raise ValueError(f"wrong_set: expected 'hamiltonian' or 'sign', got {wrong_set!r}")
+    if wrong_set == "sign" and not (_is_binary(grid) or _is_ternary(grid)):
+        raise ValueError(f"wrong_set: 'sign' is defined for the binary and ternary grids only, got "
+                         f"{grid.name} {list(grid.values)}")
 
 
 def _check_scope(scope: str, weight: Tensor) -> None:
@@ -369,7 +422,7 @@ def relative_lambda(acc: Tensor, lam: float, scope: str = "tensor") -> Tensor:
 
 
 def penalty_scale(acc: Tensor, weight: Tensor, grid: Grid, rho: float, lam=0.0,
-                  scope: str = "tensor") -> Tuple[Tensor, bool]:
+                  scope: str = "tensor", wrong_set: str = "hamiltonian") -> Tuple[Tensor, bool]:
     """The per-step relative penalty ``ρ_k = ρ · max{ |M_ij| : W_ij ∉ argmax_{q∈Q} [M_ij q - λ|q|] }``.
 
     The set is the *wrong set*: entries whose current value is not a maximiser of the unpenalised
@@ -392,6 +445,12 @@ def penalty_scale(acc: Tensor, weight: Tensor, grid: Grid, rho: float, lam=0.0,
         lam: λ >= 0, the sparsity weight (default 0): a number, or a tensor of the scope's shape
             (e.g. :func:`relative_lambda`).
         scope: ``"tensor"`` (default) or ``"channel"``.
+        wrong_set: ``"hamiltonian"`` (default, the set above) or ``"sign"``: the reference code's
+            ``W_ij ≠ sign(M_ij)`` with ``sign(0) = 0`` (LiQianxiao/discrete-MSA ``layers.py``,
+            ``TernaryFullyConnectedLayer``), which ignores λ. On the binary grid both give the same
+            ``ρ_k`` (they differ only where ``M_ij = 0``, which adds 0 to the maximum); on the
+            ternary grid they differ when λ > 0: a ±1 code with ``0 ≤ M W < λ`` is wrong only for
+            ``"hamiltonian"``, a 0 code with ``0 < |M| ≤ λ`` only for ``"sign"``.
 
     Returns:
         ``(rho_k, empty)``: ``rho_k`` a tensor in ``acc``'s dtype of the scope's shape (0 where the
@@ -401,6 +460,7 @@ def penalty_scale(acc: Tensor, weight: Tensor, grid: Grid, rho: float, lam=0.0,
     if acc.shape != weight.shape:
         raise ValueError(f"acc: shape {tuple(acc.shape)} != weight shape {tuple(weight.shape)}")
     _check_scope(scope, weight)
+    _check_wrong_set(wrong_set, grid)
     dtype = torch.promote_types(acc.dtype, weight.dtype)
     shape = _scope_shape(weight, scope)
     if weight.numel() == 0:
@@ -412,7 +472,9 @@ def penalty_scale(acc: Tensor, weight: Tensor, grid: Grid, rho: float, lam=0.0,
         worst = (m * w).neg_().clamp_(min=0).amax(dim=1)  # = max |M| over M W < 0, or 0
         empty = not bool((worst > 0).any())
     else:
-        if _is_ternary(grid):  # closed form: W = ±1 is right iff M W >= λ; W = 0 iff |M| <= λ
+        if wrong_set == "sign":  # the reference: W != sign(M), sign(0) = 0
+            wrong = w != torch.sign(m)
+        elif _is_ternary(grid):  # closed form: W = ±1 is right iff M W >= λ; W = 0 iff |M| <= λ
             wrong = torch.where(w == 0, m.abs() > lr, m * w < lr)
         else:
             wrong = _unpenalised_wrong(w, m, grid, lr)
@@ -495,7 +557,8 @@ def _buffer(buf: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 def discrete_msa_delta(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam=0.0, scope: str = "tensor",
-                       out: Optional[Tensor] = None, scratch: Sequence[Tensor] = ()) -> Tuple[Tensor, Tensor, Tensor]:
+                       out: Optional[Tensor] = None, scratch: Sequence[Tensor] = (),
+                       wrong_set: str = "hamiltonian") -> Tuple[Tensor, Tensor, Tensor]:
     """Fused, synchronisation-free form of :func:`penalty_scale` + :func:`discrete_argmax` for the
     binary and ternary grids (the optimizer's hot path).
 
@@ -526,6 +589,8 @@ def discrete_msa_delta(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam=
         scope: ``"tensor"`` (default, the reference) or ``"channel"`` (see :func:`penalty_scale`).
         out: optional buffer for ``delta`` (``>= numel`` elements, same dtype/device; reused, no
             allocation). scratch: optional buffers for the ternary rule (up to two, same rule).
+        wrong_set: the set ``ρ_k``'s maximum runs over, ``"hamiltonian"`` (default) or ``"sign"``
+            (the reference's ``W ≠ sign(M)``; see :func:`penalty_scale`).
 
     Returns:
         ``(delta, rho_k, acc_abs_max)``: ``delta = W_new - W`` (integers, so ``W + delta`` is exactly
@@ -538,6 +603,7 @@ def discrete_msa_delta(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam=
     if acc.shape != weight.shape or acc.dtype != weight.dtype:
         raise ValueError(f"acc: shape/dtype {tuple(acc.shape)}/{acc.dtype} != weight's {tuple(weight.shape)}/{weight.dtype}")
     _check_scope(scope, weight)
+    _check_wrong_set(wrong_set, grid)
     shape = _scope_shape(weight, scope)
     w = weight.detach()
     m = acc.detach()
@@ -563,10 +629,13 @@ def discrete_msa_delta(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam=
     zmin, zmax = _rowmax(z, scope)
     zabs = torch.maximum(-zmin, zmax)  # max |M| over W = 0 (0 if none)
     acc_max = torch.maximum(torch.maximum(-umin, umax), zabs).amax()
-    if isinstance(lam, Tensor) or lam > 0:  # W = ±1 with 0 <= u < λ are wrong too (|M| = u)
-        low = torch.sub(lr, u, out=s2).sign_().clamp_(min=0.0).mul_(u)  # u·1{u < λ}
-        worst = torch.maximum(worst, low.amax() if scope == "tensor" else low.amax(dim=1, keepdim=True))
-    worst = torch.maximum(worst, zabs * (zabs > lr))  # W = 0 is wrong iff |M| > λ
+    if wrong_set == "sign":  # W != sign(M): M W < 0, or W = 0 with M != 0 (λ plays no part)
+        worst = torch.maximum(worst, zabs)
+    else:
+        if isinstance(lam, Tensor) or lam > 0:  # W = ±1 with 0 <= u < λ are wrong too (|M| = u)
+            low = torch.sub(lr, u, out=s2).sign_().clamp_(min=0.0).mul_(u)  # u·1{u < λ}
+            worst = torch.maximum(worst, low.amax() if scope == "tensor" else low.amax(dim=1, keepdim=True))
+        worst = torch.maximum(worst, zabs * (zabs > lr))  # W = 0 is wrong iff |M| > λ
     r = (rho * worst).add_(0.0)
     hi = torch.nextafter(lr - 0.5 * r, torch.tensor(-math.inf, dtype=w.dtype, device=w.device))
     lo = torch.minimum(-(lr + 1.5 * r), hi)
@@ -601,20 +670,24 @@ class DiscreteStepStats:
         return dict(self.__dict__)
 
 
-def discrete_msa_step(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam: float = 0.0) -> Tuple[Tensor, DiscreteStepStats]:
+def discrete_msa_step(weight: Tensor, acc: Tensor, grid: Grid, rho: float, lam: float = 0.0,
+                      wrong_set: str = "hamiltonian") -> Tuple[Tensor, DiscreteStepStats]:
     """One discrete MSA update of one tensor: :func:`penalty_scale` then :func:`discrete_argmax`.
 
     ``ρ_k = ρ · max_{wrong} |M|``; ``W <- argmax_q [M q - λ|q| - (ρ_k/2)(q - W)^2]``; empty wrong set
     => W unchanged. The accumulator must already contain this step's gradient
-    (:func:`ema_accumulate_`).
+    (:func:`ema_accumulate_`). ``wrong_set``: see :func:`penalty_scale`.
 
     Returns:
         ``(new_weight, stats)``; ``weight`` itself is not modified.
     """
-    rho_k, empty = penalty_scale(acc, weight, grid, rho, lam)
-    new = weight.detach().clone() if empty else discrete_argmax(weight, acc, grid, rho_k, lam)
+    rho_k, empty = penalty_scale(acc, weight, grid, rho, lam, wrong_set=wrong_set)
+    # an empty "hamiltonian" wrong set leaves every code a maximiser (unchanged); an empty "sign"
+    # set (W = sign(M) everywhere) still lets λ > 0 zero a weakly supported code
+    keep = empty and wrong_set == "hamiltonian"
+    new = weight.detach().clone() if keep else discrete_argmax(weight, acc, grid, rho_k, lam)
     n = weight.numel()
-    flips = int((new != weight).sum()) if not empty else 0
+    flips = int((new != weight).sum()) if not keep else 0
     a = acc.detach().abs()
     stats = DiscreteStepStats(
         flips=flips,

@@ -40,7 +40,37 @@ from ._io import atomic_write
 from .discrete import grid_indices, pack_codes, packed_nbytes, unpack_codes
 from .quant import DiscreteSpec, attach_discrete, discrete_parameters, is_discrete_module
 
-__all__ = ["PackedFileError", "SummaryRow", "SummaryTable", "summary", "export_packed", "load_packed"]
+__all__ = ["PackedFileError", "SummaryRow", "SummaryTable", "summary", "density", "DENSITY_CONVENTIONS",
+           "export_packed", "load_packed"]
+
+#: Denominators of :func:`density` / :meth:`SummaryTable.density`.
+DENSITY_CONVENTIONS = ("discrete", "trainable")
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in DENSITY_CONVENTIONS:
+        raise ValueError(f"convention: expected 'discrete' or 'trainable', got {convention!r}")
+
+
+def density(model: nn.Module, convention: str = "discrete") -> Optional[float]:
+    """Fraction of non-zero discrete weights of ``model`` (None if it has no discrete weight).
+
+    ``convention="discrete"`` (default): non-zero discrete codes / discrete codes.
+    ``"trainable"``: non-zero discrete codes / *all* trainable parameters (``requires_grad``; BatchNorm
+    affine, biases, scales and kept layers included) — the "sparsity fraction" the Li & Hao tables
+    report (LiQianxiao/discrete-MSA ``utils.py``, ``get_sparsity_frac``: the denominator is
+    ``tf.trainable_variables()``). Parameters shared between modules are counted once.
+    """
+    _check_convention(convention)
+    dts = discrete_parameters(model)
+    if not dts:
+        return None
+    nz = sum(int(torch.count_nonzero(d.param)) for d in dts)
+    if convention == "discrete":
+        den = sum(d.param.numel() for d in dts)
+    else:
+        den = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return nz / den if den else None
 
 MAGIC = b"PMPPACK\x00"
 VERSION = 1
@@ -67,6 +97,8 @@ class SummaryRow:
     float32_bytes: int
     packed_bytes: int
     discrete: bool
+    nonzero: int = -1  # non-zero entries (-1: not counted)
+    trainable: bool = True
 
     @property
     def compression(self) -> float:
@@ -99,6 +131,18 @@ class SummaryTable:
         n = sum(r.numel for r in self.rows)
         return sum(r.numel for r in self.rows if r.discrete) / n if n else 0.0
 
+    def density(self, convention: str = "discrete") -> Optional[float]:
+        """Non-zero discrete weights over the discrete weights (``"discrete"``) or over all
+        trainable parameters (``"trainable"``, Li & Hao's convention; see :func:`density`)."""
+        _check_convention(convention)
+        disc = [r for r in self.rows if r.discrete]
+        if not disc:
+            return None
+        nz = sum(r.nonzero for r in disc)
+        den = (sum(r.numel for r in disc) if convention == "discrete"
+               else sum(r.numel for r in self.rows if r.trainable))
+        return nz / den if den else None
+
     def __str__(self) -> str:
         head = ("name", "shape", "grid", "bits", "float32 B", "packed B", "compression")
         body = [
@@ -129,10 +173,10 @@ def summary(model: nn.Module, file: Optional[TextIO] = None) -> SummaryTable:
         n = p.numel()
         if d is not None:
             rows.append(SummaryRow(d.name or "<root>", tuple(p.shape), d.grid.name, d.grid.bits, n, 4 * n,
-                                   packed_nbytes(n, d.grid.bits), True))
+                                   packed_nbytes(n, d.grid.bits), True, int(torch.count_nonzero(p)), p.requires_grad))
         else:
             rows.append(SummaryRow(key, tuple(p.shape), str(p.dtype).replace("torch.", ""), 8 * p.element_size(), n,
-                                   4 * n, n * p.element_size(), False))
+                                   4 * n, n * p.element_size(), False, int(torch.count_nonzero(p)), p.requires_grad))
     table = SummaryTable(rows)
     print(str(table), file=file if file is not None else sys.stdout)
     return table

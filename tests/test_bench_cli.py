@@ -88,7 +88,8 @@ def test_presets_resolve():
     assert (cfg.model, cfg.dataset, cfg.loss, cfg.batch_size, cfg.keep, cfg.scale, cfg.epochs) == \
         ("ref_mlp", "mnist", "squared-hinge", 100, [], None, 3)
     assert cfg.optimizers == ["binary-msa"]
-    assert cfg.optimizer_args["binary-msa"] == {"rho": 0.5, "decay": 0.999, "gamma": 0.95}
+    assert cfg.optimizer_args["binary-msa"] == {"rho": 0.5, "decay": 0.999, "gamma": 0.95, "acc_init": 1e-6,
+                                                "acc_init_mode": "uniform"}
 
 
 def test_registry_entries_are_documented():

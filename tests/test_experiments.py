@@ -73,15 +73,38 @@ def test_config_resolves_and_model_builds(path):
 
 
 def test_lihao_configs_follow_the_reference_protocol():
+    """Every lihao-* config is its preset, i.e. the notebook's settings (LiQianxiao/discrete-MSA)."""
+    # (loss, epochs, gamma, held-out fraction) per notebook
+    notebook = {("binary", "mnist"): ("squared-hinge", 250, 0.95, 5000 / 60000),
+                ("ternary", "mnist"): ("cross-entropy", 250, 0.95, 5000 / 60000),
+                ("binary", "cifar10"): ("squared-hinge", 500, 0.98, 5000 / 50000),
+                ("ternary", "cifar10"): ("squared-hinge", 500, 0.98, 5000 / 50000),
+                ("binary", "svhn"): ("squared-hinge", 200, 0.95, 5000 / 73257),
+                ("ternary", "svhn"): ("squared-hinge", 200, 0.95, 5000 / 73257)}
+    seen = set()
     for path in CONFIG_DIR.glob("lihao-*.yaml"):
+        _, levels, data = path.stem.split("-")
+        seen.add((levels, data))
         cfg = _resolve(path)
+        assert cfg.preset == path.stem
+        loss, epochs, gamma, val = notebook[(levels, data)]
         (opt,) = cfg.optimizers
+        assert opt == f"{levels}-msa"
         args = cfg.optimizer_args[opt]
-        assert (cfg.loss, cfg.batch_size, cfg.keep, cfg.scale) == ("squared-hinge", 100, [], None)
-        assert args["rho"] == 0.5 and args["decay"] == 0.999
-        assert args["gamma"] == (0.98 if cfg.dataset == "cifar10" else 0.95), path.name
-        if opt == "ternary-msa":
-            assert args["lam"] == pytest.approx(1e-7), path.name
+        assert (cfg.loss, cfg.epochs, cfg.batch_size, cfg.keep, cfg.scale, cfg.init) == \
+            (loss, epochs, 100, [], None, "uniform"), path.name
+        assert cfg.val_fraction == pytest.approx(val) and cfg.density_convention == "trainable"
+        assert args["rho"] == 0.5 and args["decay"] == 0.999 and args["gamma"] == gamma, path.name
+        assert args["acc_init"] == 1e-6 and args["acc_init_mode"] == "uniform"
+        assert cfg.model_args["bn_init"] == "reference"
+        if data != "mnist":
+            assert cfg.model_args["order"] == "reference"
+        if levels == "ternary":
+            assert args["lam"] == pytest.approx(1e-7) and args["lam_mode"] == "absolute"
+            assert args["wrong_set"] == "sign"
+        else:
+            assert "lam" not in args and "wrong_set" not in args
+    assert seen == set(notebook)
 
 
 def test_emsa_mnist_reference_config_follows_the_reference_protocol():

@@ -24,6 +24,44 @@ from .schema import MAX_YAML_BYTES, load_yaml
 
 __all__ = ["main", "PRESETS", "build_parser"]
 
+#: The Li & Hao notebooks per data set: (model, epochs, gamma, loss of the binary / ternary
+#: notebook, training images kept out of 60000 / 50000 / 73257 (5000 held out as validation),
+#: target accuracy).
+_LIHAO_DATA = {
+    "mnist": ("ref_mlp", 250, 0.95, ("squared-hinge", "cross-entropy"), 5000 / 60000, 0.95),
+    "cifar10": ("ref_vgg", 500, 0.98, ("squared-hinge", "squared-hinge"), 5000 / 50000, 0.8),
+    "svhn": ("ref_vgg_svhn", 200, 0.95, ("squared-hinge", "squared-hinge"), 5000 / 73257, 0.9),
+}
+
+
+def _lihao(levels: str, data: str) -> Dict[str, Any]:
+    """The preset of one Li & Hao notebook (``levels`` binary/ternary, ``data`` mnist/cifar10/svhn)."""
+    model, epochs, gamma, losses, val, target = _LIHAO_DATA[data]
+    ternary = levels == "ternary"
+    loss = losses[ternary]
+    model_args: Dict[str, Any] = {"bn_init": "reference"}
+    if model != "ref_mlp":
+        model_args["order"] = "reference"
+    opt = f"{levels}-msa"
+    args: Dict[str, Any] = {"rho": 0.5, "decay": 0.999, "gamma": gamma, "acc_init": 1e-6,
+                            "acc_init_mode": "uniform"}
+    if ternary:
+        args.update(lam=1e-7, lam_mode="absolute", wrong_set="sign")
+    net = {"ref_mlp": "ref_mlp 784-2048x3-10", "ref_vgg": "ref_vgg (C128..FC1024)",
+           "ref_vgg_svhn": "ref_vgg_svhn (half conv widths)"}[model]
+    doc = (f"Li & Hao (ICML 2018) {levels} {data} notebook: {net}, every layer {levels} (no scale, "
+           f"uniform codes), BN init N(0,1) eps 1e-4{', pool before BN' if model != 'ref_mlp' else ''}, "
+           f"{opt} rho 0.5{' (their 0.25 full-square), lambda 1e-7 absolute, wrong set W != sign(M)' if ternary else ''}, "
+           f"decay 0.999, gamma {gamma}, M_0 ~ U(+-1e-6), {loss}, batch 100, {epochs} epochs, "
+           f"5000 training images held out; final-epoch test accuracy, density over all trainable parameters")
+    return {
+        "_doc": doc, "dataset": data, "model": model, "model_args": model_args, "optimizers": [opt],
+        "optimizer_args": {opt: args}, "batch_size": 100, "loss": loss, "keep": [], "scale": None,
+        "init": "uniform", "epochs": epochs, "val_fraction": val, "density_convention": "trainable",
+        "seeds": [0], "target_acc": target,
+    }
+
+
 #: Named protocols: a partial :class:`~pmptrain.bench.config.BenchConfig` each.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "mnist1d-default": {
@@ -37,24 +75,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "optimizers": ["sgd", "adamw", "emsa"], "optimizer_args": {"sgd": {"weight_decay": 5e-4}},
         "batch_size": 64, "max_train": 6400, "epochs": 4, "seeds": [0, 1, 2], "target_acc": 0.8,
     },
-    "lihao-binary-mnist": {
-        "_doc": "Li & Hao (ICML 2018) binary MNIST protocol: ref_mlp 784-2048x3-10, every layer "
-                "binary (no scale), uniform init, binary-msa rho 0.5, decay 0.999, gamma 0.95, "
-                "batch 100, squared-hinge loss (epochs 10: ours, not the paper's)",
-        "dataset": "mnist", "model": "ref_mlp", "optimizers": ["binary-msa"],
-        "optimizer_args": {"binary-msa": {"rho": 0.5, "decay": 0.999, "gamma": 0.95}},
-        "batch_size": 100, "loss": "squared-hinge", "keep": [], "scale": None, "init": "uniform",
-        "epochs": 10, "seeds": [0], "target_acc": 0.95,
-    },
-    "lihao-ternary-mnist": {
-        "_doc": "the same protocol with ternary-msa (rho 0.5 in the half-square convention = "
-                "their 0.25)",
-        "dataset": "mnist", "model": "ref_mlp", "optimizers": ["ternary-msa"],
-        "optimizer_args": {"ternary-msa": {"rho": 0.5, "decay": 0.999, "gamma": 0.95,
-                                           "lam": 1e-7, "lam_mode": "absolute"}},
-        "batch_size": 100, "loss": "squared-hinge", "keep": [], "scale": None, "init": "uniform",
-        "epochs": 10, "seeds": [0], "target_acc": 0.95,
-    },
+    # Li & Hao (ICML 2018): the released notebooks' settings (LiQianxiao/discrete-MSA
+    # mnist_fc_*.ipynb, cifar10_conv_*.ipynb, svhn_conv_*.ipynb; layers.py, train.py, utils.py),
+    # docs/discrete.md section 3. Every option with a reference value is pinned here.
+    **{f"lihao-{levels}-{data}": _lihao(levels, data) for data in ("mnist", "cifar10", "svhn")
+       for levels in ("binary", "ternary")},
 }
 
 # options that may differ when resuming a bench directory
@@ -190,6 +215,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="fixed scale alpha = mean|W| of the initial weights (default tensor)")
     g.add_argument("--init", default=S, choices=["sign", "uniform"],
                    help="initial codes: nearest grid value of W/mean|W| (sign, default) or uniform")
+    g.add_argument("--density-convention", default=S, choices=["discrete", "trainable"],
+                   help="denominator of the reported non-zero fraction: the discrete weights "
+                        "(default) or all trainable parameters (Li & Hao's 'sparsity')")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=S, help="first directory searched for data files")
     g.add_argument("--download", action="store_true", default=S,

@@ -38,6 +38,7 @@ FIELDS: Dict[str, Kind] = {
     "keep": NameList(choices=("first", "last"), nonempty=False, empty_words=("", "none")),
     "scale": Maybe(OneOf(("tensor", "channel"), str.lower), none_word="none"),
     "init": OneOf(("sign", "uniform")),
+    "density_convention": OneOf(("discrete", "trainable")),
     "max_train": Maybe(Int(1)),
     "max_test": Maybe(Int(1)),
     "mnist1d_samples": Int(10),
@@ -73,6 +74,9 @@ class BenchConfig:
         keep: layers left full precision in discrete runs, subset of ``["first", "last"]``
             [``["first", "last"]``]. scale: ``None``, ``"tensor"`` or ``"channel"`` [``"tensor"``].
         init: ``"sign"`` or ``"uniform"`` discretisation of the initial weights [``"sign"``].
+        density_convention: the denominator of the reported non-zero fraction of discrete runs:
+            ``"discrete"`` (the discrete weights) or ``"trainable"`` (all trainable parameters, BN
+            affine included: Li & Hao's published "sparsity") [``"discrete"``].
         max_train, max_test: truncate the splits (smoke runs) [None]. mnist1d_samples: size of
             the generated MNIST-1D set [5000]. data_dir, download: see :mod:`pmptrain.bench.data`.
         tensorboard: write TensorBoard logs [True]. threads: ``torch.set_num_threads`` [None].
@@ -97,6 +101,7 @@ class BenchConfig:
     keep: List[str] = dataclasses.field(default_factory=lambda: ["first", "last"])
     scale: Optional[str] = "tensor"
     init: str = "sign"
+    density_convention: str = "discrete"
     max_train: Optional[int] = None
     max_test: Optional[int] = None
     mnist1d_samples: int = 5000

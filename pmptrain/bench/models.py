@@ -163,25 +163,62 @@ def mlp(input_shape, num_classes: int, widths: Sequence[int] = (256, 256), batch
     return nn.Sequential(*layers)
 
 
-def ref_mlp(input_shape=(1, 28, 28), num_classes: int = 10, widths: Sequence[int] = (2048, 2048, 2048)
-            ) -> nn.Sequential:
+#: BatchNorm initialisations of the reference builders (``bn_init``): ``(eps, init)``.
+BN_INITS = ("torch", "reference")
+
+
+def _bn_options(bn_init, bn_eps) -> float:
+    """Validate ``bn_init``/``bn_eps``; return the eps to build BatchNorm layers with."""
+    if bn_init not in BN_INITS:
+        raise ValueError(f"bn_init must be one of {', '.join(map(repr, BN_INITS))}, got {bn_init!r}")
+    if bn_eps is None:
+        return 1e-4 if bn_init == "reference" else 1e-5
+    if isinstance(bn_eps, bool) or not isinstance(bn_eps, (int, float)) or not (0 < bn_eps < 1):
+        raise ValueError(f"bn_eps must be a number in (0, 1) or None, got {bn_eps!r}")
+    return float(bn_eps)
+
+
+def _bn_init_(model: nn.Module, bn_init: str) -> nn.Module:
+    """``bn_init="reference"``: every BatchNorm's scale and offset drawn from N(0, 1) truncated to
+    [−2, 2] (TensorFlow's ``truncated_normal_initializer()``, the reference ``BatchNormLayer``),
+    in module order, scale before offset, from torch's global RNG (so ``torch.manual_seed`` fixes
+    them). ``"torch"``: left at torch's 1 and 0."""
+    if bn_init == "reference":
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    nn.init.trunc_normal_(m.weight, 0.0, 1.0, -2.0, 2.0)
+                    nn.init.trunc_normal_(m.bias, 0.0, 1.0, -2.0, 2.0)
+    return model
+
+
+def ref_mlp(input_shape=(1, 28, 28), num_classes: int = 10, widths: Sequence[int] = (2048, 2048, 2048),
+            bn_init: str = "torch", bn_eps=None) -> nn.Sequential:
     """Reference discrete-protocol MLP (Li & Hao, ICML 2018, MNIST): 784-2048-2048-2048-10.
 
     ``Flatten → [Linear(no bias) → BatchNorm1d → ReLU]×3 → Linear(no bias) → BatchNorm1d``.
     Every Linear is a discrete layer (first and last included) followed by BatchNorm, whose
     affine parameters take the role of the biases. Parameters for 28×28 inputs:
     784·2048 + 2·2048² + 2048·10 = 10,014,720 weights and 2·(3·2048 + 10) = 12,308 BN affine.
+
+    Args:
+        widths: hidden widths; default ``(2048, 2048, 2048)``.
+        bn_init: ``"torch"`` (default: scale 1, offset 0, eps 1e-5) or ``"reference"`` (the
+            reference code's ``BatchNormLayer``, LiQianxiao/discrete-MSA ``layers.py``: scale and
+            offset ~ N(0, 1) truncated to [−2, 2], eps 1e-4).
+        bn_eps: BatchNorm eps overriding the one of ``bn_init`` (a number in (0, 1); default None).
     """
     shape = _shape(input_shape)
     num_classes = _pos_int("num_classes", num_classes)
     widths = _widths("widths", widths)
+    eps = _bn_options(bn_init, bn_eps)
     layers = [nn.Flatten()]
     d = math.prod(shape)
     for w in widths:
-        layers += [nn.Linear(d, w, bias=False), nn.BatchNorm1d(w), nn.ReLU()]
+        layers += [nn.Linear(d, w, bias=False), nn.BatchNorm1d(w, eps=eps), nn.ReLU()]
         d = w
-    layers += [nn.Linear(d, num_classes, bias=False), nn.BatchNorm1d(num_classes)]
-    return nn.Sequential(*layers)
+    layers += [nn.Linear(d, num_classes, bias=False), nn.BatchNorm1d(num_classes, eps=eps)]
+    return _bn_init_(nn.Sequential(*layers), bn_init)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,39 +261,55 @@ def cnn_small(input_shape, num_classes: int, channels: Sequence[int] = (32, 64),
     return nn.Sequential(*layers)
 
 
+#: Layer orders of :func:`ref_vgg` (``order``).
+VGG_ORDERS = ("vgg", "reference")
+
+
 def ref_vgg(input_shape=(3, 32, 32), num_classes: int = 10, width_mult: float = 1.0,
-            fc_widths: Sequence[int] = (1024, 1024)) -> nn.Sequential:
+            fc_widths: Sequence[int] = (1024, 1024), order: str = "vgg", bn_init: str = "torch",
+            bn_eps=None) -> nn.Sequential:
     """Reference discrete-protocol VGG-like net (Li & Hao, ICML 2018, CIFAR-10 / SVHN).
 
     C128-C128-MP-C256-C256-MP-C512-C512-MP-FC1024-FC1024-FC10: 3×3 convs (padding 1), 2×2 max
     pooling, no biases anywhere, BatchNorm after every conv and FC layer (the last included),
-    ReLU after every BN but the last. A block is ``Conv → BN → ReLU`` and pooling follows the
-    ReLU. ``width_mult`` scales the conv widths only (SVHN: 0.5 → 64-64-128-128-256-256).
+    ReLU after every BN but the last. ``width_mult`` scales the conv widths only (SVHN: 0.5 →
+    64-64-128-128-256-256).
 
-    note: where pooling sits relative to BN/ReLU is not fixed by the published description;
-    this order (pool last) is the common VGG one.
+    Args:
+        order: where the pooling sits in each stage of two convs.
+            ``"vgg"`` (default, the common VGG order): ``Conv → BN → ReLU → Conv → BN → ReLU → Pool``.
+            ``"reference"`` (the reference notebooks, LiQianxiao/discrete-MSA
+            ``cifar10_conv_*.ipynb``/``svhn_conv_*.ipynb``): ``Conv → BN → ReLU → Conv → Pool →
+            BN → ReLU`` (the pooled conv is normalised after pooling). Same parameters either way.
+        bn_init, bn_eps: as in :func:`ref_mlp` (``"reference"``: truncated-normal N(0, 1) scale and
+            offset, eps 1e-4).
     """
     shape = _shape(input_shape)
     num_classes = _pos_int("num_classes", num_classes)
-    if not isinstance(width_mult, (int, float)) or width_mult <= 0:
+    if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or width_mult <= 0:
         raise ValueError(f"width_mult must be > 0, got {width_mult!r}")
     fc_widths = _widths("fc_widths", fc_widths)
+    if order not in VGG_ORDERS:
+        raise ValueError(f"order must be one of {', '.join(map(repr, VGG_ORDERS))}, got {order!r}")
+    eps = _bn_options(bn_init, bn_eps)
     Conv, BN, Pool, _ = _spatial_layers(shape, "ref_vgg")
     layers = []
     c = shape[0]
     for base in (128, 256, 512):
         w = max(1, int(round(base * width_mult)))
-        for _ in range(2):
-            layers += [Conv(c, w, 3, padding=1, bias=False), BN(w), nn.ReLU()]
-            c = w
-        layers.append(Pool(2))
+        layers += [Conv(c, w, 3, padding=1, bias=False), BN(w, eps=eps), nn.ReLU()]
+        if order == "reference":
+            layers += [Conv(w, w, 3, padding=1, bias=False), Pool(2), BN(w, eps=eps), nn.ReLU()]
+        else:
+            layers += [Conv(w, w, 3, padding=1, bias=False), BN(w, eps=eps), nn.ReLU(), Pool(2)]
+        c = w
     layers.append(nn.Flatten())
     d = _out_features(nn.Sequential(*layers), shape)
     for w in fc_widths:
-        layers += [nn.Linear(d, w, bias=False), nn.BatchNorm1d(w), nn.ReLU()]
+        layers += [nn.Linear(d, w, bias=False), nn.BatchNorm1d(w, eps=eps), nn.ReLU()]
         d = w
-    layers += [nn.Linear(d, num_classes, bias=False), nn.BatchNorm1d(num_classes)]
-    return nn.Sequential(*layers)
+    layers += [nn.Linear(d, num_classes, bias=False), nn.BatchNorm1d(num_classes, eps=eps)]
+    return _bn_init_(nn.Sequential(*layers), bn_init)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ ROW_FIELDS = (
     "best_acc_median", "best_acc_min", "best_acc_max",
     "target_acc", "reached", "epochs_to_target_median", "seconds_to_target_median",
     "median_step_ms", "ratio_to_sgd", "peak_rss_mb", "rss_increase_mb", "optimizer_state_mb",
-    "final_density", "skipped_steps",
+    "final_density", "density_convention", "skipped_steps",
 )
 
 
@@ -86,6 +86,7 @@ def aggregate(runs: List[Dict[str, Any]], chosen: Dict[str, Dict[str, Any]], cfg
             "rss_increase_mb": _med([x.get("rss_increase_mb") for x in s]),
             "optimizer_state_mb": _med([x.get("optimizer_state_mb") for x in s]),
             "final_density": _med(dens),
+            "density_convention": getattr(cfg, "density_convention", "discrete"),
             "skipped_steps": sum(x.get("skipped_steps", 0) for x in s),
         })
         if ch["tuned"]:

@@ -149,15 +149,12 @@ def step_scalars(opt: torch.optim.Optimizer) -> Dict[str, float]:
     return opt.last_step.scalars() if isinstance(opt, PMPOptimizer) else {}
 
 
-def _density(model: nn.Module) -> Optional[float]:
-    """Fraction of non-zero discrete weights (None for full-precision models)."""
-    from ..quant import discrete_parameters
+def _density(model: nn.Module, convention: str = "discrete") -> Optional[float]:
+    """Fraction of non-zero discrete weights (None for full-precision models), over the discrete
+    weights or over all trainable parameters (:func:`pmptrain.export.density`)."""
+    from ..export import density
 
-    dts = discrete_parameters(model)
-    if not dts:
-        return None
-    nz = sum(int((d.param != 0).sum()) for d in dts)
-    return nz / sum(d.param.numel() for d in dts)
+    return density(model, convention)
 
 
 def progress_bar(total: int, desc: str, rank: int):
@@ -255,7 +252,7 @@ def _epoch_record(cfg: BenchConfig, data, model: nn.Module, opt, loss_fn, spec: 
         h["val_loss"], h["val_acc"] = evaluate(model, data.val_x, data.val_y, loss_fn, cfg.eval_batch_size)
     h.update(st.diag_means())
     if spec.discrete:
-        dens = _density(model)
+        dens = _density(model, cfg.density_convention)
         if dens is not None:
             h["density"] = dens  # of the whole model, after the epoch (not the per-step mean)
     return h

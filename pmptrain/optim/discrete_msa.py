@@ -75,8 +75,17 @@ class DiscreteMSA(DiscreteConfig):
         lam_mode: ``"absolute"`` (default, the reference) or ``"relative"`` (``λ_k = λ·max|M|``).
             Recommended ternary setting (docs/discrete.md §6): ``rho=0.95, lam=0.2,
             lam_mode="relative"``; binary ``rho=0.95`` on BatchNorm networks.
-        acc_init: ``M`` starts at ``acc_init·sgn(W)`` with ``sgn(0) = +1`` (in (0, 1e-6], default
-            1e-12: a tie-breaker only).
+        wrong_set: the set ``ρ_k``'s maximum runs over: ``"hamiltonian"`` (default, the formula
+            above) or ``"sign"`` (the reference code's ``W_ij ≠ sign(M_ij)``, which ignores λ;
+            binary and ternary grids; identical ``ρ_k`` on binary grids). See
+            :func:`pmptrain.discrete.penalty_scale`.
+        acc_init: the magnitude of ``M_0``, in (0, 1e-6] (default 1e-12).
+        acc_init_mode: ``"sign"`` (default): ``M_0 = acc_init·sgn(W)`` with ``sgn(0) = +1``, a
+            tie-breaker only; ``"uniform"``: ``M_0 ~ U(−acc_init, acc_init)`` (the reference code
+            with ``acc_init=1e-6``), seeded by ``acc_seed`` and each parameter's name
+            (:func:`pmptrain.discrete.initial_accumulator`): the same on every rank, no draw from
+            torch's global RNG, and stored in ``state_dict()`` like any accumulator.
+        acc_seed: the seed of ``"uniform"`` (an int in [0, 2^31), default 0).
         continuous: ``"fallback"`` (default) or ``"emsa"`` — the rule of kept full-precision affine
             layers.
         emsa_lr, emsa_rho: step size (δ = 1/(emsa_lr·s)) and ρ of that E-MSA (defaults 1.0, 1.0).
@@ -112,7 +121,10 @@ class DiscreteMSA(DiscreteConfig):
         decay_floor: float = 0.0,
         rho_scope: str = "tensor",
         lam_mode: str = "absolute",
+        wrong_set: str = "hamiltonian",
         acc_init: float = 1e-12,
+        acc_init_mode: str = "sign",
+        acc_seed: int = 0,
         continuous: str = "fallback",
         emsa_lr: float = 1.0,
         emsa_rho: float = 1.0,
@@ -131,12 +143,12 @@ class DiscreteMSA(DiscreteConfig):
         self.acc_init = float(Real(0.0, _ACC_INIT_MAX, lo_open=True).check("acc_init", acc_init))
         self._find_discrete(model)
         self._check_exclude(exclude)
-        self._discrete_rule = DiscreteMSARule(self.acc_init)
+        self._discrete_rule = DiscreteMSARule(self.acc_init, acc_init_mode=acc_init_mode, acc_seed=acc_seed)
         self._affine = AffineEMSARule(keys={"lr": "emsa_lr", "rho": "emsa_rho"})
         self._fallback = FallbackRule()
         defaults = dict(
             lr=lr, rho=rho, decay=decay, lam=lam, decay_gamma=decay_gamma, decay_floor=decay_floor,
-            rho_scope=rho_scope, lam_mode=lam_mode, emsa_lr=emsa_lr, emsa_rho=emsa_rho,
+            rho_scope=rho_scope, lam_mode=lam_mode, wrong_set=wrong_set, emsa_lr=emsa_lr, emsa_rho=emsa_rho,
             **AffineEMSARule.SOLVER_DEFAULTS,
             fallback=fallback, fallback_lr=fallback_lr, betas=betas, eps=eps, momentum=momentum,
             weight_decay=weight_decay,

@@ -20,6 +20,7 @@ bop            ``m ← (1−γ)m + γg``; flip iff ``m·W > τ``         ``γ = 
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -28,10 +29,13 @@ from torch import Tensor, nn
 
 from .._profile import phase
 from ..discrete import (
+    ACC_INIT_MODES,
+    WRONG_SETS,
     discrete_argmax,
     discrete_msa_delta,
     ema_accumulate,
     has_fast_path,
+    initial_accumulator,
     penalty_scale,
     relative_lambda,
     sign_nonzero,
@@ -157,7 +161,12 @@ class DiscreteMSARule(ParamRule):
     :func:`~pmptrain.discrete.discrete_argmax` on others. Weight decay does not apply to codes.
 
     Args:
-        acc_init: ``M_0 = acc_init·sgn(W)`` (``sgn(0) = +1``).
+        acc_init: the magnitude of ``M_0`` (:func:`~pmptrain.discrete.initial_accumulator`).
+        acc_init_mode: ``"sign"`` (``M_0 = acc_init·sgn(W)``, ``sgn(0) = +1``) or ``"uniform"``
+            (``M_0 ~ U(±acc_init)``, the reference), default ``"sign"``.
+        acc_seed: seed of the ``"uniform"`` draw; each tensor's generator is seeded with the CRC-32
+            of ``"<acc_seed>:<parameter name>"``, so ``M_0`` is a function of the seed and the
+            name only (the same on every rank, independent of torch's global RNG).
     """
 
     name = "discrete-msa"
@@ -168,15 +177,23 @@ class DiscreteMSARule(ParamRule):
         "lam": Real(0.0),
         "rho_scope": Choice(("tensor", "channel")),
         "lam_mode": Choice(("absolute", "relative")),
+        "wrong_set": Choice(WRONG_SETS),
     }
 
-    def __init__(self, acc_init: float, keys=None):
+    def __init__(self, acc_init: float, keys=None, acc_init_mode: str = "sign", acc_seed: int = 0):
         super().__init__(keys)
         self.acc_init = float(acc_init)
+        self.acc_init_mode = Choice(ACC_INIT_MODES).check("acc_init_mode", acc_init_mode)
+        if isinstance(acc_seed, bool) or not isinstance(acc_seed, int) or not 0 <= acc_seed < 2**31:
+            raise ValueError(f"acc_seed: must be an int in [0, 2^31), got {acc_seed!r}")
+        self.acc_seed = acc_seed
 
     def init_state(self, unit):
         w = unit.params[0].detach()
-        return DiscreteState(0, sign_nonzero(w).mul_(self.acc_init))
+        if self.acc_init_mode == "sign":
+            return DiscreteState(0, sign_nonzero(w).mul_(self.acc_init))
+        seed = zlib.crc32(f"{self.acc_seed}:{unit.param_names[0]}".encode())
+        return DiscreteState(0, initial_accumulator(w, self.acc_init, "uniform", seed))
 
     @staticmethod
     def _accumulate(unit: Unit, acc: Tensor, g: Tensor, a: float) -> Tensor:
@@ -210,10 +227,12 @@ class DiscreteMSARule(ParamRule):
         rho_eff = rho / s
         if has_fast_path(d.grid):
             with phase("discrete"):
-                delta, rho_k, acc_max = discrete_msa_delta(w, new_acc, d.grid, rho_eff, lam, scope)
+                delta, rho_k, acc_max = discrete_msa_delta(w, new_acc, d.grid, rho_eff, lam, scope,
+                                                           wrong_set=self.value(group, "wrong_set"))
             upd = Update(p, delta)
         else:
-            rho_k, _ = penalty_scale(new_acc, w, d.grid, rho_eff, lam, scope=scope)
+            rho_k, _ = penalty_scale(new_acc, w, d.grid, rho_eff, lam, scope=scope,
+                                     wrong_set=self.value(group, "wrong_set"))
             new_w = discrete_argmax(w, new_acc, d.grid, rho_k, lam)
             delta = new_w - w
             acc_max = new_acc.abs().amax()
