@@ -114,9 +114,15 @@ def test_emsa_mnist_reference_config_follows_the_reference_protocol():
     cfg = _resolve(CONFIG_DIR / "emsa-mnist-reference.yaml")
     assert (cfg.model, cfg.model_args, cfg.epochs, cfg.batch_size, cfg.shuffle, cfg.loss) == \
         ("emsa_cnn", {}, 1, 128, False, "cross-entropy")
-    assert cfg.optimizers == ["emsa", "emsa-iterative", "adam", "adagrad", "sgd"]
+    assert cfg.optimizers == ["emsa", "emsa-iterative", "emsa-paper", "adam", "adagrad", "sgd"]
     args = cfg.optimizer_args
-    assert args["emsa"]["rho"] == args["emsa-iterative"]["rho"] == 0.03
+    assert args["emsa"]["rho"] == args["emsa-iterative"]["rho"] == args["emsa-paper"]["rho"] == 0.03
+    # the paper row controls each residual convolution (conv + tanh + skip) as one block
+    model = build_model(cfg.model, (1, 28, 28), 10)
+    paper = get_spec("emsa-paper").build(model, **args["emsa-paper"])
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "TanhResidualConv"]
+    assert len(blocks) == 2 and [r["unit"] for r in paper.rule_table()][2:4] == blocks
+    paper.detach()
     assert get_spec("emsa-iterative").defaults["solver"] == "iterative"
     assert get_spec("emsa-iterative").defaults["inner_steps"] == 10
     assert args["adam"] == {"lr": 1e-3, "weight_decay": 1e-3}

@@ -205,13 +205,12 @@ def _emsa(model, weight_decay=0.0, **kw):
 
 #: The bench's residual blocks that ``emsa-paper`` controls as whole blocks (module class names in
 #: :mod:`pmptrain.bench.models`), as the reference code's residual layers are.
-PAPER_BLOCKS = ("TanhResidualBlock",)
+PAPER_BLOCKS = ("TanhResidualBlock", "TanhResidualConv")
 
 
 def _emsa_paper(model, blocks=None, weight_decay=0.0, **kw):
     """:meth:`pmptrain.EMSA.paper`; ``blocks`` (module names) default to every instance of
     :data:`PAPER_BLOCKS` in the model (none: every module with parameters is its own unit)."""
-    from ..optim import EMSA
     from . import models as bench_models
 
     if blocks is None:
