@@ -246,10 +246,11 @@ class _CostateHook:
 
 
 class _Entry:
-    __slots__ = ("module", "adapter", "spec", "sentinel", "stats", "token")
+    __slots__ = ("module", "adapter", "spec", "sentinel", "stats", "token", "counter")
 
-    def __init__(self, module, adapter, spec, sentinel):
+    def __init__(self, module, adapter, spec, sentinel, counter=None):
         self.module, self.adapter, self.spec, self.sentinel = module, adapter, spec, sentinel
+        self.counter = counter if counter is not None else adapter  # counts the samples of a call
         self.stats = ModuleStats()
         self.token = None  # (weakref to the sentinel's .grad, its version) after the last backward
 
@@ -275,10 +276,14 @@ class ModuleCapture:
         self._handles.append(root.register_forward_pre_hook(_RootHook(self), with_kwargs=True))
 
     # ------------------------------------------------------------------ registration
-    def add(self, key: str, module: nn.Module, adapter, spec: CaptureSpec, sentinel: Optional[Tensor]) -> None:
+    def add(self, key: str, module: nn.Module, adapter, spec: CaptureSpec, sentinel: Optional[Tensor],
+            counter=None) -> None:
         """Start recording ``module`` under ``key`` for ``spec`` (``adapter``: its
         :class:`~pmptrain.modules.AffineAdapter` or None; ``sentinel``: the parameter whose ``.grad``
-        tells when the module's gradient was reset). No-op if ``key`` is recorded already."""
+        tells when the module's gradient was reset; ``counter``: the adapter whose ``batch_size``
+        counts a call's samples when ``adapter`` is None — a module a rule takes without an
+        adapter, such as the iterative solver's, still counts tokens for a row-wise layer; default
+        ``adapter``, and the leading dimension without either). No-op if ``key`` is recorded already."""
         if key in self._entries:
             return
         owner_ref = _OWNERS.get(module)
@@ -289,7 +294,7 @@ class ModuleCapture:
                 "model; this optimizer's hooks were removed (one optimizer per module)"
             )
         _OWNERS[module] = weakref.ref(self)
-        self._entries[key] = _Entry(module, adapter, spec, sentinel)
+        self._entries[key] = _Entry(module, adapter, spec, sentinel, counter)
         self._handles.append(module.register_forward_hook(_ForwardHook(self, key), with_kwargs=True))
         if sentinel is not None:
             keys = self._sentinel_keys.setdefault(id(sentinel), [])
@@ -337,7 +342,8 @@ class ModuleCapture:
         st, spec, adapter, module = entry.stats, entry.spec, entry.adapter, entry.module
         if new_pass:
             st._task = task
-            st.samples += adapter.batch_size(module, x) if adapter is not None else (x.shape[0] if x.dim() > 0 else 1)
+            counter = entry.counter
+            st.samples += counter.batch_size(module, x) if counter is not None else (x.shape[0] if x.dim() > 0 else 1)
         if spec is None:  # inactive this step (an amortised step): the sample count only
             return
         if spec.calls:

@@ -740,7 +740,8 @@ def augmented_hamiltonian(
             (``torch.func.functional_call``); ``extra`` carries any further inputs of the call.
         theta / theta_k: parameter dicts θ (requires grad) and θ_k (current, fixed).
         calls: per recorded call ``(x, p̂, extra, y_k, gx_k)`` with ``y_k = f(x, θ_k)`` and
-            ``gx_k = ∇_x[p̂·f(x, θ_k)]`` (None when ρ = 0), as prepared by :func:`iterative_maximise`.
+            ``gx_k = ∇_x[p̂·f(x, θ_k)]`` (None when ρ_p = 0 or the input is not floating point), as
+            prepared by :func:`iterative_maximise`.
         batch_size: B; rho: the state-penalty weight ρ_x; delta: δ ≥ 0 (0: no proximal term).
         linear_correction: ``e`` per parameter (default 0): shifts the linear term of H at θ_k so
             that it equals ``−∇J`` from ``.grad`` (see :func:`iterative_maximise`).
@@ -749,18 +750,21 @@ def augmented_hamiltonian(
             the reference E-MSA's ``msa_reg``).
 
     The costate penalty differentiates the module output with respect to its first input exactly
-    (double backward), including overlapping convolution patches.
+    (double backward), including overlapping convolution patches. A call whose input is not
+    floating point (an embedding's indices: no earlier module receives a costate through it,
+    docs/algorithms.md "Embeddings") has no costate penalty; its ``gx_k`` is None.
     """
     b = float(batch_size)
     rho_p = rho if rho_costate is None else rho_costate
     total = None
     for x, p, extra, y_k, gx_k in calls:
-        xr = x.detach().requires_grad_(rho_p > 0.0)
+        costate_term = rho_p > 0.0 and gx_k is not None
+        xr = x.detach().requires_grad_(costate_term)
         y = fn(theta, xr, extra)
         term = (p * y).sum() / b
         if rho > 0.0:
             term = term - 0.5 * rho * _sum_pow2(y - y_k) / b
-        if rho_p > 0.0:
+        if costate_term:
             (gx,) = torch.autograd.grad((p * y).sum(), xr, create_graph=True)
             term = term - 0.5 * rho_p * _sum_pow2(gx - gx_k) / b
         total = term if total is None else total + term
@@ -819,10 +823,11 @@ def iterative_maximise(
     rho_p = rho if rho_costate is None else rho_costate
     prepared = []
     for x, p, extra in calls:
+        costate_term = rho_p > 0.0 and x.is_floating_point()  # integer indices: no costate penalty
         with torch.enable_grad():
-            xr = x.detach().requires_grad_(rho_p > 0.0)
+            xr = x.detach().requires_grad_(costate_term)
             y_k = fn(theta_k, xr, extra)
-            gx_k = torch.autograd.grad((p * y_k).sum(), xr)[0].detach() if rho_p > 0.0 else None
+            gx_k = torch.autograd.grad((p * y_k).sum(), xr)[0].detach() if costate_term else None
         prepared.append((x, p, extra, y_k.detach(), gx_k))
     correction = None
     if ham_grad is not None:

@@ -533,6 +533,46 @@ def test_iterative_solver_leaves_frozen_parameters_out():
     assert torch.equal(model[1].weight, frozen) and not torch.equal(model[1].bias, shift)
 
 
+class _TokenModel(nn.Module):
+    """Embedding of (batch, T) indices → Linear on (batch, T, d) → flatten → head."""
+
+    def __init__(self, vocab=10, d=4, t=3):
+        super().__init__()
+        self.e, self.l, self.head = nn.Embedding(vocab, d), nn.Linear(d, d), nn.Linear(t * d, 3)
+
+    def forward(self, x):
+        h = self.l(self.e(x))
+        return self.head(h.reshape(x.shape[0], -1))
+
+
+def test_iterative_solver_counts_tokens_like_the_closed_form():
+    """A sample is a token for row-wise layers in both solvers (docs/algorithms.md, "What a sample
+    is"): on integer (batch, T) indices and (batch, T, d) inputs the iterative maximiser of the
+    augmented Hamiltonian (quadratic here: every module is affine in its parameters) equals the
+    closed form — for the embedding, every row moves by −g_v/(ρc_v + δ) with c_v = count_v / tokens.
+    It used to fail on the indices (requires_grad on an integer tensor) and to count sequences."""
+    torch.manual_seed(0)
+    base = _TokenModel().double()
+    x, y = torch.randint(0, 10, (32, 3)), torch.randint(0, 3, (32,))
+    moved, grads = {}, {}
+    for solver in ("closed", "iterative"):
+        m = copy.deepcopy(base)
+        kw = dict(costate="exact", route="primal") if solver == "closed" else dict(inner_steps=100)
+        with pmptrain.EMSA(m, solver=solver, rho=2.0, lr=0.5, **kw) as opt:
+            F.cross_entropy(m(x), y).backward()
+            grads[solver] = m.e.weight.grad.clone()
+            opt.step()
+            assert not opt.last_step["skipped"]
+        moved[solver] = {k: v.detach() - base.state_dict()[k] for k, v in m.state_dict().items()}
+    counts = torch.bincount(x.reshape(-1), minlength=10).double()
+    exact = -grads["closed"] / (2.0 * counts[:, None] / x.numel() + 2.0)
+    torch.testing.assert_close(moved["closed"]["e.weight"], exact, rtol=0, atol=1e-12)
+    # L-BFGS stops at its tolerances: 5e-5 against steps of ~2e-2 (counting sequences is off by 2.5e-3)
+    torch.testing.assert_close(moved["iterative"]["e.weight"], exact, rtol=0, atol=5e-5)
+    for k in ("l.weight", "l.bias", "head.weight", "head.bias"):
+        torch.testing.assert_close(moved["iterative"][k], moved["closed"][k], rtol=0, atol=5e-5)
+
+
 def test_non_finite_captured_statistics_skip_the_step():
     model = mlp_bn()
     opt = pmptrain.EMSA(model, stat_decay=0.5)

@@ -439,7 +439,8 @@ class PMPOptimizer(torch.optim.Optimizer):
                 entry = self.capture._entries.get(mb.name)
                 if entry is None:
                     if spec is not None:
-                        self.capture.add(mb.name, mb.module, mb.adapter, spec, mb.sentinel)
+                        self.capture.add(mb.name, mb.module, mb.adapter, spec, mb.sentinel,
+                                         counter=mb.adapter or adapter_for(mb.module))
                 elif entry.spec != spec:
                     entry.spec = spec
 
