@@ -327,3 +327,17 @@ def test_block_state_dict_roundtrip_resumes_identically():
     o3.step()
     for p, q in zip(m1.parameters(), m3.parameters()):
         assert torch.equal(p, q)
+
+
+def test_rule_table_states_the_paper_options():
+    from pmptrain.bench.models import build_model
+
+    model = build_model("restanh", (5,), 5)
+    desc = {r["unit"]: r["description"] for r in get_spec("emsa-paper").build(model, perturb_init=0.005).rule_table()}
+    assert desc["blocks.0"] == ("iterative E-MSA (10 lbfgs iterations, rho 1.0, summed over the batch, no proximal "
+                                "term, L2 0.001 in H, start perturbed by 0.005)")
+    lin = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    table = pmptrain.EMSA(lin, rho_state=2.0).rule_table()
+    assert "rho_state 2, rho_costate 1," in table[0]["description"]
+    assert "rho_state 2, rho_costate 1)" in table[1]["description"]  # the per-channel affine of the LayerNorm
+    assert "(rho 1.0, route auto" in pmptrain.EMSA(nn.Sequential(nn.Linear(3, 3))).rule_table()[0]["description"]

@@ -217,8 +217,7 @@ class EMSARuleBase(Rule):
         return rho
 
     def describe_rho(self, group) -> str:
-        rho = self.value(group, "rho")
-        return f"rho {rho} x rms costate" if self.costate_scaled(group) else f"rho {rho}"
+        return describe_penalties(self, group, self.costate_scaled(group))
 
 
 class AffineEMSARule(EMSARuleBase):
@@ -486,6 +485,19 @@ def _member_from_running(r: RunningStats, like: Optional[AffineMember]) -> Affin
                         grad_b=like.grad_b if like is not None else None,
                         delta_b=like.delta_b if like is not None else None,
                         p_trace=r.p_trace if r.p_trace is not None else (like.p_trace if like is not None else None))
+
+
+def describe_penalties(rule, group, costate_scaled: bool = False) -> str:
+    """The penalty weights of a rule_table description: ``rho ρ`` (``× rms costate`` when scaled),
+    or ``rho_state ρ_x, rho_costate ρ_p`` when they differ, and ``summed over the batch`` for
+    ``penalty_units="sum"``."""
+    rx, rp = penalty_bases(rule, group)
+    text = f"rho {rule.value(group, 'rho')}" if rx == rp else f"rho_state {rx:g}, rho_costate {rp:g}"
+    if costate_scaled:
+        text += " x rms costate"
+    if rule.value(group, "penalty_units") == "sum":
+        text += ", summed over the batch"
+    return text
 
 
 def penalty_bases(rule, group) -> tuple:

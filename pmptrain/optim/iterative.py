@@ -19,7 +19,7 @@ from torch.func import functional_call
 from .. import distributed as pdist
 from ..capture import CaptureSpec
 from ..hamiltonian import iterative_maximise
-from .affine import _no_states_message, penalty_bases
+from .affine import _no_states_message, describe_penalties, penalty_bases
 from .hyper import PENALTY_MAX, RHO_WHY, Choice, Flag, Int, Maybe, Real, StepSize
 from .rule import Proposal, Rule, Update
 
@@ -69,8 +69,15 @@ class IterativeEMSARule(Rule):
         return IterativeState()
 
     def describe(self, unit, group):
-        return (f"iterative E-MSA ({self.value(group, 'inner_steps')} {self.value(group, 'inner_optimizer')} "
-                f"iterations, rho {self.value(group, 'rho')})")
+        parts = [f"{self.value(group, 'inner_steps')} {self.value(group, 'inner_optimizer')} iterations",
+                 describe_penalties(self, group)]
+        if not self.value(group, "proximal"):
+            parts.append("no proximal term")
+        if float(self.value(group, "l2")) > 0.0:
+            parts.append(f"L2 {float(self.value(group, 'l2')):g} in H")
+        if float(self.value(group, "perturb_init")) > 0.0:
+            parts.append(f"start perturbed by {float(self.value(group, 'perturb_init')):g}")
+        return f"iterative E-MSA ({', '.join(parts)})"
 
     def capture_spec(self, unit, member, group):
         return CaptureSpec(calls=True)
