@@ -791,6 +791,7 @@ def iterative_maximise(
     rho_costate: Optional[float] = None,
     l2: float = 0.0,
     theta_init: Optional[Dict[str, Tensor]] = None,
+    max_eval: Optional[int] = None,
 ) -> Dict[str, Tensor]:
     r"""Maximise :func:`augmented_hamiltonian` by ``steps`` iterations of an inner optimiser.
 
@@ -810,6 +811,8 @@ def iterative_maximise(
             :func:`augmented_hamiltonian`.
         theta_init: where the inner optimiser starts (default: θ_k; the reference E-MSA's toy
             starts L-BFGS from ``θ_k + a·U(−1, 1)``). The penalties stay centred at θ_k.
+        max_eval: L-BFGS's bound on evaluations of the objective, line search included (default
+            None: torch's ``1.25·steps``); ignored by Adam and SGD.
 
     ``delta = 0`` (no proximal term) is allowed with ``method="lbfgs"`` only: the line search keeps
     the inner problem's steps finite, a fixed-step Adam/SGD ascent of an unbounded H would not.
@@ -850,7 +853,7 @@ def iterative_maximise(
     elif method == "sgd":
         inner = torch.optim.SGD(params, lr=lr)
     elif method == "lbfgs":
-        inner = torch.optim.LBFGS(params, lr=lr, max_iter=steps, line_search_fn="strong_wolfe")
+        inner = torch.optim.LBFGS(params, lr=lr, max_iter=steps, max_eval=max_eval, line_search_fn="strong_wolfe")
     else:
         raise ValueError(f"method must be 'adam', 'sgd' or 'lbfgs', got {method!r}")
 

@@ -341,3 +341,31 @@ def test_rule_table_states_the_paper_options():
     assert "rho_state 2, rho_costate 1," in table[0]["description"]
     assert "rho_state 2, rho_costate 1)" in table[1]["description"]  # the per-channel affine of the LayerNorm
     assert "(rho 1.0, route auto" in pmptrain.EMSA(nn.Sequential(nn.Linear(3, 3))).rule_table()[0]["description"]
+
+
+def test_inner_max_eval_bounds_the_lbfgs_evaluations():
+    """``inner_max_eval`` is L-BFGS's bound on objective evaluations (torch's default 1.25·steps):
+    counted through the module's forward calls during the inner solve."""
+    from pmptrain.hamiltonian import iterative_maximise
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    x, p = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    theta_k = {k: v.detach() for k, v in lin.named_parameters()}
+    for max_eval, bound in ((None, 12), (3, 3), (50, 50)):
+        calls = []
+
+        def fn(theta, xx, extra):
+            calls.append(1)
+            return functional_call(lin, theta, (xx,))
+
+        iterative_maximise(fn, theta_k, [(x, p, None)], 16, 1.0, 0.0, steps=10, max_eval=max_eval)
+        n = len(calls) - 1  # one evaluation at θ_k prepares the penalties
+        assert 1 <= n <= bound, (max_eval, n)
+        if max_eval == 3:
+            assert n == 3  # the bound binds: an unconstrained Hamiltonian (δ = 0) needs more
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    assert pmptrain.EMSA(model, solver="iterative", inner_max_eval=40).param_groups[0]["inner_max_eval"] == 40
+    with pytest.raises(ValueError, match="inner_max_eval"):
+        pmptrain.EMSA(model, solver="iterative", inner_max_eval=0)
+    assert "inner_max_eval" in get_spec("emsa-paper").options()

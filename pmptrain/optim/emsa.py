@@ -137,6 +137,9 @@ class EMSA(PMPOptimizer):
             ``inner_optimizer`` (``"lbfgs"``, ``"adam"``, ``"sgd"``) with step ``inner_lr`` on the
             augmented Hamiltonian of *every* module with parameters (defaults 10, 1.0, ``"lbfgs"``;
             L-BFGS runs at most ``inner_steps`` iterations, scipy L-BFGS-B's ``maxiter``).
+        inner_max_eval: at most this many evaluations of the inner objective by L-BFGS, line-search
+            evaluations included (default None: torch's ``1.25·inner_steps``; scipy's L-BFGS-B
+            allows 15 000, so its 10 iterations are never cut short by evaluations).
         rho_state, rho_costate: ρ_x and ρ_p ≥ 0, the weights of the state and the costate penalty
             (default None: both ``rho``). The closed form needs ρ_x > 0 whenever ρ_p > 0.
         penalty_units: ``"mean"`` (default: each penalty is a mean over the B samples of the step)
@@ -209,6 +212,7 @@ class EMSA(PMPOptimizer):
         inner_steps: int = 10,
         inner_lr: float = 1.0,
         inner_optimizer: str = "lbfgs",
+        inner_max_eval: Optional[int] = None,
         rho_state: Optional[float] = None,
         rho_costate: Optional[float] = None,
         penalty_units: str = "mean",
@@ -232,7 +236,8 @@ class EMSA(PMPOptimizer):
             stat_every=stat_every, eig_refresh=eig_refresh,
             eig_floor=eig_floor, eig_float64=eig_float64, fallback=fallback, fallback_lr=fallback_lr,
             betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, inner_steps=inner_steps,
-            inner_lr=inner_lr, inner_optimizer=inner_optimizer, rho_state=rho_state, rho_costate=rho_costate,
+            inner_lr=inner_lr, inner_optimizer=inner_optimizer, inner_max_eval=inner_max_eval,
+            rho_state=rho_state, rho_costate=rho_costate,
             penalty_units=penalty_units, proximal=proximal, l2=l2, perturb_init=perturb_init,
             perturb_seed=perturb_seed,
         )

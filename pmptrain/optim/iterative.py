@@ -62,6 +62,7 @@ class IterativeEMSARule(Rule):
         "inner_steps": Int(1),
         "inner_lr": Real(0.0, lo_open=True),
         "inner_optimizer": Choice(("adam", "sgd", "lbfgs")),
+        "inner_max_eval": Maybe(Int(1)),
     }
     decay_key = "fallback_lr"
 
@@ -140,6 +141,7 @@ class IterativeEMSARule(Rule):
                 int(self.value(group, "inner_steps")), float(self.value(group, "inner_lr")),
                 self.value(group, "inner_optimizer"), ham_grad={k: -grads[k] for k in params},
                 rho_costate=rho_p, l2=float(self.value(group, "l2")), theta_init=start,
+                max_eval=self.value(group, "inner_max_eval"),
             )
         return Proposal([Update(params[k], new[k] - theta_k[k], decay=decays[k]) for k in params], new_state)
 
