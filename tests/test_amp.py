@@ -54,6 +54,7 @@ CONFIGS = {
     "gram": dict(route="gram"),
     "isotropic": dict(costate="isotropic"),
     "decay": dict(route="primal", stat_decay=0.5),
+    "amortised": dict(route="primal", stat_every=2),  # step 1 solves with step 0's statistics
     "iterative": dict(solver="iterative", inner_steps=2, inner_lr=0.05, inner_optimizer="sgd"),
 }
 

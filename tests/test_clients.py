@@ -89,6 +89,17 @@ def _emsa_and_schedule(module):
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def _emsa_amortised_and_schedule(module):
+    """The same groups and schedule with amortised curvature: statistics captured every 3rd step
+    (``stat_every=3``), the steps in between solved with them and their own ``.grad``."""
+    decay = [p for p in module.parameters() if p.ndim == 2]
+    no_decay = [p for p in module.parameters() if p.ndim < 2]
+    opt = pmptrain.EMSA(module, [{"params": decay, "weight_decay": 1e-2}, {"params": no_decay}],
+                        lr=0.5, rho=1.0, stat_every=3, fallback_lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def _discrete_msa(module):
     return pmptrain.DiscreteMSA(module, rho=0.5, fallback_lr=1e-2)
 
@@ -168,14 +179,15 @@ def _hand_loop(module, epochs, autocast=False):
     return norms
 
 
-def test_lightning_fit_equals_the_hand_written_loop(tmp_path):
+@pytest.mark.parametrize("factory", [_emsa_and_schedule, _emsa_amortised_and_schedule], ids=["running", "amortised"])
+def test_lightning_fit_equals_the_hand_written_loop(tmp_path, factory):
     """Two epochs of ``Trainer.fit`` (accumulation, clipping, per-step StepLR) give bit for bit the
     weights of the plain loop ``zero_grad / (loss/2).backward() ×2 / clip / step / sched.step`` (Lightning
     zeroes the gradients after the first micro-batch's forward: its pending captures must survive):
     Lightning drives EMSA exactly as documented, and the loss falls."""
     pl, Classifier = _lightning()
     pl.seed_everything(0, verbose=False)
-    model = Classifier(_emsa_and_schedule)
+    model = Classifier(factory)
     trainer, _ = _trainer(pl, tmp_path, max_epochs=2)
     trainer.fit(model)
     opt = trainer.optimizers[0]
@@ -198,7 +210,7 @@ def test_lightning_fit_equals_the_hand_written_loop(tmp_path):
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(0.5 * 0.7 ** (steps // 3))
 
-    ref = Classifier(_emsa_and_schedule)
+    ref = Classifier(factory)
     norms = _hand_loop(ref, epochs=2)
     assert max(norms) > CLIP  # the clipping acted on some steps
     assert ref.losses == model.losses
