@@ -77,27 +77,24 @@ def _binary_mlp():
     return pmptrain.discretize_(net, "binary", keep=("first", "last"), scale="tensor")
 
 
-def _emsa_and_schedule(module):
-    """E-MSA with a decay and a no-decay group (each Linear's weight and bias in different groups;
-    the LayerNorm takes its per-channel closed form), running statistics (so the optimizer has a real state
-    to checkpoint) and a per-step StepLR."""
-    decay = [p for p in module.parameters() if p.ndim == 2]
-    no_decay = [p for p in module.parameters() if p.ndim < 2]
-    opt = pmptrain.EMSA(module, [{"params": decay, "weight_decay": 1e-2}, {"params": no_decay}],
-                        lr=0.5, rho=1.0, stat_decay=0.5, fallback_lr=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+def _emsa_with(**curvature):
+    """A LightningModule's ``configure_optimizers`` factory: E-MSA with a decay and a no-decay group
+    (each Linear's weight and bias in different groups; the LayerNorm takes its per-channel closed
+    form), the given curvature options and a per-step StepLR."""
+    def factory(module):
+        decay = [p for p in module.parameters() if p.ndim == 2]
+        no_decay = [p for p in module.parameters() if p.ndim < 2]
+        opt = pmptrain.EMSA(module, [{"params": decay, "weight_decay": 1e-2}, {"params": no_decay}],
+                            lr=0.5, rho=1.0, fallback_lr=1e-2, **curvature)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    return factory
 
 
-def _emsa_amortised_and_schedule(module):
-    """The same groups and schedule with amortised curvature: statistics captured every 3rd step
-    (``stat_every=3``), the steps in between solved with them and their own ``.grad``."""
-    decay = [p for p in module.parameters() if p.ndim == 2]
-    no_decay = [p for p in module.parameters() if p.ndim < 2]
-    opt = pmptrain.EMSA(module, [{"params": decay, "weight_decay": 1e-2}, {"params": no_decay}],
-                        lr=0.5, rho=1.0, stat_every=3, fallback_lr=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+#: running statistics (so the optimizer has a real state to checkpoint)
+_emsa_and_schedule = _emsa_with(stat_decay=0.5)
+#: amortised curvature: statistics captured every 3rd step, the steps in between solved with them
+_emsa_amortised_and_schedule = _emsa_with(stat_every=3)
 
 
 def _discrete_msa(module):
