@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..optim.shell import PMPOptimizer
 from .schema import (Bool, ConfigError, Int, Kind, Mapping_, Maybe, NameList, Number, Seeds, Text, check_fields,
-                     check_model_args, check_optimizer_args)
+                     check_model_args, check_optimizer_args, refused_as)
 
 __all__ = ["LMConfig", "Corpus", "load_corpus", "lr_multiplier", "run_lm_bench", "DEFAULT_LM_OPTIMIZERS"]
 
@@ -359,15 +359,11 @@ def _preflight(cfg: LMConfig) -> None:
     from .models import build_model
     from .registry import get_spec
 
-    try:
+    with refused_as(f"--model-args: model 'gpt' refuses {cfg.model_args}"):
         model = build_model("gpt", (cfg.seq_len,), 256, **cfg.model_args)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"--model-args: model 'gpt' refuses {cfg.model_args}: {e}") from None
     for name in cfg.optimizers:
-        try:
+        with refused_as(f"--opt-arg {name}"):
             opt = get_spec(name).build(model, **cfg.settings(name))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"--opt-arg {name}: {e}") from None
         if isinstance(opt, PMPOptimizer):
             opt.detach()
 

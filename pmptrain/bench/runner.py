@@ -63,7 +63,7 @@ from .models import build_model
 from .ranks import dist_info
 from .records import atomic_write_json, versions
 from .registry import OptimizerSpec, get_spec
-from .schema import ConfigError
+from .schema import refused_as
 from .seeding import rng_state, seed_all, set_rng_state
 
 __all__ = ["load_data", "build_run", "preflight", "evaluate", "run_one", "step_scalars", "progress_bar"]
@@ -111,18 +111,13 @@ def preflight(cfg: BenchConfig, data, settings: Dict[str, List[Dict[str, Any]]])
         ConfigError: naming ``--model-args`` or ``--opt-arg <optimizer>``, with the builder's or
         the optimizer's own message.
     """
-    try:
+    with refused_as(f"--model-args: model {cfg.model!r} refuses {cfg.model_args}"):
         build_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_args)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"--model-args: model {cfg.model!r} refuses {cfg.model_args}: {e}") from None
     for name, per in settings.items():
         spec = get_spec(name)
         for overrides in per:
-            try:
+            with refused_as(f"--opt-arg {spec.name}"):
                 _, _, opt = build_run(cfg, data, spec, overrides, cfg.seeds[0], world=1)
-            except (TypeError, ValueError) as e:
-                cause = e.__cause__ if isinstance(e.__cause__, TypeError) else e
-                raise ConfigError(f"--opt-arg {spec.name}: {cause}") from None
             _detach(opt)
 
 

@@ -17,13 +17,14 @@ starts with the option it concerns, ``--name: ...`` (``--opt-arg emsa.rho: ...``
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence
 
 __all__ = ["ConfigError", "flag", "Kind", "Bool", "Int", "Number", "Text", "PathText", "OneOf", "Maybe",
-           "NameList", "Seeds", "Mapping_", "check_unknown", "check_fields", "check_optimizer_args", "check_model_args", "load_yaml",
+           "NameList", "Seeds", "Mapping_", "check_unknown", "check_fields", "check_optimizer_args", "check_model_args", "refused_as", "load_yaml",
            "MAX_YAML_BYTES", "MAX_YAML_NODES"]
 
 #: Largest YAML document :func:`load_yaml` reads (configs are a few hundred bytes).
@@ -318,6 +319,19 @@ def check_model_args(builder: Callable, model_args: Mapping, opt: str = "model_a
     for k, v in model_args.items():
         if not _plain(v) and not (isinstance(v, (list, tuple)) and all(_plain(e) for e in v)):
             raise ConfigError(f"{flag(opt)}: {k} must be plain data, got {v!r}")
+
+
+@contextlib.contextmanager
+def refused_as(option: str) -> Iterator[None]:
+    """Turn a builder's ``TypeError``/``ValueError`` inside the block into a :class:`ConfigError`
+    ``"<option>: <the builder's message>"`` (a ``ValueError`` that wraps a ``TypeError`` reports
+    the ``TypeError``'s message): how the bench refuses, before training, a value only the model
+    builder or an optimizer can judge."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, TypeError) else e
+        raise ConfigError(f"{option}: {cause}") from None
 
 
 # --------------------------------------------------------------------------------------------
