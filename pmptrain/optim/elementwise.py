@@ -189,11 +189,8 @@ class DiscreteMSARule(ParamRule):
         self.acc_seed = acc_seed
 
     def init_state(self, unit):
-        w = unit.params[0].detach()
-        if self.acc_init_mode == "sign":
-            return DiscreteState(0, sign_nonzero(w).mul_(self.acc_init))
-        seed = zlib.crc32(f"{self.acc_seed}:{unit.param_names[0]}".encode())
-        return DiscreteState(0, initial_accumulator(w, self.acc_init, "uniform", seed))
+        seed = zlib.crc32(f"{self.acc_seed}:{unit.param_names[0]}".encode()) if self.acc_init_mode == "uniform" else None
+        return DiscreteState(0, initial_accumulator(unit.params[0], self.acc_init, self.acc_init_mode, seed))
 
     @staticmethod
     def _accumulate(unit: Unit, acc: Tensor, g: Tensor, a: float) -> Tensor:
