@@ -53,6 +53,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..export import density
 from ..optim.shell import PMPOptimizer
 from . import checkpoint
 from .config import BenchConfig
@@ -142,14 +143,6 @@ def step_scalars(opt: torch.optim.Optimizer) -> Dict[str, float]:
     """The last step's declared scalar diagnostics (:meth:`pmptrain.optim.StepInfo.scalars`) of a
     pmptrain optimizer; ``{}`` for any other optimizer."""
     return opt.last_step.scalars() if isinstance(opt, PMPOptimizer) else {}
-
-
-def _density(model: nn.Module, convention: str = "discrete") -> Optional[float]:
-    """Fraction of non-zero discrete weights (None for full-precision models), over the discrete
-    weights or over all trainable parameters (:func:`pmptrain.export.density`)."""
-    from ..export import density
-
-    return density(model, convention)
 
 
 def progress_bar(total: int, desc: str, rank: int):
@@ -247,7 +240,7 @@ def _epoch_record(cfg: BenchConfig, data, model: nn.Module, opt, loss_fn, spec: 
         h["val_loss"], h["val_acc"] = evaluate(model, data.val_x, data.val_y, loss_fn, cfg.eval_batch_size)
     h.update(st.diag_means())
     if spec.discrete:
-        dens = _density(model, cfg.density_convention)
+        dens = density(model, cfg.density_convention)
         if dens is not None:
             h["density"] = dens  # of the whole model, after the epoch (not the per-step mean)
     return h
