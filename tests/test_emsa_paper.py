@@ -341,6 +341,8 @@ def test_rule_table_states_the_paper_options():
     assert "rho_state 2, rho_costate 1," in table[0]["description"]
     assert "rho_state 2, rho_costate 1)" in table[1]["description"]  # the per-channel affine of the LayerNorm
     assert "(rho 1.0, route auto" in pmptrain.EMSA(nn.Sequential(nn.Linear(3, 3))).rule_table()[0]["description"]
+    same = pmptrain.EMSA(nn.Sequential(nn.Linear(3, 3)), rho_state=2.0, rho_costate=2.0).rule_table()
+    assert "(rho 2, route auto" in same[0]["description"]  # the weight used, not the unused rho
 
 
 def test_inner_max_eval_bounds_the_lbfgs_evaluations():

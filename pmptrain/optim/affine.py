@@ -488,11 +488,16 @@ def _member_from_running(r: RunningStats, like: Optional[AffineMember]) -> Affin
 
 
 def describe_penalties(rule, group, costate_scaled: bool = False) -> str:
-    """The penalty weights of a rule_table description: ``rho ρ`` (``× rms costate`` when scaled),
-    or ``rho_state ρ_x, rho_costate ρ_p`` when they differ, and ``summed over the batch`` for
+    """The penalty weights of a rule_table description: ``rho ρ`` (``× rms costate`` when scaled;
+    the weight both penalties use, ``rho_state`` = ``rho_costate`` if both are set), or
+    ``rho_state ρ_x, rho_costate ρ_p`` when they differ, and ``summed over the batch`` for
     ``penalty_units="sum"``."""
     rx, rp = penalty_bases(rule, group)
-    text = f"rho {rule.value(group, 'rho')}" if rx == rp else f"rho_state {rx:g}, rho_costate {rp:g}"
+    rho = rule.value(group, "rho")
+    if rx != rp:
+        text = f"rho_state {rx:g}, rho_costate {rp:g}"
+    else:  # one weight: rho as given, or the common value of rho_state = rho_costate
+        text = f"rho {rho}" if rx == float(rho) else f"rho {rx:g}"
     if costate_scaled:
         text += " x rms costate"
     if rule.value(group, "penalty_units") == "sum":
