@@ -25,6 +25,7 @@ unknown version, checksum mismatch, inconsistent offsets, bad JSON) raises :clas
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -361,8 +362,6 @@ def load_packed(path, model: nn.Module) -> nn.Module:
     manifest, payload = _read_manifest(data)
     tensors = {e["key"]: _decode_tensor(e, payload) for e in manifest["tensors"]}
     discrete = [_decode_discrete(e, payload) for e in manifest["discrete"]]
-    import copy
-
     _load_into(copy.deepcopy(model), tensors, discrete)  # a rehearsal: raises before model changes
     return _load_into(model, tensors, discrete)
 

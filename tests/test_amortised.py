@@ -81,22 +81,21 @@ def test_refresh_steps_equal_the_exact_step():
     a, b = _model(), _model()
     oa = pmptrain.EMSA(a, stat_every=2, fallback="sgd")
     ob = pmptrain.EMSA(b, route="primal", costate="exact", fallback="sgd")
-    for m, o in ((a, oa), (b, ob)):
-        o.zero_grad()
-        _loss(m, 0).backward()
-        o.step()
+
+    def step(pairs, batch):
+        for m, o in pairs:
+            o.zero_grad()
+            _loss(m, batch).backward()
+            o.step()
+
+    step(((a, oa), (b, ob)), 0)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-    oa.zero_grad()
-    _loss(a, 1).backward()
-    oa.step()  # stale
+    step(((a, oa),), 1)  # stale
     with torch.no_grad():
         for p, q in zip(b.parameters(), a.parameters()):
             p.copy_(q)
-    for m, o in ((a, oa), (b, ob)):
-        o.zero_grad()
-        _loss(m, 2).backward()
-        o.step()
+    step(((a, oa), (b, ob)), 2)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 

@@ -13,7 +13,6 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-
 from torch.func import functional_call
 
 from .. import distributed as pdist
