@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
 __all__ = ["adam_delta", "sgd_delta"]
@@ -30,7 +31,13 @@ def adam_delta(
     ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
     ``Δθ = −lr·(m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε)`` with ``t = step`` (1-based), ``g = grad``,
     ``m = exp_avg``, ``v = exp_avg_sq``, ``(β₁, β₂) = betas``, ``ε = eps``. Returns ``(Δθ, m, v)``.
+    A complex parameter is updated as torch's ``Adam`` does: on its real view (the real and
+    imaginary parts are two real entries, each with its own ``v``, kept in a complex tensor).
     """
+    if grad.is_complex():
+        real = torch.view_as_real
+        d, m, v = adam_delta(real(grad), real(exp_avg), real(exp_avg_sq), step, lr, betas, eps)
+        return torch.view_as_complex(d), torch.view_as_complex(m), torch.view_as_complex(v)
     beta1, beta2 = betas
     m = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
     v = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)

@@ -42,7 +42,7 @@ from ..discrete import (
 )
 from ..fallback import adam_delta, sgd_delta
 from .hyper import PENALTY_MAX, Choice, Pair, Real
-from .rule import Proposal, Rule, StepContext, Unit, Update
+from .rule import Proposal, Rule, StepContext, Unit, Update, compute_dtype
 
 __all__ = [
     "ParamRule", "FallbackState", "FallbackRule", "compute_dtype",
@@ -83,13 +83,6 @@ class FallbackState:
     momentum_buffer: Optional[Tensor] = None
 
 
-def compute_dtype(p: Tensor) -> torch.dtype:
-    """The dtype a per-parameter rule computes and keeps its moments in: the parameter's own, but
-    float32 for float16/bfloat16 parameters (Adam's ``ε = 1e-8`` is 0 in float16 and ``g²``
-    underflows, which made every step 0/0 — non-finite, so skipped — for ever)."""
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-
-
 class FallbackRule(ParamRule):
     r"""Gradient ascent on H for a parameter without a maximiser: Adam (``fallback="adam"``) or SGD
     with heavy-ball momentum (``"sgd"``), step ``fallback_lr · lr/base_lr``; decoupled weight
@@ -110,6 +103,22 @@ class FallbackRule(ParamRule):
 
     def init_state(self, unit):
         return FallbackState()
+
+    def bind(self, unit, group):
+        # the moments exist from construction (zeros: the same first step as torch's lazily created
+        # ones), so opt.state is complete before the first step: a template for
+        # torch.distributed.checkpoint, which loads only the entries a fresh state_dict has
+        p, st = unit.params[0], unit.state
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            return
+        dt = compute_dtype(p)
+        if self.value(group, "fallback") == "adam":
+            if st.exp_avg is None:
+                st.exp_avg = torch.zeros_like(p.detach(), dtype=dt)
+            if st.exp_avg_sq is None:
+                st.exp_avg_sq = torch.zeros_like(p.detach(), dtype=dt)
+        elif float(self.value(group, "momentum")) > 0.0 and st.momentum_buffer is None:
+            st.momentum_buffer = torch.zeros_like(p.detach(), dtype=dt)
 
     def describe(self, unit, group):
         kind = self.value(group, "fallback")

@@ -21,6 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from .hyper import Spec
@@ -34,6 +35,11 @@ __all__ = [
     "StepContext",
     "record_to_dict",
     "record_from_dict",
+    "record_view",
+    "record_from_view",
+    "clone_state",
+    "cast_state",
+    "compute_dtype",
 ]
 
 
@@ -279,6 +285,12 @@ def _clone(v):
     return v
 
 
+def clone_state(value: Any) -> Any:
+    """A copy of a state entry (nested dicts, lists and tuples of tensors and numbers): what
+    ``state_dict()`` returns, a snapshot that later steps do not change."""
+    return _clone(value)
+
+
 def record_to_dict(rec: Any) -> Any:
     """A typed state record as plain data (dicts, lists, tensors, numbers): what ``torch.load``
     with ``weights_only=True`` reads back."""
@@ -289,23 +301,26 @@ def record_to_dict(rec: Any) -> Any:
     return {f.name: _clone(getattr(rec, f.name)) for f in dataclasses.fields(rec)}
 
 
-def _restore(v, device, types: Dict[str, type]):
+def _restore(v, device, types: Dict[str, type], copy: bool = True):
     if isinstance(v, Tensor):
-        return v.detach().to(device).clone()
+        return v.detach().to(device).clone() if copy else v
     if isinstance(v, dict):
         if "__record__" in v:
             cls = types[v["__record__"]]
-            return record_from_dict(cls, {k: x for k, x in v.items() if k != "__record__"}, device, types)
-        return {k: _restore(x, device, types) for k, x in v.items()}
+            return record_from_dict(cls, {k: x for k, x in v.items() if k != "__record__"}, device, types, copy)
+        return {k: _restore(x, device, types, copy) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return type(v)(_restore(x, device, types) for x in v)
+        return type(v)(_restore(x, device, types, copy) for x in v)
     return v
 
 
-def record_from_dict(cls: type, data: Dict[str, Any], device, types: Optional[Dict[str, type]] = None) -> Any:
-    """Rebuild a record of type ``cls`` from :func:`record_to_dict` output; tensors go to
-    ``device``. ``types`` names the record types that may be nested inside (default: the fields'
-    declared types are not inspected, so nested records must be listed)."""
+def record_from_dict(cls: type, data: Dict[str, Any], device, types: Optional[Dict[str, type]] = None,
+                     copy: bool = True) -> Any:
+    """Rebuild a record of type ``cls`` from :func:`record_to_dict` (or :func:`record_view`)
+    output; tensors are copied to ``device`` (``copy=False``: the same tensor objects, ``device``
+    ignored). A top-level ``step`` given as a tensor becomes the record's int. ``types`` names the
+    record types that may be nested inside (default: the fields' declared types are not inspected,
+    so nested records must be listed)."""
     names = {f.name for f in dataclasses.fields(cls)}
     if set(data) != names:
         raise ValueError(
@@ -313,4 +328,73 @@ def record_from_dict(cls: type, data: Dict[str, Any], device, types: Optional[Di
         )
     types = dict(types or {})
     types.update(getattr(cls, "_nested", {}))
-    return cls(**{k: _restore(v, device, types) for k, v in data.items()})
+    out = {k: _restore(v, device, types, copy) for k, v in data.items()}
+    if isinstance(out.get("step"), Tensor):
+        out["step"] = int(out["step"])
+    return cls(**out)
+
+
+def _share(v):
+    if dataclasses.is_dataclass(v):
+        return {"__record__": type(v).__name__, **{f.name: _share(getattr(v, f.name)) for f in dataclasses.fields(v)}}
+    if isinstance(v, dict):
+        return {k: _share(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):  # lists: torch.distributed.checkpoint walks lists, not tuples
+        return [_share(x) for x in v]
+    return v
+
+
+def record_view(rec: Any) -> Dict[str, Any]:
+    """A state record as the per-parameter dict torch tools expect in ``optimizer.state[p]``:
+    ``{field: value}`` with the record's own tensors (not copies; nested records as dicts with a
+    ``"__record__"`` name, as :func:`record_to_dict` writes them), and the step counter ``step``
+    as a 0-dim int64 tensor on the CPU, as torch keeps ``state["step"]`` (exact for any count).
+    Tuples (eigendecomposition pairs) become lists: ``torch.distributed.checkpoint`` saves the
+    tensors inside lists, and pickles a tuple whole (and does not load it back)."""
+    out = {f.name: _share(getattr(rec, f.name)) for f in dataclasses.fields(rec)}
+    if isinstance(out.get("step"), int):
+        out["step"] = torch.tensor(out["step"], dtype=torch.int64)
+    return out
+
+
+def record_from_view(cls: type, view: Dict[str, Any]) -> Any:
+    """The record of type ``cls`` whose :func:`record_view` is ``view`` (the same tensor objects:
+    what a tool put into ``optimizer.state[p]`` — moved to another device, say — is what the next
+    step uses)."""
+    return record_from_dict(cls, view, None, copy=False)
+
+
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """The dtype a rule computes and keeps its floating state in for parameter ``p``: the
+    parameter's own, but float32 for float16/bfloat16 parameters (Adam's ``ε = 1e-8`` is 0 in
+    float16 and ``g²`` underflows, which made every step 0/0 — non-finite, so skipped — for ever;
+    the closed forms solve in float32 for the same reason)."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def cast_state(value: Any, like: Any, param: Tensor, key: Optional[str] = None) -> Any:
+    """``value`` (a loaded state entry: nested dicts, lists, tensors) on ``param``'s device, each
+    tensor cast as torch's ``load_state_dict`` casts optimizer state: a floating tensor to the
+    dtype this optimizer keeps it in — that of the tensor at the same place in ``like`` (the
+    optimizer's current state), else :func:`compute_dtype` of ``param`` (the parameter's dtype;
+    float32 for a float16/bfloat16 parameter) —, a complex tensor of a complex parameter to the
+    parameter's dtype; integer tensors keep their dtype, and ``step`` counters are left as they
+    are (torch does not cast them either)."""
+    if isinstance(value, Tensor):
+        if key == "step":
+            return value
+        dtype = value.dtype
+        if value.is_floating_point():
+            if isinstance(like, Tensor) and like.is_floating_point():
+                dtype = like.dtype
+            elif param.is_floating_point():
+                dtype = compute_dtype(param)
+        elif value.is_complex() and param.is_complex():
+            dtype = param.dtype
+        return value.to(device=param.device, dtype=dtype)
+    if isinstance(value, dict):
+        return {k: cast_state(v, like.get(k) if isinstance(like, dict) else None, param, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        same = isinstance(like, (list, tuple)) and len(like) == len(value)
+        return type(value)(cast_state(v, like[i] if same else None, param) for i, v in enumerate(value))
+    return value

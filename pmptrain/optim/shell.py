@@ -29,26 +29,28 @@ optimizer is garbage-collected, or when another pmptrain optimizer hooks the sam
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .. import distributed as pdist
 from .._profile import phase
 from ..capture import ModuleCapture
 from ..modules import adapter_for
 from . import ranks
-from .hyper import PENALTY_MAX, Real, Spec
-from .rule import Member, Proposal, Rule, StepContext, Unit
+from .hyper import PENALTY_MAX, Real, Spec, is_number
+from .rule import Member, Proposal, Rule, StepContext, Unit, cast_state, clone_state, record_from_view, record_view
 
 __all__ = ["PMPOptimizer", "StepInfo", "Unsupported", "unwrap_model"]
 
-_FORMAT = 2
+_FORMAT = 3  # 3: records in ["state"] by parameter index; 2 (still loaded): records under ["pmptrain"]["units"]
 
 
 class StepInfo(dict):
@@ -154,6 +156,28 @@ def _calling_grad_scaler():
     return None
 
 
+class _LazyHook:
+    """Forward pre-hook of a lazy module: partitions the optimizer again once the module has
+    initialised its parameters (weak references: the hook keeps neither alive; copies and pickles
+    of the model carry an inert hook)."""
+
+    def __init__(self, opt, module):
+        self.opt, self.module = weakref.ref(opt), weakref.ref(module)
+
+    def __call__(self, module, args):
+        opt = self.opt()
+        if opt is None or module is not self.module() or opt.capture.removed:
+            return
+        if not any(is_lazy(p) for p in module.parameters(recurse=False)):
+            opt._partition()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.opt = self.module = lambda: None
+
+
 _SHELL_SPECS: Dict[str, Spec] = {
     "lr": Real(0.0, PENALTY_MAX, tensor_ok=True, why="the step lr*grad must stay finite"),
     "weight_decay": Real(0.0),
@@ -227,12 +251,28 @@ class PMPOptimizer(torch.optim.Optimizer):
         self._skip_run = 0  # consecutive skipped steps (warned about at SKIP_WARN_AFTER)
         self.last_step = StepInfo(skipped=False)
         self._warned: set = set()
+        self._lazy_hooks: List[Any] = []  # forward pre-hooks of lazy modules (partitioned at their first call)
+        self._stepped: Dict[str, Tuple[Any, int]] = {}  # sentinel .grad of each captured member at the last step
         self._attach_capture()
+        params, defaults = self._positional_lr(params, defaults)
+        self._group_keys = tuple(defaults)  # the keys a loaded group lacking them takes from defaults
         if params is None:
             params = [p for p in self.root.parameters() if p.requires_grad]
         super().__init__(params, defaults)
         self._initialised = True
         self._partition()
+
+    def _positional_lr(self, params, defaults):
+        """``EMSA(model, 0.1)`` (torch's ``Adam(params, 0.1)`` habit): a number where ``params``
+        goes is the learning rate — unambiguous, ``params`` being an iterable."""
+        if not is_number(params, tensor_ok=True) or (isinstance(params, Tensor) and params.dim() != 0):
+            return params, defaults
+        sig = inspect.signature(type(self).__init__).parameters.get("lr")
+        given = defaults.get("lr")
+        if sig is not None and (isinstance(given, Tensor) or given != sig.default):
+            raise TypeError(f"{type(self).__name__}() got lr twice: positionally ({params!r}, where params goes) "
+                            f"and as lr={given!r}")
+        return None, dict(defaults, lr=params)
 
     def _attach_capture(self) -> None:
         self.capture = ModuleCapture()
@@ -263,6 +303,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._check_group(group)
+            self._check_in_model(group)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -270,6 +311,18 @@ class PMPOptimizer(torch.optim.Optimizer):
         group.setdefault("base_lr", lr.clone() if isinstance(lr, Tensor) else lr)  # the reference of lr_scale
         if getattr(self, "_initialised", False):
             self._partition()
+
+    def _check_in_model(self, group: Dict[str, Any]) -> None:
+        """Every parameter of ``group`` is one of the model's: a tensor the optimizer cannot see
+        enter the model has no module, so no rule (it was trained by the fallback, silently)."""
+        known = {id(p) for _, p in self.root.named_parameters(remove_duplicate=False)}
+        for i, p in enumerate(group["params"]):
+            if id(p) not in known:
+                raise ValueError(
+                    f"invalid params: param group {len(self.param_groups) - 1}, position {i}: not a parameter of "
+                    f"the model (a {p.dtype} tensor of shape {tuple(p.shape)}); {type(self).__name__} trains the "
+                    "parameters of the modules of the model it was given: register the tensor in a module "
+                    "(an nn.Parameter attribute) or train it with a separate optimizer")
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         for key, spec in self._specs.items():
@@ -282,6 +335,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         """Assign rules to modules/parameters (at construction and after ``add_param_group``);
         existing units keep their state."""
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        lazy = self._hook_lazy(group_of)  # parameters of lazy modules not initialised yet: no unit for now
         pname: Dict[int, str] = {}
         for n, p in self.root.named_parameters(remove_duplicate=False):
             pname.setdefault(id(p), n)
@@ -297,7 +351,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             if is_block:
                 blocks.append(name)
             own = [(n, p) for n, p in module.named_parameters(recurse=is_block) if id(p) in group_of]
-            if not own:
+            if not own or any(id(p) in lazy for _, p in own):
                 continue
             if name in self._excluded:
                 excluded.update(id(p) for _, p in own)
@@ -361,7 +415,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             taken |= seen
         for g in self.param_groups:
             for p in g["params"]:
-                if id(p) in taken:
+                if id(p) in taken or id(p) in lazy:
                     continue
                 n = pname.get(id(p), f"param{len(new_units)}")
                 rule, meta = self._param_rule(n, p)
@@ -380,7 +434,25 @@ class PMPOptimizer(torch.optim.Optimizer):
                 unit.state = unit.rule.init_state(unit)
                 unit.rule.bind(unit, group_of[id(unit.primary)])
         self.units = new_units
+        self._publish_state()
         self._sync_capture()
+
+    def _hook_lazy(self, group_of) -> set:
+        """The ids of the trained parameters of lazy modules (``nn.LazyLinear`` …) that are not
+        initialised yet. Each such module gets a forward pre-hook that runs after its own
+        initialisation, in its first call, and partitions again: the module's rule and capture
+        hooks are in place for that very call, so the first step is the same as for the eager
+        model of the same shape."""
+        for h in self._lazy_hooks:
+            h.remove()
+        self._lazy_hooks = []
+        lazy = set()
+        for name, module in self.root.named_modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in group_of and is_lazy(p)]
+            if own:
+                lazy.update(id(p) for p in own)
+                self._lazy_hooks.append(module.register_forward_pre_hook(_LazyHook(self, module)))
+        return lazy
 
     @staticmethod
     def _member(name, module, rule: Rule, own: Dict[str, Tensor]) -> Optional[Member]:
@@ -444,6 +516,50 @@ class PMPOptimizer(torch.optim.Optimizer):
                 elif entry.spec != spec:
                     entry.spec = spec
 
+    # ------------------------------------------------------------------ opt.state
+    def _publish_state(self) -> None:
+        """``opt.state`` anew: each unit's record on its primary parameter (:meth:`_publish`)."""
+        self.state = defaultdict(dict)
+        for unit in self.units.values():
+            self._publish(unit)
+
+    def _publish(self, unit: Unit) -> None:
+        """``opt.state[unit.primary]`` ← the unit's record as torch tools expect it
+        (:func:`~pmptrain.optim.rule.record_view`: the record's own tensors, ``step`` a tensor).
+        The dict is updated in place; what was published is remembered, so :meth:`_pull_state`
+        sees what a tool replaced. The unit's other parameters (a module's bias) carry its
+        ``step`` only: tools that expect state for every trainable parameter
+        (``torch.distributed.checkpoint``'s ``set_optimizer_state_dict``) find it."""
+        p = unit.primary
+        if unit.state is None:
+            for q in unit.params:
+                self.state.pop(q, None)
+            return
+        d = self.state[p]
+        d.clear()
+        d.update(record_view(unit.state))
+        unit.scratch["published"] = (d, list(d.items()))
+        step = getattr(unit.state, "step", None)
+        for q in unit.params[1:]:
+            if isinstance(step, int):
+                self.state[q] = {"step": torch.tensor(step, dtype=torch.int64)}
+
+    def _pull_state(self) -> None:
+        """Every unit's record from ``opt.state``: a tensor a tool put there (Lightning's move to
+        the device, an edit) is the one the next step uses. Units whose dict is as published
+        are left alone (no work on the usual step)."""
+        for unit in self.units.values():
+            if unit.state is None:
+                continue
+            d = dict.get(self.state, unit.primary)
+            if d is None:
+                continue
+            seen = unit.scratch.get("published")
+            if seen is not None and seen[0] is d and len(d) == len(seen[1]) and all(d.get(k) is v for k, v in seen[1]):
+                continue
+            unit.state = record_from_view(type(unit.state), d)
+            unit.scratch["published"] = (d, list(d.items()))
+
     def _group_of(self, p: Tensor) -> Dict[str, Any]:
         for g in self.param_groups:
             if any(q is p for q in g["params"]):
@@ -460,6 +576,7 @@ class PMPOptimizer(torch.optim.Optimizer):
     def state_of(self, param: Tensor) -> Any:
         """The typed state record of the unit that updates ``param`` (e.g. ``.accumulator`` of a
         discrete weight, ``.exp_avg`` of an Adam fallback parameter, ``.latent`` of BinaryConnect)."""
+        self._pull_state()
         return self.unit_of(param).state
 
     def rule_table(self) -> "RuleTable":
@@ -481,6 +598,9 @@ class PMPOptimizer(torch.optim.Optimizer):
         """Remove the hooks from the model (the model is left exactly as it was); the optimizer
         cannot step afterwards."""
         self.capture.remove("the optimizer was detached from its model (detach())")
+        for h in self._lazy_hooks:
+            h.remove()
+        self._lazy_hooks = []
 
     def __enter__(self):
         return self
@@ -496,7 +616,8 @@ class PMPOptimizer(torch.optim.Optimizer):
 
     #: instance attributes that do not travel with a copy or a pickle: the hooks (re-registered on the
     #: copy's model), process-local handles, and what LR schedulers / GradScaler attach to ``step``
-    _TRANSIENT = ("capture", "_finalizer", "process_group", "grad_scaler", "step", "_opt_called", "_structure_agreed")
+    _TRANSIENT = ("capture", "_finalizer", "process_group", "grad_scaler", "step", "_opt_called", "_structure_agreed",
+                  "_lazy_hooks", "_stepped")
 
     def __getstate__(self) -> Dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()
@@ -506,8 +627,13 @@ class PMPOptimizer(torch.optim.Optimizer):
         state = dict(state)
         state.setdefault("process_group", None)
         state.setdefault("grad_scaler", None)
+        copied = "units" in state  # a copy or an unpickled optimizer (torch's load_state_dict passes two keys)
+        if copied:
+            state["_lazy_hooks"], state["_stepped"] = [], {}
         super().__setstate__(state)
         self._attach_capture()
+        if copied:
+            self._hook_lazy({id(p) for g in self.param_groups for p in g["params"]})
         self._sync_capture()
 
     # ------------------------------------------------------------------ AMP
@@ -541,11 +667,41 @@ class PMPOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with phase("step"):
+            self._check_new_backward()
             self._step(loss)  # an exception leaves everything as it was, statistics included
+            self._remember_grads()
             with phase("reset"):
                 self.capture.reset()
                 self._sync_capture()
         return loss
+
+    def _remember_grads(self) -> None:
+        """The ``.grad`` of every recording module's sentinel at this step (a weak reference and
+        its version counter): a later step with the same gradient had no backward pass since."""
+        stepped = {}
+        for name, entry in self.capture._entries.items():
+            g = entry.sentinel.grad if entry.sentinel is not None else None
+            if g is not None:
+                stepped[name] = (weakref.ref(g), g._version)
+        self._stepped = stepped
+
+    def _check_new_backward(self) -> None:
+        """A step whose statistics were consumed by the last step, on the same gradient: raise
+        saying so (before anything changes) instead of blaming eval mode or compile."""
+        for name, entry in self.capture._entries.items():
+            seen = self._stepped.get(name)
+            g = entry.sentinel.grad if entry.sentinel is not None else None
+            if (seen is None or g is None or entry.spec is None or not entry.stats.empty
+                    or seen[0]() is not g or seen[1] != g._version):
+                continue
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called again without a new backward pass since the last step: "
+                f"module {name!r} has the same .grad as at that step, and the states and costates captured "
+                "with it were consumed by it (they belong to the forward pass at the weights before that "
+                "update, so they cannot form this step's augmented Hamiltonian). Nothing was changed. Run "
+                "forward and backward again before each step() (zero_grad(), loss.backward(), step()); "
+                "optimizers without captured statistics (MSA, DiscreteMSA, the baselines) step again with "
+                "the same .grad, as torch's do")
 
     #: consecutive skipped steps after which :meth:`step` warns (once per run of skips)
     SKIP_WARN_AFTER = 10
@@ -584,6 +740,7 @@ class PMPOptimizer(torch.optim.Optimizer):
     def _step(self, loss) -> None:
         for g in self.param_groups:
             self._check_group(g)
+        self._pull_state()
         grads_present = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         world = pdist.world_size(self.process_group)
         sizes = weights = None
@@ -623,7 +780,9 @@ class PMPOptimizer(torch.optim.Optimizer):
                 for u in prop.updates:
                     d = u.change()
                     g = ctx.grad(u.param)
-                    if g is not None:
+                    if g is not None and d.is_complex():  # Re⟨g, Δθ⟩: the first-order change of J
+                        terms.append(torch.vdot(g.reshape(-1).to(d.dtype), d.reshape(-1)).real)
+                    elif g is not None:
                         terms.append(torch.dot(g.reshape(-1).to(d.dtype), d.reshape(-1)))
                     else:
                         terms.append(d.sum() * 0.0)
@@ -646,6 +805,7 @@ class PMPOptimizer(torch.optim.Optimizer):
                     p.add_(u.delta.to(p.dtype), alpha=u.alpha)
         for unit, prop in proposals:
             unit.state = prop.state
+            self._publish(unit)
         self._skip_run = 0
         n_mod = sum(1 for unit, _ in proposals if unit.rule.module_rule)
         n_fb = sum(1 for unit, _ in proposals if unit.rule.name == "fallback")
@@ -700,18 +860,25 @@ class PMPOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
+        """torch's format: ``"state"`` maps the index of each unit's primary parameter (its
+        weight, for a module unit) to the unit's record — ``{field: value}``, tensors copied, ``step``
+        an int64 tensor —, ``"param_groups"`` as torch writes them; and ``"pmptrain"``: ``format``
+        (3), ``optimizer``, ``skipped_steps`` and ``units`` (``{name: {"rule", "params", "index"}}``,
+        ``index`` = the key of the unit's record in ``"state"``)."""
         post = self._optimizer_state_dict_post_hooks
         self._optimizer_state_dict_post_hooks = OrderedDict()
         try:
             sd = super().state_dict()
         finally:
             self._optimizer_state_dict_post_hooks = post
+        sd["state"] = {k: clone_state(v) for k, v in sd["state"].items() if v}
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         sd["pmptrain"] = {
             "format": _FORMAT,
             "optimizer": type(self).__name__,
             "skipped_steps": self.skipped_steps,
-            "units": {name: {"rule": u.rule.name, "params": list(u.param_names),
-                             "state": u.rule.state_to_dict(u.state)} for name, u in self.units.items()},
+            "units": {name: {"rule": u.rule.name, "params": list(u.param_names), "index": index[id(u.primary)]}
+                      for name, u in self.units.items()},
         }
         for hook in post.values():
             out = hook(self, sd)
@@ -720,34 +887,70 @@ class PMPOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Loads :meth:`state_dict` output: format 3; format 2 (records under
+        ``["pmptrain"]["units"][name]["state"]``); or, without the ``"pmptrain"`` section, a dict of
+        ``"state"`` and ``"param_groups"`` only (what ``torch.distributed.checkpoint``'s
+        ``set_optimizer_state_dict`` passes), whose groups must be a pmptrain optimizer's. As in
+        torch, each state tensor goes to its parameter's device, floating ones cast to the dtype
+        this optimizer keeps them in (:func:`~pmptrain.optim.rule.cast_state`; step counters are
+        not cast), and group keys the saved groups lack (added in a later version) take this
+        optimizer's defaults."""
         sd = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = hook(self, sd)
             if out is not None:
                 sd = out
         extra = sd.pop("pmptrain", None)
-        if not isinstance(extra, dict) or extra.get("format") != _FORMAT:
-            raise ValueError(
-                "state_dict has no pmptrain section of format 2: it was not produced by this version "
-                "of a pmptrain optimizer"
-            )
-        saved = extra.get("units")
-        if not isinstance(saved, dict) or set(saved) != set(self.units):
-            missing = sorted(set(self.units) - set(saved or {}))
-            unknown = sorted(set(saved or {}) - set(self.units))
-            raise ValueError(f"state_dict units do not match this optimizer: missing {missing}, unknown {unknown}")
+        saved_groups = sd.get("param_groups")
+        fmt = extra.get("format") if isinstance(extra, dict) else None
+        if extra is None:
+            if not (isinstance(saved_groups, list) and saved_groups
+                    and all(isinstance(g, dict) and "base_lr" in g for g in saved_groups)):
+                raise ValueError("state_dict has no pmptrain section and its param groups are not a pmptrain "
+                                 "optimizer's: it was not produced by a pmptrain optimizer")
+        elif fmt not in (2, _FORMAT):
+            raise ValueError(f"state_dict has a pmptrain section of format {fmt!r}: this version of pmptrain reads "
+                             f"formats 2 and {_FORMAT}")
+        saved = extra.get("units") if extra is not None else None
+        if extra is not None:
+            if not isinstance(saved, dict) or set(saved) != set(self.units):
+                missing = sorted(set(self.units) - set(saved or {}))
+                unknown = sorted(set(saved or {}) - set(self.units))
+                raise ValueError(f"state_dict units do not match this optimizer: missing {missing}, unknown {unknown}")
+            for name, unit in self.units.items():
+                if saved[name].get("rule") != unit.rule.name:
+                    raise ValueError(f"state_dict: unit {name!r} was trained by rule {saved[name].get('rule')!r}, "
+                                     f"this optimizer uses {unit.rule.name!r}")
+        # torch's checks of the groups, before anything changes
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        saved_groups = [dict(s) for s in saved_groups]
+        for s in saved_groups:
+            for key in getattr(self, "_group_keys", ()):
+                s.setdefault(key, self.defaults[key])  # a key added after the state_dict was saved (as torch does)
+            s.setdefault("base_lr", s["lr"].clone() if isinstance(s["lr"], Tensor) else s["lr"])
+        current = [p for g in self.param_groups for p in g["params"]]
+        saved_index = {id(p): i for p, i in zip(current, (i for s in saved_groups for i in s["params"]))}
+        saved_state = sd.get("state") or {}
+        self._pull_state()
         states = {}
         for name, unit in self.units.items():
-            entry = saved[name]
-            if entry.get("rule") != unit.rule.name:
-                raise ValueError(f"state_dict: unit {name!r} was trained by rule {entry.get('rule')!r}, "
-                                 f"this optimizer uses {unit.rule.name!r}")
-            states[name] = unit.rule.state_from_dict(entry.get("state"), unit)
+            if fmt == 2:
+                raw = saved[name].get("state")
+            else:
+                raw = saved_state.get(saved_index[id(unit.primary)])
+                if raw is None and unit.state is not None:
+                    raise ValueError(f"state_dict has no state for unit {name!r} (parameter {unit.param_names[0]!r}, "
+                                     f"index {saved_index[id(unit.primary)]})")
+            like = record_view(unit.state) if unit.state is not None else None
+            states[name] = unit.rule.state_from_dict(cast_state(raw, like, unit.primary), unit)
         pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
-            super().load_state_dict(sd)
+            super().load_state_dict({"state": {}, "param_groups": saved_groups})
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
         for g in self.param_groups:
@@ -757,7 +960,9 @@ class PMPOptimizer(torch.optim.Optimizer):
                 unit = self.units[name]
                 unit.state = st
                 unit.rule.restore(unit, self._group_of(unit.primary))
-        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self._publish_state()
+        if extra is not None:
+            self.skipped_steps = int(extra.get("skipped_steps", 0))
         self._sync_capture()
         for hook in post.values():
             hook(self)
