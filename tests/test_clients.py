@@ -24,6 +24,11 @@ N_SAMPLES, BATCH = 256, 32  # 8 batches per epoch, 4 optimizer steps with accumu
 STEPS_PER_EPOCH = N_SAMPLES // BATCH // 2
 
 
+def _unit_state(sd, name):
+    """The record of unit ``name`` in an optimizer state_dict (on its primary parameter's index)."""
+    return sd["state"][sd["pmptrain"]["units"][name]["index"]]
+
+
 @pytest.fixture(autouse=True)
 def _restore_global_state():
     """The clients change process-wide state (Lightning's ``deterministic=True`` turns on
@@ -198,11 +203,12 @@ def test_lightning_fit_equals_the_hand_written_loop(tmp_path, factory):
     assert info["controlled"] == 3  # both Linear layers and the LayerNorm by their closed forms
     assert info["fallback"] == 0
     assert info["hamiltonian_gain"] > 0
-    units = opt.state_dict()["pmptrain"]["units"]
+    sd = opt.state_dict()
+    units = sd["pmptrain"]["units"]
     assert {n: u["rule"] for n, u in units.items()} == {
         "net.0": "emsa", "net.3": "emsa", "net.1": "emsa-channel"}
-    assert units["net.0"]["state"]["step"] == units["net.3"]["state"]["step"] == steps
-    assert units["net.1"]["state"]["step"] == steps
+    assert _unit_state(sd, "net.0")["step"] == _unit_state(sd, "net.3")["step"] == steps
+    assert _unit_state(sd, "net.1")["step"] == steps
     # the schedule stepped once per optimizer step: StepLR(3, 0.7) after 8 steps
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(0.5 * 0.7 ** (steps // 3))
@@ -241,8 +247,8 @@ def test_lightning_resume_is_bit_exact(tmp_path):
     raw = torch.load(path, weights_only=True)  # the optimizer state is plain data
     assert raw["global_step"] == STEPS_PER_EPOCH
     _assert_same(raw["optimizer_states"][0], saved, "checkpointed optimizer state")
-    assert saved["pmptrain"]["units"]["net.0"]["state"]["step"] == STEPS_PER_EPOCH
-    assert saved["pmptrain"]["units"]["net.0"]["state"]["running"]  # non-trivial state to restore
+    assert _unit_state(saved, "net.0")["step"] == STEPS_PER_EPOCH
+    assert _unit_state(saved, "net.0")["running"]  # non-trivial state to restore
 
     pl.seed_everything(0, verbose=False)
     resumed = Classifier(_emsa_and_schedule)
@@ -254,7 +260,7 @@ def test_lightning_resume_is_bit_exact(tmp_path):
     assert trainer2.global_step == trainer.global_step == 2 * STEPS_PER_EPOCH
     opt = trainer2.optimizers[0]
     assert opt.skipped_steps == 0 and opt.last_step["controlled"] == 3
-    assert opt.state_dict()["pmptrain"]["units"]["net.0"]["state"]["step"] == 2 * STEPS_PER_EPOCH
+    assert _unit_state(opt.state_dict(), "net.0")["step"] == 2 * STEPS_PER_EPOCH
     assert resumed.losses == full.losses[len(first.losses):]
     for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
@@ -421,8 +427,9 @@ def _hf_train(monkeypatch, tmp_path, tie, steps=30):
     assert opt.last_step["hamiltonian_gain"] > 0
     assert max(h["grad_norm"] for h in logs) > 1.0  # the clipping acted
     # exactly one E-MSA step per Trainer step (accumulated micro-batches are not steps)
-    for name, unit in opt.state_dict()["pmptrain"]["units"].items():
-        assert unit["state"]["step"] == steps, name
+    sd = opt.state_dict()
+    for name in sd["pmptrain"]["units"]:
+        assert _unit_state(sd, name)["step"] == steps, name
     return model, opt, [h["loss"] for h in logs]
 
 
@@ -479,9 +486,9 @@ def test_hf_trainer_resume_is_bit_exact(monkeypatch, tmp_path, kept):
     ckpt = tmp_path / "full" / f"checkpoint-{steps // 2}"
     saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     assert saved["pmptrain"]["optimizer"] == "EMSA"
-    for name, unit in saved["pmptrain"]["units"].items():
-        assert unit["state"]["step"] == steps // 2, name
-    assert saved["pmptrain"]["units"]["lm_head"]["state"]["running"]
+    for name in saved["pmptrain"]["units"]:
+        assert _unit_state(saved, name)["step"] == steps // 2, name
+    assert _unit_state(saved, "lm_head")["running"]
 
     probe = Probe()
     resumed, opt, trainer2 = _hf_trainer(monkeypatch, tmp_path / "resumed", steps=steps, **kept,
