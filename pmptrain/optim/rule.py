@@ -9,8 +9,9 @@
   mathematics it runs are the pure functions of :mod:`pmptrain.hamiltonian`,
   :mod:`pmptrain.discrete` and :mod:`pmptrain.fallback`.
 * A :class:`Unit` is what one rule instance updates jointly: one module's parameters, the modules
-  sharing a tied weight, or a single parameter. Its state is one record, keyed in ``state_dict`` by
-  the unit's name (module or parameter names: checkpoints survive rebuilding the model).
+  sharing a tied weight, or a single parameter. Its state is one record, shown to torch tools as
+  the per-parameter state of the unit's primary parameter (``optimizer.state[p]``,
+  :func:`record_view`; ``state_dict()["state"]`` under that parameter's index).
 * A :class:`StepContext` hands rules the unscaled gradients, each parameter's group, the step-size
   scale ``lr / base_lr`` that schedules reach every rule through, and the capture.
 """

@@ -22,9 +22,12 @@ Configurations (:class:`~pmptrain.EMSA`, :class:`~pmptrain.MSA`, :class:`~pmptra
 :class:`~pmptrain.BinaryConnect`, :class:`~pmptrain.TWN`, :class:`~pmptrain.Bop`) only choose the
 rules and their default hyper-parameters.
 
-State is keyed by unit name (module or parameter names) in ``state_dict()["pmptrain"]``, as plain
-data that ``torch.load(..., weights_only=True)`` reads. Hooks are removed with :meth:`detach`, when the
-optimizer is garbage-collected, or when another pmptrain optimizer hooks the same modules.
+Each unit's state record is visible where torch tools look for per-parameter state: in
+``opt.state[p]`` of the unit's primary parameter (its fields; the record's own tensors, so a tool that
+moves them moves the state the next step uses) and in ``state_dict()["state"]`` under that
+parameter's index, as plain data that ``torch.load(..., weights_only=True)`` reads;
+``state_dict()["pmptrain"]`` names the units and their rules. Hooks are removed with :meth:`detach`,
+when the optimizer is garbage-collected, or when another pmptrain optimizer hooks the same modules.
 """
 
 from __future__ import annotations
