@@ -208,6 +208,7 @@ class _RootHook:
         cap = self.capture
         if cap._paused or cap.removed or not module.training or not torch.is_grad_enabled():
             return None
+        cap.root_trained = True
         for v in list(args) + list(kwargs.values()):
             if isinstance(v, Tensor):
                 if v.dim() > 0 and v.shape[0] == 0:
@@ -246,13 +247,14 @@ class _CostateHook:
 
 
 class _Entry:
-    __slots__ = ("module", "adapter", "spec", "sentinel", "stats", "token", "counter")
+    __slots__ = ("module", "adapter", "spec", "sentinel", "stats", "token", "counter", "grad_seen")
 
     def __init__(self, module, adapter, spec, sentinel, counter=None):
         self.module, self.adapter, self.spec, self.sentinel = module, adapter, spec, sentinel
         self.counter = counter if counter is not None else adapter  # counts the samples of a call
         self.stats = ModuleStats()
         self.token = None  # (weakref to the sentinel's .grad, its version) after the last backward
+        self.grad_seen = False  # a backward pass accumulated into the sentinel's .grad since the last reset
 
 
 class ModuleCapture:
@@ -267,6 +269,7 @@ class ModuleCapture:
         self.removed_reason: Optional[str] = None
         self._warned_repeat = False
         self.root_empty = False  # a training forward of the watched root had a zero-size batch
+        self.root_trained = False  # a training forward of the watched root ran under autograd
 
     def watch_root(self, root: nn.Module) -> None:
         """Record whether a training forward pass of ``root`` (under autograd) received a
@@ -310,6 +313,7 @@ class ModuleCapture:
             token = (weakref.ref(g), g._version) if g is not None else None
             for k in keys:
                 entries[k].token = token
+                entries[k].grad_seen = True
 
         return hook
 
@@ -417,6 +421,19 @@ class ModuleCapture:
     def has_data(self) -> bool:
         return any(not e.stats.empty for e in self._entries.values())
 
+    def silent_keys(self) -> List[str]:
+        """The recorded modules that went silent since the last reset: a training forward of the
+        watched root ran under autograd and a backward pass accumulated into the module's sentinel
+        parameter, yet the module's own forward hook recorded nothing, although the module is in
+        training mode. Its parameters were then used without calling the module — a parent read
+        them directly (``nn.MultiheadAttention``'s ``out_proj``, a fused kernel) — which is the
+        model's structure, not the user's doing (eval mode, ``no_grad`` and ``torch.compile`` leave
+        ``root_trained`` unset or the module untrained)."""
+        if not self.root_trained:
+            return []
+        return [k for k, e in self._entries.items()
+                if e.grad_seen and e.stats.empty and e.module.training]
+
     def saw_empty_pass(self) -> bool:
         """Whether, since the last reset, the watched root received a zero-size batch or a
         recording module's backward pass carried no rows (``ModuleStats.rows == 0`` after a pass)."""
@@ -428,7 +445,8 @@ class ModuleCapture:
         forwards whose backward has not run yet still count when it runs, as their gradients do."""
         for e in self._entries.values():
             e.stats = ModuleStats()
-        self.root_empty = False
+            e.grad_seen = False
+        self.root_empty = self.root_trained = False
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

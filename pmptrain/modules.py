@@ -55,6 +55,7 @@ __all__ = [
     "register_module_type",
     "unregister_module_type",
     "is_weight_layer",
+    "bypassed_by_parent",
 ]
 
 
@@ -466,3 +467,23 @@ def is_weight_layer(module: nn.Module) -> bool:
     """A Linear/Conv1d/Conv2d layer (any subclass, any ``groups``): the layers whose weights
     :func:`pmptrain.discretize_` can put onto a grid."""
     return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+
+
+#: Parents that read a child's parameters without calling the child: ``{parent type: {child
+#: attribute: how}}``. Hooks on such a child never see the use of its parameters, so its rule
+#: could not form its Hamiltonian (the first step also detects the cases not listed here).
+_BYPASSING_PARENTS: Dict[type, Dict[str, str]] = {
+    nn.MultiheadAttention: {
+        "out_proj": "its parent MultiheadAttention reads out_proj.weight and out_proj.bias inside "
+                    "F.multi_head_attention_forward without calling out_proj",
+    },
+}
+
+
+def bypassed_by_parent(parent: nn.Module, child_name: str) -> Optional[str]:
+    """Why hooks on ``parent``'s child ``child_name`` cannot see how its parameters are used (the
+    parent reads them without calling the child), or None."""
+    for cls, children in _BYPASSING_PARENTS.items():
+        if isinstance(parent, cls) and child_name in children:
+            return children[child_name]
+    return None
