@@ -173,3 +173,146 @@ def test_a_tie_with_a_module_without_a_rule_falls_back_and_warning_table_and_str
     model["head"](torch.tanh(model["mix"](model["emb"](idx)))).pow(2).mean().backward()
     opt.step()
     assert opt.last_step["fallback"] == 2 and opt.last_step["controlled"] == 1
+
+
+# ------------------------------------------------------------------ norms recognised by what they compute
+
+from nanogpt_faithful import GPT, GPTConfig  # noqa: E402
+from test_layers import DT as _DT, LR, RHO, newton_maximiser, one_step  # noqa: E402,F401
+
+
+class T5StyleNorm(nn.Module):  # variance in float32, no bias, no mean subtraction
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.variance_epsilon = eps
+
+    def forward(self, h):
+        v = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(v + self.variance_epsilon))
+
+
+class GemmaStyleNorm(nn.Module):  # (1 + w), computed in float32
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+class ChannelsFirstLN(nn.Module):  # ConvNeXt's channels_first LayerNorm, eps fitted (no attribute)
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class NotANorm(nn.Module):  # 1-D weight, but a nonlinear use of it
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:]) * torch.exp(self.weight)
+
+
+def _rms(x, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _ln_cf(x, eps):
+    u = x.mean(1, keepdim=True)
+    return (x - u) * torch.rsqrt((x - u).pow(2).mean(1, keepdim=True) + eps)
+
+
+PROBED = [
+    ("nanogpt-layernorm", lambda: GPT.__init__.__globals__["LayerNorm"](6, True), (5, 3, 6),
+     lambda x: F.layer_norm(x, (6,), eps=1e-5), -1),
+    ("nanogpt-layernorm-no-bias", lambda: GPT.__init__.__globals__["LayerNorm"](6, False), (5, 3, 6),
+     lambda x: F.layer_norm(x, (6,), eps=1e-5), -1),
+    ("t5-rmsnorm", lambda: T5StyleNorm(6), (4, 3, 6), lambda x: _rms(x, 1e-6), -1),
+    ("gemma-rmsnorm-1+w", lambda: GemmaStyleNorm(6), (4, 3, 6), lambda x: _rms(x, 1e-6), -1),
+    ("convnext-channels-first", lambda: ChannelsFirstLN(4), (3, 4, 2, 3), lambda x: _ln_cf(x, 1e-6), 1),
+]
+
+
+@pytest.mark.parametrize("name,build,shape,normalize,cdim", PROBED, ids=[p[0] for p in PROBED])
+def test_probed_norm_step_is_the_maximiser_of_its_augmented_hamiltonian(name, build, shape, normalize, cdim):
+    norm = build().double()
+    ad = pmptrain.modules.adapter_for(norm)
+    assert ad is not None and ad.kind == "channel", name
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(0.3 * torch.randn(p.shape, dtype=DT, generator=torch.Generator().manual_seed(4)))
+    x = 2.0 * torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(5)) + 0.5
+    rec, grads, change, before = one_step(norm, x)
+    rows = (normalize(rec["x"]) if cdim == -1 else normalize(rec["x"]).movedim(1, -1)).reshape(-1, shape[cdim])
+    torch.testing.assert_close(ad.input_rows(norm, rec["x"]), rows, rtol=1e-12, atol=1e-12)
+    gamma = norm.weight.detach() + ad.weight_offset  # the forward is γ x̂ + β with γ = w + offset
+    beta = norm.bias.detach() if getattr(norm, "bias", None) is not None else 0.0
+    y = norm(rec["x"])
+    y_rows = (y if cdim == -1 else y.movedim(1, -1)).reshape(-1, shape[cdim])
+    tol = 1e-6 if name.startswith(("t5", "gemma")) else 1e-12  # those normalise in float32
+    torch.testing.assert_close(y_rows, rows * gamma + beta, rtol=tol, atol=tol)
+    batch = ad.batch_size(norm, rec["x"])
+    g = rec["g"] if cdim == -1 else rec["g"].movedim(1, -1)
+    p = -batch * g.reshape(-1, shape[cdim])
+
+    def fn(theta, r, extra):
+        out = r * (theta["weight"] + ad.weight_offset)
+        return out + theta["bias"] if "bias" in theta else out
+
+    ref = newton_maximiser(fn, before, [(rows, p, None)], batch, RHO, 1 / LR, {k: -grads[k] for k in before})
+    for k in before:
+        torch.testing.assert_close(change[k], ref[k], rtol=1e-8, atol=1e-11, msg=lambda s: f"{k}: {s}")
+
+
+def test_a_module_that_is_not_a_norm_is_not_recognised_and_the_error_suggests_registration():
+    model = nn.Sequential(nn.Linear(4, 4), NotANorm(4))
+    assert pmptrain.modules.adapter_for(model[1]) is None
+    with pytest.raises(ValueError) as err:
+        pmptrain.EMSA(model, strict=True)
+    msg = str(err.value)
+    assert "'1' (NotANorm)" in msg and "pmptrain.register_module_type(NotANorm" in msg
+    assert "solver='iterative'" not in msg
+
+
+def test_probe_reads_and_fits_eps():
+    from pmptrain.probe import recognise_norm
+
+    assert recognise_norm(T5StyleNorm(5, eps=1e-5)) == ("rms", 1e-5)
+    assert recognise_norm(T5StyleNorm(5, eps=1e-6)) == ("rms", 1e-6)
+    assert recognise_norm(ChannelsFirstLN(5)) == ("layer_cf", 1e-6)  # no attribute: fitted
+    assert recognise_norm(GemmaStyleNorm(5)) == ("rms_1p", 1e-6)
+    assert recognise_norm(NotANorm(5)) is None
+
+
+def test_faithful_nanogpt_is_accepted_by_strict_fully_controlled_and_steps():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = pmptrain.EMSA(model, strict=True)
+    table = opt.rule_table()
+    assert "fallback" not in {r["rule"] for r in table}
+    assert "transformer.wte+lm_head" in {r["unit"] for r in table}
+    assert sum(r["rule"] == "emsa-channel" for r in table) == 5  # 2 per block + ln_f: nanoGPT's own LayerNorm
+    idx = torch.randint(0, 64, (4, 16))
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        _, loss = model(idx, targets=idx.roll(-1, 1))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        assert not opt.last_step["skipped"] and opt.last_step["fallback"] == 0
+    assert losses[-1] < losses[0]

@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..modules import adapter_for, unsupported_reason
+from ..modules import adapter_for, registration_hint, unsupported_reason
 from .affine import AffineEMSARule
 from .blocks import ChannelEMSARule, GroupedEMSARule
 from .elementwise import FallbackRule
@@ -333,8 +333,9 @@ class EMSA(PMPOptimizer):
         if adapter is not None:
             return self._by_kind[adapter.kind]
         return Unsupported(unsupported_reason(module) or (
-            f"no closed form for {type(module).__name__} modules (if it is affine in its parameters, "
-            "give it one with pmptrain.register_module_type)"))
+            f"pmptrain has no closed form for {type(module).__name__} modules and did not recognise what it "
+            "computes (if it is affine in its parameters, give it one with pmptrain.register_module_type)"),
+            hint=registration_hint(module))
 
     def _param_rule(self, name, param):
         return self._fallback, {}
