@@ -195,6 +195,21 @@ class _ForwardHook:
         return (_Inert, ())
 
 
+class _TapHook:
+    """The forward pre-hook or hook of a tap (:meth:`ModuleCapture.add_tap`); inert in copies."""
+
+    __slots__ = ("tap", "which")
+
+    def __init__(self, tap, which: str):
+        self.tap, self.which = tap, which
+
+    def __call__(self, *args):
+        return getattr(self.tap, self.which)(*args)
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+
 class _RootHook:
     """Forward pre-hook of the optimizer's root module: notes a zero-size batch (the first tensor
     input has no entries along dimension 0)."""
@@ -263,6 +278,7 @@ class ModuleCapture:
     def __init__(self):
         self._entries: Dict[str, _Entry] = {}
         self._handles = []
+        self._taps = []
         self._sentinel_keys: Dict[int, List[str]] = {}
         self._paused = False
         self.removed = False
@@ -280,7 +296,7 @@ class ModuleCapture:
 
     # ------------------------------------------------------------------ registration
     def add(self, key: str, module: nn.Module, adapter, spec: CaptureSpec, sentinel: Optional[Tensor],
-            counter=None) -> None:
+            counter=None, hook: bool = True) -> None:
         """Start recording ``module`` under ``key`` for ``spec`` (``adapter``: its
         :class:`~pmptrain.modules.AffineAdapter` or None; ``sentinel``: the parameter whose ``.grad``
         tells when the module's gradient was reset; ``counter``: the adapter whose ``batch_size``
@@ -298,12 +314,23 @@ class ModuleCapture:
             )
         _OWNERS[module] = weakref.ref(self)
         self._entries[key] = _Entry(module, adapter, spec, sentinel, counter)
-        self._handles.append(module.register_forward_hook(_ForwardHook(self, key), with_kwargs=True))
+        if hook:  # else the records come from a tap (:meth:`add_tap`)
+            self._handles.append(module.register_forward_hook(_ForwardHook(self, key), with_kwargs=True))
         if sentinel is not None:
             keys = self._sentinel_keys.setdefault(id(sentinel), [])
             if not keys:
                 self._handles.append(sentinel.register_post_accumulate_grad_hook(self._make_token_hook(keys)))
             keys.append(key)
+
+    def add_tap(self, module: nn.Module, tap) -> None:
+        """Register ``tap.pre`` / ``tap.post`` as the forward pre-hook and hook of ``module`` (the
+        post hook runs even when the forward raises): a tap records calls a module's forward makes
+        internally into entries added with ``hook=False`` (:mod:`pmptrain.attention`)."""
+        if any(t is tap for t in self._taps):
+            return
+        self._taps.append(tap)
+        self._handles.append(module.register_forward_pre_hook(_TapHook(tap, "pre"), with_kwargs=True))
+        self._handles.append(module.register_forward_hook(_TapHook(tap, "post"), with_kwargs=True, always_call=True))
 
     def _make_token_hook(self, keys: List[str]):
         entries = self._entries

@@ -316,3 +316,189 @@ def test_faithful_nanogpt_is_accepted_by_strict_fully_controlled_and_steps():
         losses.append(float(loss))
         assert not opt.last_step["skipped"] and opt.last_step["fallback"] == 0
     assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------ nn.MultiheadAttention
+
+
+class ExplicitMHA(nn.Module):
+    """``nn.MultiheadAttention`` rebuilt from four explicit ``nn.Linear`` layers (copied from
+    ``mha``): the projections run as modules, the rest through torch's functional with identity
+    projections (exact), so the outputs equal ``mha``'s and the hooks of the four Linears fire."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        e = mha.embed_dim
+        kd, vd = mha.kdim, mha.vdim
+        dt = mha.out_proj.weight.dtype
+        self.e, self.h, self.batch_first, self.zero = e, mha.num_heads, mha.batch_first, mha.add_zero_attn
+        self.q, self.k, self.v = nn.Linear(e, e, dtype=dt), nn.Linear(kd, e, dtype=dt), nn.Linear(vd, e, dtype=dt)
+        self.out = nn.Linear(e, e, dtype=dt)
+        with torch.no_grad():
+            for j, (lin, name) in enumerate(((self.q, "q"), (self.k, "k"), (self.v, "v"))):
+                w = mha.in_proj_weight[j * e:(j + 1) * e] if mha._qkv_same_embed_dim else \
+                    getattr(mha, f"{name}_proj_weight")
+                lin.weight.copy_(w)
+                lin.bias.copy_(mha.in_proj_bias[j * e:(j + 1) * e])
+            self.out.weight.copy_(mha.out_proj.weight)
+            self.out.bias.copy_(mha.out_proj.bias)
+        self.register_buffer("bias_k", None if mha.bias_k is None else mha.bias_k.detach().clone())
+        self.register_buffer("bias_v", None if mha.bias_v is None else mha.bias_v.detach().clone())
+        self.register_buffer("eye", torch.eye(e, dtype=mha.out_proj.weight.dtype))
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        q, k, v = self.q(query), self.k(key), self.v(value)
+        if self.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        eye = self.eye
+        a, w = F.multi_head_attention_forward(
+            q, k, v, self.e, self.h, None, None, self.bias_k, self.bias_v, self.zero, 0.0, eye, None,
+            training=True, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        a = self.out(a)
+        return (a.transpose(0, 1) if self.batch_first else a), w
+
+
+def _mha_pairs(mha):
+    e = mha.embed_dim
+    rows = lambda j: (lambda m: m.in_proj_weight[j * e:(j + 1) * e] if m._qkv_same_embed_dim  # noqa: E731
+                      else getattr(m, "qkv"[j] + "_proj_weight"))
+    return [(rows(j), lambda x, j=j: getattr(x, "qkv"[j]).weight) for j in range(3)] + [
+        (lambda m, j=j: m.in_proj_bias[j * e:(j + 1) * e], lambda x, j=j: getattr(x, "qkv"[j]).bias) for j in range(3)
+    ] + [(lambda m: m.out_proj.weight, lambda x: x.out.weight), (lambda m: m.out_proj.bias, lambda x: x.out.bias)]
+
+
+MHA_CASES = [
+    ("self-packed", dict(), dict(need_weights=False), True),
+    ("self-packed-batch-first-masked", dict(batch_first=True), dict(need_weights=True, mask=True), True),
+    ("cross-kdim-vdim", dict(kdim=3, vdim=5), dict(need_weights=True), False),
+    ("cross-packed-bias-kv-zero-attn", dict(add_bias_kv=True, add_zero_attn=True), dict(need_weights=False), False),
+]
+
+
+@pytest.mark.parametrize("name,kw,call,self_attn", MHA_CASES, ids=[c[0] for c in MHA_CASES])
+@pytest.mark.parametrize("costate", ["auto", "exact"])
+def test_mha_step_equals_four_explicit_linear_units(name, kw, call, self_attn, costate):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(6, 2, **kw).double()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    twin = ExplicitMHA(mha)
+    bf = kw.get("batch_first", False)
+    gen = torch.Generator().manual_seed(1)
+    shape = lambda t, d: (3, t, d) if bf else (t, 3, d)  # noqa: E731
+    query = torch.randn(shape(4, 6), dtype=DT, generator=gen)
+    key = query if self_attn else torch.randn(shape(5, kw.get("kdim", 6)), dtype=DT, generator=gen)
+    value = query if self_attn else torch.randn(shape(5, kw.get("vdim", 6)), dtype=DT, generator=gen)
+    extra = {"need_weights": call["need_weights"]}
+    if call.get("mask"):
+        extra["attn_mask"] = torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)
+        extra["key_padding_mask"] = torch.tensor([[False] * 4, [False, False, False, True], [False] * 4])
+    target = torch.randn(shape(4, 6), dtype=DT, generator=gen)
+    opts = [pmptrain.EMSA(m, strict=True, lr=0.6, rho=1.3, costate=costate, exclude=[])
+            for m in (mha, twin)]
+    for m, o in zip((mha, twin), opts):
+        out, _ = m(query, key, value, **extra)
+        F.mse_loss(out, target).backward()
+    torch.testing.assert_close(mha.out_proj.weight.grad, twin.out.weight.grad, rtol=1e-10, atol=1e-12)
+    before = [a(mha).detach().clone() for a, _ in _mha_pairs(mha)]
+    bias_k = None if mha.bias_k is None else (mha.bias_k.detach().clone(), mha.bias_k.grad.clone())
+    for o in opts:
+        o.step()
+        assert not o.last_step["skipped"] and o.last_step["fallback"] == 0
+    assert opts[0].rule_table()[0]["rule"] == "emsa-mha"
+    for (a, b), w0 in zip(_mha_pairs(mha), before):
+        assert not torch.equal(a(mha), w0)
+        torch.testing.assert_close(a(mha), b(twin), rtol=1e-9, atol=1e-11)
+    if bias_k is not None:  # Δb = −∇J/(ρ + δ): the maximiser of its own H̃ (no state, one row a sequence)
+        torch.testing.assert_close(mha.bias_k - bias_k[0], -bias_k[1] / (1.3 + 1 / 0.6), rtol=1e-12, atol=1e-14)
+
+
+def test_mha_projection_step_is_the_numerical_maximiser_of_its_augmented_hamiltonian():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2).double()
+    twin = ExplicitMHA(mha)
+    rec = {}
+
+    def hook(mod, args, out):
+        rec["x"] = args[0].detach()
+        out.register_hook(lambda g: rec.__setitem__("g", g.detach()))
+
+    twin.k.register_forward_hook(hook)
+    x = torch.randn(5, 3, 4, dtype=DT, generator=torch.Generator().manual_seed(2))
+    t = torch.randn(5, 3, 4, dtype=DT, generator=torch.Generator().manual_seed(3))
+    opt = pmptrain.EMSA(mha, lr=LR, rho=RHO, strict=True)
+    F.mse_loss(mha(x, x, x)[0], t).backward()
+    F.mse_loss(twin(x, x, x)[0], t).backward()
+    wk = mha.in_proj_weight[4:8].detach().clone()
+    bk = mha.in_proj_bias[4:8].detach().clone()
+    gw, gb = mha.in_proj_weight.grad[4:8].clone(), mha.in_proj_bias.grad[4:8].clone()
+    opt.step()
+    rows, g = rec["x"].reshape(-1, 4), rec["g"].reshape(-1, 4)
+    batch = rows.shape[0]
+
+    def fn(theta, r, extra):
+        return r @ theta["weight"].T + theta["bias"]
+
+    before = {"weight": wk, "bias": bk}
+    ref = newton_maximiser(fn, before, [(rows, -batch * g, None)], batch, RHO, 1 / LR,
+                           {"weight": -gw, "bias": -gb})
+    torch.testing.assert_close(mha.in_proj_weight[4:8] - wk, ref["weight"], rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(mha.in_proj_bias[4:8] - bk, ref["bias"], rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("build,run", [
+    (lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+     lambda m, x, y: m(x, src_mask=nn.Transformer.generate_square_subsequent_mask(5, dtype=DT), is_causal=True)),
+    (lambda: nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0),
+     lambda m, x, y: m(x.transpose(0, 1), y.transpose(0, 1)).transpose(0, 1)),
+    (lambda: nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True), lambda m, x, y: m(x, y[:, :5])),
+])
+def test_torch_transformer_layers_are_fully_controlled_and_match_explicit_linears(build, run):
+    torch.manual_seed(0)
+    model = build().double()
+    twin = __import__("copy").deepcopy(model)
+    for name, mod in list(twin.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, nn.MultiheadAttention):
+                setattr(mod, cname, ExplicitMHA(child))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 5, 8, dtype=DT, generator=gen), torch.randn(3, 6, 8, dtype=DT, generator=gen)
+    opts = [pmptrain.EMSA(m, strict=True) for m in (model, twin)]
+    assert any(r["rule"] == "emsa-mha" for r in opts[0].rule_table())
+    for m, o in zip((model, twin), opts):
+        run(m, x, y).pow(2).mean().backward()
+        o.step()
+        assert not o.last_step["skipped"] and o.last_step["fallback"] == 0
+    ours = dict(model.named_parameters())
+    for n, p in twin.named_parameters():  # every non-attention parameter, and the projections
+        if n in ours:
+            torch.testing.assert_close(ours[n], p, rtol=1e-9, atol=1e-11, msg=lambda s: f"{n}: {s}")
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            ex = dict(twin.named_modules())[name]
+            for a, b in _mha_pairs(mod):
+                torch.testing.assert_close(a(mod), b(ex), rtol=1e-9, atol=1e-11)
+
+
+def test_out_proj_is_refused_at_construction_when_the_attention_rule_is_unavailable(monkeypatch):
+    """A torch whose functional MHA the tap cannot see (tap_available() False): no MHA rule, and
+    out_proj — a Linear whose weight its parent reads directly — is refused up front."""
+    import pmptrain.optim.emsa as emsa_mod
+
+    monkeypatch.setattr(emsa_mod, "tap_available", lambda: False)
+    model = nn.Sequential(nn.MultiheadAttention(4, 2))
+    with pytest.warns(UserWarning) as rec:
+        opt = pmptrain.EMSA(model)
+    msgs = [str(w.message) for w in rec if "'0.out_proj'" in str(w.message)]
+    assert len(msgs) == 1 and "F.multi_head_attention_forward without calling out_proj" in msgs[0]
+    assert {r["rule"] for r in opt.rule_table()} == {"fallback"}
+    x = torch.randn(3, 2, 4)
+    model[0](x, x, x)[0].pow(2).mean().backward()
+    opt.step()  # no error: every parameter on the fallback
+    assert opt.last_step["fallback"] == 4
+    with pytest.raises(ValueError, match="(MultiheadAttention|out_proj).*strict=True"):
+        pmptrain.EMSA(model, strict=True)

@@ -296,7 +296,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         all_modules = dict(self.root.named_modules())
         pending: List[Tuple[str, nn.Module, Unsupported, List[Tensor]]] = []  # modules without a rule
         for name, module in self.root.named_modules():
-            if any(name.startswith(b + ".") for b in blocks):
+            if any(name.startswith(b + ".") or (b == "" and name) for b in blocks):
                 continue  # inside a controlled block: the block is the unit
             is_block = self._is_block(name, module)
             if is_block:
@@ -463,9 +463,10 @@ class PMPOptimizer(torch.optim.Optimizer):
         modules = dict(self.root.named_modules())
         found = {}
         for unit in self.units.values():
-            names = [mb.name for mb in unit.members]
+            keys = getattr(unit.rule, "capture_keys", None)
+            names = keys(unit) if keys is not None else [mb.name for mb in unit.members]
             if names and all(n in silent for n in names):
-                for n in names:
+                for n in ([mb.name for mb in unit.members] if keys is not None else names):
                     parent = n.rpartition(".")[0]
                     ptype = type(modules[parent]).__name__ if parent in modules else "the model"
                     found[n] = (f"its forward never ran through its hooks while its parameters received "
@@ -516,6 +517,9 @@ class PMPOptimizer(torch.optim.Optimizer):
             if not unit.rule.module_rule:
                 continue
             group = group_of[id(unit.primary)]
+            if hasattr(unit.rule, "sync_capture"):  # a rule that records calls inside its module's forward
+                unit.rule.sync_capture(unit, group, self.capture)
+                continue
             for mb in unit.members:
                 spec = unit.rule.capture_spec(unit, mb, group)
                 entry = self.capture._entries.get(mb.name)
