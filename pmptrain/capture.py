@@ -195,6 +195,21 @@ class _ForwardHook:
         return (_Inert, ())
 
 
+class _TapHook:
+    """The forward pre-hook or hook of a tap (:meth:`ModuleCapture.add_tap`); inert in copies."""
+
+    __slots__ = ("tap", "which")
+
+    def __init__(self, tap, which: str):
+        self.tap, self.which = tap, which
+
+    def __call__(self, *args):
+        return getattr(self.tap, self.which)(*args)
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+
 class _RootHook:
     """Forward pre-hook of the optimizer's root module: notes a zero-size batch (the first tensor
     input has no entries along dimension 0)."""
@@ -208,6 +223,7 @@ class _RootHook:
         cap = self.capture
         if cap._paused or cap.removed or not module.training or not torch.is_grad_enabled():
             return None
+        cap.root_trained = True
         for v in list(args) + list(kwargs.values()):
             if isinstance(v, Tensor):
                 if v.dim() > 0 and v.shape[0] == 0:
@@ -246,13 +262,14 @@ class _CostateHook:
 
 
 class _Entry:
-    __slots__ = ("module", "adapter", "spec", "sentinel", "stats", "token", "counter")
+    __slots__ = ("module", "adapter", "spec", "sentinel", "stats", "token", "counter", "grad_seen")
 
     def __init__(self, module, adapter, spec, sentinel, counter=None):
         self.module, self.adapter, self.spec, self.sentinel = module, adapter, spec, sentinel
         self.counter = counter if counter is not None else adapter  # counts the samples of a call
         self.stats = ModuleStats()
         self.token = None  # (weakref to the sentinel's .grad, its version) after the last backward
+        self.grad_seen = False  # a backward pass accumulated into the sentinel's .grad since the last reset
 
 
 class ModuleCapture:
@@ -261,12 +278,14 @@ class ModuleCapture:
     def __init__(self):
         self._entries: Dict[str, _Entry] = {}
         self._handles = []
+        self._taps = []
         self._sentinel_keys: Dict[int, List[str]] = {}
         self._paused = False
         self.removed = False
         self.removed_reason: Optional[str] = None
         self._warned_repeat = False
         self.root_empty = False  # a training forward of the watched root had a zero-size batch
+        self.root_trained = False  # a training forward of the watched root ran under autograd
 
     def watch_root(self, root: nn.Module) -> None:
         """Record whether a training forward pass of ``root`` (under autograd) received a
@@ -277,7 +296,7 @@ class ModuleCapture:
 
     # ------------------------------------------------------------------ registration
     def add(self, key: str, module: nn.Module, adapter, spec: CaptureSpec, sentinel: Optional[Tensor],
-            counter=None) -> None:
+            counter=None, hook: bool = True) -> None:
         """Start recording ``module`` under ``key`` for ``spec`` (``adapter``: its
         :class:`~pmptrain.modules.AffineAdapter` or None; ``sentinel``: the parameter whose ``.grad``
         tells when the module's gradient was reset; ``counter``: the adapter whose ``batch_size``
@@ -295,12 +314,23 @@ class ModuleCapture:
             )
         _OWNERS[module] = weakref.ref(self)
         self._entries[key] = _Entry(module, adapter, spec, sentinel, counter)
-        self._handles.append(module.register_forward_hook(_ForwardHook(self, key), with_kwargs=True))
+        if hook:  # else the records come from a tap (:meth:`add_tap`)
+            self._handles.append(module.register_forward_hook(_ForwardHook(self, key), with_kwargs=True))
         if sentinel is not None:
             keys = self._sentinel_keys.setdefault(id(sentinel), [])
             if not keys:
                 self._handles.append(sentinel.register_post_accumulate_grad_hook(self._make_token_hook(keys)))
             keys.append(key)
+
+    def add_tap(self, module: nn.Module, tap) -> None:
+        """Register ``tap.pre`` / ``tap.post`` as the forward pre-hook and hook of ``module`` (the
+        post hook runs even when the forward raises): a tap records calls a module's forward makes
+        internally into entries added with ``hook=False`` (:mod:`pmptrain.attention`)."""
+        if any(t is tap for t in self._taps):
+            return
+        self._taps.append(tap)
+        self._handles.append(module.register_forward_pre_hook(_TapHook(tap, "pre"), with_kwargs=True))
+        self._handles.append(module.register_forward_hook(_TapHook(tap, "post"), with_kwargs=True, always_call=True))
 
     def _make_token_hook(self, keys: List[str]):
         entries = self._entries
@@ -310,6 +340,7 @@ class ModuleCapture:
             token = (weakref.ref(g), g._version) if g is not None else None
             for k in keys:
                 entries[k].token = token
+                entries[k].grad_seen = True
 
         return hook
 
@@ -417,6 +448,19 @@ class ModuleCapture:
     def has_data(self) -> bool:
         return any(not e.stats.empty for e in self._entries.values())
 
+    def silent_keys(self) -> List[str]:
+        """The recorded modules that went silent since the last reset: a training forward of the
+        watched root ran under autograd and a backward pass accumulated into the module's sentinel
+        parameter, yet the module's own forward hook recorded nothing, although the module is in
+        training mode. Its parameters were then used without calling the module — a parent read
+        them directly (``nn.MultiheadAttention``'s ``out_proj``, a fused kernel) — which is the
+        model's structure, not the user's doing (eval mode, ``no_grad`` and ``torch.compile`` leave
+        ``root_trained`` unset or the module untrained)."""
+        if not self.root_trained:
+            return []
+        return [k for k, e in self._entries.items()
+                if e.grad_seen and e.stats.empty and e.module.training]
+
     def saw_empty_pass(self) -> bool:
         """Whether, since the last reset, the watched root received a zero-size batch or a
         recording module's backward pass carried no rows (``ModuleStats.rows == 0`` after a pass)."""
@@ -428,7 +472,8 @@ class ModuleCapture:
         forwards whose backward has not run yet still count when it runs, as their gradients do."""
         for e in self._entries.values():
             e.stats = ModuleStats()
-        self.root_empty = False
+            e.grad_seen = False
+        self.root_empty = self.root_trained = False
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

@@ -50,11 +50,14 @@ __all__ = [
     "RMSNormAdapter",
     "BatchNormAdapter",
     "GroupNormAdapter",
+    "ChannelsFirstLayerNormAdapter",
     "adapter_for",
+    "registration_hint",
     "unsupported_reason",
     "register_module_type",
     "unregister_module_type",
     "is_weight_layer",
+    "bypassed_by_parent",
 ]
 
 
@@ -239,6 +242,9 @@ class ChannelAffineAdapter(AffineAdapter):
     """
 
     kind = "channel"
+    #: γ = weight + ``weight_offset`` (1 for Gemma's ``(1 + w)``): the closed form in γ moves
+    #: ``weight`` by the same Δγ (the affine's Hamiltonian depends on γ only through Δγ and ``.grad``)
+    weight_offset = 0.0
 
     def channels(self, module) -> int:
         p = self.weight(module) if self.weight(module) is not None else self.bias(module)
@@ -301,11 +307,13 @@ class RMSNormAdapter(_LastDimsNorm):
     ``eps=None`` meaning the dtype's machine epsilon; Hugging Face's ``LlamaRMSNorm`` family with
     ``eps_attr="variance_epsilon"``, which normalises in float32)."""
 
-    def __init__(self, eps_attr: str = "eps"):
-        self.eps_attr = eps_attr
+    def __init__(self, eps_attr: Optional[str] = "eps", default_eps: Optional[float] = None,
+                 weight_offset: float = 0.0):
+        self.eps_attr, self.default_eps, self.weight_offset = eps_attr, default_eps, weight_offset
 
     def normalize(self, module, x):
-        eps = getattr(module, self.eps_attr, None)
+        eps = getattr(module, self.eps_attr, None) if self.eps_attr else None
+        eps = self.default_eps if eps is None else eps
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         if eps is None:
             eps = torch.finfo(x.dtype).eps
@@ -338,6 +346,20 @@ class BatchNormAdapter(_ChannelDimNorm):
             mean, var = xf.mean(dims), xf.var(dims, unbiased=False)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (xf - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+
+
+class ChannelsFirstLayerNormAdapter(_ChannelDimNorm):
+    """LayerNorm over the channel dimension of ``[N, C, *]`` inputs (ConvNeXt's ``channels_first``
+    LayerNorm): ``x̂ = (x − mean_C)/√(var_C + eps)`` per sample and position, biased variance; a
+    sample is one entry of N (as for the convolutions around it)."""
+
+    def __init__(self, eps: float = 1e-6):
+        self.eps = eps
+
+    def normalize(self, module, x):
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        mu = xf.mean(1, keepdim=True)
+        return (xf - mu) * torch.rsqrt((xf - mu).pow(2).mean(1, keepdim=True) + self.eps)
 
 
 class GroupNormAdapter(_ChannelDimNorm):
@@ -424,6 +446,9 @@ def _lookup(module: nn.Module):
         if not isinstance(module, base):
             continue
         if t.forward is not base.forward:
+            probed = _probed(module)
+            if probed is not None:
+                return probed, None
             return None, (f"{t.__name__} overrides {base.__name__}.forward (it may not be affine in its "
                           "parameters); register it with pmptrain.register_module_type if it is")
         if base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
@@ -435,7 +460,44 @@ def _lookup(module: nn.Module):
             if module.max_norm is not None:
                 return None, "max_norm renormalises the weight inside forward (not an affine map of it)"
         return adapter, None
-    return None, None
+    return _probed(module), None
+
+
+def _probed(module: nn.Module) -> Optional[AffineAdapter]:
+    """The adapter of a normalisation layer recognised by what it computes
+    (:func:`pmptrain.probe.recognise_norm`), or None."""
+    from .probe import recognise_norm
+
+    found = recognise_norm(module)
+    if found is None:
+        return None
+    kind, eps = found
+    if kind == "layer":
+        return LayerNormAdapter(eps_attr=None, default_eps=eps)
+    if kind == "layer_cf":
+        return ChannelsFirstLayerNormAdapter(eps)
+    return RMSNormAdapter(eps_attr=None, default_eps=eps, weight_offset=1.0 if kind == "rms_1p" else 0.0)
+
+
+def registration_hint(module: nn.Module) -> Optional[str]:
+    """The one-line registration that would give ``module``'s class a closed form, when an adapter
+    of the right kind exists (a 1-D ``weight``: a normalisation's affine; a 2-D ``weight``: a
+    Linear), or None."""
+    params = dict(module.named_parameters(recurse=False))
+    w = params.get("weight")
+    if w is None or set(params) - {"weight", "bias"} or any(True for _ in module.children()):
+        return None
+    cls = type(module).__name__
+    if w.dim() == 1:
+        return (f" If {cls} computes y = weight * N(x) + bias with a normalisation N that pmptrain did not "
+                f"recognise, register it in one line: pmptrain.register_module_type({cls}, "
+                "pmptrain.LayerNormAdapter(eps_attr=None, default_eps=...)) (or pmptrain.RMSNormAdapter(...)); "
+                "otherwise exclude it explicitly (exclude=[...]).")
+    if w.dim() == 2:
+        return (f" If {cls} computes y = x @ weight.T + bias, register it in one line: "
+                f"pmptrain.register_module_type({cls}, pmptrain.LinearAdapter()) (pmptrain.TransposedLinearAdapter() "
+                "for y = x @ weight + bias); otherwise exclude it explicitly (exclude=[...]).")
+    return None
 
 
 def adapter_for(module: nn.Module) -> Optional[AffineAdapter]:
@@ -466,3 +528,23 @@ def is_weight_layer(module: nn.Module) -> bool:
     """A Linear/Conv1d/Conv2d layer (any subclass, any ``groups``): the layers whose weights
     :func:`pmptrain.discretize_` can put onto a grid."""
     return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+
+
+#: Parents that read a child's parameters without calling the child: ``{parent type: {child
+#: attribute: how}}``. Hooks on such a child never see the use of its parameters, so its rule
+#: could not form its Hamiltonian (the first step also detects the cases not listed here).
+_BYPASSING_PARENTS: Dict[type, Dict[str, str]] = {
+    nn.MultiheadAttention: {
+        "out_proj": "its parent MultiheadAttention reads out_proj.weight and out_proj.bias inside "
+                    "F.multi_head_attention_forward without calling out_proj",
+    },
+}
+
+
+def bypassed_by_parent(parent: nn.Module, child_name: str) -> Optional[str]:
+    """Why hooks on ``parent``'s child ``child_name`` cannot see how its parameters are used (the
+    parent reads them without calling the child), or None."""
+    for cls, children in _BYPASSING_PARENTS.items():
+        if isinstance(parent, cls) and child_name in children:
+            return children[child_name]
+    return None

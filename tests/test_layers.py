@@ -355,8 +355,8 @@ class HFStyleRMSNorm(nn.Module):
 ])
 def test_registered_module_types_are_controlled_like_their_builtin_twins(custom, builtin, adapter):
     mod = custom().double()
-    with pytest.warns(UserWarning, match="register_module_type"):
-        pmptrain.EMSA(nn.Sequential(mod))  # unknown type: falls back with the hint
+    probed = adapter_for(mod)  # recognised by what it computes (pmptrain.probe), before any registration
+    assert probed is not None and probed.kind == "channel"
     pmptrain.register_module_type(type(mod), adapter)  # the public spelling
     try:
         twin = builtin().double()
@@ -370,10 +370,10 @@ def test_registered_module_types_are_controlled_like_their_builtin_twins(custom,
         for (n, p), q in zip(mod.named_parameters(), twin.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=lambda s: f"{n}: {s}")
         oa.detach()
+        assert adapter_for(mod) is adapter
     finally:
         pmptrain.unregister_module_type(type(mod))
-    with pytest.warns(UserWarning, match="register_module_type"):
-        pmptrain.EMSA(nn.Sequential(mod))  # unregistered: the fallback again
+    assert adapter_for(mod) is not adapter  # unregistered: the probe's adapter again
 
 
 def test_register_module_type_validates():

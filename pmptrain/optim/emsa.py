@@ -15,12 +15,14 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..modules import adapter_for, unsupported_reason
+from ..attention import tap_available
+from ..modules import adapter_for, registration_hint, unsupported_reason
 from .affine import AffineEMSARule
 from .blocks import ChannelEMSARule, GroupedEMSARule
 from .elementwise import FallbackRule
 from .hyper import Choice
 from .iterative import IterativeEMSARule
+from .attention import MHAEMSARule
 from .shell import PMPOptimizer, Unsupported, unwrap_model
 
 __all__ = ["EMSA", "MSA", "controlled_block"]
@@ -229,6 +231,7 @@ class EMSA(PMPOptimizer):
         self.solver = Choice(("closed", "iterative")).check("solver", solver)
         self._block_types, self._block_names = _check_blocks(blocks, model, self.solver)
         self._by_kind = {"matrix": AffineEMSARule(), "grouped": GroupedEMSARule(), "channel": ChannelEMSARule()}
+        self._mha = MHAEMSARule()
         self._iterative = IterativeEMSARule()
         self._fallback = FallbackRule()
         defaults = dict(
@@ -241,7 +244,7 @@ class EMSA(PMPOptimizer):
             penalty_units=penalty_units, proximal=proximal, l2=l2, perturb_init=perturb_init,
             perturb_seed=perturb_seed,
         )
-        super().__init__(model, params, defaults, [*self._by_kind.values(), self._iterative, self._fallback],
+        super().__init__(model, params, defaults, [*self._by_kind.values(), self._mha, self._iterative, self._fallback],
                          strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler)
 
     @classmethod
@@ -281,6 +284,8 @@ class EMSA(PMPOptimizer):
         return total
 
     def _is_block(self, name, module):
+        if self.solver == "closed" and isinstance(module, nn.MultiheadAttention) and tap_available():
+            return True  # one unit: its four projections (pmptrain.optim.attention)
         return (name in self._block_names or bool(getattr(module, "_pmptrain_block", False))
                 or (bool(self._block_types) and isinstance(module, self._block_types))) \
             and self.solver == "iterative"
@@ -329,12 +334,15 @@ class EMSA(PMPOptimizer):
     def _module_rule(self, name, module):
         if self.solver == "iterative":
             return self._iterative
+        if isinstance(module, nn.MultiheadAttention) and self._is_block(name, module):
+            return self._mha
         adapter = adapter_for(module)
         if adapter is not None:
             return self._by_kind[adapter.kind]
         return Unsupported(unsupported_reason(module) or (
-            f"no closed form for {type(module).__name__} modules (if it is affine in its parameters, "
-            "give it one with pmptrain.register_module_type)"))
+            f"pmptrain has no closed form for {type(module).__name__} modules and did not recognise what it "
+            "computes (if it is affine in its parameters, give it one with pmptrain.register_module_type)"),
+            hint=registration_hint(module))
 
     def _param_rule(self, name, param):
         return self._fallback, {}

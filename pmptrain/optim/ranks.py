@@ -31,8 +31,15 @@ def _ranks(ranks: Sequence[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
 
 
+def _keys(u) -> List[str]:
+    """The capture keys of a module unit: its members' names, or what its rule records under
+    (``capture_keys``: the four projections of an ``nn.MultiheadAttention``)."""
+    keys = getattr(u.rule, "capture_keys", None)
+    return keys(u) if keys is not None else [mb.name for mb in u.members]
+
+
 def _members(units) -> List[str]:
-    return [mb.name for u in units if u.rule.module_rule for mb in u.members]
+    return [k for u in units if u.rule.module_rule for k in _keys(u)]
 
 
 def structure_signature(units) -> List[int]:
@@ -125,7 +132,7 @@ def unit_samples(table: List[List[int]], units) -> Dict[str, List[int]]:
     for u in units:
         if not u.rule.module_rule:
             continue
-        per_rank = [sum(row[base + 3 * index[mb.name]] for mb in u.members) for row in table]
+        per_rank = [sum(row[base + 3 * index[k]] for k in _keys(u)) for row in table]
         if sum(per_rank) > 0:
             out[u.name] = per_rank
     return out

@@ -46,7 +46,7 @@ from torch.nn.parameter import is_lazy
 from .. import distributed as pdist
 from .._profile import phase
 from ..capture import ModuleCapture
-from ..modules import adapter_for
+from ..modules import adapter_for, bypassed_by_parent
 from . import ranks
 from .hyper import PENALTY_MAX, Real, Spec, is_number
 from .rule import Member, Proposal, Rule, StepContext, Unit, cast_state, clone_state, record_from_view, record_view
@@ -107,10 +107,12 @@ class RuleTable(list):
 
 class Unsupported:
     """A module rule choice: the module has parameters but no rule (``reason`` says why); its
-    parameters take the fallback step with a warning, or raise with ``strict=True``."""
+    parameters take the fallback step with a warning, or raise with ``strict=True``. ``hint``: what
+    the strict error suggests instead (default: exclude it or the iterative solver); ``silent``:
+    the module has a rule but its hooks cannot see its parameters' use (a parent reads them)."""
 
-    def __init__(self, reason: str):
-        self.reason = reason
+    def __init__(self, reason: str, hint: Optional[str] = None, silent: bool = False):
+        self.reason, self.hint, self.silent = reason, hint, silent
 
 
 def unwrap_model(model: nn.Module) -> Tuple[nn.Module, bool]:
@@ -256,6 +258,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         self._warned: set = set()
         self._lazy_hooks: List[Any] = []  # forward pre-hooks of lazy modules (partitioned at their first call)
         self._stepped: Dict[str, Tuple[Any, int]] = {}  # sentinel .grad of each captured member at the last step
+        self._silenced: Dict[str, str] = {}  # module name → why its claimed rule cannot see it (fallback)
         self._attach_capture()
         params, defaults = self._positional_lr(params, defaults)
         self._group_keys = tuple(defaults)  # the keys a loaded group lacking them takes from defaults
@@ -347,8 +350,10 @@ class PMPOptimizer(torch.optim.Optimizer):
         why: Dict[int, str] = {}  # why a parameter takes the fallback (for strict=True)
         excluded = set()
         blocks: List[str] = []  # names of the controlled blocks met so far (their descendants are skipped)
+        all_modules = dict(self.root.named_modules())
+        pending: List[Tuple[str, nn.Module, Unsupported, List[Tensor]]] = []  # modules without a rule
         for name, module in self.root.named_modules():
-            if any(name.startswith(b + ".") for b in blocks):
+            if any(name.startswith(b + ".") or (b == "" and name) for b in blocks):
                 continue  # inside a controlled block: the block is the unit
             is_block = self._is_block(name, module)
             if is_block:
@@ -360,8 +365,12 @@ class PMPOptimizer(torch.optim.Optimizer):
                 excluded.update(id(p) for _, p in own)
                 continue
             choice = self._module_rule(name, module)
+            if isinstance(choice, Rule) and choice.module_rule:
+                cause = self._silenced.get(name) or self._structurally_silent(name, module, all_modules)
+                if cause is not None:
+                    choice = Unsupported(cause, silent=True)
             if isinstance(choice, Unsupported):
-                self._unsupported(name, module, choice.reason)
+                pending.append((name, module, choice, [p for _, p in own]))
                 continue
             if not isinstance(choice, Rule):
                 for _, p in own:
@@ -381,6 +390,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             claims[name] = (choice, member, taken_by_rule)
             for p in taken_by_rule:
                 owners.setdefault(id(p), []).append(name)
+        self._settle_unsupported(pending, claims, owners, why, pname)
         # connected components of modules sharing parameters
         parent = {n: n for n in claims}
 
@@ -456,6 +466,35 @@ class PMPOptimizer(torch.optim.Optimizer):
                 lazy.update(id(p) for p in own)
                 self._lazy_hooks.append(module.register_forward_pre_hook(_LazyHook(self, module)))
         return lazy
+    def _settle_unsupported(self, pending, claims, owners, why, pname) -> None:
+        """One truth for the parameters of modules without a rule (``pending``): a parameter that a
+        module without a rule holds only as an alias of a parameter of its own descendant with a
+        rule (Hugging Face's ``cls.predictions.bias`` is ``cls.predictions.decoder.bias``) is the
+        descendant's; any other parameter of such a module takes the fallback (warned, or raised
+        with ``strict=True``), and so does every module rule claiming one of them (a tie with a
+        module without a closed form cannot be maximised jointly): the warning, ``rule_table()``
+        and ``strict`` say the same."""
+        for name, module, choice, params in pending:
+            prefix = name + "." if name else ""
+            used = [p for p in params
+                    if not any(o.startswith(prefix) and o != name for o in owners.get(id(p), []))]
+            if not used:
+                continue  # aliases of its descendants' parameters: it holds them, the descendants use them
+            self._unsupported(name, module, choice)
+            for p in used:
+                why.setdefault(id(p), f"module {name!r} ({type(module).__name__}) has no closed form: {choice.reason}")
+                for other in list(owners.pop(id(p), [])):
+                    if other not in claims:
+                        continue
+                    reason = (f"module {other!r} ({type(claims[other][1].module).__name__}) shares parameter "
+                              f"{pname.get(id(p), '?')!r} with module {name!r} ({type(module).__name__}), which has no "
+                              "closed form, so the tie cannot be maximised jointly")
+                    _, _, taken = claims.pop(other)
+                    for q in taken:
+                        why.setdefault(id(q), reason)
+                        if id(q) in owners and other in owners[id(q)]:
+                            owners[id(q)].remove(other)
+                    self._warn_fallback(("tied-unsupported", other, name), reason)
 
     @staticmethod
     def _member(name, module, rule: Rule, own: Dict[str, Tensor]) -> Optional[Member]:
@@ -477,6 +516,43 @@ class PMPOptimizer(torch.optim.Optimizer):
         return Member(name, module, adapter, weight, bias)
 
     @staticmethod
+    def _structurally_silent(name: str, module: nn.Module, modules: Dict[str, nn.Module]) -> Optional[str]:
+        """Why hooks on ``module`` cannot see how its parameters are used, read from the model's
+        structure (:func:`pmptrain.modules.bypassed_by_parent`), or None."""
+        if not name:
+            return None
+        parent_name, _, child = name.rpartition(".")
+        parent = modules.get(parent_name)
+        return bypassed_by_parent(parent, child) if parent is not None else None
+
+    def _demote_silent(self) -> None:
+        """The first step's check that no claimed module went silent: a unit whose every member's
+        parameters received a gradient in a training-mode forward while no member's forward hook
+        recorded (:meth:`~pmptrain.capture.ModuleCapture.silent_keys`) cannot form its Hamiltonian;
+        its modules take the fallback from now on, with one warning naming each module and the
+        cause (``strict=True`` raises), instead of an error at every step."""
+        silent = set(self.capture.silent_keys())
+        if not silent:
+            return
+        modules = dict(self.root.named_modules())
+        found = {}
+        for unit in self.units.values():
+            keys = getattr(unit.rule, "capture_keys", None)
+            names = keys(unit) if keys is not None else [mb.name for mb in unit.members]
+            if names and all(n in silent for n in names):
+                for n in ([mb.name for mb in unit.members] if keys is not None else names):
+                    parent = n.rpartition(".")[0]
+                    ptype = type(modules[parent]).__name__ if parent in modules else "the model"
+                    found[n] = (f"its forward never ran through its hooks while its parameters received "
+                                f"gradients in a training-mode forward pass: its parent ({parent or 'the root'}, "
+                                f"{ptype}) uses them without calling the module (a functional or fused kernel "
+                                "reading the weight), so its captured states are missing")
+        if not found:
+            return
+        self._silenced.update(found)
+        self._partition()
+
+    @staticmethod
     def _join_reason(rule: Rule, rules: List[Rule], members: List[Member]) -> Optional[str]:
         from .affine import join_reason
 
@@ -486,9 +562,15 @@ class PMPOptimizer(torch.optim.Optimizer):
             return f"the {rule.name} rule has no joint form"
         return join_reason(members)
 
-    def _unsupported(self, name: str, module: nn.Module, reason: str) -> None:
-        self._warn_fallback(("unsupported", name), f"module {name!r} ({type(module).__name__}) has no closed-form "
-                            f"maximiser: {reason}", " Exclude it explicitly or use solver='iterative'.")
+    def _unsupported(self, name: str, module: nn.Module, choice: "Unsupported") -> None:
+        if choice.silent:
+            what = f"module {name!r} ({type(module).__name__}) cannot be controlled by its closed form: {choice.reason}"
+            hint = f" Pass exclude=[{name!r}] to accept the fallback for it explicitly."
+        else:
+            what = f"module {name!r} ({type(module).__name__}) has no closed-form maximiser: {choice.reason}"
+            hint = choice.hint if choice.hint is not None else (
+                f" Exclude it explicitly (exclude=[{name!r}]) or use solver='iterative'.")
+        self._warn_fallback(("unsupported", name), what, hint)
 
     def _warn_fallback(self, key, what: str, hint: str = " Pass exclude=[...] to accept the fallback explicitly.") -> None:
         """Warn once that ``what`` sends parameters to the fallback step; raise with ``strict=True``."""
@@ -509,6 +591,9 @@ class PMPOptimizer(torch.optim.Optimizer):
             if not unit.rule.module_rule:
                 continue
             group = group_of[id(unit.primary)]
+            if hasattr(unit.rule, "sync_capture"):  # a rule that records calls inside its module's forward
+                unit.rule.sync_capture(unit, group, self.capture)
+                continue
             for mb in unit.members:
                 spec = unit.rule.capture_spec(unit, mb, group)
                 entry = self.capture._entries.get(mb.name)
@@ -762,6 +847,8 @@ class PMPOptimizer(torch.optim.Optimizer):
             # counted (the statistics are dropped; no weight, state or moment changes)
             self._skip("empty batch (zero samples)")
             return
+        if world == 1:  # (with several ranks the units must stay alike on every rank: no demotion)
+            self._demote_silent()
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
         proposals: List[Tuple[Unit, Proposal]] = []
@@ -880,6 +967,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             "format": _FORMAT,
             "optimizer": type(self).__name__,
             "skipped_steps": self.skipped_steps,
+            "silenced": dict(self._silenced),
             "units": {name: {"rule": u.rule.name, "params": list(u.param_names), "index": index[id(u.primary)]}
                       for name, u in self.units.items()},
         }
@@ -915,6 +1003,13 @@ class PMPOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state_dict has a pmptrain section of format {fmt!r}: this version of pmptrain reads "
                              f"formats 2 and {_FORMAT}")
         saved = extra.get("units") if extra is not None else None
+        silenced = (extra.get("silenced") or {}) if extra is not None else {}
+        if isinstance(silenced, dict) and set(silenced) - set(self._silenced):
+            # modules the saving optimizer found silent at its first step: the same layout here
+            self._silenced.update({str(k): str(v) for k, v in silenced.items()})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # warned when they were found
+                self._partition()
         if extra is not None:
             if not isinstance(saved, dict) or set(saved) != set(self.units):
                 missing = sorted(set(self.units) - set(saved or {}))
