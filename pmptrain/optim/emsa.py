@@ -202,6 +202,7 @@ class EMSA(PMPOptimizer):
         eig_refresh: int = 1,
         eig_floor: float = 0.0,
         eig_float64: bool = False,
+        max_step: Optional[float] = None,
         fallback: str = "adam",
         fallback_lr: float = 1e-3,
         betas: Tuple[float, float] = (0.9, 0.999),
@@ -234,7 +235,7 @@ class EMSA(PMPOptimizer):
         defaults = dict(
             lr=lr, rho=rho, rho_scale=rho_scale, route=route, costate=costate, stat_decay=stat_decay,
             stat_every=stat_every, eig_refresh=eig_refresh,
-            eig_floor=eig_floor, eig_float64=eig_float64, fallback=fallback, fallback_lr=fallback_lr,
+            eig_floor=eig_floor, eig_float64=eig_float64, max_step=max_step, fallback=fallback, fallback_lr=fallback_lr,
             betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, inner_steps=inner_steps,
             inner_lr=inner_lr, inner_optimizer=inner_optimizer, inner_max_eval=inner_max_eval,
             rho_state=rho_state, rho_costate=rho_costate,
