@@ -239,6 +239,11 @@ class EMSARuleBase(Rule):
     def describe_rho(self, group) -> str:
         return describe_penalties(self, group, self.costate_scaled(group))
 
+    def describe_trust(self, group) -> str:
+        """``", step <= τ·max(|θ|, |θ|_0)"`` for a trust region ``max_step = τ``, else ``""``."""
+        tau = self.value(group, "max_step")
+        return "" if tau is None else f", step <= {float(tau):g}*max(|theta|, |theta|_0)"
+
 
 class AffineEMSARule(EMSARuleBase):
     """The exact maximiser of the augmented Hamiltonian of an affine unit (module or tie): see
@@ -258,7 +263,7 @@ class AffineEMSARule(EMSARuleBase):
         if float(rho) == 0.0:
             return f"{head} with rho 0 (an SGD step of size lr)"
         return (f"{head} ({self.describe_rho(group)}, route {self.value(group, 'route')}, "
-                f"costate {self.value(group, 'costate')})")
+                f"costate {self.value(group, 'costate')}){self.describe_trust(group)}")
 
     # ------------------------------------------------------------------ capture
     def amortised(self, group) -> bool:

@@ -72,7 +72,7 @@ class ChannelEMSARule(EMSARuleBase):
         return False
 
     def describe(self, unit, group):
-        return f"closed-form E-MSA of a per-channel affine ({self.describe_rho(group)})"
+        return f"closed-form E-MSA of a per-channel affine ({self.describe_rho(group)}){self.describe_trust(group)}"
 
     def capture_spec(self, unit, member, group):
         if not self.capture_active(group):
@@ -167,7 +167,7 @@ class GroupedEMSARule(EMSARuleBase):
 
     def describe(self, unit, group):
         g = unit.members[0].module.groups
-        return f"closed-form E-MSA per group ({g} groups, {self.describe_rho(group)})"
+        return f"closed-form E-MSA per group ({g} groups, {self.describe_rho(group)}){self.describe_trust(group)}"
 
     def capture_spec(self, unit, member, group):
         if not self.capture_active(group):
