@@ -177,10 +177,20 @@ def test_sin_toy_data_and_model_are_the_published_ones():
 # the recorded slow run (experiments/results/sin_toy_reference.json, written by
 # `python experiments/emsa_sin_toy.py --threads 1 --record ...`) replayed for its first steps
 _REPLAY = {"adam": 60, "sgd": 60, "adagrad": 60, "emsa-closed": 60, "emsa-paper": 6, "emsa-paper-noperturb": 6}
+# Portable tolerance per run: the largest relative gap to the recording over the replayed epochs,
+# measured on a second x86-64 machine (2-core EPYC, MKL) at 1 and 2 threads and under
+# MKL_CBWR=COMPATIBLE/AVX, times ~10 and rounded up. L-BFGS on a zero start with a repeated input
+# amplifies rounding (4.3e-3 at epoch 1 of emsa-paper-noperturb, 1e-4 by epoch 6); the first-order
+# runs and the closed form stayed within 1.2e-6.
+_PORTABLE_REL = {"adam": 1e-4, "sgd": 1e-4, "adagrad": 1e-4, "emsa-closed": 1e-4,
+                 "emsa-paper": 5e-2, "emsa-paper-noperturb": 5e-2}
+# the symmetric subspace (a zero start with the input repeated in 5 columns): every block's weight
+# entries stay equal up to rounding (measured ≤ 5.7e-6) unless the inner start is perturbed
+# (emsa-paper: 0.018 after 6 epochs)
+_SYMMETRIC = {"adam", "sgd", "adagrad", "emsa-closed", "emsa-paper-noperturb"}
 
 
-@pytest.mark.parametrize("run", sorted(_REPLAY))
-def test_sin_toy_published_setup_replays_the_recorded_curve(tmp_path, run):
+def _replay(tmp_path, run):
     mod = _sin_toy()
     rec = json.loads((ROOT / "experiments" / "results" / "sin_toy_reference.json").read_text())
     recorded = {r["run"]: r for r in rec["runs"]}[run]
@@ -190,6 +200,32 @@ def test_sin_toy_published_setup_replays_the_recorded_curve(tmp_path, run):
     assert mod.main(["--epochs", str(n), "--runs", run, "--print-every", "0", "--no-plot", "--threads", "1",
                      "--out", str(out)]) == 0
     got = json.loads((out / "results.json").read_text())["runs"][0]
+    return got, recorded, n
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("run", sorted(_REPLAY))
+def test_sin_toy_published_setup_follows_the_recorded_curve(tmp_path, run):
+    """What is portable across CPUs: the start (exact: zero weights), a non-increasing loss, every
+    epoch within the measured cross-machine tolerance of the recording, and the symmetric subspace."""
+    got, recorded, n = _replay(tmp_path, run)
+    loss, ref = got["train_loss"], recorded["train_loss"][: n + 1]
+    assert loss[0] == pytest.approx(ref[0], rel=1e-6)
+    assert all(b <= a for a, b in zip(loss, loss[1:])), loss
+    assert loss == pytest.approx(ref, rel=_PORTABLE_REL[run])
+    assert got["train_mse"] == pytest.approx(recorded["train_mse"][: n + 1], rel=_PORTABLE_REL[run])
+    if run in _SYMMETRIC:
+        assert got["symmetry_gap"] < 1e-4
+    else:
+        assert got["symmetry_gap"] > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", sorted(_REPLAY))
+def test_sin_toy_published_setup_replays_the_recorded_curve(tmp_path, run):
+    """The exact recorded trajectory (float32, machine-specific: passes on the recording machine;
+    elsewhere the portable test above is the check)."""
+    got, recorded, n = _replay(tmp_path, run)
     assert got["train_loss"] == pytest.approx(recorded["train_loss"][: n + 1], rel=1e-4, abs=1e-7)
     assert got["train_mse"] == pytest.approx(recorded["train_mse"][: n + 1], rel=1e-4, abs=1e-7)
 

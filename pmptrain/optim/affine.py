@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .. import distributed as pdist
 from .._profile import phase
+from ..trust import trust_region_factor, unit_floor_sq
 from ..capture import CaptureSpec, ModuleStats
 from ..hamiltonian import (
     AffineMember,
@@ -142,12 +143,13 @@ class EMSARuleBase(Rule):
         "eig_refresh": Int(1),
         "eig_floor": Real(0.0, PENALTY_MAX, why="rho times the floor must stay finite in float32"),
         "eig_float64": Flag(),
+        "max_step": Maybe(Real(0.0, PENALTY_MAX, lo_open=True)),
     }
     decay_key = "fallback_lr"
     #: the defaults of the solver options (every key of ``hyper`` but lr and rho), as in ``EMSA``'s
     #: signature; configurations that do not expose them (DiscreteMSA's kept layers) use these
     SOLVER_DEFAULTS = dict(rho_scale="none", rho_state=None, rho_costate=None, penalty_units="mean", route="auto", costate="auto", stat_decay=0.0, stat_every=1,
-                           eig_refresh=1, eig_floor=0.0, eig_float64=False)
+                           eig_refresh=1, eig_floor=0.0, eig_float64=False, max_step=None)
 
     def __init__(self, keys=None):
         super().__init__(keys)
@@ -157,6 +159,24 @@ class EMSARuleBase(Rule):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(msg, stacklevel=4)
+
+    def trust(self, unit: Unit, ctx: StepContext, proposal: Optional[Proposal]) -> Optional[Proposal]:
+        """``proposal`` with its step shortened into the trust region ``‖Δ‖ ≤ τ·s·max(‖θ‖, ‖θ‖_0)``
+        of the unit (``τ`` = ``max_step``; None: unchanged; :mod:`pmptrain.trust`)."""
+        if proposal is None:
+            return None
+        group = ctx.group(unit.primary)
+        tau = self.value(group, "max_step")
+        ups = [u for u in proposal.updates if u.delta is not None]
+        if tau is None or not ups:
+            return proposal
+        step_sq = sum(u.change().detach().double().pow(2).sum() for u in ups)
+        param_sq = sum(u.param.detach().double().pow(2).sum() for u in ups)
+        alpha = trust_region_factor(step_sq, param_sq, unit_floor_sq([u.param for u in ups]),
+                                    float(tau) * ctx.lr_scale(group))
+        for u in ups:
+            u.delta = u.delta * alpha.to(u.delta.dtype)
+        return proposal
 
     def _steps(self, ctx: StepContext, params) -> dict:
         """``{id(p): η}`` of the parameters with a gradient."""
@@ -219,6 +239,11 @@ class EMSARuleBase(Rule):
     def describe_rho(self, group) -> str:
         return describe_penalties(self, group, self.costate_scaled(group))
 
+    def describe_trust(self, group) -> str:
+        """``", step <= τ·max(|θ|, |θ|_0)"`` for a trust region ``max_step = τ``, else ``""``."""
+        tau = self.value(group, "max_step")
+        return "" if tau is None else f", step <= {float(tau):g}*max(|theta|, |theta|_0)"
+
 
 class AffineEMSARule(EMSARuleBase):
     """The exact maximiser of the augmented Hamiltonian of an affine unit (module or tie): see
@@ -238,7 +263,7 @@ class AffineEMSARule(EMSARuleBase):
         if float(rho) == 0.0:
             return f"{head} with rho 0 (an SGD step of size lr)"
         return (f"{head} ({self.describe_rho(group)}, route {self.value(group, 'route')}, "
-                f"costate {self.value(group, 'costate')})")
+                f"costate {self.value(group, 'costate')}){self.describe_trust(group)}")
 
     # ------------------------------------------------------------------ capture
     def amortised(self, group) -> bool:
@@ -437,7 +462,7 @@ class AffineEMSARule(EMSARuleBase):
             db = db_of.get(id(mb))
             ups.append(Update(b, (db if db is not None else torch.zeros_like(gb)).to(b.dtype),
                               decay=ctx.decay(b, self.decay_key)))
-        return Proposal(ups, new_state)
+        return self.trust(unit, ctx, Proposal(ups, new_state))
 
     @staticmethod
     def _costate_parts(members, raws):

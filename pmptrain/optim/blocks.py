@@ -72,7 +72,7 @@ class ChannelEMSARule(EMSARuleBase):
         return False
 
     def describe(self, unit, group):
-        return f"closed-form E-MSA of a per-channel affine ({self.describe_rho(group)})"
+        return f"closed-form E-MSA of a per-channel affine ({self.describe_rho(group)}){self.describe_trust(group)}"
 
     def capture_spec(self, unit, member, group):
         if not self.capture_active(group):
@@ -134,7 +134,7 @@ class ChannelEMSARule(EMSARuleBase):
                 continue
             delta = d.reshape(p.shape).to(p.dtype) if d is not None else torch.zeros_like(p)
             ups.append(Update(p, delta, decay=ctx.decay(p, self.decay_key)))
-        return Proposal(ups, new_state)
+        return self.trust(unit, ctx, Proposal(ups, new_state))
 
 
 @dataclass
@@ -167,7 +167,7 @@ class GroupedEMSARule(EMSARuleBase):
 
     def describe(self, unit, group):
         g = unit.members[0].module.groups
-        return f"closed-form E-MSA per group ({g} groups, {self.describe_rho(group)})"
+        return f"closed-form E-MSA per group ({g} groups, {self.describe_rho(group)}){self.describe_trust(group)}"
 
     def capture_spec(self, unit, member, group):
         if not self.capture_active(group):
@@ -240,4 +240,4 @@ class GroupedEMSARule(EMSARuleBase):
         if gb is not None:
             delta = db.reshape(bias.shape).to(bias.dtype) if db is not None else torch.zeros_like(bias)
             ups.append(Update(bias, delta, decay=ctx.decay(bias, self.decay_key)))
-        return Proposal(ups, new_state)
+        return self.trust(unit, ctx, Proposal(ups, new_state))

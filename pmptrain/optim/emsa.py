@@ -11,6 +11,7 @@ Adam/SGD fallback (with a warning naming the module and the reason; ``strict=Tru
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional, Sequence, Tuple
 
 from torch import nn
@@ -26,6 +27,10 @@ from .attention import MHAEMSARule
 from .shell import PMPOptimizer, Unsupported, unwrap_model
 
 __all__ = ["EMSA", "MSA", "controlled_block"]
+
+#: below this ``lr`` (δ = 1/lr above 100) a closed-form E-MSA step with ρ > 0 is at most an SGD
+#: step of size ``lr``: the value of an Adam habit (``lr=1e-3``), not of a proximal weight
+LR_IMPLAUSIBLE = 1e-2
 
 
 def controlled_block(module: nn.Module) -> nn.Module:
@@ -68,6 +73,19 @@ def _check_blocks(blocks, model, solver):
         else:
             raise TypeError(f"invalid blocks entry {b!r}: must be an nn.Module subclass or a module name")
     return tuple(types), names
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside pmptrain and torch.optim (the user's line)."""
+    import os
+    import sys
+
+    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+              os.path.dirname(os.path.abspath(sys.modules["torch.optim"].__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class EMSA(PMPOptimizer):
@@ -204,6 +222,7 @@ class EMSA(PMPOptimizer):
         eig_refresh: int = 1,
         eig_floor: float = 0.0,
         eig_float64: bool = False,
+        max_step: Optional[float] = None,
         fallback: str = "adam",
         fallback_lr: float = 1e-3,
         betas: Tuple[float, float] = (0.9, 0.999),
@@ -237,7 +256,7 @@ class EMSA(PMPOptimizer):
         defaults = dict(
             lr=lr, rho=rho, rho_scale=rho_scale, route=route, costate=costate, stat_decay=stat_decay,
             stat_every=stat_every, eig_refresh=eig_refresh,
-            eig_floor=eig_floor, eig_float64=eig_float64, fallback=fallback, fallback_lr=fallback_lr,
+            eig_floor=eig_floor, eig_float64=eig_float64, max_step=max_step, fallback=fallback, fallback_lr=fallback_lr,
             betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, inner_steps=inner_steps,
             inner_lr=inner_lr, inner_optimizer=inner_optimizer, inner_max_eval=inner_max_eval,
             rho_state=rho_state, rho_costate=rho_costate,
@@ -290,7 +309,24 @@ class EMSA(PMPOptimizer):
                 or (bool(self._block_types) and isinstance(module, self._block_types))) \
             and self.solver == "iterative"
 
+    def _warn_implausible_lr(self, group):
+        """Warn once if a closed-form group's ``lr`` is below :data:`LR_IMPLAUSIBLE` with ρ > 0."""
+        try:
+            lr, rho = float(group.get("lr", 1.0)), float(group.get("rho", 0.0))
+        except (TypeError, ValueError):
+            return  # the group's checks name the bad value
+        if self.solver != "closed" or rho == 0.0 or not 0.0 < lr < LR_IMPLAUSIBLE or \
+                self.__dict__.get("_lr_warned", False):
+            return
+        self._lr_warned = True
+        warnings.warn(
+            f"EMSA(lr={lr:g}): lr is E-MSA's proximal step size, δ = 1/lr = {1.0 / lr:g}, not an Adam learning "
+            f"rate; at this lr each closed-form step is at most an SGD step of size {lr:g}, so the model barely "
+            "moves. E-MSA's lr is of order 1 (the default, 1.0) or larger (docs/algorithms.md, \"The units of ρ, "
+            "and schedules\").", UserWarning, stacklevel=_outside_stacklevel())
+
     def _validate_group(self, group):
+        self._warn_implausible_lr(group)
         if self.solver == "iterative" and group.get("rho_scale", "none") != "none":
             raise ValueError(
                 f"invalid rho_scale={group['rho_scale']!r} with solver='iterative': the costate scale "
@@ -360,6 +396,7 @@ class MSA(EMSA):
     def __init__(self, model: nn.Module, params: Optional[Iterable] = None, *, lr: float = 0.1, **kwargs):
         if "rho" in kwargs:
             raise TypeError("MSA has no rho (it is EMSA with rho=0); use EMSA")
+        kwargs.setdefault("max_step", None)  # MSA shows the unguarded step (see the class docstring)
         super().__init__(model, params, lr=lr, rho=0.0, **kwargs)
 
     def _validate_group(self, group):
