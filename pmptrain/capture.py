@@ -396,7 +396,9 @@ class ModuleCapture:
 
     @staticmethod
     def _add_rows(st: ModuleStats, spec: CaptureSpec, adapter, module, x: Tensor, g: Tensor) -> None:
-        dt = spec.dtype
+        # wider activations than the spec's dtype (``model.double()`` after the optimizer was built):
+        # the statistics follow them, as the rules' solves follow the parameters' dtype
+        dt = torch.promote_types(spec.dtype, g.dtype) if g.is_floating_point() else spec.dtype
         gr = adapter.output_rows(module, g)
         st.rows += gr.shape[0]
         if spec.states == "counts":

@@ -110,7 +110,23 @@ class Grid:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Grid":
-        return cls(tuple(d["values"]), name=str(d.get("name", "custom")), bits=int(d.get("bits", 0)))
+        """The grid of :meth:`to_dict`'s mapping: ``values`` a list of finite numbers, ``name`` a
+        string, ``bits`` an int; anything else (other types, other keys) is a ``ValueError`` naming
+        the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"grid: must be a mapping {{values, name, bits}}, got {d!r}")
+        unknown = sorted(set(d) - {"values", "name", "bits"})
+        if unknown:
+            raise ValueError(f"grid: unknown field(s) {unknown}")
+        values, name, bits = d.get("values"), d.get("name", "custom"), d.get("bits", 0)
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values):
+            raise ValueError(f"grid values: must be a list of numbers, got {values!r}")
+        if not isinstance(name, str):
+            raise ValueError(f"grid name: must be a string, got {name!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            raise ValueError(f"grid bits: must be an int, got {bits!r}")
+        return cls(tuple(values), name=name, bits=bits)
 
 
 def binary_grid() -> Grid:

@@ -166,7 +166,25 @@ class DiscreteSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiscreteSpec":
-        return cls(Grid.from_dict(d["grid"]), d.get("scale"), bool(d.get("train_scale", False)))
+        """The spec of :meth:`to_dict`'s mapping, checked field by field (a packed file's manifest
+        is input): ``grid`` (:meth:`Grid.from_dict`), ``scale`` one of null, ``"tensor"``,
+        ``"channel"``, ``train_scale`` true or false (``"no"`` is refused, not read as true) and
+        only with a scale; other keys are refused. Raises ``ValueError`` naming the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"spec: must be a mapping {{grid, scale, train_scale}}, got {d!r}")
+        unknown = sorted(set(d) - {"grid", "scale", "train_scale"})
+        if unknown:
+            raise ValueError(f"spec: unknown field(s) {unknown}")
+        if "grid" not in d:
+            raise ValueError("spec: lacks the field 'grid'")
+        scale, train_scale = d.get("scale"), d.get("train_scale", False)
+        if scale not in (None, "tensor", "channel"):
+            raise ValueError(f"spec scale: must be null, 'tensor' or 'channel', got {scale!r}")
+        if not isinstance(train_scale, bool):
+            raise ValueError(f"spec train_scale: must be true or false, got {train_scale!r}")
+        if train_scale and scale is None:
+            raise ValueError("spec train_scale: true needs a scale ('tensor' or 'channel')")
+        return cls(Grid.from_dict(d["grid"]), scale, train_scale)
 
 
 @dataclass

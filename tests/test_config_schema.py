@@ -33,8 +33,8 @@ def _train(tmp_path, extra: str, *args):
     ("optimizers: 5", "--optimizers: must be a non-empty list of names"),
     ("model_args: {bogus: 1}", "--model-args: unknown argument(s) ['bogus'] of model 'mlp'"),
     ("data_dir: [a, b]", "--data-dir: must be a path"),
-    ("lr: .nan", "--lr: must be a finite number >= 0"),
-    ("lr: {emsa: .inf}", "--lr: must be a finite number >= 0"),
+    ("lr: .nan", "--lr: must be a finite number in [0, 1e+06]"),
+    ("lr: {emsa: .inf}", "--lr: must be a finite number in [0, 1e+06]"),
     ("optimizer_args: {sgd: {lr: .nan}}", "--opt-arg sgd.lr: must be finite"),
     ("optimizer_args: {emsa: {rho: .inf}}", "--opt-arg emsa.rho: must be finite"),
     ('optimizer_args: {sgd: {momentum: "x"}}', "--opt-arg sgd.momentum: must be a finite number"),
@@ -48,10 +48,10 @@ def _train(tmp_path, extra: str, *args):
     ("epochs: true", "--epochs: must be an integer >= 1"),
     ("target_acc: .nan", "--target-acc: must be a finite number in (0, 1]"),
     ("val_fraction: .nan", "--val-fraction: must be a finite number in [0, 1) or null"),
-    ('seeds: [0, "a"]', "--seeds: must be a count or a non-empty list"),
+    ('seeds: [0, "a"]', "--seeds: must be a count in [1, 1000] or a non-empty list"),
     ("keep: 5", "--keep: must be a list of names"),
     ("keep: [first, middle]", "--keep: must be a list of names"),
-    ("threads: true", "--threads: must be an integer >= 1 or null"),
+    ("threads: true", "--threads: must be an integer >= 1 and <="),
     ("mnist1d_samples: .inf", "--mnist1d-samples: must be an integer >= 10"),
     ("scale: 5", "--scale: must be one of tensor, channel or null"),
     ("bogus_option: 1", "unknown option(s) ['bogus_option']"),
@@ -66,9 +66,11 @@ def test_bad_config_values_exit_2_naming_the_key(tmp_path, capsys, extra, names)
 
 
 @pytest.mark.parametrize("extra, names", [
-    ("model_args: {widths: x}", "--model-args: model 'mlp' refuses"),
+    ("model_args: {widths: x}", "--model-args: widths: must be a list of integers"),
+    ("model_args: {widths: [0]}", "--model-args: model 'mlp' refuses"),
     ("optimizer_args: {emsa: {rho: -1}}", "--opt-arg emsa: invalid rho=-1"),
-    ("optimizer_args: {sgd: {lr: -1}}", "--opt-arg sgd: Invalid learning rate"),
+    ("optimizer_args: {sgd: {lr: -1}}", "--opt-arg sgd.lr: must be a finite number in [0, 1e+06]"),
+    ("optimizer_args: {sgd: {momentum: -1}}", "--opt-arg sgd: Invalid momentum value"),
     ("optimizer_args: {emsa: {fallback: bogus}}", "--opt-arg emsa: invalid fallback='bogus'"),
 ])
 def test_values_only_the_builders_judge_are_refused_before_any_run(tmp_path, capsys, monkeypatch, extra, names):
@@ -98,10 +100,10 @@ def test_opt_arg_values_go_through_the_same_schema(tmp_path, capsys, arg, names)
 
 
 def test_good_spellings_are_normalised():
-    cfg = BenchConfig.from_dict({"optimizers": "sgd, EMSA", "seeds": 3, "keep": "none", "scale": "None",
+    cfg = BenchConfig.from_dict({"optimizers": "sgd, EMSA, binary_msa", "seeds": 3, "keep": "none", "scale": "None",
                                  "dataset": "fashion_mnist", "lr": {"Emsa": 2}, "data_dir": "/x",
                                  "optimizer_args": {"binary_msa": {"rho": 1, "gamma": 0.9}, "sgd": None}})
-    assert cfg.optimizers == ["sgd", "emsa"] and cfg.seeds == [0, 1, 2] and cfg.keep == [] and cfg.scale is None
+    assert cfg.optimizers == ["sgd", "emsa", "binary-msa"] and cfg.seeds == [0, 1, 2] and cfg.keep == [] and cfg.scale is None
     assert cfg.dataset == "fashion-mnist" and cfg.lr == {"emsa": 2} and cfg.data_dir == "/x"
     assert cfg.optimizer_args == {"binary-msa": {"rho": 1, "gamma": 0.9}, "sgd": {}}
     assert BenchConfig.from_dict(cfg.to_dict()) == cfg  # validation is idempotent (resume reloads it)

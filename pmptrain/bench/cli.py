@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -149,10 +150,15 @@ def _parse_lr(text: str):
             out = {}
             for part in text.split(","):
                 k, _, v = part.partition("=")
-                out[k.strip()] = float(v)
+                name = get_spec(k.strip()).name
+                if name in out:
+                    raise ValueError(f"--lr: {name} given twice in {text!r}")
+                out[name] = float(v)
             return out
         return float(text)
-    except ValueError:
+    except ValueError as e:
+        if str(e).startswith("--"):
+            raise
         raise ValueError(f"--lr: expected a number or name=value pairs (emsa=0.5,sgd=0.1), got {text!r}") from None
 
 
@@ -164,6 +170,8 @@ def _parse_opt_args(items: List[str]) -> Dict[str, Dict[str, Any]]:
         if not eq or not dot or not name or not arg:
             raise ValueError(f"--opt-arg: expected OPTIMIZER.KEY=VALUE (e.g. emsa.rho=2), got {item!r}")
         name = get_spec(name).name
+        if arg.strip() in out.get(name, {}):
+            raise ValueError(f"--opt-arg {name}.{arg.strip()}: given twice")
         out.setdefault(name, {})[arg.strip()] = _yaml_value(val, "--opt-arg")
     return out
 
@@ -234,7 +242,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "kept; --epochs may be raised)")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=S,
                    help="write TensorBoard logs (default on)")
-    g.add_argument("--threads", type=int, default=S, help="torch.set_num_threads (default: torch's)")
+    g.add_argument("--threads", type=int, default=S,
+                   help="torch.set_num_threads, at most 4 x the CPUs (default: torch's)")
+    g.add_argument("--dry-run", action="store_true", default=False,
+                   help="check every setting and the output directory, print the resolved configuration "
+                        "as JSON and exit (0 valid, 2 refused) without loading data, training or writing")
     g = p.add_argument_group(
         "language-model bench (--model gpt; --dataset pysrc|fortunes|FILE; default optimizers "
         "adamw,emsa-costate,emsa; batch 16 sequences; --seeds, --lr, --opt-arg, --threads, --out as above)")
@@ -277,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cli_overrides(ns: argparse.Namespace) -> Dict[str, Any]:
     d = {k: v for k, v in vars(ns).items()
-         if k not in ("command", "config", "out", "resume", "preset")}
+         if k not in ("command", "config", "out", "resume", "preset", "dry_run")}
     if "model_args" in d:
         d["model_args"] = _yaml_value(d["model_args"], "--model-args")
         if not isinstance(d["model_args"], dict):
@@ -334,6 +346,23 @@ def _preset(name: str) -> Dict[str, Any]:
     return d
 
 
+def _drop_preset_only_args(settings: Dict[str, Any], file_cfg: Dict[str, Any], cli: Dict[str, Any]) -> None:
+    """A preset's overrides of optimizers that the run leaves out are dropped (``--preset
+    resnet-fmnist --optimizers emsa`` is a legitimate choice); the schema refuses overrides for
+    optimizers not run only when the user gave them (``--opt-arg adam.lr=1`` with sgd alone)."""
+    from .lm import DEFAULT_LM_OPTIMIZERS
+
+    names = settings.get("optimizers", DEFAULT_LM_OPTIMIZERS if settings.get("model") == "gpt" else DEFAULT_OPTIMIZERS)
+    try:
+        run = {get_spec(n).name for n in (names.split(",") if isinstance(names, str) else names)}
+        explicit = {get_spec(n).name for src in (file_cfg, cli)
+                    for n in (src.get("optimizer_args") or {})}
+    except (UnknownOptimizerError, TypeError, AttributeError):
+        return  # the schema refuses these with the option named
+    settings["optimizer_args"] = {n: a for n, a in settings["optimizer_args"].items()
+                                  if get_spec(n).name in run or get_spec(n).name in explicit}
+
+
 def _resolve(ns: argparse.Namespace) -> Tuple[BenchConfig, Path, bool]:
     cli = _cli_overrides(ns)
     settings: Dict[str, Any] = {}
@@ -348,13 +377,22 @@ def _resolve(ns: argparse.Namespace) -> Tuple[BenchConfig, Path, bool]:
         settings = _merge(settings, _preset(preset))
     settings = _merge(settings, file_cfg)
     settings = _merge(settings, cli)
+    if preset and isinstance(settings.get("optimizer_args"), dict):
+        _drop_preset_only_args(settings, file_cfg, cli)
 
     if ns.resume:
         out = Path(ns.resume)
         stored_path = out / "config.json"
         if not stored_path.is_file():
             raise ValueError(f"--resume: {out} is not a bench directory (no config.json)")
-        stored_all = json.loads(stored_path.read_text())
+        try:
+            if stored_path.stat().st_size > MAX_YAML_BYTES:
+                raise ValueError(f"larger than {MAX_YAML_BYTES} bytes")
+            stored_all = json.loads(stored_path.read_text(encoding="utf-8"))
+            if not isinstance(stored_all, dict) or not isinstance(stored_all.get("config"), dict):
+                raise ValueError("no 'config' mapping")
+        except (OSError, ValueError, RecursionError) as e:
+            raise ValueError(f"--resume: {stored_path} is not a bench's config.json ({e})") from None
         if stored_all.get("kind") == "language-model":
             raise ValueError(f"--resume: {out} holds a language-model bench (--model gpt), which runs "
                              "start to finish (200 steps take minutes); run it again instead")
@@ -388,17 +426,37 @@ def _resolve(ns: argparse.Namespace) -> Tuple[BenchConfig, Path, bool]:
 
 
 def _check_out_dir(out: Path) -> None:
-    """``--out``/``--resume`` must be a directory this process can create and write (ValueError
-    naming it otherwise, before any work starts)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {out} exists and is not a directory")
-    parent = out
-    while not parent.exists():  # the nearest existing ancestor must be writable to create it
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"--out: cannot create {out}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out: cannot write to {parent if parent != out else out} (permission denied)")
+    """``--out``/``--resume`` must be a directory this process can create and write: it is created
+    (with its missing parents) and a probe file written and removed, and what was created is removed
+    again, so that ``/proc/x``, a symlink loop, a path through a file or a read-only place is refused
+    (ValueError naming it) before anything is loaded, and a refusal later leaves nothing behind."""
+    out = Path(out)
+    if os.path.lexists(out) and not out.is_dir():
+        what = "a broken symbolic link or a link loop" if out.is_symlink() else "not a directory"
+        raise ValueError(f"--out: {out} exists and is {what}")
+    made: List[Path] = []
+    missing = []
+    p = out
+    while not os.path.lexists(p):
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        fd, probe = tempfile.mkstemp(prefix=".pmptrain-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--out: cannot create or write {out}: {e.strerror or e}") from None
+    finally:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -422,6 +480,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, UnknownOptimizerError) as e:
         print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    if ns.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=1, default=str))
+        return 0
     if isinstance(cfg, LMConfig):
         from .lm import run_lm_bench
 

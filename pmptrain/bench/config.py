@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
-from .data import DATASETS, canonical_name
+from .data.catalog import DATASETS, INPUT_SHAPES, canonical_name
 from .losses import LOSSES
 from .models import MODELS
 from .registry import get_spec
-from .schema import (Bool, ConfigError, Int, Kind, Mapping_, Maybe, NameList, Number, OneOf, PathText, Seeds,
-                     Text, check_fields, check_model_args, check_optimizer_args, check_unknown)
+from .schema import (STEP_SIZE, Bool, ConfigError, Int, Kind, Mapping_, Maybe, NameList, Number, OneOf, PathText,
+                     Seeds, Text, check_fields, check_model_args, check_model_size, check_optimizer_args,
+                     check_unknown, max_threads)
 
 __all__ = ["BenchConfig", "DEFAULT_OPTIMIZERS"]
 
@@ -18,7 +19,39 @@ __all__ = ["BenchConfig", "DEFAULT_OPTIMIZERS"]
 DEFAULT_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adam", "emsa", "binary-msa", "binaryconnect")
 
 
-_LR = Number(lo=0)
+_LR = STEP_SIZE
+
+#: Upper bounds of the bench's counts: generous for any real run, small enough that a typo
+#: (``--epochs 99999999999999999999``) is refused instead of running for ever.
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1_000_000
+MAX_EXAMPLES = 1 << 31
+#: Largest generated MNIST-1D set (the published one has 5000 examples; 10⁶ take minutes to generate).
+MAX_MNIST1D_SAMPLES = 1_000_000
+
+
+def check_lr(lr, optimizers, opt: str = "lr"):
+    """``lr``: None, a number in ``[0,`` :data:`~pmptrain.bench.schema.MAX_STEP_SIZE` ``]``, or
+    ``{name: number}`` naming each optimizer of the run (``optimizers``: registry names) at most once;
+    returns it with registry names."""
+    if not isinstance(lr, dict):
+        return None if lr is None else _LR.check(opt, lr)
+    out = {}
+    for k, v in lr.items():
+        name = get_spec(k).name
+        if name in out:
+            raise ConfigError(f"--lr: {name} given twice")
+        if name not in optimizers:
+            raise ConfigError(f"--lr: {name} is not benchmarked (--optimizers {','.join(optimizers)})")
+        out[name] = _LR.check(opt, v)
+    return out
+
+
+def check_args_in_run(optimizer_args, optimizers) -> None:
+    """Overrides only for optimizers of the run (others would be silently ignored)."""
+    for name in optimizer_args:
+        if name not in optimizers:
+            raise ConfigError(f"--opt-arg {name}: {name} is not benchmarked (--optimizers {','.join(optimizers)})")
 
 #: The kind of every :class:`BenchConfig` field (docs/cli.md, "What is validated").
 FIELDS: Dict[str, Kind] = {
@@ -26,11 +59,11 @@ FIELDS: Dict[str, Kind] = {
     "model": Text(),
     "model_args": Mapping_(),
     "optimizers": NameList(),
-    "epochs": Int(1),
+    "epochs": Int(1, MAX_EPOCHS),
     "seeds": Seeds(),
-    "batch_size": Int(1),
+    "batch_size": Int(1, MAX_BATCH),
     "shuffle": Bool(),
-    "eval_batch_size": Int(1),
+    "eval_batch_size": Int(1, MAX_BATCH),
     "tune": Maybe(OneOf(["lr"])),
     "val_fraction": Maybe(Number(0, 1, hi_open=True)),
     "target_acc": Number(0, 1, lo_open=True),
@@ -39,13 +72,13 @@ FIELDS: Dict[str, Kind] = {
     "scale": Maybe(OneOf(("tensor", "channel"), str.lower), none_word="none"),
     "init": OneOf(("sign", "uniform")),
     "density_convention": OneOf(("discrete", "trainable")),
-    "max_train": Maybe(Int(1)),
-    "max_test": Maybe(Int(1)),
-    "mnist1d_samples": Int(10),
+    "max_train": Maybe(Int(1, MAX_EXAMPLES)),
+    "max_test": Maybe(Int(1, MAX_EXAMPLES)),
+    "mnist1d_samples": Int(10, MAX_MNIST1D_SAMPLES),
     "data_dir": Maybe(PathText()),
     "download": Maybe(Bool()),
     "tensorboard": Bool(),
-    "threads": Maybe(Int(1)),
+    "threads": Maybe(Int(1, max_threads())),
     "preset": Maybe(Text()),
 }
 
@@ -141,16 +174,13 @@ class BenchConfig:
         if model not in MODELS:
             raise ConfigError(f"--model: unknown model {self.model!r}; valid: {', '.join(sorted(MODELS))}")
         check_model_args(MODELS[model], self.model_args)
+        check_model_size(MODELS[model], INPUT_SHAPES[self.dataset], 10, self.model_args, model)
         self.optimizers = [get_spec(n).name for n in self.optimizers]  # raises with the valid names
         if len(set(self.optimizers)) != len(self.optimizers):
             raise ConfigError(f"--optimizers: names repeated: {self.optimizers}")
         self.optimizer_args = check_optimizer_args(self.optimizer_args)
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"--seeds: seeds repeated: {self.seeds}")
-        if isinstance(self.lr, dict):
-            self.lr = {get_spec(k).name: _LR.check("lr", v) for k, v in self.lr.items()}
-        elif self.lr is not None:
-            _LR.check("lr", self.lr)
+        check_args_in_run(self.optimizer_args, self.optimizers)
+        self.lr = check_lr(self.lr, self.optimizers)
         if self.tune and self.lr is not None:
             raise ConfigError("--tune: --tune lr and --lr are exclusive")
         return self

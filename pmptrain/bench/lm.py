@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..optim.shell import PMPOptimizer
 from .schema import (Bool, ConfigError, Int, Kind, Mapping_, Maybe, NameList, Number, Seeds, Text, check_fields,
-                     check_model_args, check_optimizer_args, refused_as)
+                     check_model_args, check_model_size, check_optimizer_args, max_threads, refused_as)
 
 __all__ = ["LMConfig", "Corpus", "load_corpus", "lr_multiplier", "run_lm_bench", "DEFAULT_LM_OPTIMIZERS"]
 
@@ -99,11 +99,12 @@ def lr_multiplier(step: int, total: int, warmup: float, min_ratio: float) -> flo
 
 #: The kind of every :class:`LMConfig` field.
 LM_FIELDS: Dict[str, Kind] = {
-    "dataset": Text(), "max_bytes": Int(10_000), "val_fraction": Number(0, 0.5),
-    "model": Text(), "model_args": Mapping_(), "optimizers": NameList(), "steps": Int(1),
-    "batch_size": Int(1), "seq_len": Int(1), "warmup": Number(0, 1), "min_lr_ratio": Number(0, 1),
-    "clip": Number(lo=0), "eval_every": Int(1), "eval_batches": Int(1), "seeds": Seeds(),
-    "target_loss": Maybe(Number()), "tensorboard": Bool(), "threads": Maybe(Int(1)),
+    "dataset": Text(), "max_bytes": Int(10_000, 1 << 30), "val_fraction": Number(0, 0.5),
+    "model": Text(), "model_args": Mapping_(), "optimizers": NameList(), "steps": Int(1, 10_000_000),
+    "batch_size": Int(1, 1_000_000), "seq_len": Int(1, 1 << 16), "warmup": Number(0, 1),
+    "min_lr_ratio": Number(0, 1), "clip": Number(lo=0), "eval_every": Int(1, 10_000_000),
+    "eval_batches": Int(1, 10_000), "seeds": Seeds(), "target_loss": Maybe(Number()),
+    "tensorboard": Bool(), "threads": Maybe(Int(1, max_threads())),
     "preset": Maybe(Text()),
 }
 
@@ -179,12 +180,12 @@ class LMConfig:
         from .models import MODELS
 
         check_model_args(MODELS["gpt"], self.model_args)
+        check_model_size(MODELS["gpt"], (self.seq_len,), 256, self.model_args, "gpt")
+        from .config import check_args_in_run, check_lr
+
         self.optimizer_args = check_optimizer_args(self.optimizer_args)
-        lr = Number(lo=0)
-        if isinstance(self.lr, dict):
-            self.lr = {get_spec(k).name: lr.check("lr", v) for k, v in self.lr.items()}
-        elif self.lr is not None:
-            lr.check("lr", self.lr)
+        check_args_in_run(self.optimizer_args, self.optimizers)
+        self.lr = check_lr(self.lr, self.optimizers)
 
     def settings(self, name: str) -> Dict[str, Any]:
         from .registry import get_spec

@@ -24,13 +24,31 @@ import os
 from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence
 
 __all__ = ["ConfigError", "flag", "Kind", "Bool", "Int", "Number", "Text", "PathText", "OneOf", "Maybe",
-           "NameList", "Seeds", "Mapping_", "check_unknown", "check_fields", "check_optimizer_args", "check_model_args", "refused_as", "load_yaml",
-           "MAX_YAML_BYTES", "MAX_YAML_NODES"]
+           "NameList", "Seeds", "Mapping_", "check_unknown", "check_fields", "check_optimizer_args", "check_model_args",
+           "check_model_size", "refused_as", "load_yaml", "max_threads", "MAX_YAML_BYTES", "MAX_YAML_NODES",
+           "MAX_SEEDS", "MAX_SEED", "MAX_MAGNITUDE", "MAX_STEP_SIZE", "MAX_PATH_CHARS", "MAX_MODEL_PARAMETERS"]
 
 #: Largest YAML document :func:`load_yaml` reads (configs are a few hundred bytes).
 MAX_YAML_BYTES = 1 << 20
 #: Most nodes a YAML document may expand to, aliases counted as often as they are used.
 MAX_YAML_NODES = 100_000
+#: Most seeds of one bench (a count or the length of a list).
+MAX_SEEDS = 1000
+#: Largest seed: numpy's generators take seeds below 2**32.
+MAX_SEED = 2**32 - 1
+#: Largest magnitude of any number in an optimizer override or a model argument.
+MAX_MAGNITUDE = 1e9
+#: Largest step-size hyper-parameter (``lr``; the registry's largest grid value is 1e4).
+MAX_STEP_SIZE = 1e6
+#: Longest path (characters; Linux's PATH_MAX is 4096 bytes).
+MAX_PATH_CHARS = 4096
+#: Most parameters a bench model may have (before the memory bound of :func:`check_model_size`).
+MAX_MODEL_PARAMETERS = 500_000_000
+
+
+def max_threads() -> int:
+    """Most threads ``--threads`` may ask for: 4 × the machine's CPUs."""
+    return 4 * max(1, os.cpu_count() or 1)
 
 
 class ConfigError(ValueError):
@@ -42,8 +60,24 @@ def flag(opt: str) -> str:
     return "--" + opt.replace("_", "-")
 
 
+def _show(value: Any) -> str:
+    """``repr(value)``, cut to its start when long (a 400-digit number, a 5000-character path)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
 def _fail(opt: str, what: str, value: Any) -> ConfigError:
-    return ConfigError(f"{flag(opt) if not opt.startswith('-') else opt}: must be {what}, got {value!r}")
+    return ConfigError(f"{flag(opt) if not opt.startswith('-') else opt}: must be {what}, got {_show(value)}")
+
+
+def _finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float (an int of 400 digits is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +133,7 @@ class Number(Kind):
             self.what = "a finite number"
 
     def check(self, opt, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _finite_number(value):
             raise _fail(opt, self.what, value)
         ok = True
         if self.lo is not None:
@@ -125,12 +159,12 @@ class Text(Kind):
 class PathText(Kind):
     """A file-system path (a non-empty string or ``os.PathLike``), stored as a string."""
 
-    what = "a path (a string)"
+    what = f"a path (a string of at most {MAX_PATH_CHARS} characters)"
 
     def check(self, opt, value):
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
-        if not isinstance(value, str) or not value or "\0" in value:
+        if not isinstance(value, str) or not value or "\0" in value or len(value) > MAX_PATH_CHARS:
             raise _fail(opt, self.what, value)
         return value
 
@@ -183,20 +217,29 @@ class NameList(Kind):
                 or (self.nonempty and not value) \
                 or (self.choices is not None and not set(value) <= set(self.choices)):
             raise _fail(opt, self.what, value)
-        return [v.strip() for v in value]
+        out = [v.strip() for v in value]
+        if len(set(out)) != len(out):
+            raise ConfigError(f"{flag(opt)}: names repeated: {out}")
+        return out
 
 
 class Seeds(Kind):
-    """A count ``n >= 1`` (seeds ``0..n-1``) or a non-empty list of non-negative integers."""
+    """A count ``1 <= n <=`` :data:`MAX_SEEDS` (seeds ``0..n-1``) or a non-empty list of at most
+    :data:`MAX_SEEDS` distinct integers in ``[0,`` :data:`MAX_SEED` ``]``."""
 
-    what = "a count or a non-empty list of non-negative integers"
+    what = (f"a count in [1, {MAX_SEEDS}] or a non-empty list of at most {MAX_SEEDS} integers "
+            f"in [0, {MAX_SEED}]")
 
     def check(self, opt, value):
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 1 <= value <= MAX_SEEDS:  # checked before range(): 10**20 seeds never get built
+                raise _fail(opt, self.what, value)
             return list(range(value))
-        if not isinstance(value, (list, tuple)) or not value \
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_SEEDS \
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SEED for v in value):
             raise _fail(opt, self.what, value)
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{flag(opt)}: seeds repeated: {list(value)}")
         return list(value)
 
 
@@ -211,6 +254,10 @@ class Mapping_(Kind):
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise _fail(opt, self.what, value)
         return dict(value)
+
+
+#: The kind of every step-size hyper-parameter (``--lr``, ``--opt-arg <opt>.<lr_key>``).
+STEP_SIZE = Number(0, MAX_STEP_SIZE)
 
 
 def check_fields(obj: Any, kinds: Dict[str, Kind]) -> None:
@@ -237,13 +284,14 @@ def check_unknown(d: Mapping, valid: Iterable[str], where: str, what: str = "opt
 
 
 def _plain(value: Any) -> bool:
-    """A value a configuration may hold: bool, finite number, string, None, or a list of those."""
+    """A value a configuration may hold: bool, finite number of magnitude at most
+    :data:`MAX_MAGNITUDE`, string, None, or a flat list of those."""
     if value is None or isinstance(value, (bool, str)):
         return True
     if isinstance(value, (int, float)):
-        return math.isfinite(value)
+        return _finite_number(value) and abs(value) <= MAX_MAGNITUDE
     if isinstance(value, (list, tuple)):
-        return all(_plain(v) and not isinstance(v, (list, tuple)) for v in value)
+        return len(value) <= MAX_YAML_NODES and all(_plain(v) and not isinstance(v, (list, tuple)) for v in value)
     return False
 
 
@@ -267,14 +315,20 @@ def _like_default(value: Any, default: Any) -> Optional[str]:
     return None
 
 
+_PLAIN_WHAT = (f"plain data (true/false, a finite number of magnitude at most {MAX_MAGNITUDE:g}, a string, "
+               "null or a list of those)")
+
+
 def check_optimizer_args(optimizer_args: Any, opt: str = "optimizer_args") -> Dict[str, Dict[str, Any]]:
     """Validate ``{optimizer: {key: value}}`` overrides; return them keyed by registry name.
 
-    Each optimizer name must be in the registry; each key one of its declared keywords
-    (:meth:`~pmptrain.bench.registry.OptimizerSpec.options`); each value plain data (bool, string,
-    null, a finite number, or a flat list of those) of the type of the keyword's default (a number
-    where the default is a number, true/false where it is a bool, …). Ranges are the optimizer's own
-    business: it checks them when the bench builds it before training.
+    Each optimizer name must be in the registry, and given once (``sgd`` and ``SGD`` are one name);
+    each key one of its declared keywords (:meth:`~pmptrain.bench.registry.OptimizerSpec.options`);
+    each value plain data (bool, string, null, a finite number of magnitude at most
+    :data:`MAX_MAGNITUDE`, or a flat list of those) of the type of the keyword's default (a number
+    where the default is a number, true/false where it is a bool, …); the step-size
+    hyper-parameter (``spec.lr_key``) in ``[0,`` :data:`MAX_STEP_SIZE` ``]`` as ``--lr``. Other
+    ranges are the optimizer's own business: it checks them when the bench builds it before training.
     """
     from .registry import get_spec
 
@@ -285,6 +339,8 @@ def check_optimizer_args(optimizer_args: Any, opt: str = "optimizer_args") -> Di
     out: Dict[str, Dict[str, Any]] = {}
     for name, kwargs in optimizer_args.items():
         spec = get_spec(name)
+        if spec.name in out:
+            raise ConfigError(f"{flag(opt)}: {spec.name} given twice ({name!r})")
         if kwargs is None:
             kwargs = {}
         if not isinstance(kwargs, Mapping):
@@ -294,31 +350,123 @@ def check_optimizer_args(optimizer_args: Any, opt: str = "optimizer_args") -> Di
             where = f"--opt-arg {spec.name}.{key}"
             if key not in options:
                 raise ConfigError(f"{where}: {spec.name} has no option {key!r}; valid: {', '.join(sorted(options))}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{where}: must be finite, got {value!r}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not _finite_number(value):
+                raise ConfigError(f"{where}: must be finite, got {_show(value)}")
             if not _plain(value):
-                raise ConfigError(f"{where}: must be plain data (true/false, a finite number, a string, "
-                                  f"null or a list of those), got {value!r}")
+                raise ConfigError(f"{where}: must be {_PLAIN_WHAT}, got {_show(value)}")
             need = _like_default(value, options[key])
             if need is not None:
                 raise ConfigError(f"{where}: must be {need} (the default is {options[key]!r}), got {value!r}")
-        out.setdefault(spec.name, {}).update(kwargs)
+            if key == spec.lr_key:
+                STEP_SIZE.check(where, value)
+        out[spec.name] = dict(kwargs)
     return out
+
+
+def _annotation_kind(ann: Any) -> Optional[str]:
+    """``"bool"``, ``"int"``, ``"float"``, ``"str"``, ``"ints"`` (a sequence of ints, or one int)
+    or ``"floats"`` for a builder's parameter annotation; ``None`` when it says nothing checkable.
+    ``Optional[X]`` gives X's kind (None is allowed separately)."""
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Union:
+        kinds = {_annotation_kind(a) for a in args if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if ann in (bool, int, float, str):
+        return ann.__name__
+    if origin is not None and args:
+        import collections.abc as cabc
+
+        if origin in (list, tuple, cabc.Sequence) and args[0] in (int, float):
+            return "ints" if args[0] is int else "floats"
+    return None
+
+
+def _check_model_value(where: str, value: Any, kind: Optional[str], default: Any) -> None:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_MAGNITUDE
+
+    def is_num(v):
+        return _finite_number(v) and abs(v) <= MAX_MAGNITUDE
+
+    if value is None and (default is None or kind is None):
+        return
+    if kind == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false, got {_show(value)}")
+    if kind == "int" and not is_int(value):
+        raise ConfigError(f"{where}: must be an integer of magnitude at most {MAX_MAGNITUDE:g}, got {value!r}")
+    if kind == "float" and not is_num(value):
+        raise ConfigError(f"{where}: must be a finite number of magnitude at most {MAX_MAGNITUDE:g}, got {value!r}")
+    if kind == "str" and not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a string, got {value!r}")
+    if kind in ("ints", "floats"):
+        ok = is_int if kind == "ints" else is_num
+        if not (ok(value) or (isinstance(value, (list, tuple)) and len(value) <= 1000 and all(ok(v) for v in value))):
+            what = "integers" if kind == "ints" else "finite numbers"
+            raise ConfigError(f"{where}: must be a list of {what} (magnitude at most {MAX_MAGNITUDE:g}), got {value!r}")
+    if kind is None:
+        need = _like_default(value, default)
+        if need is not None:
+            raise ConfigError(f"{where}: must be {need} (the default is {default!r}), got {value!r}")
 
 
 def check_model_args(builder: Callable, model_args: Mapping, opt: str = "model_args") -> None:
     """Refuse keys of ``model_args`` that ``builder(input_shape, num_classes, **kw)`` does not take,
-    and values that are not plain data; the values' meaning is the builder's to check."""
+    values that are not plain data, and values not of the type of the builder's parameter: its
+    annotation (``bool`` must be true/false — ``"no"`` is refused, not read as true —, ``int`` an
+    integer, ``float`` a number, ``Sequence[int]`` a list of integers) or, unannotated, its
+    default's type. Every number's magnitude is at most :data:`MAX_MAGNITUDE`. Ranges are the
+    builder's to check (the bench builds the model before training), the model's size
+    :func:`check_model_size`'s."""
+    import typing
+
+    name = getattr(builder, "__name__", builder)
     params = inspect.signature(builder).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         valid = [n for n, p in list(params.items())[2:] if p.kind is not p.VAR_POSITIONAL]
         unknown = sorted(set(model_args) - set(valid))
         if unknown:
             raise ConfigError(f"{flag(opt)}: unknown argument(s) {unknown} of model "
-                              f"{getattr(builder, '__name__', builder)!r}; valid: {', '.join(valid) or 'none'}")
+                              f"{name!r}; valid: {', '.join(valid) or 'none'}")
+    try:
+        hints = typing.get_type_hints(builder)
+    except Exception:  # an annotation that does not resolve: judge by the defaults only
+        hints = {}
     for k, v in model_args.items():
         if not _plain(v) and not (isinstance(v, (list, tuple)) and all(_plain(e) for e in v)):
-            raise ConfigError(f"{flag(opt)}: {k} must be plain data, got {v!r}")
+            raise ConfigError(f"{flag(opt)}: {k} must be {_PLAIN_WHAT}, got {_show(v)}")
+        prm = params.get(k)
+        default = prm.default if prm is not None else inspect.Parameter.empty
+        _check_model_value(f"{flag(opt)}: {k}", v, _annotation_kind(hints.get(k)), default)
+
+
+def check_model_size(builder: Callable, input_shape, num_classes: int, model_args: Mapping,
+                     model: str, opt: str = "model_args") -> int:
+    """Build the model on PyTorch's ``meta`` device (shapes only, no memory) and refuse it when it
+    has more than :data:`MAX_MODEL_PARAMETERS` parameters or its parameters with gradients and two
+    optimizer moments (16 bytes each in float32) would not fit in the machine's memory; the builder's
+    own refusals become a :class:`ConfigError` naming ``--model-args``. Returns the parameter count."""
+    import torch
+
+    with refused_as(f"{flag(opt)}: model {model!r} refuses {dict(model_args)}"):
+        try:
+            with torch.device("meta"):
+                net = builder(input_shape, num_classes, **model_args)
+        except (NotImplementedError, RuntimeError):
+            return -1  # an operation the meta device lacks: the real build (preflight) judges it
+    n = sum(p.numel() for p in net.parameters())
+    limit = MAX_MODEL_PARAMETERS
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limit = min(limit, memory // 16)
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not a POSIX system
+        pass
+    if n > limit:
+        raise ConfigError(f"{flag(opt)}: model {model!r} would have {n:,} parameters, more than the {limit:,} "
+                          f"allowed ({MAX_MODEL_PARAMETERS:,}, and 16 bytes each within this machine's memory: "
+                          f"weights, gradients and two optimizer moments); reduce its widths")
+    return n
 
 
 @contextlib.contextmanager

@@ -945,7 +945,9 @@ class PMPOptimizer(torch.optim.Optimizer):
             return "non-finite loss"
         sums = [p.grad.sum() for p in params]
         if sums and not bool(torch.isfinite(torch.stack([s.float() for s in sums])).all()):
-            return "non-finite gradient"
+            # without step(closure) the loss is unseen: a non-finite loss shows only as this
+            return "non-finite gradient" + ("" if isinstance(loss, Tensor) else
+                                            " (the loss was not seen: step(closure) tells a non-finite loss apart)")
         return f"non-finite statistics or update in {where}"
 
     # ------------------------------------------------------------------ state

@@ -28,6 +28,13 @@ NORMALIZATION: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
 }
 
+#: Shape of one example of each data set, channels first (what :func:`load_dataset` gives), known
+#: before anything is loaded: the bench sizes its model with it while validating the configuration.
+INPUT_SHAPES: Dict[str, Tuple[int, ...]] = {
+    "mnist1d": (1, 40), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32),
+    "svhn": (3, 32, 32),
+}
+
 DEBIAN_PACKAGE = {"fashion-mnist": "dataset-fashion-mnist"}
 #: System-wide directories searched after ``$PMPTRAIN_DATA`` (Debian's dataset packages).
 DEBIAN_DIRS: Dict[str, Tuple[str, ...]] = {"fashion-mnist": ("/usr/share/datasets/fashion-mnist",)}

@@ -25,16 +25,21 @@ from .errors import CorruptDataError, DataError
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def _read_bytes(path: Path) -> bytes:
-    """Whole file contents, gunzipped if the file is gzip (by magic, not by suffix)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
-            return gzip.decompress(raw)
-        return raw
-    except (EOFError, OSError, zlib.error) as e:
-        raise CorruptDataError(f"{path}: cannot decompress ({e}); the file is truncated or corrupt") from e
+#: Largest IDX payload a header may declare (MNIST's training images are 47 MB).
+MAX_IDX_BYTES = 1 << 30
+_CHUNK = 1 << 20
+
+
+def _read_exactly(f, n: int) -> bytes:
+    """Up to ``n`` bytes of the (possibly decompressing) stream ``f``, read in chunks of at most 1 MiB."""
+    parts, got = [], 0
+    while got < n:
+        b = f.read(min(_CHUNK, n - got))
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
 
 
 def read_idx(path: os.PathLike) -> np.ndarray:
@@ -44,32 +49,58 @@ def read_idx(path: os.PathLike) -> np.ndarray:
     0x0D float, 0x0E double), the number of dimensions ``n``, ``n`` big-endian uint32 sizes,
     then the data in C order, big-endian.
 
+    The header is read first, from a streaming decompressor for a gzip file (recognised by its
+    magic, not its suffix); the payload it declares must be at most :data:`MAX_IDX_BYTES`, and
+    exactly that many bytes are decompressed, plus one to detect trailing data: a small ``.gz``
+    that inflates to gigabytes is refused after reading what its header promises.
+
     Returns:
         The array in native byte order. Raises :class:`CorruptDataError` naming the file if the
         magic, dtype code or dimensions are invalid or the payload length does not match.
     """
     path = Path(path)
-    buf = _read_bytes(path)
-    if len(buf) < 4:
-        raise CorruptDataError(f"{path}: {len(buf)} bytes, too short for an IDX header")
-    if buf[0] != 0 or buf[1] != 0:
-        raise CorruptDataError(f"{path}: bad IDX magic {buf[:4].hex()} (must start with 0000)")
-    code, ndim = buf[2], buf[3]
-    if code not in _IDX_DTYPES:
-        raise CorruptDataError(f"{path}: unknown IDX dtype code 0x{code:02x}")
-    if ndim == 0:
-        raise CorruptDataError(f"{path}: IDX header declares 0 dimensions")
-    head = 4 + 4 * ndim
-    if len(buf) < head:
-        raise CorruptDataError(f"{path}: truncated IDX header ({len(buf)} < {head} bytes)")
-    dims = tuple(int(d) for d in np.frombuffer(buf, ">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[code])
-    expected = head + math.prod(dims) * dtype.itemsize
-    if len(buf) != expected:
+    try:
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            f = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+            head4 = _read_exactly(f, 4)
+            if len(head4) < 4:
+                raise CorruptDataError(f"{path}: {len(head4)} bytes, too short for an IDX header")
+            if head4[0] != 0 or head4[1] != 0:
+                raise CorruptDataError(f"{path}: bad IDX magic {head4.hex()} (must start with 0000)")
+            code, ndim = head4[2], head4[3]
+            if code not in _IDX_DTYPES:
+                raise CorruptDataError(f"{path}: unknown IDX dtype code 0x{code:02x}")
+            if ndim == 0:
+                raise CorruptDataError(f"{path}: IDX header declares 0 dimensions")
+            head = 4 + 4 * ndim
+            dbytes = _read_exactly(f, 4 * ndim)
+            if len(dbytes) < 4 * ndim:
+                raise CorruptDataError(f"{path}: truncated IDX header ({4 + len(dbytes)} < {head} bytes)")
+            dims = tuple(int(d) for d in np.frombuffer(dbytes, ">u4", count=ndim))
+            dtype = np.dtype(_IDX_DTYPES[code])
+            nbytes = math.prod(dims) * dtype.itemsize
+            if nbytes > MAX_IDX_BYTES:
+                raise CorruptDataError(f"{path}: IDX dims {dims} of {dtype} declare {nbytes} bytes, larger than "
+                                       f"the {MAX_IDX_BYTES} allowed; refused before reading them")
+            size = None if gz else os.fstat(raw.fileno()).st_size
+            if size is not None and size != head + nbytes:
+                raise CorruptDataError(
+                    f"{path}: IDX dims {dims} of {dtype} need {head + nbytes} bytes, file has {size} "
+                    f"({'truncated' if size < head + nbytes else 'trailing bytes'})")
+            buf = _read_exactly(f, nbytes)
+            extra = f.read(1)
+    except CorruptDataError:
+        raise
+    except (EOFError, OSError, zlib.error) as e:
+        raise CorruptDataError(f"{path}: cannot decompress ({e}); the file is truncated or corrupt") from e
+    if len(buf) != nbytes or extra:
+        has = f"more than {head + nbytes}" if extra else str(head + len(buf))
         raise CorruptDataError(
-            f"{path}: IDX dims {dims} of {dtype} need {expected} bytes, file has {len(buf)} "
-            f"({'truncated' if len(buf) < expected else 'trailing bytes'})")
-    arr = np.frombuffer(buf, dtype, offset=head).reshape(dims)
+            f"{path}: IDX dims {dims} of {dtype} need {head + nbytes} bytes, file has {has} "
+            f"({'truncated' if len(buf) < nbytes else 'trailing bytes'})")
+    arr = np.frombuffer(buf, dtype).reshape(dims)
     return arr.astype(dtype.newbyteorder("="))
 
 

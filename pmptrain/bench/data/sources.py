@@ -86,6 +86,22 @@ def _find_files(name: str, d: Path) -> Optional[Dict[str, Path]]:
     return found
 
 
+def _partial(name: str, d: Path) -> Optional[List[str]]:
+    """The files of ``name`` missing from ``d`` when ``d`` holds some but not all of them, else None."""
+    if not d.is_dir():
+        return None
+    if name in ("mnist", "fashion-mnist"):
+        have = [b for b in IDX_FILES if (d / (b + ".gz")).is_file() or (d / b).is_file()]
+        missing = [b + "[.gz]" for b in IDX_FILES if b not in have]
+    elif name == "cifar10":
+        have = [b for b in CIFAR_BATCHES if (d / CIFAR_DIR / b).is_file()]
+        missing = [f"{CIFAR_DIR}/{b}" for b in CIFAR_BATCHES if b not in have]
+    else:
+        have = [s for s in ("train", "test") if (d / f"{s}_32x32.mat").is_file()]
+        missing = [f"{s}_32x32.mat" for s in ("train", "test") if s not in have]
+    return missing if have and missing else None
+
+
 def _expected_files(name: str) -> str:
     if name in ("mnist", "fashion-mnist"):
         return ", ".join(b + "[.gz]" for b in IDX_FILES)
@@ -190,10 +206,15 @@ def _download_allowed(download: Optional[bool]) -> bool:
 def locate(name: str, data_dir: Optional[os.PathLike], download: Optional[bool],
             fetch: Optional[Fetch]) -> Tuple[Dict[str, Path], Path]:
     searched = search_dirs(name, data_dir)
-    for d, _ in searched:
+    for d, why in searched:
         files = _find_files(name, d)
         if files is not None:
             return files, d
+        missing = _partial(name, d) if why in ("--data-dir", "$PMPTRAIN_DATA") else None
+        if missing:  # completing it from the next directory would mix two copies of the data set
+            raise DataError(f"{why} {d} holds part of data set {name!r} but lacks {', '.join(missing)}; "
+                            "add the missing files there (or remove the partial copy) rather than have them "
+                            "taken from another directory")
     target = _download_root(name, data_dir)
     if not _download_allowed(download):
         raise DatasetNotFoundError(_not_found_message(name, searched, target))
