@@ -44,11 +44,13 @@ def test_finetune_bench_runs_every_row_and_caches_the_pretrained_model(tmp_path,
     meta = json.loads(meta_files[0].read_text())
     assert len(meta["checkpoint_sha256"]) == 64 and meta["command"]
     capsys.readouterr()
-    assert main(argv[:4] + [str(tmp_path / "out2")] + argv[5:-8] + ["--methods", "lora-adamw", *TINY]) == 0
+    again = lambda o: ["bench", "--task", "finetune", "--out", str(tmp_path / o), "--cache-dir", str(cache),
+                       "--tune-corpus", tune_file, "--methods", "lora-adamw", *TINY]
+    assert main(again("out2")) == 0
     assert "pretrained model: cached" in capsys.readouterr().out
     ckpt = meta_files[0].parent / "pretrained.pt"
     ckpt.write_bytes(ckpt.read_bytes() + b"x")  # a tampered checkpoint is retrained
-    assert main(argv[:4] + [str(tmp_path / "out3")] + argv[5:-8] + ["--methods", "lora-adamw", *TINY]) == 0
+    assert main(again("out3")) == 0
     assert "does not match its recorded checksum" in capsys.readouterr().out
 
 
