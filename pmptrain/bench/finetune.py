@@ -262,11 +262,11 @@ def pretrained_gpt(cfg: FinetuneConfig, corpus, train, val_batches, device, log=
 
 def _rank_for(kind: str, cfg: FinetuneConfig) -> int:
     """The rank of a block control. Parallel / nonlinear: LoRA's trainable parameters — LoRA on the
-    block's four Linears has ``r(d+3d) + r(d+d) + r(d+4d) + r(4d+d) = 18·d·r``, a block control
-    ``2·d·R`` — so ``R = 9r``. Discrete: the highest rank whose codes (``2·d·R·bits`` bits) fit in
-    1/8 of LoRA's float32 bytes (``18·d·r·4/8`` bytes), capped at ``d`` (full rank)."""
+    block's four Linears has ``r(d+3d) + r(d+d) + r(d+4d) + r(4d+d) = 16·d·r``, a block control
+    ``2·d·R`` — so ``R = 8r``. Discrete: the highest rank whose codes (``2·d·R·bits`` bits) fit in
+    1/8 of LoRA's float32 bytes (``16·d·r·4/8`` bytes), capped at ``d`` (full rank)."""
     d, r = cfg.n_embd, cfg.rank
-    lora = 18 * d * r
+    lora = 16 * d * r
     if kind in ("parallel", "nonlinear"):
         return max(1, lora // (2 * d))
     bits = 1 if kind == "binary" else 2
