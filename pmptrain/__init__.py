@@ -10,6 +10,8 @@ Public API (everything else may change):
 * low precision: :func:`discretize_`, :func:`discrete_parameters`, grids (:func:`make_grid`, …),
   activation quantisers (:func:`sign_ste`, :class:`SignActivation`, …), export
   (:func:`summary`, :func:`export_packed`, :func:`load_packed`);
+* fine-tuning by control: :mod:`pmptrain.control` (``attach`` LoRA / parallel / nonlinear /
+  binary controls to a frozen pretrained model, ``merge``, ``export_controls``, ``load_controls``);
 * baselines for fair comparisons: :class:`BinaryConnect`, :class:`TWN`, :class:`Bop`;
 * closed forms for your own module types: :func:`register_module_type` with one of the adapters
   (:class:`LinearAdapter`, :class:`TransposedLinearAdapter`, :class:`EmbeddingAdapter`,
@@ -17,6 +19,7 @@ Public API (everything else may change):
   :class:`BatchNormAdapter`, :class:`GroupNormAdapter`).
 """
 
+from . import control
 from .discrete import Grid, binary_grid, custom_grid, make_grid, ternary_grid, uniform_grid
 from .export import PackedFileError, export_packed, load_packed, summary
 from .modules import (
@@ -59,6 +62,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EMSA",
     "MSA",
+    "control",
     "controlled_block",
     "PMPOptimizer",
     "StepInfo",

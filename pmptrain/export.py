@@ -42,7 +42,7 @@ from .discrete import grid_indices, pack_codes, packed_nbytes, unpack_codes
 from .quant import DiscreteSpec, attach_discrete, discrete_parameters, is_discrete_module
 
 __all__ = ["PackedFileError", "SummaryRow", "SummaryTable", "summary", "density", "DENSITY_CONVENTIONS",
-           "export_packed", "load_packed"]
+           "export_packed", "load_packed", "packed_metadata"]
 
 #: Denominators of :func:`density` / :meth:`SummaryTable.density`.
 DENSITY_CONVENTIONS = ("discrete", "trainable")
@@ -204,8 +204,11 @@ def _raw_bytes(t: Tensor) -> bytes:
     return t.view(torch.uint8).numpy().tobytes()
 
 
-def export_packed(model: nn.Module, path) -> dict:
+def export_packed(model: nn.Module, path, metadata: Optional[dict] = None) -> dict:
     """Write ``model`` to ``path`` in the packed format described in this module's docstring.
+
+    ``metadata`` (optional, JSON-serialisable) is stored under the manifest key ``"metadata"``
+    (covered by the manifest checksum) and read back by :func:`packed_metadata`.
 
     Discrete weights (see :func:`pmptrain.quant.discrete_parameters`) are stored as bit-packed grid
     indices; every other ``state_dict`` entry (full-precision parameters, scales, buffers) as raw
@@ -245,6 +248,8 @@ def export_packed(model: nn.Module, path) -> dict:
     manifest = {"format": "pmptrain-packed", "version": VERSION, "byteorder": "little",
                 "payload_nbytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
                 "discrete": discrete, "tensors": tensors}
+    if metadata is not None:
+        manifest["metadata"] = metadata
     mbytes = json.dumps(manifest, sort_keys=True).encode("utf-8")
     header = _HEADER.pack(MAGIC, VERSION, len(mbytes), hashlib.sha256(mbytes).digest())
 
@@ -364,6 +369,18 @@ def load_packed(path, model: nn.Module) -> nn.Module:
     discrete = [_decode_discrete(e, payload) for e in manifest["discrete"]]
     _load_into(copy.deepcopy(model), tensors, discrete)  # a rehearsal: raises before model changes
     return _load_into(model, tensors, discrete)
+
+
+def packed_metadata(path) -> Optional[dict]:
+    """The ``metadata`` stored by ``export_packed(..., metadata=...)`` (None if none), after every
+    check of the file (magic, version, checksums, fields): :class:`PackedFileError` otherwise."""
+    with open(os.fspath(path), "rb") as f:
+        data = f.read()
+    manifest, _ = _read_manifest(data)
+    meta = manifest.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise PackedFileError(f"packed file: the manifest's 'metadata' is a {type(meta).__name__}, not an object")
+    return meta
 
 
 def _decode_discrete(e: dict, payload: bytes):

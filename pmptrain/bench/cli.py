@@ -127,6 +127,8 @@ examples:
   pmptrain bench --preset lihao-binary-mnist
   pmptrain bench --preset resnet-fmnist
   pmptrain bench --model gpt --optimizers adamw,emsa-costate,muon
+  pmptrain bench --task finetune      (fine-tuning by control: LoRA, parallel, nonlinear, binary
+                                       controls on a pretrained GPT; see --task finetune --help)
   pmptrain train --config experiments/configs/X.yaml --resume runs/X
 """
 
@@ -459,12 +461,39 @@ def _check_out_dir(out: Path) -> None:
                 pass
 
 
+def _pop_task(args: List[str]) -> Optional[str]:
+    """Remove ``--task X`` / ``--task=X`` from ``pmptrain bench`` arguments and return X (None if
+    absent): ``--task finetune`` is the fine-tuning bench (:mod:`pmptrain.bench.finetune`)."""
+    if not args or args[0] != "bench":
+        return None
+    for i, a in enumerate(args):
+        if a == "--task":
+            if i + 1 >= len(args):
+                return ""
+            task = args[i + 1]
+            del args[i:i + 2]
+            return task
+        if a.startswith("--task="):
+            del args[i]
+            return a.split("=", 1)[1]
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``pmptrain`` command; returns the exit status."""
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
         args = ["bench"] + args  # `pmptrain` alone runs the default bench
+    task = _pop_task(args)
+    if task == "finetune":
+        from .finetune import main as finetune_main
+
+        return finetune_main(args[1:])
+    if task not in (None, "classify"):
+        print(f"pmptrain bench: error: --task: expected 'classify' (default) or 'finetune', got {task!r}",
+              file=sys.stderr)
+        return 2
     ns = parser.parse_args(args)
     if ns.command is None:
         parser.print_help()

@@ -1,0 +1,662 @@
+"""``pmptrain bench --task finetune``: fine-tuning by control, offline.
+
+A byte-level :class:`~pmptrain.bench.models.GPT` is pretrained once on one corpus (``pysrc``, the
+Python standard library's sources, as ``pmptrain bench --model gpt``) with AdamW, warmup and cosine
+decay, and cached under ``<cache>/finetune/<key>/`` with the command, the configuration, the
+corpus checksum and the SHA-256 of the checkpoint (a cached checkpoint whose checksum does not
+match is retrained). Every row then fine-tunes a copy on a shifted task — a second corpus, by default
+``licenses``: the licence texts of ``/usr/share/common-licenses`` (Debian's ``base-files``, present on
+every Debian system; its SHA-256 is recorded) — for the same seeded batches:
+
+* ``full-adamw``, ``full-emsa`` — every parameter (E-MSA in the transformer setting);
+* ``lora-adamw``, ``lora-emsa`` — ``kind="lora"`` on every Linear of every block;
+* ``parallel-adamw``, ``parallel-emsa`` — ``kind="parallel"`` around every block, rank chosen for the
+  same trainable parameters as LoRA;
+* ``nonlinear-adamw`` — the ICML 2024 controller (causal) around every block, rank as parallel;
+* ``binary-dmsa``, ``ternary-dmsa`` — discrete controls around every block trained by
+  :class:`~pmptrain.DiscreteMSA`, rank chosen so the bit-packed adapter is at most 1/8 of LoRA's.
+
+Columns: trainable parameters; final new-task validation loss; old-task validation loss (the
+pretraining corpus: forgetting); memory — the bytes autograd saves for one training step
+(:func:`pmptrain.control.saved_tensor_bytes`, deterministic) and the training footprint (every
+parameter + gradients + optimizer state + saved activations), plus ``torch.cuda.max_memory_allocated``
+on a GPU; adapter file bytes (``export_controls``; the full packed model for full fine-tuning), whether
+the export → load round trip onto a fresh base reproduces the outputs exactly; median step time and
+its ratio to ``full-adamw`` in the same bench; steps to reach the reference loss (the first row of the
+same kind trained by AdamW, e.g. ``lora-adamw`` for ``lora-emsa``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FinetuneConfig", "METHODS", "load_licenses", "pretrained_gpt", "run_finetune_bench", "main"]
+
+_LICENSES = Path("/usr/share/common-licenses")
+
+#: rows: method -> (control kind or None for full fine-tuning, optimizer)
+METHODS: Dict[str, tuple] = {
+    "full-adamw": (None, "adamw"),
+    "full-emsa": (None, "emsa"),
+    "lora-adamw": ("lora", "adamw"),
+    "lora-emsa": ("lora", "emsa"),
+    "parallel-adamw": ("parallel", "adamw"),
+    "parallel-emsa": ("parallel", "emsa"),
+    "nonlinear-adamw": ("nonlinear", "adamw"),
+    "binary-dmsa": ("binary", "dmsa"),
+    "ternary-dmsa": ("ternary", "dmsa"),
+}
+DEFAULT_METHODS = ("full-adamw", "full-emsa", "lora-adamw", "lora-emsa", "parallel-adamw", "nonlinear-adamw",
+                   "binary-dmsa", "ternary-dmsa")
+_LINEARS = ["c_attn", "c_proj", "mlp.0", "mlp.2"]
+_BLOCKS = r"re:h\.\d+"
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Settings of the fine-tuning bench (the CLI options of ``pmptrain bench --task finetune``)."""
+
+    pretrain_corpus: str = "pysrc"
+    tune_corpus: str = "licenses"
+    max_bytes: int = 2_000_000
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    seq_len: int = 128
+    batch_size: int = 16
+    pretrain_steps: int = 300
+    pretrain_lr: float = 3e-3
+    steps: int = 100
+    eval_every: int = 10
+    eval_batches: int = 4
+    rank: int = 8
+    methods: tuple = DEFAULT_METHODS
+    seeds: tuple = (0, 1, 2)
+    lr_full: float = 1e-3
+    lr_adapter: float = 3e-3
+    emsa_lr: float = 1e3
+    emsa_rho: float = 5.0
+    dmsa_rho: float = 0.0
+    dmsa_decay: float = 0.9
+    dmsa_scale_lr: float = 3e-3
+    warmup: float = 0.1
+    clip: float = 1.0
+    threads: Optional[int] = None
+    tensorboard: bool = True
+    cache_dir: Optional[str] = None
+
+    def validate(self) -> None:
+        for k in ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "pretrain_steps", "steps", "eval_every",
+                  "eval_batches", "rank", "max_bytes"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{k.replace('_', '-')}: expected an integer >= 1, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd {self.n_embd} must be a multiple of --n-head {self.n_head}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"--methods: unknown {unknown or 'empty'}; valid: {', '.join(METHODS)}")
+        for k in ("lr_full", "lr_adapter", "emsa_lr", "pretrain_lr", "dmsa_scale_lr"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"--{k.replace('_', '-')}: expected a positive number, got {v!r}")
+        if not 0 <= self.dmsa_decay <= 1:
+            raise ValueError(f"--dmsa-decay: expected a number in [0, 1], got {self.dmsa_decay!r}")
+        if not self.seeds:
+            raise ValueError("--seeds: at least one seed")
+
+
+# -------------------------------------------------------------------------------------- data
+
+
+def load_licenses(max_bytes: int = 2_000_000):
+    """The licence texts of ``/usr/share/common-licenses`` (each file once, sorted by name) as a
+    :class:`~pmptrain.bench.lm.Corpus`."""
+    from .lm import Corpus
+
+    if not _LICENSES.is_dir():
+        raise FileNotFoundError(f"corpus 'licenses': {_LICENSES} not found (Debian's base-files); pass "
+                                "--tune-corpus FILE")
+    seen, chunks = set(), []
+    for p in sorted(_LICENSES.iterdir()):
+        real = p.resolve()
+        if not real.is_file() or real in seen:
+            continue
+        seen.add(real)
+        chunks.append(real.read_bytes())
+    blob = b"\n".join(chunks)[:max_bytes]
+    if len(blob) < 10_000:
+        raise ValueError(f"corpus 'licenses': only {len(blob)} bytes of text")
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
+    return Corpus("licenses", data, f"{_LICENSES} ({len(chunks)} files)", hashlib.sha256(blob).hexdigest())
+
+
+def _corpus(name: str, max_bytes: int):
+    from .lm import load_corpus
+
+    return load_licenses(max_bytes) if name == "licenses" else load_corpus(name, max_bytes)
+
+
+def _split(corpus, cfg: FinetuneConfig, seed: int = 12345):
+    from .lm import _batch
+
+    n_val = max(cfg.seq_len + 2, len(corpus.data) // 10)
+    train, val = corpus.data[:-n_val], corpus.data[-n_val:]
+    gen = torch.Generator().manual_seed(seed)
+    return train, [_batch(val, cfg.seq_len, cfg.batch_size, gen) for _ in range(cfg.eval_batches)]
+
+
+def _loss(model, x, y):
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def _val(model, batches, device) -> float:
+    was = model.training
+    model.eval()
+    v = sum(float(_loss(model, x.to(device), y.to(device))) for x, y in batches) / len(batches)
+    model.train(was)
+    return v
+
+
+def _sched(opt, total: int, warmup: float):
+    from .lm import lr_multiplier
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, total, warmup, 0.1))
+
+
+# --------------------------------------------------------------------------------- pretraining
+
+
+def _pretrain_key(cfg: FinetuneConfig, corpus_sha: str) -> Dict[str, Any]:
+    return {"corpus": cfg.pretrain_corpus, "corpus_sha256": corpus_sha, "max_bytes": cfg.max_bytes,
+            "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "seq_len": cfg.seq_len,
+            "batch_size": cfg.batch_size, "steps": cfg.pretrain_steps, "lr": cfg.pretrain_lr, "seed": 0,
+            "optimizer": "adamw (betas 0.9/0.95, wd 0.1 on matrices), warmup 0.1 + cosine to 0.1, clip 1"}
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build_gpt(cfg: FinetuneConfig):
+    from .models import gpt
+
+    return gpt((cfg.seq_len,), 256, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+
+
+def pretrained_gpt(cfg: FinetuneConfig, corpus, train, val_batches, device, log=print):
+    """The pretrained GPT (from the cache when its checksum matches, else trained and cached);
+    returns ``(model, meta)``."""
+    from .data.sources import cache_dir
+    from .records import versions
+    from .registry import get_spec
+    from .seeding import seed_all
+
+    key = _pretrain_key(cfg, corpus.sha256)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "finetune"
+    d = root / digest
+    ckpt, meta_path = d / "pretrained.pt", d / "meta.json"
+    if ckpt.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("checkpoint_sha256") == _file_sha(ckpt) and meta.get("key") == key:
+            model = _build_gpt(cfg)
+            model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+            log(f"pretrained model: cached {ckpt} (sha256 {meta['checkpoint_sha256'][:12]}, "
+                f"old-task val loss {meta['val_loss']:.4f})")
+            return model.to(device), meta
+        log(f"pretrained model: {ckpt} does not match its recorded checksum/config; retraining")
+    seed_all(0)
+    model = _build_gpt(cfg).to(device)
+    opt = get_spec("adamw").build(model, lr=cfg.pretrain_lr)
+    sched = _sched(opt, cfg.pretrain_steps, 0.1)
+    gen = torch.Generator().manual_seed(777)
+    from .lm import _batch
+
+    t0 = time.perf_counter()
+    for _ in range(cfg.pretrain_steps):
+        x, y = _batch(train, cfg.seq_len, cfg.batch_size, gen)
+        opt.zero_grad(set_to_none=True)
+        _loss(model, x.to(device), y.to(device)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    v = _val(model, val_batches, device)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "pretrained.pt.tmp"
+    torch.save({k: t.detach().cpu() for k, t in model.state_dict().items()}, tmp)
+    os.replace(tmp, ckpt)
+    meta = {"key": key, "checkpoint_sha256": _file_sha(ckpt), "val_loss": v,
+            "seconds": time.perf_counter() - t0, "command": " ".join(shlex.quote(a) for a in sys.argv),
+            "versions": versions()}
+    meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    log(f"pretrained model: {cfg.pretrain_steps} steps in {meta['seconds']:.0f} s, old-task val loss {v:.4f}; "
+        f"cached {ckpt}")
+    return model, meta
+
+
+# ---------------------------------------------------------------------------------- the rows
+
+
+def _rank_for(kind: str, cfg: FinetuneConfig) -> int:
+    """The rank of a block control. Parallel / nonlinear: LoRA's trainable parameters — LoRA on the
+    block's four Linears has ``r(d+3d) + r(d+d) + r(d+4d) + r(4d+d) = 16·d·r``, a block control
+    ``2·d·R`` — so ``R = 8r``. Discrete: the highest rank whose codes (``2·d·R·bits`` bits) fit in
+    1/8 of LoRA's float32 bytes (``16·d·r·4/8`` bytes), capped at ``d`` (full rank)."""
+    d, r = cfg.n_embd, cfg.rank
+    lora = 16 * d * r
+    if kind in ("parallel", "nonlinear"):
+        return max(1, lora // (2 * d))
+    bits = 1 if kind == "binary" else 2
+    budget_bits = lora * 4 * 8 // 8
+    return max(1, min(d, budget_bits // (2 * d * bits)))
+
+
+def _make(method: str, base, cfg: FinetuneConfig):
+    """``(model, optimizer)`` of one row on a copy of ``base``."""
+    import pmptrain
+    from pmptrain import control
+
+    from .registry import get_spec
+
+    kind, optname = METHODS[method]
+    model = copy.deepcopy(base)
+    if kind is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif kind == "lora":
+        control.attach(model, _LINEARS, kind="lora", rank=cfg.rank)
+    else:
+        control.attach(model, _BLOCKS, kind=kind, rank=_rank_for(kind, cfg), causal=True)
+    if optname == "adamw":
+        lr = cfg.lr_full if kind is None else cfg.lr_adapter
+        opt = get_spec("adamw").build(model, lr=lr) if kind is None else \
+            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+                              weight_decay=0.0)
+    elif optname == "emsa":
+        opt = pmptrain.EMSA(model, lr=cfg.emsa_lr, rho=cfg.emsa_rho, rho_scale="costate",
+                            strict=kind is not None)
+    else:
+        opt = pmptrain.DiscreteMSA(model, rho=cfg.dmsa_rho, decay=cfg.dmsa_decay, fallback_lr=cfg.dmsa_scale_lr)
+    return model, opt
+
+
+def _optimizer_state_bytes(opt) -> int:
+    from .memory import state_bytes
+
+    sd = opt.state_dict()
+    return state_bytes(sd.get("state", {})) + state_bytes(sd.get("pmptrain", {}))
+
+
+def _memory(model, opt, x, y, device) -> Dict[str, Any]:
+    """Saved-activation bytes of one training forward; the training footprint; CUDA peak."""
+    from pmptrain.control import saved_tensor_bytes
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    opt.zero_grad(set_to_none=True)
+    loss, act = saved_tensor_bytes(lambda: _loss(model, x, y), model)
+    loss.backward()
+    cuda_peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        cuda_peak = (torch.cuda.max_memory_allocated(device)) / 2**20
+        cuda_peak_delta = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    params = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    grads = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+                if p.requires_grad)
+    state = _optimizer_state_bytes(opt)
+    opt.zero_grad(set_to_none=True)
+    out = {"activation_mb": act / 2**20, "train_memory_mb": (params + grads + state + act) / 2**20,
+           "optimizer_state_mb": state / 2**20, "cuda_peak_mb": cuda_peak}
+    if cuda_peak is not None:
+        out["cuda_peak_delta_mb"] = cuda_peak_delta
+    return out
+
+
+def _adapter_bytes_and_roundtrip(method: str, model, base, probe, tmp: Path):
+    """Bytes of the adapter file and whether loading it onto a fresh base reproduces the outputs."""
+    import pmptrain
+    from pmptrain import control
+
+    kind = METHODS[method][0]
+    path = tmp / f"{method}.pmp"
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        ref = model(probe)
+        if kind is None:
+            pmptrain.export_packed(model, path)
+            fresh = pmptrain.load_packed(path, copy.deepcopy(base))
+        else:
+            control.export_controls(model, path)
+            fresh = control.load_controls(path, copy.deepcopy(base))
+        fresh.eval()
+        exact = bool(torch.equal(fresh(probe), ref))
+    model.train(was)
+    size = path.stat().st_size
+    path.unlink()
+    return size, exact
+
+
+def run_one(method: str, seed: int, base, cfg: FinetuneConfig, train, new_val, old_val, device, tmp: Path,
+            writer=None) -> Dict[str, Any]:
+    from pmptrain import control
+    from pmptrain.optim.shell import PMPOptimizer
+
+    from .lm import _batch
+    from .runner import progress_bar
+    from .seeding import seed_all
+
+    seed_all(seed)
+    model, opt = _make(method, base, cfg)
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    sched = _sched(opt, cfg.steps, cfg.warmup)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    history = [{"step": 0, "seconds": 0.0, "val_loss": _val(model, new_val, device)}]
+    clock, times = 0.0, []
+    bar = progress_bar(cfg.steps, f"{method} seed {seed}", 0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    first = None
+    for step in range(1, cfg.steps + 1):
+        x, y = _batch(train, cfg.seq_len, cfg.batch_size, gen)
+        x, y = x.to(device), y.to(device)
+        if first is None:
+            first = (x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
+        opt.step()
+        sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        clock += dt
+        times.append(dt)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            v = _val(model, new_val, device)
+            history.append({"step": step, "seconds": clock, "val_loss": v, "train_loss": loss.item()})
+            bar.set_postfix(val=f"{v:.3f}")
+            if writer is not None:
+                writer.add_scalar(f"{method}/seed{seed}/val_loss", v, step)
+        if writer is not None:
+            writer.add_scalar(f"{method}/seed{seed}/train_loss", loss.item(), step)
+        bar.update(1)
+    bar.close()
+    mem = _memory(model, opt, first[0], first[1], device)
+    base_untouched = all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    size, exact = _adapter_bytes_and_roundtrip(method, model, base, first[0][:2], tmp)
+    skipped = opt.skipped_steps if isinstance(opt, PMPOptimizer) else 0
+    if isinstance(opt, PMPOptimizer):
+        opt.detach()
+    return {"method": method, "seed": seed, "trainable_params": control.trainable_parameters(model),
+            "final_val_loss": history[-1]["val_loss"], "old_val_loss": _val(model, old_val, device),
+            "history": history, "median_step_ms": 1e3 * statistics.median(times), "adapter_bytes": size,
+            "roundtrip_exact": exact, "frozen_base_untouched": base_untouched, "skipped_steps": skipped, **mem}
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def _reference_of(method: str, methods) -> Optional[str]:
+    """The AdamW row of the same kind (``lora-adamw`` for ``lora-emsa``), if in the bench."""
+    kind = METHODS[method][0]
+    for m in methods:
+        if METHODS[m][0] == kind and METHODS[m][1] == "adamw":
+            return m
+    return None
+
+
+def _first_reach(history, target):
+    for h in history:
+        if h["val_loss"] <= target:
+            return h["step"]
+    return None
+
+
+def aggregate(cfg: FinetuneConfig, runs: List[Dict[str, Any]], pre_old: float) -> Dict[str, Any]:
+    by: Dict[str, List[Dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+    base_ms = statistics.median(r["median_step_ms"] for r in by[cfg.methods[0]])
+    finals_of = {m: statistics.median(r["final_val_loss"] for r in rs) for m, rs in by.items()}
+    rows = []
+    for m in cfg.methods:
+        rs = by[m]
+        finals = [r["final_val_loss"] for r in rs]
+        ref = _reference_of(m, cfg.methods)
+        steps_to_ref = None
+        if ref is not None and ref != m:
+            hits = [_first_reach(r["history"], finals_of[ref]) for r in rs]
+            hits = [h for h in hits if h is not None]
+            steps_to_ref = statistics.median(hits) if len(hits) * 2 > len(rs) else None
+        med = lambda k: statistics.median(r[k] for r in rs) if rs[0].get(k) is not None else None
+        rows.append({
+            "method": m, "kind": METHODS[m][0] or "full", "optimizer": METHODS[m][1], "seeds": len(rs),
+            "trainable_params": rs[0]["trainable_params"],
+            "final_val_loss": statistics.median(finals), "final_val_loss_min": min(finals),
+            "final_val_loss_max": max(finals), "old_val_loss": med("old_val_loss"),
+            "forgetting": med("old_val_loss") - pre_old,
+            "activation_mb": med("activation_mb"), "train_memory_mb": med("train_memory_mb"),
+            "cuda_peak_mb": med("cuda_peak_mb"), "adapter_bytes": rs[0]["adapter_bytes"],
+            "roundtrip_exact": all(r["roundtrip_exact"] for r in rs),
+            "frozen_base_untouched": all(r["frozen_base_untouched"] for r in rs),
+            "median_step_ms": med("median_step_ms"), "step_ratio": med("median_step_ms") / base_ms,
+            "reference": ref, "steps_to_reference": steps_to_ref, "steps": cfg.steps,
+            "curve_steps": [h["step"] for h in rs[0]["history"]],
+            "curve_val_loss": [statistics.median(r["history"][i]["val_loss"] for r in rs)
+                               for i in range(len(rs[0]["history"]))],
+            "skipped_steps": sum(r["skipped_steps"] for r in rs),
+        })
+    return {"reference_time": cfg.methods[0], "pretrain_old_val_loss": pre_old, "rows": rows}
+
+
+CSV_FIELDS = ("method", "kind", "optimizer", "seeds", "trainable_params", "final_val_loss", "final_val_loss_min",
+              "final_val_loss_max", "old_val_loss", "forgetting", "activation_mb", "train_memory_mb", "cuda_peak_mb",
+              "adapter_bytes", "roundtrip_exact", "median_step_ms", "step_ratio", "reference", "steps_to_reference")
+
+
+def format_table(summary: Dict[str, Any], cfg: FinetuneConfig, corpora: Dict[str, Any]) -> str:
+    head = ["method", "trainable", "new-task val [min-max]", "old-task val", "act MB", "train MB", "adapter B",
+            "exact", f"step ×{summary['reference_time']}", "steps→ref"]
+    lines = [head]
+    for r in summary["rows"]:
+        lines.append([
+            r["method"], f"{r['trainable_params']}",
+            f"{r['final_val_loss']:.3f} [{r['final_val_loss_min']:.3f}-{r['final_val_loss_max']:.3f}]",
+            f"{r['old_val_loss']:.3f}", f"{r['activation_mb']:.1f}", f"{r['train_memory_mb']:.1f}"
+            + (f" (cuda {r['cuda_peak_mb']:.0f})" if r["cuda_peak_mb"] is not None else ""),
+            f"{r['adapter_bytes']}", "yes" if r["roundtrip_exact"] else "NO", f"{r['step_ratio']:.2f}",
+            (f"{r['steps_to_reference']:.0f}/{r['steps']} ({r['reference']})" if r["steps_to_reference"] is not None
+             else ("-" if r["reference"] in (None, r["method"]) else f"not reached ({r['reference']})"))])
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    out.append(f"\nGPT {cfg.n_layer}x{cfg.n_embd} pretrained {cfg.pretrain_steps} steps on {corpora['old']} "
+               f"(old-task val {summary['pretrain_old_val_loss']:.3f}), fine-tuned {cfg.steps} steps of "
+               f"{cfg.batch_size}x{cfg.seq_len} bytes on {corpora['new']}; LoRA rank {cfg.rank}; seeds "
+               f"{list(cfg.seeds)}; medians over seeds. act MB: bytes autograd saves for one step; train MB: "
+               "parameters + gradients + optimizer state + saved activations.")
+    return "\n".join(out)
+
+
+def _plots(summary, out_dir: Path) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in summary["rows"]:
+        ax.plot(r["curve_steps"], r["curve_val_loss"], label=r["method"])
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("new-task validation loss (nats/byte)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p1 = out_dir / "val_loss_vs_step.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in summary["rows"]:
+        ax.scatter(r["train_memory_mb"], r["final_val_loss"])
+        ax.annotate(r["method"], (r["train_memory_mb"], r["final_val_loss"]), fontsize=7)
+    ax.set_xlabel("training memory (MB)")
+    ax.set_ylabel("final new-task validation loss")
+    fig.tight_layout()
+    p2 = out_dir / "loss_vs_memory.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=None) -> Dict[str, Any]:
+    """Pretrain (or load the cached model), run every method × seed interleaved (seed-major), write
+    ``results.txt/json/csv``, ``config.json``, plots and TensorBoard logs under ``out_dir``."""
+    import tempfile
+
+    from .records import atomic_write_json, versions
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    old = _corpus(cfg.pretrain_corpus, cfg.max_bytes)
+    new = _corpus(cfg.tune_corpus, cfg.max_bytes)
+    old_train, old_val = _split(old, cfg)
+    new_train, new_val = _split(new, cfg)
+    log(f"old task: {old.name} ({len(old.data)} bytes, {old.source}, sha256 {old.sha256[:12]}); new task: "
+        f"{new.name} ({len(new.data)} bytes, {new.source}, sha256 {new.sha256[:12]}); device {device}")
+    base, pre_meta = pretrained_gpt(cfg, old, old_train, old_val, device, log)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    pre_old = _val(base, old_val, device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = None
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    runs = []
+    try:
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            for seed in cfg.seeds:
+                for m in cfg.methods:
+                    r = run_one(m, seed, base, cfg, new_train, new_val, old_val, device, Path(tmp), writer)
+                    runs.append(r)
+                    log(f"  {m:<16} seed {seed}: new {r['final_val_loss']:.4f}  old {r['old_val_loss']:.4f}  "
+                        f"trainable {r['trainable_params']}  act {r['activation_mb']:.1f} MB  "
+                        f"step {r['median_step_ms']:.1f} ms")
+    finally:
+        if writer is not None:
+            writer.close()
+    summary = aggregate(cfg, runs, pre_old)
+    corpora = {"old": f"{old.name} (sha256 {old.sha256[:12]})", "new": f"{new.name} (sha256 {new.sha256[:12]})"}
+    results = {"kind": "finetune", "config": dataclasses.asdict(cfg), "device": str(device),
+               "corpora": {"old": {"name": old.name, "source": old.source, "bytes": len(old.data), "sha256": old.sha256},
+                           "new": {"name": new.name, "source": new.source, "bytes": len(new.data), "sha256": new.sha256}},
+               "pretrained": pre_meta, "summary": summary, "runs": runs, "versions": versions()}
+    atomic_write_json(results, out_dir / "results.json")
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for r in summary["rows"]:
+            w.writerow([r[k] for k in CSV_FIELDS])
+    plots = _plots(summary, out_dir)
+    table = format_table(summary, cfg, corpora)
+    (out_dir / "results.txt").write_text(table + "\n")
+    atomic_write_json({"kind": "finetune", "config": dataclasses.asdict(cfg), "command": sys.argv,
+                       "versions": versions()}, out_dir / "config.json")
+    log(table)
+    log(f"results: {out_dir / 'results.txt'}, results.json, results.csv, plots: {', '.join(p.name for p in plots)}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = FinetuneConfig()
+    p = argparse.ArgumentParser(
+        prog="pmptrain bench --task finetune",
+        description="Fine-tuning by control: pretrain a byte-level GPT once (cached) on --pretrain-corpus, "
+                    "fine-tune it on --tune-corpus with full fine-tuning, LoRA, parallel, nonlinear and "
+                    "binary/ternary controls, report loss, forgetting, memory, adapter bytes and step time.",
+        epilog="methods: " + ", ".join(f"{m} ({k or 'full'} by {o})" for m, (k, o) in METHODS.items())
+               + "\nexample: pmptrain bench --task finetune --seeds 0,1,2 --out runs/finetune",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--out", default=None, help="output directory (default runs/finetune-<timestamp>)")
+    a("--methods", default=",".join(d.methods), help=f"comma-separated rows (default {','.join(d.methods)})")
+    a("--seeds", default=",".join(map(str, d.seeds)), help="comma-separated seeds (default 0,1,2)")
+    a("--pretrain-corpus", default=d.pretrain_corpus, help="pysrc (default), fortunes or a text file")
+    a("--tune-corpus", default=d.tune_corpus, help="licenses (default: /usr/share/common-licenses) or a text file")
+    for k in ("max_bytes", "n_layer", "n_head", "n_embd", "seq_len", "batch_size", "pretrain_steps", "steps",
+              "eval_every", "eval_batches", "rank"):
+        a(f"--{k.replace('_', '-')}", type=int, default=getattr(d, k), help=f"(default {getattr(d, k)})")
+    for k in ("pretrain_lr", "lr_full", "lr_adapter", "emsa_lr", "emsa_rho", "dmsa_rho", "dmsa_decay",
+              "dmsa_scale_lr", "warmup", "clip"):
+        a(f"--{k.replace('_', '-')}", type=float, default=getattr(d, k), help=f"(default {getattr(d, k):g})")
+    a("--threads", type=int, default=None, help="torch intra-op threads")
+    a("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    a("--cache-dir", default=None, help="where the pretrained model is cached (default ~/.cache/pmptrain/finetune)")
+    a("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    return p
+
+
+def _seeds(text: str):
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--seeds: expected a comma-separated list of integers, got {text!r}") from None
+
+
+def main(argv: List[str]) -> int:
+    """``pmptrain bench --task finetune ...`` (``argv`` without ``--task finetune``); exit status."""
+    ns = build_parser().parse_args(argv)
+    try:
+        fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        kw = {k: v for k, v in vars(ns).items() if k in fields and k not in ("methods", "seeds")}
+        cfg = FinetuneConfig(**kw, methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()),
+                             seeds=_seeds(ns.seeds), tensorboard=not ns.no_tensorboard)
+        cfg.validate()
+        out = Path(ns.out) if ns.out else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out: {out} exists and is not a directory")
+        run_finetune_bench(cfg, out, device=ns.device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pmptrain bench --task finetune: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"pmptrain bench --task finetune: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,62 @@
+"""``pmptrain bench --task finetune`` at tiny sizes (seconds): every row runs, the files are written,
+the pretrained model is cached with its checksum and reused, round trips are exact, the frozen base is
+untouched, bad options exit 2."""
+
+import json
+
+import pytest
+
+from pmptrain.bench.cli import main
+from pmptrain.bench.finetune import METHODS, _LICENSES
+
+TINY = ["--seeds", "0", "--steps", "3", "--pretrain-steps", "3", "--n-embd", "16", "--n-head", "2",
+        "--seq-len", "16", "--batch-size", "2", "--eval-every", "1", "--eval-batches", "1", "--rank", "2",
+        "--max-bytes", "20000", "--threads", "1", "--no-tensorboard"]
+
+
+@pytest.fixture
+def tune_file(tmp_path):
+    if _LICENSES.is_dir():
+        return "licenses"
+    p = tmp_path / "tune.txt"  # a machine without Debian's common-licenses: any text file
+    p.write_text("Permission is hereby granted, free of charge, to any person. " * 400)
+    return str(p)
+
+
+def test_finetune_bench_runs_every_row_and_caches_the_pretrained_model(tmp_path, tune_file, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["bench", "--task", "finetune", "--out", str(out), "--cache-dir", str(cache), "--tune-corpus", tune_file,
+            "--methods", ",".join(METHODS), *TINY]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in res["summary"]["rows"]}
+    assert list(rows) == list(METHODS)
+    for r in rows.values():
+        assert r["roundtrip_exact"] and r["frozen_base_untouched"], r["method"]
+        assert r["activation_mb"] > 0 and r["adapter_bytes"] > 0
+    assert rows["parallel-adamw"]["activation_mb"] < rows["lora-adamw"]["activation_mb"]
+    assert rows["binary-dmsa"]["adapter_bytes"] < rows["lora-adamw"]["adapter_bytes"] / 2  # manifest included
+    assert rows["lora-adamw"]["trainable_params"] < rows["full-adamw"]["trainable_params"]
+    for f in ("results.txt", "results.csv", "config.json", "val_loss_vs_step.png", "loss_vs_memory.png"):
+        assert (out / f).is_file(), f
+    meta_files = list(cache.glob("*/meta.json"))
+    assert len(meta_files) == 1
+    meta = json.loads(meta_files[0].read_text())
+    assert len(meta["checkpoint_sha256"]) == 64 and meta["command"]
+    capsys.readouterr()
+    again = lambda o: ["bench", "--task", "finetune", "--out", str(tmp_path / o), "--cache-dir", str(cache),
+                       "--tune-corpus", tune_file, "--methods", "lora-adamw", *TINY]
+    assert main(again("out2")) == 0
+    assert "pretrained model: cached" in capsys.readouterr().out
+    ckpt = meta_files[0].parent / "pretrained.pt"
+    ckpt.write_bytes(ckpt.read_bytes() + b"x")  # a tampered checkpoint is retrained
+    assert main(again("out3")) == 0
+    assert "does not match its recorded checksum" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--methods", "dora"], ["--rank", "0"], ["--seeds", "a"], ["--task"]])
+def test_finetune_bench_bad_options_exit_2(bad, tmp_path, capsys):
+    argv = ["bench", "--task", "finetune", "--out", str(tmp_path / "o"), *bad] if bad != ["--task"] else \
+        ["bench", "--task", "nope"]
+    assert main(argv) == 2
+    assert "error" in capsys.readouterr().err
