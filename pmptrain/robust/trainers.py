@@ -413,7 +413,7 @@ class YOPO(AdversarialTrainer):
             total += float(loss) / self.m
             eta = self._inner(x, eta, g)
         self.last_delta, self.last_costate = eta, -g
-        return self._step_optimizer(torch.tensor(total))
+        return self._step_optimizer(torch.tensor(total, dtype=torch.float64))
 
     def cost_per_batch(self):
         first = self.m * (1 if self.affine else self.n) if self.n else 0
@@ -477,7 +477,7 @@ class TradesYOPO(YOPO):
             z.backward(zl.grad)
         self._count(0, 1)
         self.last_delta, self.last_costate = eta, -g * self.m / max(self.beta, 1e-30)
-        return self._step_optimizer(torch.tensor(float(ce.detach()) + self.beta * kl_total))
+        return self._step_optimizer(torch.tensor(float(ce.detach()) + self.beta * kl_total, dtype=torch.float64))
 
     def cost_per_batch(self):
         c = super().cost_per_batch()
