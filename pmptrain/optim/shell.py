@@ -45,6 +45,7 @@ from ..modules import adapter_for
 from . import ranks
 from .hyper import PENALTY_MAX, Real, Spec
 from .rule import Member, Proposal, Rule, StepContext, Unit
+from .sharded import ShardedStep, has_sharded_params
 
 __all__ = ["PMPOptimizer", "StepInfo", "Unsupported", "unwrap_model"]
 
@@ -210,6 +211,12 @@ class PMPOptimizer(torch.optim.Optimizer):
             raise TypeError(f"invalid exclude={exclude!r}: must be a list of module names")
         self.model = model
         self.root, self._grads_averaged_by_wrapper = unwrap_model(model)
+        # FSDP2 (parameters are DTensors): gradients arrive averaged over the ranks, as under DDP
+        self._sharded = has_sharded_params(self.root.parameters())
+        self._grads_averaged_by_wrapper = self._grads_averaged_by_wrapper or self._sharded
+        for n, p in self.root.named_parameters():
+            if pdist.is_sharded(p):
+                pdist.check_placements(n, p)  # tensor/sequence parallel layouts are refused here
         self.process_group = process_group
         self.grad_scaler = grad_scaler
         self.strict = strict
@@ -592,20 +599,28 @@ class PMPOptimizer(torch.optim.Optimizer):
         if not grads_present:
             return  # as in torch: nothing to do without gradients
         costate_inv = self._costate_inv_scale(bool(grads_present))
+        if world > 1 and self._sharded:  # FSDP2 averaged its DTensor gradients; the rest are this rank's
+            pdist.all_reduce_mean_([p.grad for p in grads_present if not pdist.is_sharded(p)], self.process_group)
         if world > 1 and not self._grads_averaged_by_wrapper:
             if weights is None:
                 pdist.all_reduce_mean_([p.grad for p in grads_present], self.process_group)
             else:
                 self._weighted_grad_sum(weights, world)
+        sharded = None
+        if self._sharded:  # FSDP2: the step runs on whole-tensor stand-ins (pmptrain.optim.sharded)
+            names = {id(p): n for n, p in self.root.named_parameters()}
+            sharded = ShardedStep(self.units, {id(p): g for g in self.param_groups for p in g["params"]}, names)
+            grads_present = sharded.grads_present(grads_present)
         if self._empty_batch(grads_present):
             # nothing to learn from, and every statistic would be divided by B = 0: skipped and
             # counted (the statistics are dropped; no weight, state or moment changes)
             self._skip("empty batch (zero samples)")
             return
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]} if sharded is None else sharded.group_of
+        units = self.units if sharded is None else sharded.units
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
         proposals: List[Tuple[Unit, Proposal]] = []
-        for unit in self.units.values():
+        for unit in units.values():
             try:
                 with phase("propose"):
                     prop = unit.rule.propose(unit, ctx)
@@ -644,8 +659,10 @@ class PMPOptimizer(torch.optim.Optimizer):
                     if u.decay:
                         p.mul_(1.0 - u.decay)
                     p.add_(u.delta.to(p.dtype), alpha=u.alpha)
+            if sharded is not None:
+                sharded.write_back()
         for unit, prop in proposals:
-            unit.state = prop.state
+            self.units[unit.name].state = prop.state
         self._skip_run = 0
         n_mod = sum(1 for unit, _ in proposals if unit.rule.module_rule)
         n_fb = sum(1 for unit, _ in proposals if unit.rule.name == "fallback")
