@@ -55,7 +55,7 @@ OPTIMIZERS = {
     "binaryconnect": lambda m: pmptrain.BinaryConnect(m),
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
 }
-WRAPS = ("all", "reshard-false", "mixed")
+WRAPS = ("all", "reshard-false", "mixed", "accumulate")
 
 
 def _case(opt_name: str, wrap: str) -> bool:
@@ -101,10 +101,12 @@ def train(opt_name: str, wrap: str, rank: int, world: int) -> List[torch.Tensor]
     opt = OPTIMIZERS[opt_name](model)
     xs, ys = _data()
     part = BATCH // world
+    micro = 2 if wrap == "accumulate" else 1  # micro-batches of loss/2: the step of their union
     for x, y in zip(xs, ys):
         x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
+            (F.cross_entropy(model(xm), ym) / micro).backward()
         opt.step()
         if hasattr(opt, "last_step"):
             assert not opt.last_step["skipped"], opt.last_step
