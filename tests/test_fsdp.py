@@ -171,3 +171,4 @@ def test_fsdp2_tensor_parallel_layout_is_refused(fsdp_results):
     world, results = fsdp_results
     msg = results[0]["refused"]
     assert "fc2.weight" in msg and "Shard(dim=1)" in msg and "FSDP2" in msg, msg
+

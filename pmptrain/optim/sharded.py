@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import distributed as pdist
 from .rule import Unit
 
-__all__ = ["ShardedStep", "has_sharded_params"]
+__all__ = ["ShardedStep", "has_sharded_params", "whole_record"]
 
 
 def has_sharded_params(params) -> bool:
@@ -46,11 +46,12 @@ def _whole(v):
     if isinstance(v, (list, tuple)):
         return type(v)(_whole(x) for x in v)
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return _whole_record(v)
+        return whole_record(v)
     return v
 
 
-def _whole_record(rec):
+def whole_record(rec):
+    """A state record with every DTensor inside replaced by its whole tensor (a collective)."""
     if rec is None or not dataclasses.is_dataclass(rec):
         return _whole(rec)
     changes = {f.name: _whole(getattr(rec, f.name)) for f in dataclasses.fields(rec)}
@@ -98,7 +99,7 @@ class ShardedStep:
                    for m in unit.members]
         new = dataclasses.replace(unit, params=[self._stand_in(p, names) for p in unit.params], members=members)
         new.scratch = unit.scratch  # the same buffers: reused between steps as in one process
-        new.state = _whole_record(unit.state)
+        new.state = whole_record(unit.state)
         return new
 
     def grads_present(self, params: List[Tensor]) -> List[Tensor]:

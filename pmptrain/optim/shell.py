@@ -114,6 +114,13 @@ def unwrap_model(model: nn.Module) -> Tuple[nn.Module, bool]:
     and ``torch.compile`` wrappers (the wrapper's gradients are averaged across ranks already)."""
     averaged = False
     while True:
+        kind = type(model)
+        if kind.__name__ == "DeepSpeedEngine" or kind.__module__.split(".")[0] == "deepspeed" or any(
+                hasattr(p, "ds_id") for p in model.parameters()):
+            raise TypeError(
+                f"model is wrapped or partitioned by DeepSpeed ({kind.__name__}): its ZeRO stages partition "
+                "parameters, gradients and optimizer state with their own optimizer wrapper, which pmptrain "
+                "optimizers do not support. Use torch's FSDP2 (fully_shard) or DistributedDataParallel")
         inner = getattr(model, "module", None)
         if isinstance(inner, nn.Module) and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
             model, averaged = inner, True
