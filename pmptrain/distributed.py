@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["world_size", "rank", "all_reduce_sum_", "all_reduce_mean_", "all_gather_rows", "all_gather_parts",
+           "is_sharded", "check_placements", "full_tensor", "local_rows", "write_local_",
            "all_gather_ints", "is_rank_zero"]
 
 
@@ -93,3 +94,62 @@ def all_gather_ints(values: Sequence[int], group=None, device=None) -> List[List
     parts = [torch.empty_like(t) for _ in range(n)]
     dist.all_gather(parts, t, group=group)
     return [p.tolist() for p in parts]
+
+
+# ------------------------------------------------------------------------------ sharded tensors
+# FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps each parameter as a ``DTensor`` sharded along
+# dimension 0 (``Shard(0)``; ``Replicate()`` in front of it for HSDP). These helpers give the
+# optimizer the whole tensor and write a whole tensor back into this rank's shard.
+
+
+def is_sharded(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (a parameter under FSDP2)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def check_placements(name: str, t) -> None:
+    """Raise ``NotImplementedError`` naming ``name`` unless ``t``'s placements are FSDP's: ``Shard(0)``
+    on a one-dimensional mesh, or ``(Replicate(), Shard(0))`` (HSDP). Tensor and sequence parallel
+    layouts (``Shard(1)``, ``Partial``, several sharded mesh dimensions) are not supported."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = tuple(t.placements)
+    ok = all(isinstance(p, Replicate) for p in placements[:-1]) and (
+        isinstance(placements[-1], Replicate) or (isinstance(placements[-1], Shard) and placements[-1].dim == 0))
+    if not ok:
+        raise NotImplementedError(
+            f"parameter {name!r} is a DTensor with placements {placements}: pmptrain optimizers support "
+            "FSDP2's layouts only (Shard(0) on one mesh dimension, optionally Replicate() in front: HSDP); "
+            "tensor/sequence parallel layouts (Shard(d>0), Partial, several sharded mesh dimensions) are not "
+            "supported")
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor of a ``DTensor`` (one all-gather), a plain tensor as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def local_rows(t) -> tuple:
+    """``(offset, length)``: the rows of dimension 0 of the whole tensor that this rank's shard of the
+    ``DTensor`` ``t`` holds (uneven shards included; length 0 on a rank that holds nothing)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if len(shape) == 0:
+        return 0, 1
+    return offset[0], shape[0]
+
+
+def write_local_(t, whole: Tensor) -> None:
+    """Copy this rank's rows of ``whole`` (the whole tensor) into the local shard of the ``DTensor``
+    ``t``, in place (the shard's storage, which FSDP2 all-gathers from, is kept)."""
+    local = t._local_tensor
+    offset, length = local_rows(t)
+    if local.dim() == 0:
+        local.copy_(whole)
+    elif length:
+        local.copy_(whole[offset:offset + length])

@@ -220,16 +220,11 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------- distributed
 
 
-@pytest.mark.distributed
-def test_torchrun_two_processes_match_one(tmp_path):
-    common = ["bench", "--optimizers", "sgd,emsa,binaryconnect", "--epochs", "1", "--seeds", "1",
-              "--model-args", "{widths: [32, 32]}", *TINY]
+def _torchrun(args, tmp_path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert cli.main([*common, "--out", str(one)]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "pmptrain", *common, "--out", str(two)]
+           "-m", "pmptrain", *args]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=tmp_path, start_new_session=True)
     try:
@@ -239,6 +234,16 @@ def test_torchrun_two_processes_match_one(tmp_path):
         p.communicate()
         pytest.fail("torchrun bench did not finish within 300 s")
     assert p.returncode == 0, err[-3000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(tmp_path, wrap):
+    common = ["bench", "--optimizers", "sgd,emsa,binaryconnect", "--epochs", "1", "--seeds", "1",
+              "--model-args", "{widths: [32, 32]}", *TINY]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main([*common, "--out", str(one)]) == 0
+    _torchrun([*common, "--out", str(two)] + (["--fsdp"] if wrap == "fsdp" else []), tmp_path)
     r2 = _results(two)
     assert r2["meta"]["world_size"] == 2
     for opt in ("sgd", "emsa", "binaryconnect"):
@@ -248,6 +253,24 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert abs(h1[0]["test_acc"] - h2[0]["test_acc"]) <= 1 / 40 + 1e-9, opt
         for k in m1:
             assert torch.allclose(m1[k], m2[k], rtol=1e-4, atol=1e-5), (opt, k)
+
+
+@pytest.mark.distributed
+def test_torchrun_fsdp_resume_continues_exactly(tmp_path):
+    """Under FSDP2 the checkpoint holds whole tensors (gathered on every rank, written by rank 0)
+    and --resume loads them back into each rank's shard: 1 epoch then --resume to 2 epochs gives
+    the uninterrupted 2-epoch run."""
+    common = ["bench", "--fsdp", "--optimizers", "adam,emsa,binary-msa", "--seeds", "1",
+              "--model-args", "{widths: [32, 32]}", *TINY]
+    full, part = tmp_path / "full", tmp_path / "part"
+    _torchrun([*common, "--epochs", "2", "--out", str(full)], tmp_path)
+    _torchrun([*common, "--epochs", "1", "--out", str(part)], tmp_path)
+    _torchrun([*common, "--epochs", "2", "--resume", str(part)], tmp_path)
+    for opt in ("adam", "emsa", "binary-msa"):
+        (m1, h1), (m2, h2) = _final_state(full, opt), _final_state(part, opt)
+        assert [h["train_loss"] for h in h1] == pytest.approx([h["train_loss"] for h in h2], rel=1e-6), opt
+        for k in m1:
+            assert torch.allclose(m1[k], m2[k], rtol=1e-6, atol=1e-7), (opt, k)
 
 
 # ---------------------------------------------------------------------------------- discrete MSA

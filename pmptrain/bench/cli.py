@@ -208,6 +208,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=S,
                    help="permute the training set every epoch, seeded by (seed, epoch) (default on); "
                         "--no-shuffle feeds it in file order")
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=S,
+                   help="under torchrun: shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) "
+                        "instead of wrapping it in DDP (default off)")
     g.add_argument("--lr", default=S, metavar="X|OPT=X,...",
                    help="each optimizer's step-size hyper-parameter (lr; rho for *-msa; for bop its lr "
                         "is the rate gamma): one value for all or per name (default: registry defaults)")

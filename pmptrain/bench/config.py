@@ -79,6 +79,7 @@ FIELDS: Dict[str, Kind] = {
     "download": Maybe(Bool()),
     "tensorboard": Bool(),
     "threads": Maybe(Int(1, max_threads())),
+    "fsdp": Bool(),
     "preset": Maybe(Text()),
 }
 
@@ -113,6 +114,8 @@ class BenchConfig:
         max_train, max_test: truncate the splits (smoke runs) [None]. mnist1d_samples: size of
             the generated MNIST-1D set [5000]. data_dir, download: see :mod:`pmptrain.bench.data`.
         tensorboard: write TensorBoard logs [True]. threads: ``torch.set_num_threads`` [None].
+        fsdp: under ``torchrun``, shard the model with FSDP2 (``fully_shard`` on every module with
+            parameters of its own, then the root) instead of wrapping it in DDP [False].
         preset: name of the preset the config came from, for the record [None].
     """
 
@@ -142,6 +145,7 @@ class BenchConfig:
     download: Optional[bool] = None
     tensorboard: bool = True
     threads: Optional[int] = None
+    fsdp: bool = False
     preset: Optional[str] = None
 
     @classmethod

@@ -94,13 +94,74 @@ def build_run(cfg: BenchConfig, data, spec: OptimizerSpec, overrides: Dict[str, 
         discretize_(model, levels=spec.levels, keep=tuple(cfg.keep), init=cfg.init, scale=cfg.scale,
                     generator=gen)
     wrapped = model
-    if world > 1:
+    if world > 1 and cfg.fsdp:
+        shard_model(model)
+    elif world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model)
     try:
         opt = spec.build(wrapped if spec.takes_wrapper else model, **overrides)
     except TypeError as e:
         raise ValueError(f"--opt-arg: bad option for optimizer {spec.name!r}: {e}") from e
     return model, wrapped, opt
+
+
+def shard_model(model: nn.Module) -> None:
+    """FSDP2: ``fully_shard`` every module that holds parameters of its own (innermost first), then
+    the root, so each layer's parameters are all-gathered only around its own forward and backward."""
+    from torch.distributed.fsdp import fully_shard
+
+    for _, m in reversed(list(model.named_modules())):
+        if m is not model and any(True for _ in m.parameters(recurse=False)):
+            fully_shard(m)
+    fully_shard(model)
+
+
+def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state dict with every sharded tensor gathered whole (a collective under FSDP2:
+    every rank calls it); a plain model's state dict as it is."""
+    from .. import distributed as pdist
+
+    return {k: pdist.full_tensor(v) for k, v in model.state_dict().items()}
+
+
+def load_full_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor]) -> None:
+    """Load whole tensors into ``model``, into each rank's shard under FSDP2."""
+    from .. import distributed as pdist
+
+    if not any(pdist.is_sharded(v) for v in model.state_dict().values()):
+        model.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+
+
+def _torch_opt_under_fsdp(model: nn.Module, opt) -> bool:
+    from .. import distributed as pdist
+
+    return not isinstance(opt, PMPOptimizer) and any(pdist.is_sharded(p) for p in model.parameters())
+
+
+def optimizer_state_dict(model: nn.Module, opt) -> Dict[str, Any]:
+    """The optimizer's state dict with whole tensors. pmptrain optimizers keep whole tensors under FSDP2
+    (pmptrain.optim.sharded); torch's optimizers hold DTensor shards, gathered here (a collective:
+    every rank calls it)."""
+    if _torch_opt_under_fsdp(model, opt):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    return opt.state_dict()
+
+
+def load_optimizer_state_dict(model: nn.Module, opt, sd: Dict[str, Any]) -> None:
+    """Load what :func:`optimizer_state_dict` returned (into each rank's shards for torch's optimizers
+    under FSDP2)."""
+    if _torch_opt_under_fsdp(model, opt):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
+        return
+    opt.load_state_dict(sd)
 
 
 def preflight(cfg: BenchConfig, data, settings: Dict[str, List[Dict[str, Any]]]) -> None:
@@ -341,8 +402,8 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
     found = checkpoint.load_latest(ckpt_path) if resume and ckpt_path is not None else None
     if found is not None:
         ck, _ = found
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        load_full_state_dict(model, ck["model"])
+        load_optimizer_state_dict(model, opt, ck["optimizer"])
         set_rng_state(ck["rng"])
         history = ck["history"]
         start_epoch = ck["epoch"] + 1
@@ -375,9 +436,11 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
                 history.append(h)
                 if writer is not None:
                     _log_epoch(writer, h, epoch)
+                model_sd = full_state_dict(model)  # every rank: collectives under FSDP2
+                opt_sd = optimizer_state_dict(model, opt)
                 if writes:
                     pk, ic = mem.result_mb()
-                    checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    checkpoint.save({"model": model_sd, "optimizer": opt_sd,
                                      "rng": rng_state(), "epoch": epoch, "history": history,
                                      "config": cfg.to_dict(), "optimizer_name": spec.name,
                                      "hparams": hparams, "seed": seed,

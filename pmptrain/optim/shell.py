@@ -50,6 +50,7 @@ from ..modules import adapter_for, bypassed_by_parent
 from . import ranks
 from .hyper import PENALTY_MAX, Real, Spec, is_number
 from .rule import Member, Proposal, Rule, StepContext, Unit, cast_state, clone_state, record_from_view, record_view
+from .sharded import ShardedStep, has_sharded_params
 
 __all__ = ["PMPOptimizer", "StepInfo", "Unsupported", "unwrap_model"]
 
@@ -120,6 +121,13 @@ def unwrap_model(model: nn.Module) -> Tuple[nn.Module, bool]:
     and ``torch.compile`` wrappers (the wrapper's gradients are averaged across ranks already)."""
     averaged = False
     while True:
+        kind = type(model)
+        if kind.__name__ == "DeepSpeedEngine" or kind.__module__.split(".")[0] == "deepspeed" or any(
+                hasattr(p, "ds_id") for p in model.parameters()):
+            raise TypeError(
+                f"model is wrapped or partitioned by DeepSpeed ({kind.__name__}): its ZeRO stages partition "
+                "parameters, gradients and optimizer state with their own optimizer wrapper, which pmptrain "
+                "optimizers do not support. Use torch's FSDP2 (fully_shard) or DistributedDataParallel")
         inner = getattr(model, "module", None)
         if isinstance(inner, nn.Module) and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
             model, averaged = inner, True
@@ -239,6 +247,12 @@ class PMPOptimizer(torch.optim.Optimizer):
             raise TypeError(f"invalid exclude={exclude!r}: must be a list of module names")
         self.model = model
         self.root, self._grads_averaged_by_wrapper = unwrap_model(model)
+        # FSDP2 (parameters are DTensors): gradients arrive averaged over the ranks, as under DDP
+        self._sharded = has_sharded_params(self.root.parameters())
+        self._grads_averaged_by_wrapper = self._grads_averaged_by_wrapper or self._sharded
+        for n, p in self.root.named_parameters():
+            if pdist.is_sharded(p):
+                pdist.check_placements(n, p)  # tensor/sequence parallel layouts are refused here
         self.process_group = process_group
         self.grad_scaler = grad_scaler
         self.strict = strict
@@ -837,22 +851,31 @@ class PMPOptimizer(torch.optim.Optimizer):
         if not grads_present:
             return  # as in torch: nothing to do without gradients
         costate_inv = self._costate_inv_scale(bool(grads_present))
+        if world > 1 and self._sharded:  # FSDP2 averaged its DTensor gradients; the rest are this rank's
+            pdist.all_reduce_mean_([p.grad for p in grads_present if not pdist.is_sharded(p)], self.process_group)
         if world > 1 and not self._grads_averaged_by_wrapper:
             if weights is None:
                 pdist.all_reduce_mean_([p.grad for p in grads_present], self.process_group)
             else:
                 self._weighted_grad_sum(weights, world)
+        sharded = self._sharded_step() if self._sharded else None  # FSDP2: whole-tensor stand-ins
+        if sharded is not None:
+            grads_present = sharded.grads_present(grads_present)
         if self._empty_batch(grads_present):
             # nothing to learn from, and every statistic would be divided by B = 0: skipped and
             # counted (the statistics are dropped; no weight, state or moment changes)
             self._skip("empty batch (zero samples)")
             return
         if world == 1:  # (with several ranks the units must stay alike on every rank: no demotion)
+            before = self.units
             self._demote_silent()
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+            if sharded is not None and self.units is not before:
+                sharded = self._sharded_step()
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]} if sharded is None else sharded.group_of
+        units = self.units if sharded is None else sharded.units
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
         proposals: List[Tuple[Unit, Proposal]] = []
-        for unit in self.units.values():
+        for unit in units.values():
             try:
                 with phase("propose"):
                     prop = unit.rule.propose(unit, ctx)
@@ -893,9 +916,12 @@ class PMPOptimizer(torch.optim.Optimizer):
                     if u.decay:
                         p.mul_(1.0 - u.decay)
                     p.add_(u.delta.to(p.dtype), alpha=u.alpha)
+            if sharded is not None:
+                sharded.write_back()
         for unit, prop in proposals:
-            unit.state = prop.state
-            self._publish(unit)
+            real = self.units[unit.name]  # (under FSDP2 `unit` is the step's whole-tensor stand-in)
+            real.state = prop.state
+            self._publish(real)
         self._skip_run = 0
         n_mod = sum(1 for unit, _ in proposals if unit.rule.module_rule)
         n_fb = sum(1 for unit, _ in proposals if unit.rule.name == "fallback")
@@ -903,6 +929,12 @@ class PMPOptimizer(torch.optim.Optimizer):
         self.last_step = self._step_info(
             StepInfo(skipped=False, skip_reason=None, controlled=n_mod, fallback=n_fb, hamiltonian_gain=gain),
             proposals)
+
+    def _sharded_step(self) -> ShardedStep:
+        """The units of this step with whole-tensor stand-ins for FSDP2's sharded parameters
+        (:mod:`pmptrain.optim.sharded`)."""
+        names = {id(p): n for n, p in self.root.named_parameters()}
+        return ShardedStep(self.units, {id(p): g for g in self.param_groups for p in g["params"]}, names)
 
     def _agree_across_ranks(self, world: int):
         """One all-gather of a small integer vector per rank (``pmptrain.optim.ranks``): raises the

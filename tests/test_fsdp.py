@@ -1,0 +1,174 @@
+"""pmptrain optimizers under FSDP2 (``torch.distributed.fsdp.fully_shard``), gloo ranks on CPU.
+
+Every rank takes its part of a fixed global batch (its loss the mean over its own part). After
+``K_STEPS`` steps every parameter must equal, within 1e-10 in float64 (only the summation order
+differs), what one process computes on the union batch. The model has evenly and unevenly sharded
+parameters (5 rows on 2 ranks; 3 rows on 4 ranks, where one rank holds no row at all), a
+LayerNorm, and in the "mixed" wrapping modules that FSDP2 does not shard (their gradients are
+averaged by the optimizer).
+
+All distributed runs of one world size happen in ONE spawn (module fixture); the single-process
+references run in the test process.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import pmptrain
+from dist_utils import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
+    pytest.skip("torch.distributed.fsdp.fully_shard is not available", allow_module_level=True)
+
+K_STEPS = 4
+BATCH = 8
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 5)  # 5 rows: uneven on 2 and 4 ranks
+        self.ln = nn.LayerNorm(5)
+        self.fc2 = nn.Linear(5, 8)  # even
+        self.fc3 = nn.Linear(8, 3)  # 3 rows: one of 4 ranks holds nothing
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.ln(self.fc1(x))))))
+
+
+OPTIMIZERS = {
+    "emsa": lambda m: pmptrain.EMSA(m, rho=1.0),
+    "emsa-amortised": lambda m: pmptrain.EMSA(m, rho=1.0, stat_every=2),
+    "emsa-fallback": lambda m: pmptrain.EMSA(m, exclude=("ln", "fc2")),
+    "discrete-msa": lambda m: pmptrain.DiscreteMSA(m),
+    "binaryconnect": lambda m: pmptrain.BinaryConnect(m),
+    "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+}
+WRAPS = ("all", "reshard-false", "mixed", "accumulate")
+
+
+def _case(opt_name: str, wrap: str) -> bool:
+    """torch's SGD does not average the gradients of parameters FSDP2 does not shard (a user adds DDP
+    for those); pmptrain's optimizers do."""
+    return not (opt_name == "sgd" and wrap == "mixed")
+
+
+def _shard(model: Net, wrap: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    if wrap == "mixed":  # fc1 and fc2 sharded; ln and fc3 plain tensors on every rank
+        fully_shard(model.fc1)
+        fully_shard(model.fc2)
+        return
+    reshard = wrap != "reshard-false"
+    for m in (model.fc1, model.fc2):
+        fully_shard(m, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)  # ln and fc3: the root's group
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(BATCH, 6, generator=g, dtype=torch.float64) for _ in range(K_STEPS)]
+    ys = [torch.randint(0, 3, (BATCH,), generator=g) for _ in range(K_STEPS)]
+    return xs, ys
+
+
+def _model(opt_name: str = "") -> Net:
+    torch.manual_seed(0)
+    return Net().double()
+
+
+DISCRETE = ("discrete-msa", "binaryconnect")  # fc2 binary (discretize_ keeps the first and last layer)
+
+
+def train(opt_name: str, wrap: str, rank: int, world: int) -> List[torch.Tensor]:
+    model = _model()
+    if opt_name in DISCRETE:
+        pmptrain.discretize_(model, levels="binary")
+    if world > 1:
+        _shard(model, wrap)
+    opt = OPTIMIZERS[opt_name](model)
+    xs, ys = _data()
+    part = BATCH // world
+    micro = 2 if wrap == "accumulate" else 1  # micro-batches of loss/2: the step of their union
+    for x, y in zip(xs, ys):
+        x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
+        opt.zero_grad()
+        for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
+            (F.cross_entropy(model(xm), ym) / micro).backward()
+        opt.step()
+        if hasattr(opt, "last_step"):
+            assert not opt.last_step["skipped"], opt.last_step
+    out = []
+    for p in model.parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out.append(full.detach().clone())
+    return out
+
+
+def _all_cases(rank: int, world: int) -> Dict[str, List[torch.Tensor]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = {f"{o}-{w}": train(o, w, rank, world) for o in OPTIMIZERS for w in WRAPS if _case(o, w)}
+        out["refused"] = _refused_layouts(rank, world)
+        return out
+
+
+def _refused_layouts(rank: int, world: int) -> str:
+    """A tensor-parallel layout (Shard(1)) is refused with a message naming the parameter."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = _model()
+    model.fc2.weight = nn.Parameter(distribute_tensor(model.fc2.weight.detach(), mesh, [Shard(1)]))
+    try:
+        pmptrain.EMSA(model)  # refused at construction, before anything runs
+    except NotImplementedError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return f"{type(e).__name__}: {e}"
+    return "accepted"
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def fsdp_results(request):
+    return request.param, run_distributed(_all_cases, request.param, timeout=300.0)
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {o: train(o, "all", 0, 1) for o in OPTIMIZERS}
+
+
+@pytest.mark.parametrize("wrap", WRAPS)
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_fsdp2_matches_one_process_on_the_union_batch(fsdp_results, references, opt_name, wrap):
+    if not _case(opt_name, wrap):
+        pytest.skip("torch's SGD leaves the gradients of unsharded parameters per rank")
+    world, results = fsdp_results
+    ref = references[opt_name]
+    init = [p.detach() for p in _model().parameters()]
+    for rank in range(world):
+        got = results[rank][f"{opt_name}-{wrap}"]
+        for a, b, p0 in zip(got, ref, init):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), (rank, (a - b).abs().max())
+        assert any(not torch.equal(b, p0) for b, p0 in zip(ref, init))  # the reference trained
+
+
+def test_fsdp2_tensor_parallel_layout_is_refused(fsdp_results):
+    world, results = fsdp_results
+    msg = results[0]["refused"]
+    assert "fc2.weight" in msg and "Shard(dim=1)" in msg and "FSDP2" in msg, msg
+
