@@ -172,3 +172,62 @@ def test_fsdp2_tensor_parallel_layout_is_refused(fsdp_results):
     msg = results[0]["refused"]
     assert "fc2.weight" in msg and "Shard(dim=1)" in msg and "FSDP2" in msg, msg
 
+
+
+# ------------------------------------------------------------------ torch.distributed.checkpoint
+DCP_OPTIMIZERS = ("emsa-amortised", "discrete-msa")
+
+
+def _dcp_phase(rank: int, world: int, opt_name: str, ckpt: str, phase: str) -> List[torch.Tensor]:
+    """``phase="save"``: 2 steps under FSDP2, then ``dcp.save`` of the model's whole state dict and
+    ``opt.state_dict()``. ``phase="load"``: a fresh sharded (or, in one process, plain) model and
+    optimizer, ``dcp.load`` into their state dicts, then the remaining steps."""
+    import torch.distributed.checkpoint as dcp
+
+    from pmptrain.bench.runner import full_state_dict, load_full_state_dict
+
+    model = _model()
+    if opt_name in DISCRETE:
+        pmptrain.discretize_(model, levels="binary")
+    if world > 1:
+        _shard(model, "all")
+    opt = OPTIMIZERS[opt_name](model)
+    xs, ys = _data()
+    steps = range(0, 2) if phase == "save" else range(2, K_STEPS)
+    if phase == "load":
+        state = {"model": full_state_dict(model), "optim": opt.state_dict()}
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+
+        # None fields of a fresh state (e.g. no running averages yet) are not in the checkpoint
+        dcp.load(state, checkpoint_id=ckpt, planner=DefaultLoadPlanner(allow_partial_load=True))
+        load_full_state_dict(model, state["model"])
+        opt.load_state_dict(state["optim"])
+    part = BATCH // world
+    for i in steps:
+        x, y = xs[i][rank * part:(rank + 1) * part], ys[i][rank * part:(rank + 1) * part]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    if phase == "save":
+        dcp.save({"model": full_state_dict(model), "optim": opt.state_dict()}, checkpoint_id=ckpt)
+    return [p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+            for p in model.parameters()]
+
+
+def _dcp_all(rank: int, world: int, ckpt_root: str, phase: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {o: _dcp_phase(rank, world, o, f"{ckpt_root}/{o}", phase) for o in DCP_OPTIMIZERS}
+
+
+def test_fsdp2_state_through_distributed_checkpoint_saved_on_2_loaded_on_4_and_on_1(tmp_path, references):
+    """Saved by 2 ranks with ``torch.distributed.checkpoint`` after 2 steps, loaded by 4 ranks and by
+    one plain process, the remaining steps give the single-process run."""
+    run_distributed(_dcp_all, 2, args=(str(tmp_path), "save"), timeout=300.0)
+    got = run_distributed(_dcp_all, 4, args=(str(tmp_path), "load"), timeout=300.0)
+    got.append(_dcp_all(0, 1, str(tmp_path), "load"))
+    for o in DCP_OPTIMIZERS:
+        ref = references[o]
+        for r in got:
+            for a, b in zip(r[o], ref):
+                assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), (o, (a - b).abs().max())
