@@ -573,3 +573,55 @@ def test_hf_mamba_conv1d_read_by_its_mixer_falls_back_at_the_first_step():
         return
     assert len(msgs) == 1 and "'backbone.layers.0.mixer.conv1d'" in msgs[0] and "MambaMixer" in msgs[0]
     assert {r["unit"]: r["rule"] for r in opt.rule_table()}["backbone.layers.0.mixer.conv1d.weight"] == "fallback"
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's pattern: ``E[i]·√d`` with the scale in a buffer."""
+
+    def __init__(self, v, d):
+        super().__init__(v, d)
+        self.register_buffer("embed_scale", torch.tensor(d ** 0.5), persistent=False)
+
+    def forward(self, idx):
+        return super().forward(idx) * self.embed_scale.to(self.weight.dtype)
+
+
+def test_scaled_embedding_step_is_the_maximiser_of_its_augmented_hamiltonian():
+    from test_hamiltonian import _newton
+
+    from pmptrain.hamiltonian import affine_augmented_hamiltonian
+
+    v, d = 7, 4
+    emb = ScaledEmbedding(v, d).double()
+    ad = pmptrain.modules.adapter_for(emb)
+    assert ad is not None and ad.index_input and ad.state_scale == pytest.approx(2.0, rel=1e-12)
+    idx = torch.randint(0, v - 2, (3, 5), generator=torch.Generator().manual_seed(1))
+    target = torch.randn(3, 5, d, dtype=DT, generator=torch.Generator().manual_seed(2))
+    opt = pmptrain.EMSA(nn.Sequential(emb), lr=LR, rho=RHO, strict=True)
+    F.mse_loss(emb(idx), target).backward()
+    grad, before = emb.weight.grad.clone(), emb.weight.detach().clone()
+    opt.step()
+    batch = idx.numel()  # every index a sample
+    states = 2.0 * F.one_hot(idx.reshape(-1), v).to(DT)  # x = s·e_i
+    zeros_p = torch.zeros(batch, d, dtype=DT)  # indices are not differentiable: no costate penalty
+
+    def h(de):
+        return affine_augmented_hamiltonian(de.T, None, states, zeros_p, batch, RHO, 1 / LR, grad.T)
+
+    (ref,) = _newton(h, [(v, d)])
+    torch.testing.assert_close(emb.weight - before, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_hf_gemma_tie_through_its_scaled_embedding_is_one_closed_form_unit():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = tf.GemmaForCausalLM(tf.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=37,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               head_dim=16))
+    opt = pmptrain.EMSA(model, strict=True)
+    table = {r["unit"]: r["rule"] for r in opt.rule_table()}
+    assert table["model.embed_tokens+lm_head"] == "emsa" and "fallback" not in table.values()
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert not opt.last_step["skipped"] and opt.last_step["fallback"] == 0
