@@ -284,6 +284,8 @@ def test_a_module_that_is_not_a_norm_is_not_recognised_and_the_error_suggests_re
     msg = str(err.value)
     assert "'1' (NotANorm)" in msg and "pmptrain.register_module_type(NotANorm" in msg
     assert "solver='iterative'" not in msg
+    with pytest.warns(UserWarning, match=r"'1' \(NotANorm\).*fallback step\..*pmptrain.register_module_type\(NotANorm"):
+        pmptrain.EMSA(model)  # the warning names the path and the one-line registration too
 
 
 def test_probe_reads_and_fits_eps():
@@ -313,7 +315,7 @@ def test_faithful_nanogpt_is_accepted_by_strict_fully_controlled_and_steps():
         _, loss = model(idx, targets=idx.roll(-1, 1))
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         assert not opt.last_step["skipped"] and opt.last_step["fallback"] == 0
     assert losses[-1] < losses[0]
 

@@ -496,16 +496,19 @@ class PMPOptimizer(torch.optim.Optimizer):
             what = f"module {name!r} ({type(module).__name__}) has no closed-form maximiser: {choice.reason}"
             hint = choice.hint if choice.hint is not None else (
                 f" Exclude it explicitly (exclude=[{name!r}]) or use solver='iterative'.")
-        self._warn_fallback(("unsupported", name), what, hint)
+        # a registration hint is worth reading in the warning too; the generic one only under strict
+        self._warn_fallback(("unsupported", name), what, hint, in_warning=choice.hint is not None)
 
-    def _warn_fallback(self, key, what: str, hint: str = " Pass exclude=[...] to accept the fallback explicitly.") -> None:
-        """Warn once that ``what`` sends parameters to the fallback step; raise with ``strict=True``."""
+    def _warn_fallback(self, key, what: str, hint: str = " Pass exclude=[...] to accept the fallback explicitly.",
+                       in_warning: bool = False) -> None:
+        """Warn once that ``what`` sends parameters to the fallback step (with ``hint`` when
+        ``in_warning``); raise with ``strict=True``, always with ``hint``."""
         msg = f"{what}; its parameters take the fallback step"
         if self.strict:
             raise ValueError(f"{msg} (strict=True).{hint}")
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(msg, stacklevel=5)
+            warnings.warn(msg + "." + hint if in_warning else msg, stacklevel=5)
 
     def _sync_capture(self) -> None:
         """Register (or update) the hooks of every module whose rule needs captured states; a rule
