@@ -19,6 +19,12 @@ Three kinds (``adapter.kind``):
   affine parameters), and the RMSNorm classes of Hugging Face's Llama, Mistral, Qwen2/3 and Phi-3.
   The normalisation is fixed dynamics before the controlled affine; the state is ``x̂``.
 
+Classes not listed are recognised by what they compute (:mod:`pmptrain.probe`): a module with one
+1-D ``weight`` (and ``bias``) whose forward matches LayerNorm, RMSNorm, ``(1 + w)`` RMSNorm or
+channels-first LayerNorm, and an ``nn.Embedding`` subclass computing ``s·E[i]``.
+:func:`bypassed_by_parent` names children whose parent reads their parameters without calling
+them (``nn.MultiheadAttention.out_proj``): hooks on them would see nothing.
+
 **What a sample is** (``batch_size``; docs/algorithms.md §1): for layers that act on the last
 dimension row by row — Linear, Conv1D, Embedding, LayerNorm, RMSNorm — every row (token) is a
 sample, so a fixed number of tokens gives the same step however it is split into B × T. For
