@@ -627,3 +627,38 @@ def test_hf_gemma_tie_through_its_scaled_embedding_is_one_closed_form_unit():
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     assert not opt.last_step["skipped"] and opt.last_step["fallback"] == 0
+
+
+def test_tapped_attention_computes_exactly_what_torch_computes_and_is_inert_in_copies():
+    """The tapped forward is torch's own code: the same output and attention weights, the same
+    dropout draws; eval mode and no_grad run torch's path untouched; copies carry no tap."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=True)
+    plain = copy.deepcopy(mha)
+    opt = pmptrain.EMSA(mha, strict=True)
+    x = torch.randn(3, 5, 8)
+    mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    for kw in ({"need_weights": True, "average_attn_weights": False}, {"need_weights": False, "attn_mask": mask}):
+        torch.manual_seed(7)
+        ours = mha(x, x, x, **kw)
+        torch.manual_seed(7)
+        ref = plain(x, x, x, **kw)
+        torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=0)
+        if kw["need_weights"]:
+            torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=0)
+        ours[0].sum().backward()
+    assert all(not opt.capture.peek(k).empty for k in opt.units[""].rule.capture_keys(opt.units[""]))
+    opt.zero_grad()
+    mha.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x, x, x)[0], plain.eval()(x, x, x)[0])
+    assert all(opt.capture.peek(k).empty for k in opt.units[""].rule.capture_keys(opt.units[""]))
+    mha.train()
+    twin = copy.deepcopy(mha)
+    twin2 = pickle.loads(pickle.dumps(mha))
+    for m in (twin, twin2):
+        m(x, x, x)[0].sum().backward()  # runs torch's forward; nothing reaches the optimizer
+    assert all(opt.capture.peek(k).empty for k in opt.units[""].rule.capture_keys(opt.units[""]))
