@@ -178,7 +178,7 @@ def test_a_tie_with_a_module_without_a_rule_falls_back_and_warning_table_and_str
 # ------------------------------------------------------------------ norms recognised by what they compute
 
 from nanogpt_faithful import GPT, GPTConfig  # noqa: E402
-from test_layers import DT as _DT, LR, RHO, newton_maximiser, one_step  # noqa: E402,F401
+from test_layers import LR, RHO, newton_maximiser, one_step  # noqa: E402
 
 
 class T5StyleNorm(nn.Module):  # variance in float32, no bias, no mean subtraction
