@@ -520,11 +520,20 @@ def _mha_rank(rank, world):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.distributed
-def test_mha_rule_under_two_ranks_equals_one_process_on_the_union_batch():
+def _rank_cases(rank, world):
+    return {"mha": _mha_rank(rank, world), "silent": _silent_rank(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def dist_cases():
     from dist_utils import run_distributed
 
-    results = run_distributed(_mha_rank, 2)
+    return run_distributed(_rank_cases, 2)  # one spawn for every distributed case of this file
+
+
+@pytest.mark.distributed
+def test_mha_rule_under_two_ranks_equals_one_process_on_the_union_batch(dist_cases):
+    results = [r["mha"] for r in dist_cases]
     torch.manual_seed(0)
     model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
     x = torch.randn(4, 5, 8, dtype=DT, generator=torch.Generator().manual_seed(1))
@@ -662,3 +671,41 @@ def test_tapped_attention_computes_exactly_what_torch_computes_and_is_inert_in_c
     for m in (twin, twin2):
         m(x, x, x)[0].sum().backward()  # runs torch's forward; nothing reaches the optimizer
     assert all(opt.capture.peek(k).empty for k in opt.units[""].rule.capture_keys(opt.units[""]))
+
+
+def test_silence_is_found_when_only_a_submodule_is_called():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": FusedMixer(), "unused": nn.Linear(2, 2)})
+    opt = pmptrain.EMSA(model)
+    model["body"](torch.randn(2, 5, 6)).pow(2).mean().backward()  # the root's forward never runs
+    with pytest.warns(UserWarning, match="'body.conv1d'.*forward never ran through its hooks"):
+        opt.step()
+    assert {r["unit"]: r["rule"] for r in opt.rule_table()}["body.conv1d.weight"] == "fallback"
+
+
+def _silent_rank(rank, world):
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedMixer())
+    opt = pmptrain.EMSA(model, process_group=dist.group.WORLD)
+    x = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            model(x[2 * rank:2 * rank + 2]).pow(2).mean().backward()
+            opt.step()
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "rules": {r["unit"]: r["rule"] for r in opt.rule_table()},
+            "warned": sum("forward never ran" in str(w.message) for w in rec)}
+
+
+@pytest.mark.distributed
+def test_a_silent_module_is_demoted_alike_on_every_rank(dist_cases):
+    results = [r["silent"] for r in dist_cases]
+    for r in results:
+        assert r["rules"]["0.conv1d.weight"] == "fallback" and r["rules"]["0.in_proj"] == "emsa"
+        assert r["warned"] == 1
+    for n, p in results[0]["params"].items():
+        assert torch.equal(p, results[1]["params"][n]), n

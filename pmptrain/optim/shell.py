@@ -451,13 +451,18 @@ class PMPOptimizer(torch.optim.Optimizer):
         parent = modules.get(parent_name)
         return bypassed_by_parent(parent, child) if parent is not None else None
 
-    def _demote_silent(self) -> None:
+    def _demote_silent(self, sizes=None) -> None:
         """The first step's check that no claimed module went silent: a unit whose every member's
         parameters received a gradient in a training-mode forward while no member's forward hook
         recorded (:meth:`~pmptrain.capture.ModuleCapture.silent_keys`) cannot form its Hamiltonian;
         its modules take the fallback from now on, with one warning naming each module and the
-        cause (``strict=True`` raises), instead of an error at every step."""
+        cause (``strict=True`` raises), instead of an error at every step. With several ranks
+        (``sizes``: the members' samples summed over the ranks) a member counts as silent only if
+        no rank recorded it; ranks running the same model decide alike, and ranks that do not are
+        stopped by the next step's structure check."""
         silent = set(self.capture.silent_keys())
+        if sizes is not None:
+            silent = {k for k in silent if sizes.get(k, (0, 0))[0] == 0}
         if not silent:
             return
         modules = dict(self.root.named_modules())
@@ -691,8 +696,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             # counted (the statistics are dropped; no weight, state or moment changes)
             self._skip("empty batch (zero samples)")
             return
-        if world == 1:  # (with several ranks the units must stay alike on every rank: no demotion)
-            self._demote_silent()
+        self._demote_silent(sizes)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
         proposals: List[Tuple[Unit, Proposal]] = []
