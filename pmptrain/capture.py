@@ -452,14 +452,15 @@ class ModuleCapture:
 
     def silent_keys(self) -> List[str]:
         """The recorded modules that went silent since the last reset: a training forward of the
-        watched root ran under autograd and a backward pass accumulated into the module's sentinel
+        watched root ran under autograd (or another module recorded: a submodule was called on
+        its own) and a backward pass accumulated into the module's sentinel
         parameter, yet the module's own forward hook recorded nothing, although the module is in
         training mode. Its parameters were then used without calling the module — a parent read
         them directly (``nn.MultiheadAttention``'s ``out_proj``, a fused kernel) — which is the
         model's structure, not the user's doing (eval mode, ``no_grad`` and ``torch.compile`` leave
         ``root_trained`` unset or the module untrained)."""
-        if not self.root_trained:
-            return []
+        if not self.root_trained and all(e.stats.empty for e in self._entries.values()):
+            return []  # no training forward seen (a forward of a submodule alone counts once one recorded)
         return [k for k, e in self._entries.items()
                 if e.grad_seen and e.stats.empty and e.module.training]
 

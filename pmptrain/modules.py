@@ -19,6 +19,12 @@ Three kinds (``adapter.kind``):
   affine parameters), and the RMSNorm classes of Hugging Face's Llama, Mistral, Qwen2/3 and Phi-3.
   The normalisation is fixed dynamics before the controlled affine; the state is ``x̂``.
 
+Classes not listed are recognised by what they compute (:mod:`pmptrain.probe`): a module with one
+1-D ``weight`` (and ``bias``) whose forward matches LayerNorm, RMSNorm, ``(1 + w)`` RMSNorm or
+channels-first LayerNorm, and an ``nn.Embedding`` subclass computing ``s·E[i]``.
+:func:`bypassed_by_parent` names children whose parent reads their parameters without calling
+them (``nn.MultiheadAttention.out_proj``): hooks on them would see nothing.
+
 **What a sample is** (``batch_size``; docs/algorithms.md §1): for layers that act on the last
 dimension row by row — Linear, Conv1D, Embedding, LayerNorm, RMSNorm — every row (token) is a
 sample, so a fixed number of tokens gives the same step however it is split into B × T. For
@@ -146,6 +152,12 @@ class EmbeddingAdapter(AffineAdapter):
     transposed = True
     index_input = True
     bias_name = None
+    #: ``y = s·Eᵀ e_i``: the state is ``s·e_i`` (Gemma's scaled embedding), so ``C_x`` is ``s²``
+    #: times the index counts / B
+    state_scale = 1.0
+
+    def __init__(self, state_scale: float = 1.0):
+        self.state_scale = float(state_scale)
 
     def batch_size(self, module, x):
         return max(1, x.numel())
@@ -446,7 +458,7 @@ def _lookup(module: nn.Module):
         if not isinstance(module, base):
             continue
         if t.forward is not base.forward:
-            probed = _probed(module)
+            probed = _probed_embedding(module) if base is nn.Embedding else _probed(module)
             if probed is not None:
                 return probed, None
             return None, (f"{t.__name__} overrides {base.__name__}.forward (it may not be affine in its "
@@ -461,6 +473,17 @@ def _lookup(module: nn.Module):
                 return None, "max_norm renormalises the weight inside forward (not an affine map of it)"
         return adapter, None
     return _probed(module), None
+
+
+def _probed_embedding(module: nn.Module) -> Optional[AffineAdapter]:
+    """An ``nn.Embedding`` subclass whose forward is ``s·E[i]`` (:func:`pmptrain.probe.recognise_scaled_embedding`),
+    under the same conditions as ``nn.Embedding`` itself, or None."""
+    from .probe import recognise_scaled_embedding
+
+    if module.sparse or module.max_norm is not None:
+        return None
+    scale = recognise_scaled_embedding(module)
+    return None if scale is None else EmbeddingAdapter(scale)
 
 
 def _probed(module: nn.Module) -> Optional[AffineAdapter]:
@@ -487,6 +510,8 @@ def registration_hint(module: nn.Module) -> Optional[str]:
     w = params.get("weight")
     if w is None or set(params) - {"weight", "bias"} or any(True for _ in module.children()):
         return None
+    if any(isinstance(module, base) and type(module).forward is base.forward for base, _ in _BUILTIN):
+        return None  # a built-in type refused for a stated reason (max_norm, sparse): not a registration matter
     cls = type(module).__name__
     if w.dim() == 1:
         return (f" If {cls} computes y = weight * N(x) + bias with a normalisation N that pmptrain did not "

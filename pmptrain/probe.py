@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["recognise_norm", "TOLERANCE_32", "EPS_CANDIDATES"]
+__all__ = ["recognise_norm", "recognise_scaled_embedding", "TOLERANCE_32", "EPS_CANDIDATES"]
 
 #: largest relative error of a match (a few float32 roundings: modules that normalise in float32)
 TOLERANCE_32 = 3e-6
@@ -96,7 +96,7 @@ def _probe(module: nn.Module) -> Optional[Tuple[str, float]]:
         twin = copy.deepcopy(module).double().train()
     except Exception:  # noqa: BLE001 - an uncopyable module is not probed
         return None
-    d = twin.weight.numel()
+    d, dev = twin.weight.numel(), twin.weight.device
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         twin.weight.copy_(0.5 + torch.rand(d, generator=gen, dtype=torch.float64))
@@ -107,7 +107,7 @@ def _probe(module: nn.Module) -> Optional[Tuple[str, float]]:
                  if isinstance(getattr(module, a, None), (int, float)) and not isinstance(getattr(module, a), bool)]
     eps_list = list(dict.fromkeys(eps_given + list(EPS_CANDIDATES)))
     for kind, shape in (("layer", (2, 3, d)), ("rms", (2, 3, d)), ("rms_1p", (2, 3, d)), ("layer_cf", (2, d, 3, 2))):
-        xs = [s * (torch.randn(shape, generator=gen, dtype=torch.float64) + 0.7) for s in _SCALES]
+        xs = [(s * (torch.randn(shape, generator=gen, dtype=torch.float64) + 0.7)).to(dev) for s in _SCALES]
         try:
             with torch.no_grad():
                 ys = [twin(x) for x in xs]
@@ -126,3 +126,38 @@ def _probe(module: nn.Module) -> Optional[Tuple[str, float]]:
         if best is not None and best[0] <= TOLERANCE_32:
             return kind, best[1]
     return None
+
+
+def recognise_scaled_embedding(module: nn.Module) -> Optional[float]:
+    """The constant ``s`` of an ``nn.Embedding`` subclass whose forward computes ``s·E[i]`` (Gemma's
+    ``GemmaTextScaledWordEmbedding``: ``E[i]·√d``), found by probing as :func:`recognise_norm` does
+    (random table, random indices; accepted at a relative error ≤ :data:`TOLERANCE_32`), or None.
+    Cached per class and configuration."""
+    if not isinstance(module, nn.Embedding) or set(dict(module.named_parameters())) != {"weight"}:
+        return None
+    key = ("embedding",) + _key(module)
+    if key not in _CACHE:
+        _CACHE[key] = _probe_embedding(module)
+    return _CACHE[key]
+
+
+def _probe_embedding(module: nn.Embedding) -> Optional[float]:
+    try:
+        twin = copy.deepcopy(module).double().train()
+    except Exception:  # noqa: BLE001
+        return None
+    gen = torch.Generator().manual_seed(4321)
+    v, d = twin.weight.shape
+    with torch.no_grad():
+        twin.weight.copy_(torch.randn(v, d, generator=gen, dtype=torch.float64).to(twin.weight.device))
+        idx = torch.randint(0, v, (2, 5), generator=gen).to(twin.weight.device)
+        try:
+            y = twin(idx)
+        except Exception:  # noqa: BLE001
+            return None
+        if not isinstance(y, Tensor) or y.shape != (2, 5, d):
+            return None
+        ref = twin.weight[idx]
+        scale = float((y.double() * ref).sum() / ref.pow(2).sum())
+        err = float((y.double() - scale * ref).abs().max()) / max(float(y.double().abs().max()), 1e-300)
+    return scale if math.isfinite(err) and err <= TOLERANCE_32 and scale != 0.0 else None

@@ -178,7 +178,7 @@ def test_a_tie_with_a_module_without_a_rule_falls_back_and_warning_table_and_str
 # ------------------------------------------------------------------ norms recognised by what they compute
 
 from nanogpt_faithful import GPT, GPTConfig  # noqa: E402
-from test_layers import DT as _DT, LR, RHO, newton_maximiser, one_step  # noqa: E402,F401
+from test_layers import LR, RHO, newton_maximiser, one_step  # noqa: E402
 
 
 class T5StyleNorm(nn.Module):  # variance in float32, no bias, no mean subtraction
@@ -284,6 +284,8 @@ def test_a_module_that_is_not_a_norm_is_not_recognised_and_the_error_suggests_re
     msg = str(err.value)
     assert "'1' (NotANorm)" in msg and "pmptrain.register_module_type(NotANorm" in msg
     assert "solver='iterative'" not in msg
+    with pytest.warns(UserWarning, match=r"'1' \(NotANorm\).*fallback step\..*pmptrain.register_module_type\(NotANorm"):
+        pmptrain.EMSA(model)  # the warning names the path and the one-line registration too
 
 
 def test_probe_reads_and_fits_eps():
@@ -313,7 +315,7 @@ def test_faithful_nanogpt_is_accepted_by_strict_fully_controlled_and_steps():
         _, loss = model(idx, targets=idx.roll(-1, 1))
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         assert not opt.last_step["skipped"] and opt.last_step["fallback"] == 0
     assert losses[-1] < losses[0]
 
@@ -518,11 +520,20 @@ def _mha_rank(rank, world):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.distributed
-def test_mha_rule_under_two_ranks_equals_one_process_on_the_union_batch():
+def _rank_cases(rank, world):
+    return {"mha": _mha_rank(rank, world), "silent": _silent_rank(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def dist_cases():
     from dist_utils import run_distributed
 
-    results = run_distributed(_mha_rank, 2)
+    return run_distributed(_rank_cases, 2)  # one spawn for every distributed case of this file
+
+
+@pytest.mark.distributed
+def test_mha_rule_under_two_ranks_equals_one_process_on_the_union_batch(dist_cases):
+    results = [r["mha"] for r in dist_cases]
     torch.manual_seed(0)
     model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
     x = torch.randn(4, 5, 8, dtype=DT, generator=torch.Generator().manual_seed(1))
@@ -573,3 +584,128 @@ def test_hf_mamba_conv1d_read_by_its_mixer_falls_back_at_the_first_step():
         return
     assert len(msgs) == 1 and "'backbone.layers.0.mixer.conv1d'" in msgs[0] and "MambaMixer" in msgs[0]
     assert {r["unit"]: r["rule"] for r in opt.rule_table()}["backbone.layers.0.mixer.conv1d.weight"] == "fallback"
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's pattern: ``E[i]·√d`` with the scale in a buffer."""
+
+    def __init__(self, v, d):
+        super().__init__(v, d)
+        self.register_buffer("embed_scale", torch.tensor(d ** 0.5), persistent=False)
+
+    def forward(self, idx):
+        return super().forward(idx) * self.embed_scale.to(self.weight.dtype)
+
+
+def test_scaled_embedding_step_is_the_maximiser_of_its_augmented_hamiltonian():
+    from test_hamiltonian import _newton
+
+    from pmptrain.hamiltonian import affine_augmented_hamiltonian
+
+    v, d = 7, 4
+    emb = ScaledEmbedding(v, d).double()
+    ad = pmptrain.modules.adapter_for(emb)
+    assert ad is not None and ad.index_input and ad.state_scale == pytest.approx(2.0, rel=1e-12)
+    idx = torch.randint(0, v - 2, (3, 5), generator=torch.Generator().manual_seed(1))
+    target = torch.randn(3, 5, d, dtype=DT, generator=torch.Generator().manual_seed(2))
+    opt = pmptrain.EMSA(nn.Sequential(emb), lr=LR, rho=RHO, strict=True)
+    F.mse_loss(emb(idx), target).backward()
+    grad, before = emb.weight.grad.clone(), emb.weight.detach().clone()
+    opt.step()
+    batch = idx.numel()  # every index a sample
+    states = 2.0 * F.one_hot(idx.reshape(-1), v).to(DT)  # x = s·e_i
+    zeros_p = torch.zeros(batch, d, dtype=DT)  # indices are not differentiable: no costate penalty
+
+    def h(de):
+        return affine_augmented_hamiltonian(de.T, None, states, zeros_p, batch, RHO, 1 / LR, grad.T)
+
+    (ref,) = _newton(h, [(v, d)])
+    torch.testing.assert_close(emb.weight - before, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_hf_gemma_tie_through_its_scaled_embedding_is_one_closed_form_unit():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = tf.GemmaForCausalLM(tf.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=37,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               head_dim=16))
+    opt = pmptrain.EMSA(model, strict=True)
+    table = {r["unit"]: r["rule"] for r in opt.rule_table()}
+    assert table["model.embed_tokens+lm_head"] == "emsa" and "fallback" not in table.values()
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert not opt.last_step["skipped"] and opt.last_step["fallback"] == 0
+
+
+def test_tapped_attention_computes_exactly_what_torch_computes_and_is_inert_in_copies():
+    """The tapped forward is torch's own code: the same output and attention weights, the same
+    dropout draws; eval mode and no_grad run torch's path untouched; copies carry no tap."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=True)
+    plain = copy.deepcopy(mha)
+    opt = pmptrain.EMSA(mha, strict=True)
+    x = torch.randn(3, 5, 8)
+    mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    for kw in ({"need_weights": True, "average_attn_weights": False}, {"need_weights": False, "attn_mask": mask}):
+        torch.manual_seed(7)
+        ours = mha(x, x, x, **kw)
+        torch.manual_seed(7)
+        ref = plain(x, x, x, **kw)
+        torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=0)
+        if kw["need_weights"]:
+            torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=0)
+        ours[0].sum().backward()
+    assert all(not opt.capture.peek(k).empty for k in opt.units[""].rule.capture_keys(opt.units[""]))
+    opt.zero_grad()
+    mha.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x, x, x)[0], plain.eval()(x, x, x)[0])
+    assert all(opt.capture.peek(k).empty for k in opt.units[""].rule.capture_keys(opt.units[""]))
+    mha.train()
+    twin = copy.deepcopy(mha)
+    twin2 = pickle.loads(pickle.dumps(mha))
+    for m in (twin, twin2):
+        m(x, x, x)[0].sum().backward()  # runs torch's forward; nothing reaches the optimizer
+    assert all(opt.capture.peek(k).empty for k in opt.units[""].rule.capture_keys(opt.units[""]))
+
+
+def test_silence_is_found_when_only_a_submodule_is_called():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": FusedMixer(), "unused": nn.Linear(2, 2)})
+    opt = pmptrain.EMSA(model)
+    model["body"](torch.randn(2, 5, 6)).pow(2).mean().backward()  # the root's forward never runs
+    with pytest.warns(UserWarning, match="'body.conv1d'.*forward never ran through its hooks"):
+        opt.step()
+    assert {r["unit"]: r["rule"] for r in opt.rule_table()}["body.conv1d.weight"] == "fallback"
+
+
+def _silent_rank(rank, world):
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedMixer())
+    opt = pmptrain.EMSA(model, process_group=dist.group.WORLD)
+    x = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            model(x[2 * rank:2 * rank + 2]).pow(2).mean().backward()
+            opt.step()
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "rules": {r["unit"]: r["rule"] for r in opt.rule_table()},
+            "warned": sum("forward never ran" in str(w.message) for w in rec)}
+
+
+@pytest.mark.distributed
+def test_a_silent_module_is_demoted_alike_on_every_rank(dist_cases):
+    results = [r["silent"] for r in dist_cases]
+    for r in results:
+        assert r["rules"]["0.conv1d.weight"] == "fallback" and r["rules"]["0.in_proj"] == "emsa"
+        assert r["warned"] == 1
+    for n, p in results[0]["params"].items():
+        assert torch.equal(p, results[1]["params"][n]), n

@@ -323,7 +323,7 @@ class AffineEMSARule(EMSARuleBase):
         if adapter.index_input:
             counts = st.counts if st.counts is not None else torch.zeros(n, dtype=dt, device=dev)
             pdist.all_reduce_sum_([counts], pg)
-            raw.counts = counts / b
+            raw.counts = counts * (getattr(adapter, "state_scale", 1.0) ** 2 / b)  # C_x of the states s·e_i
             if st.g_sq is not None:  # recorded for rho_scale="costate" only: not a penalty
                 scale = float(st.samples) * ctx.costate_inv_scale
                 sq = (st.g_sq * (scale * scale)).reshape(1).to(dt)

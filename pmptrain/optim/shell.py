@@ -539,13 +539,18 @@ class PMPOptimizer(torch.optim.Optimizer):
         parent = modules.get(parent_name)
         return bypassed_by_parent(parent, child) if parent is not None else None
 
-    def _demote_silent(self) -> None:
+    def _demote_silent(self, sizes=None) -> None:
         """The first step's check that no claimed module went silent: a unit whose every member's
         parameters received a gradient in a training-mode forward while no member's forward hook
         recorded (:meth:`~pmptrain.capture.ModuleCapture.silent_keys`) cannot form its Hamiltonian;
         its modules take the fallback from now on, with one warning naming each module and the
-        cause (``strict=True`` raises), instead of an error at every step."""
+        cause (``strict=True`` raises), instead of an error at every step. With several ranks
+        (``sizes``: the members' samples summed over the ranks) a member counts as silent only if
+        no rank recorded it; ranks running the same model decide alike, and ranks that do not are
+        stopped by the next step's structure check."""
         silent = set(self.capture.silent_keys())
+        if sizes is not None:
+            silent = {k for k in silent if sizes.get(k, (0, 0))[0] == 0}
         if not silent:
             return
         modules = dict(self.root.named_modules())
@@ -584,16 +589,19 @@ class PMPOptimizer(torch.optim.Optimizer):
             what = f"module {name!r} ({type(module).__name__}) has no closed-form maximiser: {choice.reason}"
             hint = choice.hint if choice.hint is not None else (
                 f" Exclude it explicitly (exclude=[{name!r}]) or use solver='iterative'.")
-        self._warn_fallback(("unsupported", name), what, hint)
+        # a registration hint is worth reading in the warning too; the generic one only under strict
+        self._warn_fallback(("unsupported", name), what, hint, in_warning=choice.hint is not None)
 
-    def _warn_fallback(self, key, what: str, hint: str = " Pass exclude=[...] to accept the fallback explicitly.") -> None:
-        """Warn once that ``what`` sends parameters to the fallback step; raise with ``strict=True``."""
+    def _warn_fallback(self, key, what: str, hint: str = " Pass exclude=[...] to accept the fallback explicitly.",
+                       in_warning: bool = False) -> None:
+        """Warn once that ``what`` sends parameters to the fallback step (with ``hint`` when
+        ``in_warning``); raise with ``strict=True``, always with ``hint``."""
         msg = f"{what}; its parameters take the fallback step"
         if self.strict:
             raise ValueError(f"{msg} (strict=True).{hint}")
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(msg, stacklevel=5)
+            warnings.warn(msg + "." + hint if in_warning else msg, stacklevel=5)
 
     def _sync_capture(self) -> None:
         """Register (or update) the hooks of every module whose rule needs captured states; a rule
@@ -866,11 +874,10 @@ class PMPOptimizer(torch.optim.Optimizer):
             # counted (the statistics are dropped; no weight, state or moment changes)
             self._skip("empty batch (zero samples)")
             return
-        if world == 1:  # (with several ranks the units must stay alike on every rank: no demotion)
-            before = self.units
-            self._demote_silent()
-            if sharded is not None and self.units is not before:
-                sharded = self._sharded_step()
+        before = self.units
+        self._demote_silent(sizes)
+        if sharded is not None and self.units is not before:
+            sharded = self._sharded_step()
         group_of = {id(p): g for g in self.param_groups for p in g["params"]} if sharded is None else sharded.group_of
         units = self.units if sharded is None else sharded.units
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
