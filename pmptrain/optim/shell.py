@@ -545,7 +545,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         step = getattr(unit.state, "step", None)
         for q in unit.params[1:]:
             if isinstance(step, int):
-                self.state[q] = {"step": torch.tensor(step, dtype=torch.int64)}
+                self.state[q] = {"step": torch.tensor(step, dtype=torch.int64, device="cpu")}
 
     def _pull_state(self) -> None:
         """Every unit's record from ``opt.state``: a tensor a tool put there (Lightning's move to
