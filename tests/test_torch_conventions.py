@@ -315,10 +315,11 @@ def test_second_step_on_one_backward_steps_again_like_torch_without_statistics()
 
 def test_lazy_modules_train_like_the_eager_model_of_the_same_shape():
     torch.manual_seed(0)
-    lazy = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.LazyLinear(3)).double()
-    eager = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    lazy = nn.Sequential(nn.LazyLinear(8), nn.LazyBatchNorm1d(), nn.Tanh(), nn.LazyLinear(3)).double()
+    eager = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
     opt_l = pmptrain.EMSA(lazy, lr=0.5)
     opt_e = pmptrain.EMSA(eager, lr=0.5)
+    assert not opt_l.units and opt_l.state_dict()["pmptrain"]["units"] == {}  # nothing to train before the first call
     for i in range(4):
         x, y = data(i)
         x = x.double()
@@ -329,7 +330,7 @@ def test_lazy_modules_train_like_the_eager_model_of_the_same_shape():
             o.zero_grad()
             F.cross_entropy(z, y).backward()
             o.step()
-        assert opt_l.last_step["controlled"] == opt_e.last_step["controlled"] == 2
+        assert opt_l.last_step["controlled"] == opt_e.last_step["controlled"] == 3
         for p, q in zip(lazy.parameters(), eager.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
     assert [(r["unit"], r["rule"]) for r in opt_l.rule_table()] == [(r["unit"], r["rule"]) for r in opt_e.rule_table()]
