@@ -168,6 +168,24 @@ def test_distributed_checkpoint_round_trip_is_bit_exact(tmp_path, name, api):
         assert torch.equal(p, q)
 
 
+def test_distributed_checkpoint_template_without_kept_statistics_fails_loudly(tmp_path):
+    """E-MSA's kept statistics exist after the first step: a template from a fresh optimizer lacks
+    them, and DCP says so (it loads only the template's keys) instead of resuming without them."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    cfg = by_name["emsa-running"]
+    run = cfg.make_model()
+    opt = cfg.build(run)
+    train(run, opt, 2)
+    fresh_opt = cfg.build(cfg.make_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
+        with pytest.raises(CheckpointException, match="Missing key in checkpoint state_dict: optim.state.0.running"):
+            dcp.load({"optim": fresh_opt.state_dict()}, checkpoint_id=str(tmp_path))
+
+
 def _old_format(opt):
     """The state_dict of format 2 (pmptrain <= this change): every unit's record under
     ``["pmptrain"]["units"][name]["state"]``, ``["state"]`` empty."""
