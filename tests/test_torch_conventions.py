@@ -168,6 +168,24 @@ def test_distributed_checkpoint_round_trip_is_bit_exact(tmp_path, name, api):
         assert torch.equal(p, q)
 
 
+def test_distributed_checkpoint_template_without_kept_statistics_fails_loudly(tmp_path):
+    """E-MSA's kept statistics exist after the first step: a template from a fresh optimizer lacks
+    them, and DCP says so (it loads only the template's keys) instead of resuming without them."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    cfg = by_name["emsa-running"]
+    run = cfg.make_model()
+    opt = cfg.build(run)
+    train(run, opt, 2)
+    fresh_opt = cfg.build(cfg.make_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
+        with pytest.raises(CheckpointException, match="Missing key in checkpoint state_dict: optim.state.0.running"):
+            dcp.load({"optim": fresh_opt.state_dict()}, checkpoint_id=str(tmp_path))
+
+
 def _old_format(opt):
     """The state_dict of format 2 (pmptrain <= this change): every unit's record under
     ``["pmptrain"]["units"][name]["state"]``, ``["state"]`` empty."""
@@ -315,10 +333,11 @@ def test_second_step_on_one_backward_steps_again_like_torch_without_statistics()
 
 def test_lazy_modules_train_like_the_eager_model_of_the_same_shape():
     torch.manual_seed(0)
-    lazy = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.LazyLinear(3)).double()
-    eager = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    lazy = nn.Sequential(nn.LazyLinear(8), nn.LazyBatchNorm1d(), nn.Tanh(), nn.LazyLinear(3)).double()
+    eager = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
     opt_l = pmptrain.EMSA(lazy, lr=0.5)
     opt_e = pmptrain.EMSA(eager, lr=0.5)
+    assert not opt_l.units and opt_l.state_dict()["pmptrain"]["units"] == {}  # nothing to train before the first call
     for i in range(4):
         x, y = data(i)
         x = x.double()
@@ -329,7 +348,7 @@ def test_lazy_modules_train_like_the_eager_model_of_the_same_shape():
             o.zero_grad()
             F.cross_entropy(z, y).backward()
             o.step()
-        assert opt_l.last_step["controlled"] == opt_e.last_step["controlled"] == 2
+        assert opt_l.last_step["controlled"] == opt_e.last_step["controlled"] == 3
         for p, q in zip(lazy.parameters(), eager.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
     assert [(r["unit"], r["rule"]) for r in opt_l.rule_table()] == [(r["unit"], r["rule"]) for r in opt_e.rule_table()]

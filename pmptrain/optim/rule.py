@@ -354,7 +354,7 @@ def record_view(rec: Any) -> Dict[str, Any]:
     tensors inside lists, and pickles a tuple whole (and does not load it back)."""
     out = {f.name: _share(getattr(rec, f.name)) for f in dataclasses.fields(rec)}
     if isinstance(out.get("step"), int):
-        out["step"] = torch.tensor(out["step"], dtype=torch.int64)
+        out["step"] = torch.tensor(out["step"], dtype=torch.int64, device="cpu")
     return out
 
 

@@ -373,7 +373,10 @@ class PMPOptimizer(torch.optim.Optimizer):
             if is_block:
                 blocks.append(name)
             own = [(n, p) for n, p in module.named_parameters(recurse=is_block) if id(p) in group_of]
-            if not own or any(id(p) in lazy for _, p in own):
+            if not own:
+                continue
+            if any(id(p) in lazy for _, p in own):
+                lazy.update(id(p) for _, p in own)  # the whole module (block) waits for its initialisation
                 continue
             if name in self._excluded:
                 excluded.update(id(p) for _, p in own)
@@ -652,7 +655,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         step = getattr(unit.state, "step", None)
         for q in unit.params[1:]:
             if isinstance(step, int):
-                self.state[q] = {"step": torch.tensor(step, dtype=torch.int64)}
+                self.state[q] = {"step": torch.tensor(step, dtype=torch.int64, device="cpu")}
 
     def _pull_state(self) -> None:
         """Every unit's record from ``opt.state``: a tensor a tool put there (Lightning's move to
@@ -665,7 +668,8 @@ class PMPOptimizer(torch.optim.Optimizer):
             if d is None:
                 continue
             seen = unit.scratch.get("published")
-            if seen is not None and seen[0] is d and len(d) == len(seen[1]) and all(d.get(k) is v for k, v in seen[1]):
+            if seen is not None and seen[0] is d and len(d) == len(seen[1]) \
+                    and all(d.get(k) is v for k, v in seen[1]):
                 continue
             unit.state = record_from_view(type(unit.state), d)
             unit.scratch["published"] = (d, list(d.items()))
@@ -1064,7 +1068,8 @@ class PMPOptimizer(torch.optim.Optimizer):
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
-            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
         saved_groups = [dict(s) for s in saved_groups]
         for s in saved_groups:
             for key in getattr(self, "_group_keys", ()):
