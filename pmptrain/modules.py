@@ -50,6 +50,9 @@ __all__ = [
     "RMSNormAdapter",
     "BatchNormAdapter",
     "GroupNormAdapter",
+    "PReLUAdapter",
+    "SequenceLinearAdapter",
+    "RoutedAdapter",
     "adapter_for",
     "unsupported_reason",
     "register_module_type",
@@ -134,6 +137,40 @@ class TransposedLinearAdapter(LinearAdapter):
     def weight_shape_2d(self, module):
         n, m = self.weight(module).shape
         return m, n
+
+
+class SequenceLinearAdapter(LinearAdapter):
+    """A :class:`~pmptrain.views.LinearView`: ``y = W x + b`` on calls whose first dimension is the
+    samples — ``[B, T, n]`` (a whole sequence) or ``[B, n]`` (one time step); a sample is one
+    sequence, its time steps are its rows (docs/algorithms.md §2, "Recurrent layers")."""
+
+    def batch_size(self, module, x):
+        return x.shape[0] if x.dim() >= 2 else 1
+
+
+class RoutedAdapter(AffineAdapter):
+    """A :class:`~pmptrain.views.RoutedView`: ``E`` expert matrices stored ``[E, m, n]``, rows in
+    block form (``x_i`` in the block of its expert): the ``"grouped"`` kind with ``E`` groups whose
+    rows are zero outside their own block. Every routed row is a sample (a token's row per expert)."""
+
+    kind = "grouped"
+    bias_name = None
+
+    def groups(self, module):
+        return module.weight.shape[0]
+
+    def weight_shape_2d(self, module):
+        e, m, n = module.weight.shape
+        return e * m, e * n
+
+    def batch_size(self, module, x):
+        return x.shape[0]
+
+    def input_rows(self, module, x):
+        return x
+
+    def output_rows(self, module, grad_out):
+        return grad_out
 
 
 class EmbeddingAdapter(AffineAdapter):
@@ -313,6 +350,29 @@ class RMSNormAdapter(_LastDimsNorm):
         return xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + float(eps))
 
 
+class PReLUAdapter(ChannelAffineAdapter):
+    """``nn.PReLU``: ``y = relu(x) + a ⊙ min(x, 0)`` — the channel kind with state
+    ``x̂ = min(x, 0)``, no bias (``relu(x)`` is fixed drift). One slope (``num_parameters = 1``): every
+    entry is a row of one channel; ``C`` slopes: channel dimension 1. A sample is one entry of the
+    first dimension (the whole input when it has fewer than 2 dimensions)."""
+
+    bias_name = None
+
+    def normalize(self, module, x):
+        return x.clamp(max=0)
+
+    def _to_rows(self, module, t):
+        if module.weight.numel() == 1:
+            return t.reshape(-1, 1)
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+    def batch_size(self, module, x):
+        return x.shape[0] if x.dim() >= 2 else 1
+
+    def batched(self, module, x):
+        return x.dim() >= 2
+
+
 class _ChannelDimNorm(ChannelAffineAdapter):
     """Normalisations of ``[N, C, *]`` inputs with a per-channel affine; a sample is one entry of N."""
 
@@ -361,11 +421,13 @@ _LAYER_NORM = LayerNormAdapter()
 _RMS_NORM = RMSNormAdapter()
 _BATCH_NORM = BatchNormAdapter()
 _GROUP_NORM = GroupNormAdapter()
+_PRELU = PReLUAdapter()
 
 _BUILTIN = [
     (nn.Linear, _LINEAR), (nn.Conv1d, None), (nn.Conv2d, None), (nn.Conv3d, None), (nn.Embedding, _EMBEDDING),
     (nn.LayerNorm, _LAYER_NORM), (nn.GroupNorm, _GROUP_NORM),
     (nn.modules.batchnorm._BatchNorm, _BATCH_NORM), (nn.modules.instancenorm._InstanceNorm, _GROUP_NORM),
+    (nn.PReLU, _PRELU),
 ]
 if hasattr(nn, "RMSNorm"):
     _BUILTIN.append((nn.RMSNorm, _RMS_NORM))
@@ -415,6 +477,9 @@ def _qualname(module: nn.Module) -> str:
 def _lookup(module: nn.Module):
     """``(adapter or None, reason or None)`` for a module."""
     t = type(module)
+    view_adapter = getattr(module, "view_adapter", None)
+    if isinstance(view_adapter, AffineAdapter):  # a pmptrain.views view of a host's parameters
+        return view_adapter, None
     if t in _REGISTERED:
         return _REGISTERED[t], None
     named = _BY_NAME.get(_qualname(module))

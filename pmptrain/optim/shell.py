@@ -42,6 +42,7 @@ from .. import distributed as pdist
 from .._profile import phase
 from ..capture import ModuleCapture
 from ..modules import adapter_for
+from ..views import views_of
 from . import ranks
 from .hyper import PENALTY_MAX, Real, Spec
 from .rule import Member, Proposal, Rule, StepContext, Unit
@@ -290,7 +291,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         why: Dict[int, str] = {}  # why a parameter takes the fallback (for strict=True)
         excluded = set()
         blocks: List[str] = []  # names of the controlled blocks met so far (their descendants are skipped)
-        for name, module in self.root.named_modules():
+        for name, module in self._modules_and_views():
             if any(name.startswith(b + ".") for b in blocks):
                 continue  # inside a controlled block: the block is the unit
             is_block = self._is_block(name, module)
@@ -381,6 +382,17 @@ class PMPOptimizer(torch.optim.Optimizer):
                 unit.rule.bind(unit, group_of[id(unit.primary)])
         self.units = new_units
         self._sync_capture()
+
+    def _modules_and_views(self):
+        """``root.named_modules()`` with every host of fused affine maps (an ``nn.LSTM``, Mixtral's
+        experts; :mod:`pmptrain.views`) replaced by its views, named ``host.suffix``."""
+        for name, module in self.root.named_modules():
+            views = None if self._is_block(name, module) else views_of(module)
+            if views is None:
+                yield name, module
+                continue
+            for suffix, view in views:
+                yield (f"{name}.{suffix}" if name else suffix) if suffix else name, view
 
     @staticmethod
     def _member(name, module, rule: Rule, own: Dict[str, Tensor]) -> Optional[Member]:
