@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 from torch import nn
 
 from ..modules import adapter_for, unsupported_reason
+from .additive import AdditiveEMSARule
 from .affine import AffineEMSARule
 from .blocks import ChannelEMSARule, GroupedEMSARule
 from .elementwise import FallbackRule
@@ -231,6 +232,7 @@ class EMSA(PMPOptimizer):
         self._by_kind = {"matrix": AffineEMSARule(), "grouped": GroupedEMSARule(), "channel": ChannelEMSARule()}
         self._iterative = IterativeEMSARule()
         self._fallback = FallbackRule()
+        self._additive = AdditiveEMSARule(self._fallback, strict=strict)
         defaults = dict(
             lr=lr, rho=rho, rho_scale=rho_scale, route=route, costate=costate, stat_decay=stat_decay,
             stat_every=stat_every, eig_refresh=eig_refresh,
@@ -241,8 +243,8 @@ class EMSA(PMPOptimizer):
             penalty_units=penalty_units, proximal=proximal, l2=l2, perturb_init=perturb_init,
             perturb_seed=perturb_seed,
         )
-        super().__init__(model, params, defaults, [*self._by_kind.values(), self._iterative, self._fallback],
-                         strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler)
+        super().__init__(model, params, defaults,
+                         [*self._by_kind.values(), self._iterative, self._fallback, self._additive], strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler)
 
     @classmethod
     def paper(cls, model: nn.Module, params: Optional[Iterable] = None, **overrides) -> "EMSA":
@@ -332,12 +334,21 @@ class EMSA(PMPOptimizer):
         adapter = adapter_for(module)
         if adapter is not None:
             return self._by_kind[adapter.kind]
+        if unsupported_reason(module) is None and _composite_with_parameters(module):
+            return self._additive  # its direct parameters: additive ones are recognised at the first forward
         return Unsupported(unsupported_reason(module) or (
             f"no closed form for {type(module).__name__} modules (if it is affine in its parameters, "
             "give it one with pmptrain.register_module_type)"))
 
     def _param_rule(self, name, param):
         return self._fallback, {}
+
+
+def _composite_with_parameters(module: nn.Module) -> bool:
+    """A module without an adapter that has child modules and floating-point parameters of its own
+    (ViT's embeddings, Swin's attention): candidates for :class:`AdditiveEMSARule`."""
+    own = list(module.parameters(recurse=False))
+    return bool(own) and all(p.is_floating_point() for p in own) and next(module.children(), None) is not None
 
 
 class MSA(EMSA):

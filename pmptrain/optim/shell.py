@@ -446,6 +446,11 @@ class PMPOptimizer(torch.optim.Optimizer):
             if not unit.rule.module_rule:
                 continue
             group = group_of[id(unit.primary)]
+            observer = getattr(unit.rule, "observer", None)
+            if observer is not None:  # a rule that reads the module's calls itself (additive parameters)
+                for mb in unit.members:
+                    if self.capture.observation(mb.name) is None:
+                        self.capture.observe(mb.name, mb.module, observer(unit))
             for mb in unit.members:
                 spec = unit.rule.capture_spec(unit, mb, group)
                 entry = self.capture._entries.get(mb.name)
