@@ -35,7 +35,7 @@ SELECTIONS = frozenset({
     "SqueezeBackward1", "SqueezeBackward2", "SliceBackward0", "SelectBackward0", "IndexBackward0",
     "IndexSelectBackward0", "CloneBackward0", "RepeatBackward0", "ToCopyBackward0", "AliasBackward0",
     "ExpandAsBackward0", "FlattenBackward0", "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
-    "ChunkBackward0", "NarrowBackward0",
+    "ChunkBackward0", "NarrowBackward0", "EmbeddingBackward0",
 })
 #: the nodes that add a selection of θ to a state, or place it into one
 _PLACEMENTS = frozenset({"AddBackward0", "CatBackward0", "StackBackward0"})
@@ -85,16 +85,30 @@ def additive_uses(outputs: List[Tensor], param: Tensor) -> Tuple[Optional[Tensor
     if acc is None:
         return None, None
     total = torch.zeros(param.shape, dtype=torch.float64, device=param.device)
+    root_ids = {id(r) for r in roots}
     for chain_end in parents.get(id(acc), []):
         chain, (node, idx) = [], chain_end
         while type(node).__name__ in SELECTIONS:
             ups = parents.get(id(node), [])
+            if not ups and id(node) in root_ids:
+                break  # the output is a selection of θ: a bias-only map with no state (as an embedding)
             if len(ups) != 1:
-                return None, (f"a rearranged copy of it is used {len(ups)} times" if ups else
-                              "a selection of it is an output")
+                return None, f"a rearranged copy of it is used {len(ups)} times"
             chain.append((node, idx))
             node, idx = ups[0]
         name = type(node).__name__
+        if name in SELECTIONS:  # the output itself: ones at the output, down the selections below it
+            meta = node._input_metadata[0]
+            with torch.no_grad():
+                out = node(torch.ones(meta.shape, dtype=meta.dtype, device=meta.device))
+                g = _fit(out[idx] if isinstance(out, tuple) else out, node, idx)
+                for n, i in reversed(chain):
+                    out = n(g)
+                    g = _fit(out[i] if isinstance(out, tuple) else out, n, i)
+            if g is None or g.numel() != param.numel():
+                return None, "its uses could not be counted"
+            total += g.reshape(param.shape).to(torch.float64)
+            continue
         if name not in _PLACEMENTS or (name == "AddBackward0" and float(getattr(node, "_saved_alpha", 1)) != 1.0):
             return None, f"it enters through {name.replace('Backward0', '').replace('Backward1', '')} (not a sum)"
         meta = node._input_metadata[0]

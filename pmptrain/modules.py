@@ -51,6 +51,8 @@ __all__ = [
     "BatchNormAdapter",
     "GroupNormAdapter",
     "PReLUAdapter",
+    "ConvTransposeAdapter",
+    "BiasAdapter",
     "SequenceLinearAdapter",
     "RoutedAdapter",
     "adapter_for",
@@ -264,6 +266,47 @@ class ConvAdapter(AffineAdapter):
         return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
 
 
+class ConvTransposeAdapter(AffineAdapter):
+    """A :class:`~pmptrain.views.ConvTransposeView` (``nn.ConvTranspose1d/2d/3d`` without its bias,
+    ``groups = 1``) as the adjoint of a convolution: every *input* position ``i`` contributes
+    ``z_i = Mᵀ x_i`` to the kernel window of outputs it reaches (``M`` = the weight stored
+    ``[C_in, C_out·∏k]``), and the output is ``col2im`` of the ``z_i``. So it is the matrix kind with
+    ``W = Mᵀ`` stored transposed: state rows are the input's pixels ``x_i`` (``C_in``), costate rows
+    ``∂J/∂z_i`` are the im2col patches of the output gradient at the input positions
+    (``C_out·∏k``). The costate penalty is exact; the state penalty of overlapping windows is
+    approximated by the sum over input positions (the adjoint of a convolution's K-FAC
+    approximation; docs/algorithms.md §2, "Transposed convolutions"). A sample is one batch entry."""
+
+    transposed = True
+    bias_name = None
+
+    def __init__(self, spatial_dims: int):
+        self.spatial_dims = spatial_dims
+
+    def weight_shape_2d(self, module):
+        w = module.weight
+        return w[0].numel(), w.shape[0]
+
+    def _as_batched(self, t: Tensor) -> Tensor:
+        return t if t.dim() == self.spatial_dims + 2 else t.unsqueeze(0)
+
+    def batch_size(self, module, x):
+        return self._as_batched(x).shape[0]
+
+    def batched(self, module, x):
+        return x.dim() == self.spatial_dims + 2
+
+    def input_rows(self, module, x):
+        x = self._as_batched(x)
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+    def output_rows(self, module, grad_out):
+        g = self._as_batched(grad_out)
+        if any(module.padding):
+            g = F.pad(g, tuple(p for p in reversed(module.padding) for _ in range(2)))
+        return _patch_rows(g, module.kernel_size, module.dilation, module.stride)
+
+
 # ------------------------------------------------------------------------- normalisation affine
 
 
@@ -371,6 +414,26 @@ class PReLUAdapter(ChannelAffineAdapter):
 
     def batched(self, module, x):
         return x.dim() >= 2
+
+
+class BiasAdapter(ChannelAffineAdapter):
+    """A :class:`~pmptrain.views.BiasView`: ``y = x + b`` per channel of dimension 1 (the bias of a
+    transposed convolution): the channel kind with only a shift; a sample is one batch entry, its
+    positions are rows."""
+
+    weight_name = None
+    bias_name = "bias"
+
+    def normalize(self, module, x):
+        return x
+
+    def batch_size(self, module, x):
+        return x.shape[0] if x.dim() > 1 else 1
+
+    def _to_rows(self, module, t):
+        if t.dim() == 1:
+            return t.reshape(1, -1)
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
 class _ChannelDimNorm(ChannelAffineAdapter):

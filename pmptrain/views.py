@@ -43,7 +43,7 @@ class AffineView(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor]):
         super().__init__()
-        self.weight = weight
+        self.register_parameter("weight", weight)
         self.register_parameter("bias", bias)
 
 
@@ -89,6 +89,77 @@ class RoutedView(AffineView):
             sel = (experts == e).nonzero().squeeze(1)
             out = out.index_put((sel, torch.full_like(sel, e)), F.linear(x[sel], self.weight[e]))
         return out.reshape(-1, e_count * m)
+
+
+class BilinearView(AffineView):
+    """``nn.Bilinear``'s ``y_k = x₁ᵀ A_k x₂ + b_k`` as a Linear on the outer-product state
+    ``z = x₁ ⊗ x₂`` (``n₁·n₂`` features): ``y = A z + b`` with ``A`` = the weight ``[out, n₁, n₂]``
+    flattened to ``[out, n₁·n₂]``. Every row is a sample (as ``nn.Linear``)."""
+
+    def __init__(self, host):
+        super().__init__(host.weight, host.bias)
+        from .modules import LinearAdapter
+
+        self.view_adapter = LinearAdapter()
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.linear(z, self.weight.flatten(1), self.bias)
+
+
+def _bilinear_forward(host, views, args, kwargs):
+    x1 = args[0] if args else kwargs["input1"]
+    x2 = args[1] if len(args) > 1 else kwargs["input2"]
+    return views[""]((x1.unsqueeze(-1) * x2.unsqueeze(-2)).flatten(-2))
+
+
+class ConvTransposeView(AffineView):
+    """The weight part of ``nn.ConvTranspose1d/2d/3d`` (``groups = 1``): ``conv_transposeNd(x, W)``
+    with the host's stride, padding, output padding and dilation (the output size is fixed by the
+    host's call)."""
+
+    def __init__(self, host):
+        super().__init__(host.weight, None)
+        from .modules import ConvTransposeAdapter
+
+        self.dims = len(host.kernel_size)
+        self.view_adapter = ConvTransposeAdapter(self.dims)
+        for k in ("kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, k, getattr(host, k))
+
+    def forward(self, x: Tensor, output_padding) -> Tensor:
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.dims - 1]
+        return fn(x, self.weight, None, self.stride, self.padding, output_padding, self.groups, self.dilation)
+
+
+class BiasView(AffineView):
+    """``y = x + b`` per channel of dimension 1 (a transposed convolution's bias)."""
+
+    def __init__(self, bias):
+        super().__init__(None, bias)
+        from .modules import BiasAdapter
+
+        self.view_adapter = BiasAdapter()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.bias.reshape((-1,) + (1,) * (x.dim() - 2)) if x.dim() > 1 else x + self.bias
+
+
+def _conv_transpose_views(host) -> List[Tuple[str, AffineView]]:
+    views = [("", ConvTransposeView(host))]
+    if host.bias is not None:
+        views.append(("bias", BiasView(host.bias)))
+    return views
+
+
+def _conv_transpose_forward(host, views, args, kwargs):
+    """``nn.ConvTransposeNd.forward``: the weight map, then the bias (``output_size`` as the host
+    resolves it)."""
+    x = args[0] if args else kwargs["input"]
+    output_size = args[1] if len(args) > 1 else kwargs.get("output_size")
+    dims = len(host.kernel_size)
+    pad = host._output_padding(x, output_size, host.stride, host.padding, host.kernel_size, dims, host.dilation)
+    y = views[""](x, pad)
+    return views["bias"](y) if "bias" in views else y
 
 
 def _blocks(x: Tensor, experts: Tensor, count: int) -> Tensor:
@@ -279,6 +350,10 @@ _HOSTS: Dict[type, Tuple[Callable, Callable]] = {
     nn.RNN: (_rnn_views, _rnn_forward), nn.LSTM: (_rnn_views, _rnn_forward), nn.GRU: (_rnn_views, _rnn_forward),
     nn.RNNCell: (_cell_views, _cell_forward), nn.LSTMCell: (_cell_views, _cell_forward),
     nn.GRUCell: (_cell_views, _cell_forward),
+    nn.Bilinear: (lambda host: [("", BilinearView(host))], _bilinear_forward),
+    nn.ConvTranspose1d: (_conv_transpose_views, _conv_transpose_forward),
+    nn.ConvTranspose2d: (_conv_transpose_views, _conv_transpose_forward),
+    nn.ConvTranspose3d: (_conv_transpose_views, _conv_transpose_forward),
 }
 _HOSTS_BY_NAME: Dict[str, Tuple[Callable, Callable]] = {
     _MIXTRAL + "MixtralTopKRouter": (lambda host: [("", LinearView(host.weight, None))], _router_forward),
@@ -305,6 +380,8 @@ def _host_spec(module: nn.Module):
     t = type(module)
     spec = _HOSTS.get(t)
     if spec is not None:
+        if isinstance(module, nn.modules.conv._ConvTransposeNd) and (module.groups != 1 or module.padding_mode != "zeros"):
+            return None  # grouped or non-zero padding: no view (the fallback, with the reason below)
         return spec
     spec = _HOSTS_BY_NAME.get(f"{t.__module__}.{t.__qualname__}")
     if spec is None and _is_fused_experts(module):

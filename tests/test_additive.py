@@ -119,3 +119,25 @@ def test_vit_cls_token_and_position_embeddings_are_additive():
     obs = opt.capture.observation("vit.embeddings")
     assert set(obs.uses) == {"cls_token", "position_embeddings"} and not obs.reasons
     assert bool((obs.uses["position_embeddings"] == 1).all()) and opt.last_step["fallback"] == 0
+
+
+class LearnedPositions(nn.Embedding):
+    """A learned position table with its own forward (as Whisper's and BART's): positions, not ids."""
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[-1], device=ids.device)
+        return super().forward(positions).unsqueeze(0).expand(ids.shape[0], -1, -1)
+
+
+def test_an_embedding_subclass_with_its_own_forward_is_a_bias_only_unit():
+    torch.manual_seed(0)
+    pos = LearnedPositions(6, 3).double()
+    model = nn.Sequential(pos, nn.Linear(3, 2)).double()
+    opt = pmptrain.EMSA(model, lr=LR, rho=RHO, strict=True)
+    ids = torch.zeros(4, 5, dtype=torch.long)
+    model(ids).pow(2).sum().backward()
+    g, before = pos.weight.grad.clone(), pos.weight.detach().clone()
+    opt.step()
+    u = opt.capture.observation("0").uses["weight"]
+    torch.testing.assert_close(u, torch.tensor([1.0] * 5 + [0.0], dtype=DT)[:, None].expand(6, 3))  # row 5 unused
+    torch.testing.assert_close(pos.weight.detach() - before, -g / (RHO * u + 1 / LR), rtol=1e-12, atol=1e-14)

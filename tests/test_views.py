@@ -288,3 +288,83 @@ def test_mixtral_experts_step_is_the_maximiser_per_expert():
         ref = newton_maximiser(_block_linear(e, e * m, e * n), {"weight": before[id(v.weight)]},
                                [(xb, -batch * g, None)], batch, RHO, 1 / LR, {"weight": -grads[id(v.weight)]})
         torch.testing.assert_close(v.weight.detach() - before[id(v.weight)], ref["weight"], rtol=1e-8, atol=1e-11)
+
+
+# ------------------------------------------------------------------------- transposed convolutions
+
+CONVT = [
+    ("convt1d-stride-outpad", lambda: nn.ConvTranspose1d(3, 2, 4, stride=3, padding=1, output_padding=2), (2, 3, 5)),
+    ("convt2d-dilation", lambda: nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+     (2, 2, 4, 3)),
+    ("convt3d-nobias", lambda: nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False), (2, 2, 2, 3, 2)),
+]
+
+
+@pytest.mark.parametrize("name,make,shape", CONVT, ids=[c[0] for c in CONVT])
+def test_conv_transpose_views_reproduce_the_forward_and_rows_are_adjoint(name, make, shape):
+    torch.manual_seed(0)
+    m = make().double()
+    x = torch.randn(shape, dtype=DT)
+    _close(unrolled_forward(m, x), m(x))
+    if name.startswith("convt2d"):  # output_size picks the output padding
+        size = [m(x).shape[2] + 1, m(x).shape[3]]  # stride 2 along the first dimension only
+        _close(unrolled_forward(m, x, size), m(x, size))
+    view = dict(views_of(m))[""]
+    ad = view.view_adapter
+    y = view(x, m.output_padding)  # without the bias
+    g = torch.randn(y.shape, dtype=DT)
+    z = ad.input_rows(view, x) @ m.weight.reshape(m.weight.shape[0], -1)  # z_i = Mᵀ x_i per input position
+    # the costate rows are the adjoint of col2im: Σ_i ⟨unfold(g)_i, z_i⟩ = ⟨g, y⟩
+    torch.testing.assert_close((ad.output_rows(view, g) * z).sum(), (g * y).sum(), rtol=1e-12, atol=1e-12)
+    assert ad.output_rows(view, g).shape[0] == z.shape[0]
+
+
+@pytest.mark.parametrize("name,make,shape", CONVT, ids=[c[0] for c in CONVT])
+def test_conv_transpose_step_is_the_maximiser_of_the_adjoint_row_form(name, make, shape):
+    torch.manual_seed(0)
+    host = make().double()
+    x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(3))
+    target = torch.randn(host(x).shape, dtype=DT, generator=torch.Generator().manual_seed(1))
+    opt, rec, grads, before = _edited_step(host, host, lambda: F.mse_loss(host(x), target))
+    batch = shape[0]
+    views = dict(views_of(host))
+    wv = views[""]
+    (xin, gout), = rec[""]
+    rows = wv.view_adapter.input_rows(wv, xin)
+    p_rows = -batch * wv.view_adapter.output_rows(wv, gout)
+    w = host.weight
+    ref = newton_maximiser(lambda th, r, e: r @ th["weight"].reshape(w.shape[0], -1), {"weight": before[id(w)]},
+                           [(rows, p_rows, None)], batch, RHO, 1 / LR, {"weight": -grads[id(w)]})
+    torch.testing.assert_close(w.detach() - before[id(w)], ref["weight"], rtol=1e-8, atol=1e-11)
+    if host.bias is not None:  # its own bias-only unit over the output positions
+        (s, gb), = rec["bias"]
+        s_rows = s.movedim(1, -1).reshape(-1, s.shape[1])
+        b = host.bias
+        ref = newton_maximiser(lambda th, r, e: r + th["bias"], {"bias": before[id(b)]},
+                               [(s_rows, -batch * gb.movedim(1, -1).reshape(-1, s.shape[1]), None)], batch, RHO,
+                               1 / LR, {"bias": -grads[id(b)]})
+        torch.testing.assert_close(b.detach() - before[id(b)], ref["bias"], rtol=1e-8, atol=1e-11)
+
+
+def test_grouped_conv_transpose_falls_back_with_its_name():
+    with pytest.warns(UserWarning, match="'0' \\(ConvTranspose2d\\)"):
+        pmptrain.EMSA(nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=2)))
+
+
+# ------------------------------------------------------------------------------------ Bilinear
+
+
+def test_bilinear_is_a_linear_on_the_outer_product_and_its_step_the_maximiser():
+    torch.manual_seed(0)
+    bil = nn.Bilinear(3, 2, 4).double()
+    x1 = torch.randn(5, 3, dtype=DT, generator=torch.Generator().manual_seed(3))
+    x2 = torch.randn(5, 2, dtype=DT, generator=torch.Generator().manual_seed(4))
+    _close(unrolled_forward(bil, x1, x2), bil(x1, x2))
+    target = torch.randn(5, 4, dtype=DT)
+    opt, rec, grads, before = _edited_step(bil, bil, lambda: F.mse_loss(bil(x1, x2), target))
+    (z, g), = rec[""]
+    theta = {"weight": before[id(bil.weight)], "bias": before[id(bil.bias)]}
+    ref = newton_maximiser(lambda th, r, e: r @ th["weight"].flatten(1).T + th["bias"], theta, [(z, -5 * g, None)],
+                           5, RHO, 1 / LR, {"weight": -grads[id(bil.weight)], "bias": -grads[id(bil.bias)]})
+    torch.testing.assert_close(bil.weight.detach() - theta["weight"], ref["weight"], rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(bil.bias.detach() - theta["bias"], ref["bias"], rtol=1e-8, atol=1e-11)

@@ -334,7 +334,7 @@ class EMSA(PMPOptimizer):
         adapter = adapter_for(module)
         if adapter is not None:
             return self._by_kind[adapter.kind]
-        if unsupported_reason(module) is None and _composite_with_parameters(module):
+        if _additive_candidate(module):
             return self._additive  # its direct parameters: additive ones are recognised at the first forward
         return Unsupported(unsupported_reason(module) or (
             f"no closed form for {type(module).__name__} modules (if it is affine in its parameters, "
@@ -344,11 +344,17 @@ class EMSA(PMPOptimizer):
         return self._fallback, {}
 
 
-def _composite_with_parameters(module: nn.Module) -> bool:
-    """A module without an adapter that has child modules and floating-point parameters of its own
-    (ViT's embeddings, Swin's attention): candidates for :class:`AdditiveEMSARule`."""
+def _additive_candidate(module: nn.Module) -> bool:
+    """A module without an adapter whose own parameters :class:`AdditiveEMSARule` examines at the
+    first forward: one with child modules and floating-point parameters of its own (ViT's
+    embeddings, CLIP's vision embeddings), or an ``nn.Embedding`` subclass with its own forward
+    (learned position tables: Whisper's, BART's)."""
     own = list(module.parameters(recurse=False))
-    return bool(own) and all(p.is_floating_point() for p in own) and next(module.children(), None) is not None
+    if not own or not all(p.is_floating_point() for p in own):
+        return False
+    if isinstance(module, nn.Embedding):
+        return not module.sparse and module.max_norm is None
+    return unsupported_reason(module) is None and next(module.children(), None) is not None
 
 
 class MSA(EMSA):
