@@ -13,11 +13,18 @@ Three kinds (``adapter.kind``):
   (im2col patches are rows); ``nn.Embedding`` (``y = Eᵀ e_i`` on one-hot states, weight stored
   transposed, diagonal state statistics).
 * ``"grouped"`` — grouped and depthwise ``nn.Conv1d/2d/3d``: ``groups`` independent blocks of the
-  matrix kind sharing the rows.
+  matrix kind sharing the rows; the fused expert weights of a mixture of experts
+  (:class:`RoutedAdapter`: rows in block form).
 * ``"channel"`` — the elementwise affine ``y = γ ⊙ x̂ + β`` of a normalisation layer: ``nn.LayerNorm``,
   ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d``, ``nn.InstanceNorm1d/2d/3d`` (with
   affine parameters), and the RMSNorm classes of Hugging Face's Llama, Mistral, Qwen2/3 and Phi-3.
   The normalisation is fixed dynamics before the controlled affine; the state is ``x̂``.
+  ``nn.PReLU`` is this kind with ``x̂ = min(x, 0)`` and no bias.
+
+Modules whose affine maps run inside one fused call (``nn.LSTM``, ``nn.ConvTranspose2d``, Mixtral's
+experts) are controlled through *views* of their parameters (:mod:`pmptrain.views`), whose
+adapters are :class:`SequenceLinearAdapter`, :class:`RoutedAdapter`, :class:`ConvTransposeAdapter`
+and :class:`BiasAdapter`.
 
 **What a sample is** (``batch_size``; docs/algorithms.md §1): for layers that act on the last
 dimension row by row — Linear, Conv1D, Embedding, LayerNorm, RMSNorm — every row (token) is a
