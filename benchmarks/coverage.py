@@ -118,7 +118,8 @@ def coverage(model, loss_fn):
             total += p.numel()
             ok = unit.rule.name not in ("fallback",)
             if unit.rule.name == "emsa-additive":
-                obs = opt.capture.observation(unit.members[0].name)
+                observation = getattr(opt.capture, "observation", None)
+                obs = observation(unit.members[0].name) if observation is not None else None
                 short = n.rsplit(".", 1)[-1]
                 ok = obs is not None and obs.uses.get(short) is not None
             if ok:

@@ -26,7 +26,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["additive_uses", "additive_step", "SELECTIONS"]
+__all__ = ["additive_uses", "additive_step", "trace_uses", "scale_state_sq", "scale_costate_sq", "scale_step", "Use",
+           "SELECTIONS"]
 
 #: autograd nodes that only select, copy or rearrange entries (their adjoint scatters/sums)
 SELECTIONS = frozenset({
@@ -75,48 +76,96 @@ def _fit(g: Optional[Tensor], node, i: int) -> Optional[Tensor]:
     return g.reshape(shape) if g.numel() == torch.Size(shape).numel() else g.sum_to_size(shape)
 
 
-def additive_uses(outputs: List[Tensor], param: Tensor) -> Tuple[Optional[Tensor], Optional[str]]:
-    """``(u, None)`` with ``u`` (θ's shape) the number of times each entry of ``param`` is added to a
-    state in the graph of ``outputs``; ``(None, reason)`` when ``param`` is not additive there
-    (``reason`` names the operation), ``(None, None)`` when ``outputs`` do not depend on it."""
+class Use:
+    """One use of a parameter in a call's graph: ``node`` combines a selection of it with a state
+    (``kind`` ``"add"``: added or concatenated; ``"scale"``: multiplied elementwise; ``"output"``: the
+    selection is an output of the call), through its input ``idx``; ``chain``: the selection nodes
+    between ``node`` and the parameter, top first, each with the input index leading down."""
+
+    __slots__ = ("node", "idx", "chain", "kind")
+
+    def __init__(self, node, idx, chain, kind):
+        self.node, self.idx, self.chain, self.kind = node, idx, chain, kind
+
+    def down(self, g: Tensor, through_node: bool = True) -> Tensor:
+        """The adjoint of the selections: ``g`` at ``node``'s output (``through_node``) or at its
+        input ``idx`` (already in that input's shape, broadcast dimensions summed), summed onto the
+        parameter's entries."""
+        with torch.no_grad():
+            if through_node:
+                out = self.node(g)
+                g = out[self.idx] if isinstance(out, tuple) else out
+            g = _fit(g, self.node, self.idx)
+            for n, i in reversed(self.chain):
+                out = n(g)
+                g = _fit(out[i] if isinstance(out, tuple) else out, n, i)
+        return g
+
+    def out_shape(self):
+        meta = self.node._input_metadata[0]
+        return meta.shape, meta.dtype, meta.device
+
+    def state(self) -> Tensor:
+        """The other operand of a ``"scale"`` use (the state the parameter multiplies)."""
+        return self.node._saved_self if self.idx == 1 else self.node._saved_other
+
+
+def trace_uses(outputs: List[Tensor], param: Tensor) -> Tuple[List[Use], Optional[str]]:
+    """Every use of ``param`` in the graph of ``outputs`` (see :class:`Use`), or ``([], reason)``
+    when one of them is neither a sum nor an elementwise product with a state (``reason`` names the
+    operation); ``([], None)`` when the outputs do not depend on ``param``."""
     roots = [t.grad_fn for t in outputs if isinstance(t, Tensor) and t.grad_fn is not None]
     parents, nodes = _parents(roots)
     acc = next((n for n in nodes.values() if getattr(n, "variable", None) is param), None)
     if acc is None:
-        return None, None
-    total = torch.zeros(param.shape, dtype=torch.float64, device=param.device)
+        return [], None
     root_ids = {id(r) for r in roots}
-    for chain_end in parents.get(id(acc), []):
-        chain, (node, idx) = [], chain_end
+    uses: List[Use] = []
+    for node, idx in parents.get(id(acc), []):
+        chain = []
         while type(node).__name__ in SELECTIONS:
             ups = parents.get(id(node), [])
             if not ups and id(node) in root_ids:
                 break  # the output is a selection of θ: a bias-only map with no state (as an embedding)
             if len(ups) != 1:
-                return None, f"a rearranged copy of it is used {len(ups)} times"
+                return [], f"a rearranged copy of it is used {len(ups)} times"
             chain.append((node, idx))
             node, idx = ups[0]
         name = type(node).__name__
-        if name in SELECTIONS:  # the output itself: ones at the output, down the selections below it
-            meta = node._input_metadata[0]
-            with torch.no_grad():
-                out = node(torch.ones(meta.shape, dtype=meta.dtype, device=meta.device))
-                g = _fit(out[idx] if isinstance(out, tuple) else out, node, idx)
-                for n, i in reversed(chain):
-                    out = n(g)
-                    g = _fit(out[i] if isinstance(out, tuple) else out, n, i)
-            if g is None or g.numel() != param.numel():
-                return None, "its uses could not be counted"
-            total += g.reshape(param.shape).to(torch.float64)
-            continue
-        if name not in _PLACEMENTS or (name == "AddBackward0" and float(getattr(node, "_saved_alpha", 1)) != 1.0):
-            return None, f"it enters through {name.replace('Backward0', '').replace('Backward1', '')} (not a sum)"
-        meta = node._input_metadata[0]
-        with torch.no_grad():
-            g = _fit(node(torch.ones(meta.shape, dtype=meta.dtype, device=meta.device))[idx], node, idx)
-            for n, i in reversed(chain):
-                out = n(g)
-                g = _fit(out[i] if isinstance(out, tuple) else out, n, i)
+        if name in SELECTIONS:
+            kind = "output"
+        elif name in _PLACEMENTS and not (name == "AddBackward0" and float(getattr(node, "_saved_alpha", 1)) != 1.0):
+            kind = "add"
+        elif name == "MulBackward0":
+            kind = "scale"
+        else:
+            return [], f"it enters through {name.replace('Backward0', '').replace('Backward1', '')} (not a sum)"
+        uses.append(Use(node, idx, chain, kind))
+    if any(u.kind == "scale" for u in uses):
+        if any(u.kind != "scale" for u in uses):
+            return [], "it is both added to a state and multiplied with one"
+        if len({id(u.node) for u in uses}) != len(uses):
+            return [], "it enters a product twice"
+    return uses, None
+
+
+def additive_uses(outputs: List[Tensor], param: Tensor) -> Tuple[Optional[Tensor], Optional[str]]:
+    """``(u, None)`` with ``u`` (θ's shape) the number of times each entry of ``param`` is added to a
+    state in the graph of ``outputs``; ``(None, reason)`` when ``param`` is not additive there
+    (``reason`` names the operation), ``(None, None)`` when ``outputs`` do not depend on it."""
+    uses, why = trace_uses(outputs, param)
+    if why is not None or not uses:
+        return None, why
+    if uses[0].kind == "scale":
+        return None, "it enters through Mul (not a sum)"
+    return _count(uses, param)
+
+
+def _count(uses: List[Use], param: Tensor) -> Tuple[Optional[Tensor], Optional[str]]:
+    total = torch.zeros(param.shape, dtype=torch.float64, device=param.device)
+    for u in uses:
+        shape, dtype, device = u.out_shape()
+        g = u.down(torch.ones(shape, dtype=dtype, device=device))
         if g is None or g.numel() != param.numel():
             return None, "its uses could not be counted"
         total += g.reshape(param.shape).to(torch.float64)
@@ -125,8 +174,33 @@ def additive_uses(outputs: List[Tensor], param: Tensor) -> Tuple[Optional[Tensor
     return total, None
 
 
+def scale_state_sq(uses: List[Use], param: Tensor) -> Tensor:
+    """``Σ x²`` over the uses of each entry of a parameter that multiplies states ``x``
+    (``"scale"`` uses): the state statistic of a layer-scale ``y = γ ⊙ x``."""
+    total = torch.zeros(param.shape, dtype=torch.float64, device=param.device)
+    for u in uses:
+        shape, _, _ = u.out_shape()
+        x = u.state().detach()
+        g = u.down(x.expand(shape))  # the product's adjoint on θ's side: x ⊙ x
+        total += g.reshape(param.shape).to(torch.float64)
+    return total
+
+
+def scale_costate_sq(use: Use, grad_out: Tensor, param: Tensor) -> Tensor:
+    """``Σ (∂J/∂y)²`` over the uses of each entry, from the gradient at the product's output."""
+    g = use.down(grad_out.detach().pow(2), through_node=False)
+    return g.reshape(param.shape).to(torch.float64)
+
+
 def additive_step(grad: Tensor, uses_per_sample: Tensor, rho: float, delta: float) -> Tensor:
     r"""The maximiser of the augmented Hamiltonian of a bias-only unit:
     ``Δθ = −∇J / (ρ·u + δ)`` elementwise (``grad`` = ∇_θ J, ``uses_per_sample`` = u, ``rho`` = ρ,
     ``delta`` = δ > 0)."""
     return -grad / (rho * uses_per_sample.to(grad.dtype) + delta)
+
+
+def scale_step(grad: Tensor, x_sq: Tensor, p_sq: Tensor, rho: float, delta: float) -> Tensor:
+    r"""The maximiser of the augmented Hamiltonian of a layer-scale ``y = γ ⊙ x`` (the channel kind
+    without normalisation or shift, per entry): ``Δγ = −∇J / (ρ(a + e) + δ)`` with ``a = Σx²/B``
+    (``x_sq``) and ``e = Σp̂²/B`` (``p_sq``, the costate weight folded in)."""
+    return -grad / (rho * (x_sq + p_sq).to(grad.dtype) + delta)

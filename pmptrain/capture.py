@@ -462,6 +462,10 @@ class ModuleCapture:
         forwards whose backward has not run yet still count when it runs, as their gradients do."""
         for e in self._entries.values():
             e.stats = ModuleStats()
+        for o in self._observers.values():
+            reset = getattr(o, "reset", None)
+            if reset is not None:
+                reset()
         self.root_empty = False
 
     @contextlib.contextmanager

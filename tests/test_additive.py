@@ -19,8 +19,8 @@ INDEX = torch.tensor([min(abs(i - j), 4) for i in range(6) for j in range(6)])
 
 class Toy(nn.Module):
     """A ViT/Swin-like embedding + attention block: a class token concatenated, position embeddings
-    added, a relative bias table read by index and added to the scores (all additive), and a
-    layer-scale (a product: not additive)."""
+    added, a relative bias table read by index and added to the scores (all additive), a
+    layer-scale (a product with a state) and a temperature inside ``exp`` (neither)."""
 
     def __init__(self):
         super().__init__()
@@ -30,6 +30,7 @@ class Toy(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, 6, 4, generator=g))
         self.table = nn.Parameter(torch.randn(5, 2, generator=g))
         self.scale = nn.Parameter(torch.ones(4) + 0.1 * torch.randn(4, generator=g))
+        self.temp = nn.Parameter(torch.tensor(0.3))
         self.register_buffer("index", INDEX.clone())
 
     def forward(self, x):
@@ -37,8 +38,13 @@ class Toy(nn.Module):
         h = torch.cat([self.cls.expand(b, -1, -1), self.proj(x)], 1) + self.pos
         scores = (h @ h.transpose(1, 2)).unsqueeze(1)  # [B, 1, 6, 6]
         bias = self.table[self.index].view(6, 6, 2).permute(2, 0, 1).unsqueeze(0)
-        att = (scores + bias).softmax(-1)  # [B, 2, 6, 6]
-        return (att @ h.unsqueeze(1)).sum(1) * self.scale
+        att = ((scores + bias) * self.temp.exp()).softmax(-1)  # [B, 2, 6, 6]
+        self.pre = (att @ h.unsqueeze(1)).sum(1)  # the state the layer-scale multiplies
+        out = self.pre * self.scale
+        if out.requires_grad:
+            out.retain_grad()
+        self.out = out
+        return out
 
 
 # the selection maps S·θ of each additive parameter, written independently of the module
@@ -66,10 +72,12 @@ def test_uses_are_counted_from_the_graph():
     torch.testing.assert_close(additive_uses([out], model.table)[0], 3.0 * counts[:, None].expand(5, 2))
     u, why = additive_uses([out], model.scale)
     assert u is None and "Mul" in why
+    u, why = additive_uses([out], model.temp)
+    assert u is None and "Exp" in why
     assert additive_uses([out], nn.Parameter(torch.zeros(2))) == (None, None)  # not used
 
 
-def test_additive_step_is_the_maximiser_and_the_rest_falls_back_with_a_reason():
+def test_additive_and_scale_steps_are_the_maximisers_and_the_rest_falls_back_with_a_reason():
     model = Toy().double()
     opt = pmptrain.EMSA(model, lr=LR, rho=RHO)
     assert {r["unit"]: r["rule"] for r in opt.rule_table()}[""] == "emsa-additive"
@@ -80,7 +88,7 @@ def test_additive_step_is_the_maximiser_and_the_rest_falls_back_with_a_reason():
     for n, p in model.named_parameters():
         p.grad.mul_(0.7).add_(1e-3 * torch.randn(p.shape, generator=gen, dtype=DT))
         grads[n], before[n] = p.grad.clone(), p.detach().clone()
-    with pytest.warns(UserWarning, match=r"'scale' of module '' is not an additive parameter \(it enters through Mul"):
+    with pytest.warns(UserWarning, match=r"'temp' of module '' is not an additive parameter \(it enters through Exp"):
         opt.step()
     assert not opt.last_step["skipped"]
     for name, (fn, shape) in MAPS.items():
@@ -89,9 +97,14 @@ def test_additive_step_is_the_maximiser_and_the_rest_falls_back_with_a_reason():
                                1 / LR, {name: -grads[name]})
         change = getattr(model, name).detach() - before[name]
         torch.testing.assert_close(change, ref[name], rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
-    # the layer-scale took Adam's first step: -fallback_lr·sign(g) (up to eps)
+    # the layer-scale y = γ ⊙ x: the channel kind with state x (both penalties)
+    rows, p_rows = model.pre.detach().reshape(-1, 4), -3 * model.out.grad.reshape(-1, 4)
+    ref = newton_maximiser(lambda th, r, e: r * th["scale"], {"scale": before["scale"]}, [(rows, p_rows, None)], 3,
+                           RHO, 1 / LR, {"scale": -grads["scale"]})
+    torch.testing.assert_close(model.scale.detach() - before["scale"], ref["scale"], rtol=1e-10, atol=1e-12)
+    # the temperature took Adam's first step: -fallback_lr·sign(g) (up to eps)
     fb = opt.param_groups[0]["fallback_lr"]
-    torch.testing.assert_close(model.scale.detach() - before["scale"], -fb * grads["scale"].sign(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(model.temp.detach() - before["temp"], -fb * grads["temp"].sign(), rtol=1e-5, atol=0)
 
 
 def test_strict_raises_at_the_first_step_for_a_parameter_that_is_not_additive():
@@ -99,7 +112,7 @@ def test_strict_raises_at_the_first_step_for_a_parameter_that_is_not_additive():
     opt = pmptrain.EMSA(model, strict=True)  # accepted: the parameters are recognised at the first forward
     model(torch.randn(2, 5, 3, dtype=DT)).sum().backward()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match="strict=True: parameter 'scale' .*Mul.*exclude"):
+    with pytest.raises(ValueError, match="strict=True: parameter 'temp' .*Exp.*exclude"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # nothing moved
 

@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from ..additive import additive_step, additive_uses
+from ..additive import _count, additive_step, scale_costate_sq, scale_state_sq, scale_step, trace_uses
 from .affine import EMSARuleBase
 from .elementwise import FallbackRule, FallbackState
 from .rule import Proposal, StepContext, Unit, Update
@@ -40,33 +40,79 @@ class AdditiveState:
 
 
 class AdditiveObserver:
-    """The forward hook of an additive unit's module: after each training call under autograd, the
-    per-sample uses ``u`` of every direct parameter (or why it is not additive), recomputed only
-    when the shapes of the call's tensor inputs change. ``uses``: ``{name: u or None}``,
-    ``reasons``: ``{name: reason}``, ``samples``: B of the last call (its first tensor input's
-    leading dimension)."""
+    """The forward hook of an additive unit's module. After each training call under autograd it
+    classifies every direct parameter from the call's graph (:func:`~pmptrain.additive.trace_uses`;
+    again only when the shapes of the call's tensor inputs change): ``kinds[name]`` is
+    ``"additive"`` (``uses[name]`` = u, the uses per sample), ``"scale"`` (a layer-scale: the call's
+    ``Σx²`` is added to ``x_sq[name]`` and a hook on the product adds ``Σ(∂J/∂y)²`` to
+    ``p_sq[name]`` in the backward pass; ``scale_samples`` counts their samples) or None
+    (``reasons[name]`` says why). ``reset()`` (at ``zero_grad``) drops the scale statistics."""
 
     def __init__(self, params: Dict[str, Tensor]):
         self.params = params
         self.signature = None
+        self.kinds: Dict[str, Optional[str]] = {}
         self.uses: Dict[str, Optional[Tensor]] = {}
         self.reasons: Dict[str, str] = {}
         self.samples = 1
+        self.reset()
+
+    def reset(self) -> None:
+        self.x_sq: Dict[str, Tensor] = {}
+        self.p_sq: Dict[str, Tensor] = {}
+        self.scale_samples = 0
 
     def __call__(self, module, args, kwargs, output):
         tensors = [v for v in list(args) + list(kwargs.values()) if isinstance(v, Tensor)]
         sig = tuple(tuple(t.shape) for t in tensors)
-        if sig == self.signature:
-            return None
         outs = [output] if isinstance(output, Tensor) else [o for o in _flatten(output) if isinstance(o, Tensor)]
-        batch = tensors[0].shape[0] if tensors and tensors[0].dim() > 0 else 1
-        uses, reasons = {}, {}
-        for name, p in self.params.items():
-            u, why = additive_uses(outs, p)
-            if why is not None:
-                reasons[name] = why
-            uses[name] = u / max(1, batch) if u is not None else None
-        self.signature, self.uses, self.reasons, self.samples = sig, uses, reasons, max(1, batch)
+        batch = max(1, tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else 1
+        traced = {}
+        if sig != self.signature:
+            kinds, uses, reasons = {}, {}, {}
+            for name, p in self.params.items():
+                found, why = trace_uses(outs, p)
+                traced[name] = found
+                if why is not None or not found:
+                    kinds[name], uses[name] = None, None
+                    if why is not None:
+                        reasons[name] = why
+                    continue
+                if found[0].kind == "scale":
+                    kinds[name], uses[name] = "scale", None
+                    continue
+                u, why = _count(found, p)
+                kinds[name], uses[name] = ("additive" if u is not None else None), (u / batch if u is not None else None)
+                if why is not None:
+                    reasons[name] = why
+            self.signature, self.kinds, self.uses, self.reasons, self.samples = sig, kinds, uses, reasons, batch
+        scaled = [n for n, k in self.kinds.items() if k == "scale"]
+        for name in scaled:
+            p = self.params[name]
+            found = traced.get(name)
+            if found is None:
+                found, _ = trace_uses(outs, p)
+            if not found or found[0].kind != "scale":
+                continue
+            self.x_sq[name] = self.x_sq.get(name, 0.0) + scale_state_sq(found, p)
+            for use in found:
+                use.node.register_prehook(_CostateSq(self, name, use, p))
+        if scaled:
+            self.scale_samples += batch
+        return None
+
+
+class _CostateSq:
+    """Pre-hook of a layer-scale's product node: adds ``Σ(∂J/∂y)²`` per entry to the observer."""
+
+    __slots__ = ("observer", "name", "use", "param")
+
+    def __init__(self, observer, name, use, param):
+        self.observer, self.name, self.use, self.param = observer, name, use, param
+
+    def __call__(self, grad_outputs):
+        obs = self.observer
+        obs.p_sq[self.name] = obs.p_sq.get(self.name, 0.0) + scale_costate_sq(self.use, grad_outputs[0], self.param)
         return None
 
 
@@ -98,7 +144,7 @@ class AdditiveEMSARule(EMSARuleBase):
         return AdditiveState()
 
     def describe(self, unit, group):
-        return (f"closed-form E-MSA of additive parameters ({self.describe_rho(group)}; recognised at the "
+        return (f"closed-form E-MSA of additive and layer-scale parameters ({self.describe_rho(group)}; recognised at the "
                 "first forward, the fallback for any that are not added to a state)")
 
     def costate_scaled(self, group) -> bool:
@@ -124,8 +170,9 @@ class AdditiveEMSARule(EMSARuleBase):
             if g is None:
                 continue
             group = ctx.group(p)
+            kind = obs.kinds.get(n) if obs is not None else None
             u = obs.uses.get(n) if obs is not None else None
-            if u is None:
+            if kind is None:
                 reason = obs.reasons.get(n) if obs is not None else None
                 if reason is None and obs is None and bool(g.any()):
                     raise RuntimeError(f"parameter {mb.name}.{n} has a gradient but its module's forward was not "
@@ -142,11 +189,27 @@ class AdditiveEMSARule(EMSARuleBase):
             if eta == 0.0:
                 ups.append(Update(p, torch.zeros_like(p), decay=decay))
                 continue
+            dt = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+            if kind == "scale":
+                b_ = float(obs.scale_samples)
+                if b_ == 0.0 or n not in obs.x_sq:
+                    if bool(g.any()):
+                        raise RuntimeError(f"parameter {mb.name}.{n} has a gradient but no recorded forward call")
+                    ups.append(Update(p, torch.zeros_like(p), decay=decay))
+                    continue
+                rho = self.effective_rho(group, ctx, batch=b_)
+                if rho == 0.0:
+                    ups.append(Update(p, g, alpha=-eta, decay=decay))
+                    continue
+                scale_p = b_ * ctx.costate_inv_scale  # p̂ = −B·∂J/∂y
+                a = obs.x_sq[n] / b_
+                e = obs.p_sq.get(n, torch.zeros_like(a)) * (scale_p * scale_p / b_) * self.costate_ratio(group, b_)
+                ups.append(Update(p, scale_step(g.to(dt), a.to(dt), e.to(dt), rho, 1.0 / eta).to(p.dtype), decay=decay))
+                continue
             rho = self.effective_rho(group, ctx, batch=float(obs.samples))
             if rho == 0.0:
                 ups.append(Update(p, g, alpha=-eta, decay=decay))
                 continue
-            dt = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
             ups.append(Update(p, additive_step(g.to(dt), u, rho, 1.0 / eta).to(p.dtype), decay=decay))
         return Proposal(ups, new_state)
 
