@@ -121,7 +121,8 @@ def coverage(model, loss_fn):
                 observation = getattr(opt.capture, "observation", None)
                 obs = observation(unit.members[0].name) if observation is not None else None
                 short = n.rsplit(".", 1)[-1]
-                ok = obs is not None and obs.uses.get(short) is not None
+                kinds = getattr(obs, "kinds", None)
+                ok = obs is not None and ((kinds or {}).get(short) is not None or obs.uses.get(short) is not None)
             if ok:
                 controlled += p.numel()
             else:

@@ -347,14 +347,19 @@ class EMSA(PMPOptimizer):
 def _additive_candidate(module: nn.Module) -> bool:
     """A module without an adapter whose own parameters :class:`AdditiveEMSARule` examines at the
     first forward: one with child modules and floating-point parameters of its own (ViT's
-    embeddings, CLIP's vision embeddings), or an ``nn.Embedding`` subclass with its own forward
-    (learned position tables: Whisper's, BART's)."""
+    embeddings, CLIP's vision embeddings, ConvNeXt's layers with their layer-scale), a module that
+    reads its parameters by an integer index buffer (Swin's relative-position bias), or an
+    ``nn.Embedding`` subclass with its own forward (learned position tables: Whisper's, BART's).
+    Other leaf modules without a rule fall back at construction."""
     own = list(module.parameters(recurse=False))
     if not own or not all(p.is_floating_point() for p in own):
         return False
     if isinstance(module, nn.Embedding):
         return not module.sparse and module.max_norm is None
-    return unsupported_reason(module) is None and next(module.children(), None) is not None
+    if unsupported_reason(module) is not None:
+        return False
+    indexed = any(not b.is_floating_point() and not b.is_complex() for b in module.buffers(recurse=False))
+    return indexed or next(module.children(), None) is not None
 
 
 class MSA(EMSA):
