@@ -59,6 +59,7 @@ __all__ = [
     "GroupNormAdapter",
     "PReLUAdapter",
     "ConvTransposeAdapter",
+    "EmbeddingBagAdapter",
     "BiasAdapter",
     "SequenceLinearAdapter",
     "RoutedAdapter",
@@ -155,6 +156,31 @@ class SequenceLinearAdapter(LinearAdapter):
 
     def batch_size(self, module, x):
         return x.shape[0] if x.dim() >= 2 else 1
+
+
+class EmbeddingBagAdapter(AffineAdapter):
+    """A :class:`~pmptrain.views.EmbeddingBagView`: ``y_b = Eᵀ c_b`` with ``c_b = Σ_{i∈b} w_i e_{idx_i}``
+    the bag's weighted index counts (``w_i`` = 1, the per-sample weight, or ``1/|b|`` in mean mode):
+    a Linear with ``W = Eᵀ`` stored transposed whose state rows are the dense ``c_b`` (``n = V``);
+    a sample is a bag. The call carries the bags compactly, ``[bags, K, 2]`` (index, weight; padded
+    with weight 0), and :meth:`input_rows` scatters them into ``c_b``."""
+
+    transposed = True
+    bias_name = None
+
+    def weight_shape_2d(self, module):
+        v, d = module.weight.shape
+        return d, v
+
+    def batch_size(self, module, x):
+        return x.shape[0]
+
+    def input_rows(self, module, x):
+        v = module.weight.shape[0]
+        return x.new_zeros(x.shape[0], v).scatter_add_(1, x[..., 0].long(), x[..., 1])
+
+    def output_rows(self, module, grad_out):
+        return grad_out.reshape(-1, grad_out.shape[-1])
 
 
 class RoutedAdapter(AffineAdapter):

@@ -112,6 +112,52 @@ def _bilinear_forward(host, views, args, kwargs):
     return views[""]((x1.unsqueeze(-1) * x2.unsqueeze(-2)).flatten(-2))
 
 
+class EmbeddingBagView(AffineView):
+    """``nn.EmbeddingBag`` in ``sum``/``mean`` mode: ``F.embedding_bag`` with the host's settings;
+    its first argument, the bags in compact form ``[bags, K, 2]``, is the state the capture reads
+    (:class:`~pmptrain.modules.EmbeddingBagAdapter`), the output is computed by the kernel."""
+
+    def __init__(self, host):
+        super().__init__(host.weight, None)
+        from .modules import EmbeddingBagAdapter
+
+        self.view_adapter = EmbeddingBagAdapter()
+        self.host_settings = (host.mode, host.include_last_offset, host.padding_idx)
+
+    def forward(self, bags: Tensor, input: Tensor, offsets, per_sample_weights) -> Tensor:
+        mode, last, pad = self.host_settings
+        return F.embedding_bag(input, self.weight, offsets, None, 2.0, False, mode, False, per_sample_weights,
+                               last, pad)
+
+
+def _embedding_bag_forward(host, views, args, kwargs):
+    """``nn.EmbeddingBag.forward`` through the view, with each bag's (index, weight) pairs."""
+    names = ("input", "offsets", "per_sample_weights")
+    x, offsets, psw = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+    if x.dim() == 2:
+        bags = x.shape[0]
+        bag_of = torch.arange(bags, device=x.device).repeat_interleave(x.shape[1])
+        flat = x.reshape(-1)
+    else:
+        offs = offsets if not host.include_last_offset else offsets[:-1]
+        bags = offs.numel()
+        bag_of = torch.searchsorted(offs, torch.arange(x.numel(), device=x.device), right=True) - 1
+        flat = x
+    w = psw.reshape(-1).to(host.weight.dtype) if psw is not None else host.weight.new_ones(flat.numel())
+    if host.padding_idx is not None:
+        w = w * (flat != host.padding_idx)
+    if host.mode == "mean":
+        size = torch.zeros(bags, dtype=w.dtype, device=w.device).index_add_(0, bag_of, (w != 0).to(w.dtype))
+        w = w / size.clamp(min=1)[bag_of]
+    slot = torch.arange(flat.numel(), device=x.device) - torch.searchsorted(
+        bag_of, bag_of, right=False)  # position of each element inside its bag (bag_of is sorted)
+    k = int(slot.max()) + 1 if flat.numel() else 1
+    compact = host.weight.new_zeros(bags, k, 2)
+    compact[bag_of, slot, 0] = flat.to(compact.dtype)
+    compact[bag_of, slot, 1] = w.detach()
+    return views[""](compact, x, offsets, psw)
+
+
 class ConvTransposeView(AffineView):
     """The weight part of ``nn.ConvTranspose1d/2d/3d`` (``groups = 1``): ``conv_transposeNd(x, W)``
     with the host's stride, padding, output padding and dilation (the output size is fixed by the
@@ -351,6 +397,7 @@ _HOSTS: Dict[type, Tuple[Callable, Callable]] = {
     nn.RNNCell: (_cell_views, _cell_forward), nn.LSTMCell: (_cell_views, _cell_forward),
     nn.GRUCell: (_cell_views, _cell_forward),
     nn.Bilinear: (lambda host: [("", BilinearView(host))], _bilinear_forward),
+    nn.EmbeddingBag: (lambda host: [("", EmbeddingBagView(host))], _embedding_bag_forward),
     nn.ConvTranspose1d: (_conv_transpose_views, _conv_transpose_forward),
     nn.ConvTranspose2d: (_conv_transpose_views, _conv_transpose_forward),
     nn.ConvTranspose3d: (_conv_transpose_views, _conv_transpose_forward),
@@ -382,6 +429,9 @@ def _host_spec(module: nn.Module):
     if spec is not None:
         if isinstance(module, nn.modules.conv._ConvTransposeNd) and (module.groups != 1 or module.padding_mode != "zeros"):
             return None  # grouped or non-zero padding: no view (the fallback, with the reason below)
+        if isinstance(module, nn.EmbeddingBag) and (module.mode == "max" or module.max_norm is not None
+                                                     or module.sparse or module.scale_grad_by_freq):
+            return None  # max mode / max_norm: not affine in the weight; sparse: no dense gradient
         return spec
     spec = _HOSTS_BY_NAME.get(f"{t.__module__}.{t.__qualname__}")
     if spec is None and _is_fused_experts(module):

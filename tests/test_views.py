@@ -368,3 +368,37 @@ def test_bilinear_is_a_linear_on_the_outer_product_and_its_step_the_maximiser():
                            5, RHO, 1 / LR, {"weight": -grads[id(bil.weight)], "bias": -grads[id(bil.bias)]})
     torch.testing.assert_close(bil.weight.detach() - theta["weight"], ref["weight"], rtol=1e-8, atol=1e-11)
     torch.testing.assert_close(bil.bias.detach() - theta["bias"], ref["bias"], rtol=1e-8, atol=1e-11)
+
+
+# -------------------------------------------------------------------------------- EmbeddingBag
+
+BAGS = [("sum-psw-offsets", dict(mode="sum"), True), ("mean-2d-padding", dict(mode="mean", padding_idx=2), False)]
+
+
+@pytest.mark.parametrize("name,kw,flat", BAGS, ids=[b[0] for b in BAGS])
+def test_embedding_bag_is_a_linear_on_bag_counts_and_its_step_the_maximiser(name, kw, flat):
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(7, 3, **kw).double()
+    if flat:
+        args = (torch.tensor([1, 2, 4, 5, 4, 3, 2, 6]), torch.tensor([0, 2, 2, 5]), torch.rand(8, dtype=DT))
+    else:
+        args = (torch.tensor([[1, 2, 2, 5], [0, 0, 6, 1], [2, 2, 2, 2]]),)
+    _close(unrolled_forward(bag, *args), bag(*args))
+    target = torch.randn(bag(*args).shape, dtype=DT)
+    opt, rec, grads, before = _edited_step(bag, bag, lambda: F.mse_loss(bag(*args), target))
+    view = dict(views_of(bag))[""]
+    (compact, g), = rec[""]
+    c = view.view_adapter.input_rows(view, compact)  # the bags' weighted counts
+    w0 = before[id(bag.weight)]
+    y0 = F.embedding_bag(args[0], w0, args[1] if flat else None, mode=kw["mode"],
+                         per_sample_weights=args[2] if flat else None, padding_idx=kw.get("padding_idx"))
+    torch.testing.assert_close(c @ w0, y0, rtol=1e-12, atol=1e-12)  # y_b = Eᵀ c_b
+    b = c.shape[0]
+    ref = newton_maximiser(lambda th, r, e: r @ th["weight"], {"weight": before[id(bag.weight)]}, [(c, -b * g, None)],
+                           b, RHO, 1 / LR, {"weight": -grads[id(bag.weight)]})
+    torch.testing.assert_close(bag.weight.detach() - before[id(bag.weight)], ref["weight"], rtol=1e-8, atol=1e-11)
+
+
+def test_embedding_bag_max_mode_falls_back_with_its_name():
+    with pytest.warns(UserWarning, match="'0' \\(EmbeddingBag\\)"):
+        pmptrain.EMSA(nn.Sequential(nn.EmbeddingBag(5, 2, mode="max")))
