@@ -154,3 +154,22 @@ def test_an_embedding_subclass_with_its_own_forward_is_a_bias_only_unit():
     u = opt.capture.observation("0").uses["weight"]
     torch.testing.assert_close(u, torch.tensor([1.0] * 5 + [0.0], dtype=DT)[:, None].expand(6, 3))  # row 5 unused
     torch.testing.assert_close(pos.weight.detach() - before, -g / (RHO * u + 1 / LR), rtol=1e-12, atol=1e-14)
+
+
+def test_additive_unit_state_round_trips_through_state_dict(tmp_path):
+    model = Toy().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = pmptrain.EMSA(model)
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(2, 5, 3, dtype=DT)).sum().backward()
+            opt.step()
+    path = tmp_path / "opt.pt"
+    torch.save(opt.state_dict(), path)
+    st = opt.state_of(model.temp)
+    assert st.step == 2 and st.fallback["temp"].step == 2
+    other = pmptrain.EMSA(Toy().double())
+    other.load_state_dict(torch.load(path, weights_only=True))
+    again = other.state_of(other.model.temp)
+    assert again.step == 2 and torch.equal(again.fallback["temp"].exp_avg, st.fallback["temp"].exp_avg)
