@@ -596,6 +596,15 @@ def _lookup(module: nn.Module):
             if module.max_norm is not None:
                 return None, "max_norm renormalises the weight inside forward (not an affine map of it)"
         return adapter, None
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and (module.groups != 1 or module.padding_mode != "zeros"):
+        return None, "grouped transposed convolutions have no closed form yet (groups=1 has one)"
+    if isinstance(module, nn.EmbeddingBag):
+        if module.mode == "max":
+            return None, "mode='max' is not affine in the weight"
+        if module.max_norm is not None:
+            return None, "max_norm renormalises the weight inside forward (not an affine map of it)"
+        if module.sparse or module.scale_grad_by_freq:
+            return None, "sparse=True / scale_grad_by_freq gradients are not supported"
     return None, None
 
 
