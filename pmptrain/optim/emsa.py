@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence, Tuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..modules import adapter_for, unsupported_reason
 from .additive import AdditiveEMSARule
@@ -356,8 +357,8 @@ def _additive_candidate(module: nn.Module) -> bool:
         return False
     if isinstance(module, nn.Embedding):
         return not module.sparse and module.max_norm is None
-    if unsupported_reason(module) is not None:
-        return False
+    if unsupported_reason(module) is not None or isinstance(module, parametrize.ParametrizationList):
+        return False  # a parametrization's parameters enter through its own (nonlinear) map
     indexed = any(not b.is_floating_point() and not b.is_complex() for b in module.buffers(recurse=False))
     return indexed or next(module.children(), None) is not None
 
