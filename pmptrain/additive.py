@@ -21,7 +21,7 @@ matrix product) makes ``θ`` not additive, and the reason names that operation.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor

@@ -24,13 +24,22 @@ puts each view in the rule table as the unit ``host_name.suffix``.
 
 from __future__ import annotations
 
-import math
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .modules import (
+    BiasAdapter,
+    ConvTransposeAdapter,
+    EmbeddingBagAdapter,
+    LinearAdapter,
+    RoutedAdapter,
+    SequenceLinearAdapter,
+    unsupported_reason,
+)
 
 __all__ = ["AffineView", "LinearView", "RoutedView", "views_of", "unrolled_forward"]
 
@@ -53,8 +62,6 @@ class LinearView(AffineView):
 
     def __init__(self, weight, bias):
         super().__init__(weight, bias)
-        from .modules import SequenceLinearAdapter
-
         self.view_adapter = SequenceLinearAdapter()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -72,8 +79,6 @@ class RoutedView(AffineView):
 
     def __init__(self, weight):
         super().__init__(weight, None)
-        from .modules import RoutedAdapter
-
         self.view_adapter = RoutedAdapter()
 
     @property
@@ -98,8 +103,6 @@ class BilinearView(AffineView):
 
     def __init__(self, host):
         super().__init__(host.weight, host.bias)
-        from .modules import LinearAdapter
-
         self.view_adapter = LinearAdapter()
 
     def forward(self, z: Tensor) -> Tensor:
@@ -119,8 +122,6 @@ class EmbeddingBagView(AffineView):
 
     def __init__(self, host):
         super().__init__(host.weight, None)
-        from .modules import EmbeddingBagAdapter
-
         self.view_adapter = EmbeddingBagAdapter()
         self.host_settings = (host.mode, host.include_last_offset, host.padding_idx)
 
@@ -165,8 +166,6 @@ class ConvTransposeView(AffineView):
 
     def __init__(self, host):
         super().__init__(host.weight, None)
-        from .modules import ConvTransposeAdapter
-
         self.dims = len(host.kernel_size)
         self.view_adapter = ConvTransposeAdapter(self.dims)
         for k in ("kernel_size", "stride", "padding", "dilation", "groups"):
@@ -182,8 +181,6 @@ class BiasView(AffineView):
 
     def __init__(self, bias):
         super().__init__(None, bias)
-        from .modules import BiasAdapter
-
         self.view_adapter = BiasAdapter()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -251,7 +248,8 @@ def _cell_views(host) -> List[Tuple[str, AffineView]]:
             for part in ("ih", "hh")]
 
 
-def _cell_step(kind: str, nonlinearity: str, gi: Tensor, h: Tensor, c: Optional[Tensor], hh: Callable[[Tensor], Tensor]):
+def _cell_step(kind: str, nonlinearity: str, gi: Tensor, h: Tensor, c: Optional[Tensor],
+               hh: Callable[[Tensor], Tensor]):
     """One step of torch's recurrences from the input part ``gi = W_ih x + b_ih`` and the hidden map
     ``hh(h) = W_hh h + b_hh``: returns ``(h', c')`` (``c'`` None but for the LSTM)."""
     gh = hh(h)
@@ -427,11 +425,8 @@ def _host_spec(module: nn.Module):
     t = type(module)
     spec = _HOSTS.get(t)
     if spec is not None:
-        if isinstance(module, nn.modules.conv._ConvTransposeNd) and (module.groups != 1 or module.padding_mode != "zeros"):
-            return None  # grouped or non-zero padding: no view (the fallback, with the reason below)
-        if isinstance(module, nn.EmbeddingBag) and (module.mode == "max" or module.max_norm is not None
-                                                     or module.sparse or module.scale_grad_by_freq):
-            return None  # max mode / max_norm: not affine in the weight; sparse: no dense gradient
+        if unsupported_reason(module) is not None:
+            return None  # e.g. a grouped transposed convolution, EmbeddingBag(mode="max"): the fallback
         return spec
     spec = _HOSTS_BY_NAME.get(f"{t.__module__}.{t.__qualname__}")
     if spec is None and _is_fused_experts(module):
@@ -469,7 +464,8 @@ class _HostHook:
 
 
 #: host → (its views in order, the hook handle); rebuilt when the host's parameters were replaced
-_VIEWS: "weakref.WeakKeyDictionary[nn.Module, Tuple[List[Tuple[str, AffineView]], object]]" = weakref.WeakKeyDictionary()
+_VIEWS: "weakref.WeakKeyDictionary[nn.Module, Tuple[List[Tuple[str, AffineView]], object]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def views_of(module: nn.Module) -> Optional[List[Tuple[str, AffineView]]]:

@@ -82,7 +82,8 @@ class AdditiveObserver:
                     kinds[name], uses[name] = "scale", None
                     continue
                 u, why = _count(found, p)
-                kinds[name], uses[name] = ("additive" if u is not None else None), (u / batch if u is not None else None)
+                kinds[name] = "additive" if u is not None else None
+                uses[name] = u / batch if u is not None else None
                 if why is not None:
                     reasons[name] = why
             self.signature, self.kinds, self.uses, self.reasons, self.samples = sig, kinds, uses, reasons, batch
@@ -144,8 +145,8 @@ class AdditiveEMSARule(EMSARuleBase):
         return AdditiveState()
 
     def describe(self, unit, group):
-        return (f"closed-form E-MSA of additive and layer-scale parameters ({self.describe_rho(group)}; recognised at the "
-                "first forward, the fallback for any that are not added to a state)")
+        return (f"closed-form E-MSA of additive and layer-scale parameters ({self.describe_rho(group)}; "
+                "recognised at the first forward, the fallback for any that enter otherwise)")
 
     def costate_scaled(self, group) -> bool:
         return False  # a bias-only unit has no costate penalty
