@@ -21,6 +21,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from .. import distributed as pdist
 from ..additive import _count, additive_step, scale_costate_sq, scale_state_sq, scale_step, trace_uses
 from .affine import EMSARuleBase
 from .elementwise import FallbackRule, FallbackState
@@ -117,6 +118,25 @@ class _CostateSq:
         return None
 
 
+def _reduced_scale_stats(obs: AdditiveObserver, name: str, p: Tensor, ctx: StepContext):
+    """``(Σx², Σp̂², B)`` of a layer-scale parameter over the union of the ranks' batches (``Σx²``
+    None when nothing was recorded), with ``p̂ = −B_r·∂J/∂y`` formed on each rank ``r`` before the
+    sum (as the channel rule does). Every rank of a data-parallel run holds the same units, so the
+    reductions pair up."""
+    x_sq, g_sq = obs.x_sq.get(name), obs.p_sq.get(name)
+    scale_p = float(obs.scale_samples) * ctx.costate_inv_scale
+    dev = p.device
+    zero = torch.zeros(p.shape, dtype=torch.float64, device=dev)
+    parts = [x_sq.to(dev) if x_sq is not None else zero.clone(),
+             g_sq.to(dev) * (scale_p * scale_p) if g_sq is not None else zero.clone(),
+             torch.tensor([float(obs.scale_samples)], dtype=torch.float64, device=dev)]
+    if ctx.world > 1:
+        pdist.all_reduce_sum_(parts, ctx.process_group)
+    elif x_sq is None:
+        return None, None, 0.0
+    return parts[0], parts[1], float(parts[2])
+
+
 def _flatten(value):
     if isinstance(value, (tuple, list)):
         for v in value:
@@ -192,8 +212,8 @@ class AdditiveEMSARule(EMSARuleBase):
                 continue
             dt = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
             if kind == "scale":
-                b_ = float(obs.scale_samples)
-                if b_ == 0.0 or n not in obs.x_sq:
+                x_sq, p_sq, b_ = _reduced_scale_stats(obs, n, p, ctx)
+                if b_ == 0.0 or x_sq is None:
                     if bool(g.any()):
                         raise RuntimeError(f"parameter {mb.name}.{n} has a gradient but no recorded forward call")
                     ups.append(Update(p, torch.zeros_like(p), decay=decay))
@@ -202,9 +222,7 @@ class AdditiveEMSARule(EMSARuleBase):
                 if rho == 0.0:
                     ups.append(Update(p, g, alpha=-eta, decay=decay))
                     continue
-                scale_p = b_ * ctx.costate_inv_scale  # p̂ = −B·∂J/∂y
-                a = obs.x_sq[n] / b_
-                e = obs.p_sq.get(n, torch.zeros_like(a)) * (scale_p * scale_p / b_) * self.costate_ratio(group, b_)
+                a, e = x_sq / b_, p_sq / b_ * self.costate_ratio(group, b_)
                 ups.append(Update(p, scale_step(g.to(dt), a.to(dt), e.to(dt), rho, 1.0 / eta).to(p.dtype), decay=decay))
                 continue
             rho = self.effective_rho(group, ctx, batch=float(obs.samples))
