@@ -113,8 +113,11 @@ class _CostateSq:
         self.observer, self.name, self.use, self.param = observer, name, use, param
 
     def __call__(self, grad_outputs):
+        use, self.use = self.use, None  # once per backward pass; drops the node ↔ hook cycle
+        if use is None or grad_outputs[0] is None:
+            return None
         obs = self.observer
-        obs.p_sq[self.name] = obs.p_sq.get(self.name, 0.0) + scale_costate_sq(self.use, grad_outputs[0], self.param)
+        obs.p_sq[self.name] = obs.p_sq.get(self.name, 0.0) + scale_costate_sq(use, grad_outputs[0], self.param)
         return None
 
 
