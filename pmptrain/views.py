@@ -484,7 +484,8 @@ def views_of(module: nn.Module) -> Optional[List[Tuple[str, AffineView]]]:
             return views
         handle.remove()
     views = build(module)
-    handle = module.register_forward_hook(_HostHook(dict(views), forward), with_kwargs=True)
+    # prepended: the user's own forward hooks see the unrolled output (equal to the fused one)
+    handle = module.register_forward_hook(_HostHook(dict(views), forward), with_kwargs=True, prepend=True)
     _VIEWS[module] = (views, handle)
     return views
 

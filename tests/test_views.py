@@ -402,3 +402,22 @@ def test_embedding_bag_is_a_linear_on_bag_counts_and_its_step_the_maximiser(name
 def test_embedding_bag_max_mode_falls_back_with_its_name():
     with pytest.warns(UserWarning, match="'0' \\(EmbeddingBag\\)"):
         pmptrain.EMSA(nn.Sequential(nn.EmbeddingBag(5, 2, mode="max")))
+
+
+def test_under_the_optimizer_the_layer_returns_the_fused_output_and_copies_run_the_kernel():
+    import copy
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, 2, batch_first=True).double()
+    seen = []
+    lstm.register_forward_hook(lambda m, a, out: seen.append(out[0].grad_fn))  # the user's own hook
+    opt = pmptrain.EMSA(lstm)
+    twin = copy.deepcopy(lstm)  # hooks are inert in copies: the fused kernel
+    x = torch.randn(2, 5, 3, dtype=DT)
+    out, (h, c) = lstm(x)
+    ref, (h2, c2) = twin(x)
+    _close((out, h, c), (ref, h2, c2))
+    assert "Stack" in type(out.grad_fn).__name__ or "Transpose" in type(out.grad_fn).__name__  # unrolled
+    assert seen[0] is out.grad_fn  # the user's hook saw the output the model returns
+    out.sum().backward()
+    assert not opt.capture.peek("ih_l0").empty
