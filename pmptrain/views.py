@@ -434,13 +434,34 @@ def _host_spec(module: nn.Module):
     return spec
 
 
-class _HostHook:
-    """Forward hook of a host: the unrolled output while its views are being captured."""
+def _mismatch(ours, theirs) -> Optional[float]:
+    """The largest relative difference between two (nested) outputs, or None when they agree to the
+    precision of their dtype."""
+    if isinstance(theirs, (tuple, list)):
+        if not isinstance(ours, (tuple, list)) or len(ours) != len(theirs):
+            return float("inf")
+        worst = [_mismatch(a, b) for a, b in zip(ours, theirs)]
+        worst = [w for w in worst if w is not None]
+        return max(worst) if worst else None
+    if not isinstance(theirs, Tensor) or not theirs.is_floating_point():
+        return None if not isinstance(theirs, Tensor) or torch.equal(ours, theirs) else float("inf")
+    if ours.shape != theirs.shape:
+        return float("inf")
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(theirs.dtype, 2e-2)
+    a, b = ours.detach().double(), theirs.detach().double()
+    err = float((a - b).abs().max()) / (float(b.abs().max()) + 1e-30) if b.numel() else 0.0
+    return err if err > tol else None
 
-    __slots__ = ("views", "forward")
+
+class _HostHook:
+    """Forward hook of a host: the unrolled output while its views are being captured. The first
+    such call is checked against the host's own output (a host whose library changed its forward
+    would otherwise be trained on a model that is not the user's): a mismatch raises."""
+
+    __slots__ = ("views", "forward", "checked")
 
     def __init__(self, views: Dict[str, AffineView], forward: Callable):
-        self.views, self.forward = views, forward
+        self.views, self.forward, self.checked = views, forward, False
 
     def __call__(self, host, args, kwargs, output):
         if not host.training or not torch.is_grad_enabled():
@@ -455,7 +476,16 @@ class _HostHook:
                 "exclude=[<this module's name>] to train it by the fallback")
         for v in self.views.values():
             v.training = True
-        return self.forward(host, self.views, args, kwargs)
+        ours = self.forward(host, self.views, args, kwargs)
+        if not self.checked and not getattr(host, "dropout", 0):  # dropout draws its own mask
+            err = _mismatch(ours, output)
+            if err is not None:
+                raise RuntimeError(
+                    f"pmptrain: the unrolled forward of {type(host).__name__} differs from the module's own "
+                    f"forward (relative difference {err:.2e}); please report it, and pass exclude=[<its name>] "
+                    "to train it by the fallback meanwhile")
+            self.checked = True
+        return ours
 
     def __reduce__(self):
         from .capture import _Inert

@@ -421,3 +421,17 @@ def test_under_the_optimizer_the_layer_returns_the_fused_output_and_copies_run_t
     assert seen[0] is out.grad_fn  # the user's hook saw the output the model returns
     out.sum().backward()
     assert not opt.capture.peek("ih_l0").empty
+
+
+def test_an_unrolled_forward_that_differs_from_the_module_raises_at_the_first_call(monkeypatch):
+    import pmptrain.views as views_mod
+
+    def wrong(host, views, args, kwargs):
+        out, h = views_mod._rnn_forward(host, views, args, kwargs)
+        return out * 1.001, h
+
+    monkeypatch.setitem(views_mod._HOSTS, nn.RNN, (views_mod._rnn_views, wrong))
+    rnn = nn.RNN(3, 4).double()
+    opt = pmptrain.EMSA(rnn)  # noqa: F841 (kept alive: its hooks drive the views)
+    with pytest.raises(RuntimeError, match="unrolled forward of RNN differs .* exclude"):
+        rnn(torch.randn(5, 2, 3, dtype=DT))
