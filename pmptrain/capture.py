@@ -206,6 +206,22 @@ class _TapHook:
     def __call__(self, *args):
         return getattr(self.tap, self.which)(*args)
 
+
+class _ObserverHook:
+    """Forward hook of an observed module (:meth:`ModuleCapture.observe`)."""
+
+    __slots__ = ("capture", "observer")
+
+    def __init__(self, capture: "ModuleCapture", observer):
+        self.capture, self.observer = capture, observer
+
+    def __call__(self, module, args, kwargs, output):
+        cap = self.capture
+        if cap._paused or cap.removed or not module.training or not torch.is_grad_enabled():
+            return None
+        self.observer(module, args, kwargs, output)
+        return None
+
     def __reduce__(self):
         return (_Inert, ())
 
@@ -277,6 +293,7 @@ class ModuleCapture:
 
     def __init__(self):
         self._entries: Dict[str, _Entry] = {}
+        self._observers: Dict[str, object] = {}
         self._handles = []
         self._taps = []
         self._sentinel_keys: Dict[int, List[str]] = {}
@@ -346,6 +363,20 @@ class ModuleCapture:
 
     def keys(self):
         return self._entries.keys()
+
+    def observe(self, key: str, module: nn.Module, observer) -> None:
+        """Call ``observer(module, args, kwargs, output)`` after every training forward of ``module``
+        under autograd (while not paused): a rule that reads what it needs from the call itself (the
+        additive rule reads its parameters' uses from the call's autograd graph). It is kept as
+        :meth:`observation` ``(key)``; removed with the capture. No-op if ``key`` is observed already."""
+        if key in self._observers:
+            return
+        self._observers[key] = observer
+        self._handles.append(module.register_forward_hook(_ObserverHook(self, observer), with_kwargs=True))
+
+    def observation(self, key: str):
+        """The observer registered under ``key`` (None if none)."""
+        return self._observers.get(key)
 
     # ------------------------------------------------------------------ accumulation
     def _reset_if_gradient_was_reset(self, entry: _Entry) -> None:
@@ -476,6 +507,10 @@ class ModuleCapture:
         for e in self._entries.values():
             e.stats = ModuleStats()
             e.grad_seen = False
+        for o in self._observers.values():
+            reset = getattr(o, "reset", None)
+            if reset is not None:
+                reset()
         self.root_empty = self.root_trained = False
 
     @contextlib.contextmanager

@@ -13,11 +13,18 @@ Three kinds (``adapter.kind``):
   (im2col patches are rows); ``nn.Embedding`` (``y = Eᵀ e_i`` on one-hot states, weight stored
   transposed, diagonal state statistics).
 * ``"grouped"`` — grouped and depthwise ``nn.Conv1d/2d/3d``: ``groups`` independent blocks of the
-  matrix kind sharing the rows.
+  matrix kind sharing the rows; the fused expert weights of a mixture of experts
+  (:class:`RoutedAdapter`: rows in block form).
 * ``"channel"`` — the elementwise affine ``y = γ ⊙ x̂ + β`` of a normalisation layer: ``nn.LayerNorm``,
   ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d``, ``nn.InstanceNorm1d/2d/3d`` (with
   affine parameters), and the RMSNorm classes of Hugging Face's Llama, Mistral, Qwen2/3 and Phi-3.
   The normalisation is fixed dynamics before the controlled affine; the state is ``x̂``.
+  ``nn.PReLU`` is this kind with ``x̂ = min(x, 0)`` and no bias.
+
+Modules whose affine maps run inside one fused call (``nn.LSTM``, ``nn.ConvTranspose2d``, Mixtral's
+experts) are controlled through *views* of their parameters (:mod:`pmptrain.views`), whose
+adapters are :class:`SequenceLinearAdapter`, :class:`RoutedAdapter`, :class:`ConvTransposeAdapter`
+and :class:`BiasAdapter`.
 
 Classes not listed are recognised by what they compute (:mod:`pmptrain.probe`): a module with one
 1-D ``weight`` (and ``bias``) whose forward matches LayerNorm, RMSNorm, ``(1 + w)`` RMSNorm or
@@ -57,6 +64,12 @@ __all__ = [
     "BatchNormAdapter",
     "GroupNormAdapter",
     "ChannelsFirstLayerNormAdapter",
+    "PReLUAdapter",
+    "ConvTransposeAdapter",
+    "EmbeddingBagAdapter",
+    "BiasAdapter",
+    "SequenceLinearAdapter",
+    "RoutedAdapter",
     "adapter_for",
     "registration_hint",
     "unsupported_reason",
@@ -143,6 +156,65 @@ class TransposedLinearAdapter(LinearAdapter):
     def weight_shape_2d(self, module):
         n, m = self.weight(module).shape
         return m, n
+
+
+class SequenceLinearAdapter(LinearAdapter):
+    """A :class:`~pmptrain.views.LinearView`: ``y = W x + b`` on calls whose first dimension is the
+    samples — ``[B, T, n]`` (a whole sequence) or ``[B, n]`` (one time step); a sample is one
+    sequence, its time steps are its rows (docs/algorithms.md §2, "Recurrent layers")."""
+
+    def batch_size(self, module, x):
+        return x.shape[0] if x.dim() >= 2 else 1
+
+
+class EmbeddingBagAdapter(AffineAdapter):
+    """A :class:`~pmptrain.views.EmbeddingBagView`: ``y_b = Eᵀ c_b`` with ``c_b = Σ_{i∈b} w_i e_{idx_i}``
+    the bag's weighted index counts (``w_i`` = 1, the per-sample weight, or ``1/|b|`` in mean mode):
+    a Linear with ``W = Eᵀ`` stored transposed whose state rows are the dense ``c_b`` (``n = V``);
+    a sample is a bag. The call carries the bags compactly, ``[bags, K, 2]`` (index, weight; padded
+    with weight 0), and :meth:`input_rows` scatters them into ``c_b``."""
+
+    transposed = True
+    bias_name = None
+
+    def weight_shape_2d(self, module):
+        v, d = module.weight.shape
+        return d, v
+
+    def batch_size(self, module, x):
+        return x.shape[0]
+
+    def input_rows(self, module, x):
+        v = module.weight.shape[0]
+        return x.new_zeros(x.shape[0], v).scatter_add_(1, x[..., 0].long(), x[..., 1])
+
+    def output_rows(self, module, grad_out):
+        return grad_out.reshape(-1, grad_out.shape[-1])
+
+
+class RoutedAdapter(AffineAdapter):
+    """A :class:`~pmptrain.views.RoutedView`: ``E`` expert matrices stored ``[E, m, n]``, rows in
+    block form (``x_i`` in the block of its expert): the ``"grouped"`` kind with ``E`` groups whose
+    rows are zero outside their own block. Every routed row is a sample (a token's row per expert)."""
+
+    kind = "grouped"
+    bias_name = None
+
+    def groups(self, module):
+        return module.weight.shape[0]
+
+    def weight_shape_2d(self, module):
+        e, m, n = module.weight.shape
+        return e * m, e * n
+
+    def batch_size(self, module, x):
+        return x.shape[0]
+
+    def input_rows(self, module, x):
+        return x
+
+    def output_rows(self, module, grad_out):
+        return grad_out
 
 
 class EmbeddingAdapter(AffineAdapter):
@@ -242,6 +314,47 @@ class ConvAdapter(AffineAdapter):
         return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
 
 
+class ConvTransposeAdapter(AffineAdapter):
+    """A :class:`~pmptrain.views.ConvTransposeView` (``nn.ConvTranspose1d/2d/3d`` without its bias,
+    ``groups = 1``) as the adjoint of a convolution: every *input* position ``i`` contributes
+    ``z_i = Mᵀ x_i`` to the kernel window of outputs it reaches (``M`` = the weight stored
+    ``[C_in, C_out·∏k]``), and the output is ``col2im`` of the ``z_i``. So it is the matrix kind with
+    ``W = Mᵀ`` stored transposed: state rows are the input's pixels ``x_i`` (``C_in``), costate rows
+    ``∂J/∂z_i`` are the im2col patches of the output gradient at the input positions
+    (``C_out·∏k``). The costate penalty is exact; the state penalty of overlapping windows is
+    approximated by the sum over input positions (the adjoint of a convolution's K-FAC
+    approximation; docs/algorithms.md §2, "Transposed convolutions"). A sample is one batch entry."""
+
+    transposed = True
+    bias_name = None
+
+    def __init__(self, spatial_dims: int):
+        self.spatial_dims = spatial_dims
+
+    def weight_shape_2d(self, module):
+        w = module.weight
+        return w[0].numel(), w.shape[0]
+
+    def _as_batched(self, t: Tensor) -> Tensor:
+        return t if t.dim() == self.spatial_dims + 2 else t.unsqueeze(0)
+
+    def batch_size(self, module, x):
+        return self._as_batched(x).shape[0]
+
+    def batched(self, module, x):
+        return x.dim() == self.spatial_dims + 2
+
+    def input_rows(self, module, x):
+        x = self._as_batched(x)
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+    def output_rows(self, module, grad_out):
+        g = self._as_batched(grad_out)
+        if any(module.padding):
+            g = F.pad(g, tuple(p for p in reversed(module.padding) for _ in range(2)))
+        return _patch_rows(g, module.kernel_size, module.dilation, module.stride)
+
+
 # ------------------------------------------------------------------------- normalisation affine
 
 
@@ -333,6 +446,49 @@ class RMSNormAdapter(_LastDimsNorm):
         return xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + float(eps))
 
 
+class PReLUAdapter(ChannelAffineAdapter):
+    """``nn.PReLU``: ``y = relu(x) + a ⊙ min(x, 0)`` — the channel kind with state
+    ``x̂ = min(x, 0)``, no bias (``relu(x)`` is fixed drift). One slope (``num_parameters = 1``): every
+    entry is a row of one channel; ``C`` slopes: channel dimension 1. A sample is one entry of the
+    first dimension (the whole input when it has fewer than 2 dimensions)."""
+
+    bias_name = None
+
+    def normalize(self, module, x):
+        return x.clamp(max=0)
+
+    def _to_rows(self, module, t):
+        if module.weight.numel() == 1:
+            return t.reshape(-1, 1)
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+    def batch_size(self, module, x):
+        return x.shape[0] if x.dim() >= 2 else 1
+
+    def batched(self, module, x):
+        return x.dim() >= 2
+
+
+class BiasAdapter(ChannelAffineAdapter):
+    """A :class:`~pmptrain.views.BiasView`: ``y = x + b`` per channel of dimension 1 (the bias of a
+    transposed convolution): the channel kind with only a shift; a sample is one batch entry, its
+    positions are rows."""
+
+    weight_name = None
+    bias_name = "bias"
+
+    def normalize(self, module, x):
+        return x
+
+    def batch_size(self, module, x):
+        return x.shape[0] if x.dim() > 1 else 1
+
+    def _to_rows(self, module, t):
+        if t.dim() == 1:
+            return t.reshape(1, -1)
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
 class _ChannelDimNorm(ChannelAffineAdapter):
     """Normalisations of ``[N, C, *]`` inputs with a per-channel affine; a sample is one entry of N."""
 
@@ -395,11 +551,13 @@ _LAYER_NORM = LayerNormAdapter()
 _RMS_NORM = RMSNormAdapter()
 _BATCH_NORM = BatchNormAdapter()
 _GROUP_NORM = GroupNormAdapter()
+_PRELU = PReLUAdapter()
 
 _BUILTIN = [
     (nn.Linear, _LINEAR), (nn.Conv1d, None), (nn.Conv2d, None), (nn.Conv3d, None), (nn.Embedding, _EMBEDDING),
     (nn.LayerNorm, _LAYER_NORM), (nn.GroupNorm, _GROUP_NORM),
     (nn.modules.batchnorm._BatchNorm, _BATCH_NORM), (nn.modules.instancenorm._InstanceNorm, _GROUP_NORM),
+    (nn.PReLU, _PRELU),
 ]
 if hasattr(nn, "RMSNorm"):
     _BUILTIN.append((nn.RMSNorm, _RMS_NORM))
@@ -449,6 +607,9 @@ def _qualname(module: nn.Module) -> str:
 def _lookup(module: nn.Module):
     """``(adapter or None, reason or None)`` for a module."""
     t = type(module)
+    view_adapter = getattr(module, "view_adapter", None)
+    if isinstance(view_adapter, AffineAdapter):  # a pmptrain.views view of a host's parameters
+        return view_adapter, None
     if t in _REGISTERED:
         return _REGISTERED[t], None
     named = _BY_NAME.get(_qualname(module))
@@ -472,6 +633,15 @@ def _lookup(module: nn.Module):
             if module.max_norm is not None:
                 return None, "max_norm renormalises the weight inside forward (not an affine map of it)"
         return adapter, None
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and (module.groups != 1 or module.padding_mode != "zeros"):
+        return None, "grouped transposed convolutions have no closed form yet (groups=1 has one)"
+    if isinstance(module, nn.EmbeddingBag):
+        if module.mode == "max":
+            return None, "mode='max' is not affine in the weight"
+        if module.max_norm is not None:
+            return None, "max_norm renormalises the weight inside forward (not an affine map of it)"
+        if module.sparse or module.scale_grad_by_freq:
+            return None, "sparse=True / scale_grad_by_freq gradients are not supported"
     return _probed(module), None
 
 

@@ -17,3 +17,15 @@ def assert_same(a, b):
             assert_same(x, y)
     else:
         assert a == b
+
+
+class ExpScale(torch.nn.Module):
+    """``y = x · exp(s)`` per channel (dimension 1): a parameter that enters nonlinearly, so it has
+    no closed form and takes the fallback step (the tests' stand-in for "a module without a rule")."""
+
+    def __init__(self, channels: int = 1, init: float = 0.0):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((channels,), float(init)))
+
+    def forward(self, x):
+        return x * self.weight.exp()

@@ -17,6 +17,7 @@ from torch import nn
 
 import pmptrain
 import pmptrain.modules as modules_mod
+from helpers import ExpScale
 from pmptrain.hamiltonian import augmented_hamiltonian
 from pmptrain.modules import (
     LayerNormAdapter,
@@ -426,8 +427,8 @@ def test_strict_raises_for_any_fallback_whatever_the_reason():
         pmptrain.EMSA(frozen, strict=True)
     with pytest.warns(UserWarning, match="frozen"):
         pmptrain.EMSA(frozen)
-    prelu = nn.Sequential(nn.Linear(3, 3), nn.PReLU())
-    with pytest.raises(ValueError, match="PReLU.*strict=True"):
+    prelu = nn.Sequential(nn.Linear(3, 3), ExpScale())
+    with pytest.raises(ValueError, match="ExpScale.*strict=True"):
         pmptrain.EMSA(prelu, strict=True)
     pmptrain.EMSA(prelu, strict=True, exclude=["1"])  # an explicit choice
     disc = pmptrain.discretize_(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), keep=())
@@ -436,8 +437,8 @@ def test_strict_raises_for_any_fallback_whatever_the_reason():
 
 
 def test_rule_table_lists_every_unit_and_prints_as_a_table():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.PReLU(), nn.Linear(4, 2))
-    with pytest.warns(UserWarning, match="PReLU"):
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), ExpScale(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="ExpScale"):
         opt = pmptrain.EMSA(model)
     table = opt.rule_table()
     assert [(r["unit"], r["rule"], r["params"]) for r in table] == [

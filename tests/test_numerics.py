@@ -13,7 +13,7 @@ import pmptrain
 from pmptrain import hamiltonian as H
 from pmptrain.bench.models import build_model
 
-from helpers import assert_same
+from helpers import ExpScale, assert_same
 
 EMPTY = "empty batch (zero samples)"
 
@@ -22,7 +22,7 @@ EMPTY = "empty batch (zero samples)"
 
 
 def _mlp_prelu():
-    return nn.Sequential(nn.Linear(5, 4), nn.PReLU(), nn.Linear(4, 3))
+    return nn.Sequential(nn.Linear(5, 4), ExpScale(), nn.Linear(4, 3))
 
 
 def _grouped_conv():
@@ -40,7 +40,7 @@ def _gpt():
 
 
 EMPTY_CASES = {
-    # an Adam-fallback parameter (PReLU) moved on an empty batch (momentum), weight decay shrank
+    # an Adam-fallback parameter (ExpScale) moved on an empty batch (momentum), weight decay shrank
     "emsa-prelu-decay": (_mlp_prelu, lambda m: pmptrain.EMSA(m, weight_decay=0.1), (5,)),
     # the backward pass of a grouped convolution raised on an empty batch
     "grouped-conv": (_grouped_conv, lambda m: pmptrain.EMSA(m), (2, 4, 4)),
@@ -217,10 +217,10 @@ def test_two_sided_gram_solve_at_the_rho_bound_is_finite_and_exact():
 
 
 def test_float16_adam_fallback_trains_like_float32():
-    """ε = 1e-8 is 0 in float16 (and g² underflows): the Adam fallback of a float16 PReLU was 0/0
+    """ε = 1e-8 is 0 in float16 (and g² underflows): the Adam fallback of a float16 parameter was 0/0
     on every step, and every step was skipped. It now computes in float32."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 3)).half()
+    model = nn.Sequential(nn.Linear(4, 6), ExpScale(6, init=0.25), nn.Linear(6, 3)).half()
     prelu = model[1].weight
     opt = pmptrain.EMSA(model, fallback_lr=1e-2)
     ref = prelu.detach().float().clone().requires_grad_(True)

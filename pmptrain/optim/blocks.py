@@ -166,14 +166,15 @@ class GroupedEMSARule(EMSARuleBase):
         return GroupedState()
 
     def describe(self, unit, group):
-        g = unit.members[0].module.groups
+        mb = unit.members[0]
+        g = mb.adapter.groups(mb.module)
         return f"closed-form E-MSA per group ({g} groups, {self.describe_rho(group)}){self.describe_trust(group)}"
 
     def capture_spec(self, unit, member, group):
         if not self.capture_active(group):
             return None
         m, n = member.adapter.weight_shape_2d(member.module)
-        return CaptureSpec("dense", "dense", False, n, m, _dtype(member.weight), groups=member.module.groups)
+        return CaptureSpec("dense", "dense", False, n, m, _dtype(member.weight), groups=member.adapter.groups(member.module))
 
     def propose(self, unit: Unit, ctx: StepContext):
         mb = unit.members[0]
@@ -191,8 +192,9 @@ class GroupedEMSARule(EMSARuleBase):
         samples, rows = ctx.union_sizes(mb.name, st)
         if samples == 0:
             return self._no_data(unit, ctx, grads)
-        g = mb.module.groups
-        m_g, n_g = w.shape[0] // g, w[0].numel()
+        g = mb.adapter.groups(mb.module)
+        m, n = mb.adapter.weight_shape_2d(mb.module)
+        m_g, n_g = m // g, n // g
         scale_p = float(st.samples) * ctx.costate_inv_scale
         xx = st.xx if st.xx is not None else torch.zeros(g, n_g, n_g, dtype=dt, device=dev)
         xs = st.x_sum if st.x_sum is not None else torch.zeros(g * n_g, dtype=dt, device=dev)

@@ -15,9 +15,11 @@ import warnings
 from typing import Iterable, Optional, Sequence, Tuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..attention import tap_available
 from ..modules import adapter_for, registration_hint, unsupported_reason
+from .additive import AdditiveEMSARule
 from .affine import AffineEMSARule
 from .blocks import ChannelEMSARule, GroupedEMSARule
 from .elementwise import FallbackRule
@@ -253,6 +255,7 @@ class EMSA(PMPOptimizer):
         self._mha = MHAEMSARule()
         self._iterative = IterativeEMSARule()
         self._fallback = FallbackRule()
+        self._additive = AdditiveEMSARule(self._fallback, strict=strict)
         defaults = dict(
             lr=lr, rho=rho, rho_scale=rho_scale, route=route, costate=costate, stat_decay=stat_decay,
             stat_every=stat_every, eig_refresh=eig_refresh,
@@ -263,7 +266,8 @@ class EMSA(PMPOptimizer):
             penalty_units=penalty_units, proximal=proximal, l2=l2, perturb_init=perturb_init,
             perturb_seed=perturb_seed,
         )
-        super().__init__(model, params, defaults, [*self._by_kind.values(), self._mha, self._iterative, self._fallback],
+        super().__init__(model, params, defaults,
+                         [*self._by_kind.values(), self._mha, self._iterative, self._fallback, self._additive],
                          strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler)
 
     @classmethod
@@ -375,6 +379,8 @@ class EMSA(PMPOptimizer):
         adapter = adapter_for(module)
         if adapter is not None:
             return self._by_kind[adapter.kind]
+        if _additive_candidate(module):
+            return self._additive  # its direct parameters: additive ones are recognised at the first forward
         return Unsupported(unsupported_reason(module) or (
             f"pmptrain has no closed form for {type(module).__name__} modules and did not recognise what it "
             "computes (if it is affine in its parameters, give it one with pmptrain.register_module_type)"),
@@ -382,6 +388,24 @@ class EMSA(PMPOptimizer):
 
     def _param_rule(self, name, param):
         return self._fallback, {}
+
+
+def _additive_candidate(module: nn.Module) -> bool:
+    """A module without an adapter whose own parameters :class:`AdditiveEMSARule` examines at the
+    first forward: one with child modules and floating-point parameters of its own (ViT's
+    embeddings, CLIP's vision embeddings, ConvNeXt's layers with their layer-scale), a module that
+    reads its parameters by an integer index buffer (Swin's relative-position bias), or an
+    ``nn.Embedding`` subclass with its own forward (learned position tables: Whisper's, BART's).
+    Other leaf modules without a rule fall back at construction."""
+    own = list(module.parameters(recurse=False))
+    if not own or not all(p.is_floating_point() for p in own):
+        return False
+    if isinstance(module, nn.Embedding):
+        return not module.sparse and module.max_norm is None
+    if unsupported_reason(module) is not None or isinstance(module, parametrize.ParametrizationList):
+        return False  # a parametrization's parameters enter through its own (nonlinear) map
+    indexed = any(not b.is_floating_point() and not b.is_complex() for b in module.buffers(recurse=False))
+    return indexed or next(module.children(), None) is not None
 
 
 class MSA(EMSA):

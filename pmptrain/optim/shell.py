@@ -47,6 +47,7 @@ from .. import distributed as pdist
 from .._profile import phase
 from ..capture import ModuleCapture
 from ..modules import adapter_for, bypassed_by_parent
+from ..views import views_of
 from . import ranks
 from .hyper import PENALTY_MAX, Real, Spec, is_number
 from .rule import Member, Proposal, Rule, StepContext, Unit, cast_state, clone_state, record_from_view, record_view
@@ -366,7 +367,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         blocks: List[str] = []  # names of the controlled blocks met so far (their descendants are skipped)
         all_modules = dict(self.root.named_modules())
         pending: List[Tuple[str, nn.Module, Unsupported, List[Tensor]]] = []  # modules without a rule
-        for name, module in self.root.named_modules():
+        for name, module in self._modules_and_views():
             if any(name.startswith(b + ".") or (b == "" and name) for b in blocks):
                 continue  # inside a controlled block: the block is the unit
             is_block = self._is_block(name, module)
@@ -483,6 +484,7 @@ class PMPOptimizer(torch.optim.Optimizer):
                 lazy.update(id(p) for p in own)
                 self._lazy_hooks.append(module.register_forward_pre_hook(_LazyHook(self, module)))
         return lazy
+
     def _settle_unsupported(self, pending, claims, owners, why, pname) -> None:
         """One truth for the parameters of modules without a rule (``pending``): a parameter that a
         module without a rule holds only as an alias of a parameter of its own descendant with a
@@ -512,6 +514,17 @@ class PMPOptimizer(torch.optim.Optimizer):
                         if id(q) in owners and other in owners[id(q)]:
                             owners[id(q)].remove(other)
                     self._warn_fallback(("tied-unsupported", other, name), reason)
+
+    def _modules_and_views(self):
+        """``root.named_modules()`` with every host of fused affine maps (an ``nn.LSTM``, Mixtral's
+        experts; :mod:`pmptrain.views`) replaced by its views, named ``host.suffix``."""
+        for name, module in self.root.named_modules():
+            views = None if self._is_block(name, module) else views_of(module)
+            if views is None:
+                yield name, module
+                continue
+            for suffix, view in views:
+                yield (f"{name}.{suffix}" if name else suffix) if suffix else name, view
 
     @staticmethod
     def _member(name, module, rule: Rule, own: Dict[str, Tensor]) -> Optional[Member]:
@@ -619,6 +632,11 @@ class PMPOptimizer(torch.optim.Optimizer):
             if hasattr(unit.rule, "sync_capture"):  # a rule that records calls inside its module's forward
                 unit.rule.sync_capture(unit, group, self.capture)
                 continue
+            observer = getattr(unit.rule, "observer", None)
+            if observer is not None:  # a rule that reads the module's calls itself (additive parameters)
+                for mb in unit.members:
+                    if self.capture.observation(mb.name) is None:
+                        self.capture.observe(mb.name, mb.module, observer(unit))
             for mb in unit.members:
                 spec = unit.rule.capture_spec(unit, mb, group)
                 entry = self.capture._entries.get(mb.name)
