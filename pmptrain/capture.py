@@ -206,6 +206,9 @@ class _TapHook:
     def __call__(self, *args):
         return getattr(self.tap, self.which)(*args)
 
+    def __reduce__(self):
+        return (_Inert, ())
+
 
 class _ObserverHook:
     """Forward hook of an observed module (:meth:`ModuleCapture.observe`)."""

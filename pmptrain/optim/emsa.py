@@ -397,7 +397,12 @@ def _additive_candidate(module: nn.Module) -> bool:
     reads its parameters by an integer index buffer (Swin's relative-position bias), or an
     ``nn.Embedding`` subclass with its own forward (learned position tables: Whisper's, BART's).
     Other leaf modules without a rule fall back at construction."""
-    own = list(module.parameters(recurse=False))
+    if isinstance(module, nn.MultiheadAttention):
+        return False  # its matrices enter through products (its own rule, or the fallback without the tap)
+    held = {id(p) for c in module.children() for p in c.parameters()}
+    # a parameter the module holds only as an alias of a descendant's (HF BERT's cls.predictions.bias is
+    # decoder.bias) is the descendant's: not the module's own use
+    own = [p for p in module.parameters(recurse=False) if id(p) not in held]
     if not own or not all(p.is_floating_point() for p in own):
         return False
     if isinstance(module, nn.Embedding):
