@@ -12,9 +12,13 @@ every Debian system; its SHA-256 is recorded) — for the same seeded batches:
 * ``lora-adamw``, ``lora-emsa`` — ``kind="lora"`` on every Linear of every block;
 * ``parallel-adamw``, ``parallel-emsa`` — ``kind="parallel"`` around every block, rank chosen for the
   same trainable parameters as LoRA;
+* ``parallel2-adamw``, ``parallel2-emsa`` — ``kind="parallel"`` around each residual branch of every
+  block (the attention and the MLP module: two controls per block, the "double control" of the
+  ICML 2025 paper), rank for the same trainable parameters as LoRA;
 * ``nonlinear-adamw`` — the ICML 2024 controller (causal) around every block, rank as parallel;
-* ``binary-dmsa``, ``ternary-dmsa`` — discrete controls around every block trained by
-  :class:`~pmptrain.DiscreteMSA`, rank chosen so the bit-packed adapter is at most 1/8 of LoRA's.
+* ``binary-dmsa``, ``ternary-dmsa`` — discrete controls on the same Linears as LoRA (the ECCV 2024
+  binary controller), trained by :class:`~pmptrain.DiscreteMSA`, the highest rank whose bit-packed
+  codes take at most 1/8 of LoRA's bytes (4r binary, 2r ternary).
 
 Columns: trainable parameters; final new-task validation loss; old-task validation loss (the
 pretraining corpus: forgetting); memory — the bytes autograd saves for one training step
@@ -58,6 +62,8 @@ METHODS: Dict[str, tuple] = {
     "lora-emsa": ("lora", "emsa"),
     "parallel-adamw": ("parallel", "adamw"),
     "parallel-emsa": ("parallel", "emsa"),
+    "parallel2-adamw": ("parallel2", "adamw"),
+    "parallel2-emsa": ("parallel2", "emsa"),
     "nonlinear-adamw": ("nonlinear", "adamw"),
     "binary-dmsa": ("binary", "dmsa"),
     "ternary-dmsa": ("ternary", "dmsa"),
@@ -66,6 +72,7 @@ DEFAULT_METHODS = ("full-adamw", "full-emsa", "lora-adamw", "lora-emsa", "parall
                    "binary-dmsa", "ternary-dmsa")
 _LINEARS = ["c_attn", "c_proj", "mlp.0", "mlp.2"]
 _BLOCKS = r"re:h\.\d+"
+_SUBBLOCKS = r"re:h\.\d+\.(attn|mlp)"
 
 
 @dataclasses.dataclass
@@ -261,17 +268,19 @@ def pretrained_gpt(cfg: FinetuneConfig, corpus, train, val_batches, device, log=
 
 
 def _rank_for(kind: str, cfg: FinetuneConfig) -> int:
-    """The rank of a block control. Parallel / nonlinear: LoRA's trainable parameters — LoRA on the
-    block's four Linears has ``r(d+3d) + r(d+d) + r(d+4d) + r(4d+d) = 16·d·r``, a block control
-    ``2·d·R`` — so ``R = 8r``. Discrete: the highest rank whose codes (``2·d·R·bits`` bits) fit in
-    1/8 of LoRA's float32 bytes (``16·d·r·4/8`` bytes), capped at ``d`` (full rank)."""
+    """The rank of a control at LoRA's budget. LoRA on the block's four Linears has
+    ``r(d+3d) + r(d+d) + r(d+4d) + r(4d+d) = 16·d·r`` parameters. Parallel / nonlinear around the
+    block (``2·d·R``): ``R = 8r``; around each of its two residual branches (``2·2·d·R``): ``R = 4r``.
+    Discrete controls on the same four Linears (``16·d·R`` codes of 1 or 2 bits): the highest rank
+    whose codes fit in 1/8 of LoRA's float32 bytes (``16·d·r·4/8`` bytes), ``R = 4r/bits``."""
     d, r = cfg.n_embd, cfg.rank
     lora = 16 * d * r
     if kind in ("parallel", "nonlinear"):
         return max(1, lora // (2 * d))
+    if kind == "parallel2":  # two controls per block, one across each residual branch (attn, mlp)
+        return max(1, lora // (4 * d))
     bits = 1 if kind == "binary" else 2
-    budget_bits = lora * 4 * 8 // 8
-    return max(1, min(d, budget_bits // (2 * d * bits)))
+    return max(1, (lora * 4 * 8 // 8) // (16 * d * bits))
 
 
 def _make(method: str, base, cfg: FinetuneConfig):
@@ -288,6 +297,10 @@ def _make(method: str, base, cfg: FinetuneConfig):
             p.requires_grad_(True)
     elif kind == "lora":
         control.attach(model, _LINEARS, kind="lora", rank=cfg.rank)
+    elif kind in ("binary", "ternary"):
+        control.attach(model, _LINEARS, kind=kind, rank=_rank_for(kind, cfg))
+    elif kind == "parallel2":
+        control.attach(model, _SUBBLOCKS, kind="parallel", rank=_rank_for(kind, cfg))
     else:
         control.attach(model, _BLOCKS, kind=kind, rank=_rank_for(kind, cfg), causal=True)
     if optname == "adamw":
@@ -339,7 +352,8 @@ def _memory(model, opt, x, y, device) -> Dict[str, Any]:
 
 
 def _adapter_bytes_and_roundtrip(method: str, model, base, probe, tmp: Path):
-    """Bytes of the adapter file and whether loading it onto a fresh base reproduces the outputs."""
+    """Bytes of the adapter file, of its payload (tensors and packed codes, without the manifest)
+    and whether loading it onto a fresh base reproduces the outputs exactly."""
     import pmptrain
     from pmptrain import control
 
@@ -350,17 +364,17 @@ def _adapter_bytes_and_roundtrip(method: str, model, base, probe, tmp: Path):
     with torch.no_grad():
         ref = model(probe)
         if kind is None:
-            pmptrain.export_packed(model, path)
+            manifest = pmptrain.export_packed(model, path)
             fresh = pmptrain.load_packed(path, copy.deepcopy(base))
         else:
-            control.export_controls(model, path)
+            manifest = control.export_controls(model, path)
             fresh = control.load_controls(path, copy.deepcopy(base))
         fresh.eval()
         exact = bool(torch.equal(fresh(probe), ref))
     model.train(was)
     size = path.stat().st_size
     path.unlink()
-    return size, exact
+    return size, manifest["payload_nbytes"], exact
 
 
 def run_one(method: str, seed: int, base, cfg: FinetuneConfig, train, new_val, old_val, device, tmp: Path,
@@ -414,14 +428,15 @@ def run_one(method: str, seed: int, base, cfg: FinetuneConfig, train, new_val, o
     bar.close()
     mem = _memory(model, opt, first[0], first[1], device)
     base_untouched = all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    size, exact = _adapter_bytes_and_roundtrip(method, model, base, first[0][:2], tmp)
+    size, payload, exact = _adapter_bytes_and_roundtrip(method, model, base, first[0][:2], tmp)
     skipped = opt.skipped_steps if isinstance(opt, PMPOptimizer) else 0
     if isinstance(opt, PMPOptimizer):
         opt.detach()
     return {"method": method, "seed": seed, "trainable_params": control.trainable_parameters(model),
             "final_val_loss": history[-1]["val_loss"], "old_val_loss": _val(model, old_val, device),
             "history": history, "median_step_ms": 1e3 * statistics.median(times), "adapter_bytes": size,
-            "roundtrip_exact": exact, "frozen_base_untouched": base_untouched, "skipped_steps": skipped, **mem}
+            "adapter_payload_bytes": payload, "roundtrip_exact": exact, "frozen_base_untouched": base_untouched,
+            "skipped_steps": skipped, **mem}
 
 
 # ------------------------------------------------------------------------------------- report
@@ -468,6 +483,7 @@ def aggregate(cfg: FinetuneConfig, runs: List[Dict[str, Any]], pre_old: float) -
             "forgetting": med("old_val_loss") - pre_old,
             "activation_mb": med("activation_mb"), "train_memory_mb": med("train_memory_mb"),
             "cuda_peak_mb": med("cuda_peak_mb"), "adapter_bytes": rs[0]["adapter_bytes"],
+            "adapter_payload_bytes": rs[0]["adapter_payload_bytes"],
             "roundtrip_exact": all(r["roundtrip_exact"] for r in rs),
             "frozen_base_untouched": all(r["frozen_base_untouched"] for r in rs),
             "median_step_ms": med("median_step_ms"), "step_ratio": med("median_step_ms") / base_ms,
@@ -482,11 +498,11 @@ def aggregate(cfg: FinetuneConfig, runs: List[Dict[str, Any]], pre_old: float) -
 
 CSV_FIELDS = ("method", "kind", "optimizer", "seeds", "trainable_params", "final_val_loss", "final_val_loss_min",
               "final_val_loss_max", "old_val_loss", "forgetting", "activation_mb", "train_memory_mb", "cuda_peak_mb",
-              "adapter_bytes", "roundtrip_exact", "median_step_ms", "step_ratio", "reference", "steps_to_reference")
+              "adapter_bytes", "adapter_payload_bytes", "roundtrip_exact", "median_step_ms", "step_ratio", "reference", "steps_to_reference")
 
 
 def format_table(summary: Dict[str, Any], cfg: FinetuneConfig, corpora: Dict[str, Any]) -> str:
-    head = ["method", "trainable", "new-task val [min-max]", "old-task val", "act MB", "train MB", "adapter B",
+    head = ["method", "trainable", "new-task val [min-max]", "old-task val", "act MB", "train MB", "adapter B (payload)",
             "exact", f"step ×{summary['reference_time']}", "steps→ref"]
     lines = [head]
     for r in summary["rows"]:
@@ -495,7 +511,7 @@ def format_table(summary: Dict[str, Any], cfg: FinetuneConfig, corpora: Dict[str
             f"{r['final_val_loss']:.3f} [{r['final_val_loss_min']:.3f}-{r['final_val_loss_max']:.3f}]",
             f"{r['old_val_loss']:.3f}", f"{r['activation_mb']:.1f}", f"{r['train_memory_mb']:.1f}"
             + (f" (cuda {r['cuda_peak_mb']:.0f})" if r["cuda_peak_mb"] is not None else ""),
-            f"{r['adapter_bytes']}", "yes" if r["roundtrip_exact"] else "NO", f"{r['step_ratio']:.2f}",
+            f"{r['adapter_bytes']} ({r['adapter_payload_bytes']})", "yes" if r["roundtrip_exact"] else "NO", f"{r['step_ratio']:.2f}",
             (f"{r['steps_to_reference']:.0f}/{r['steps']} ({r['reference']})" if r["steps_to_reference"] is not None
              else ("-" if r["reference"] in (None, r["method"]) else f"not reached ({r['reference']})"))])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
