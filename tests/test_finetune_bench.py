@@ -36,9 +36,8 @@ def test_finetune_bench_runs_every_row_and_caches_the_pretrained_model(tmp_path,
         assert r["activation_mb"] > 0 and r["adapter_bytes"] > 0
     assert rows["parallel-adamw"]["activation_mb"] < rows["lora-adamw"]["activation_mb"]
     # codes at 1/8 of LoRA's float32 bytes, plus the scales s_A, s_B (4 bytes each) of each control
-    n_ctrl = 4 * 2
-    assert rows["binary-dmsa"]["adapter_payload_bytes"] == rows["lora-adamw"]["adapter_payload_bytes"] // 8 + 8 * n_ctrl
-    assert rows["ternary-dmsa"]["adapter_payload_bytes"] == rows["lora-adamw"]["adapter_payload_bytes"] // 8 + 8 * n_ctrl
+    for kind in ("binary", "ternary"):
+        assert rows[f"{kind}-dmsa"]["adapter_payload_bytes"] <= rows["lora-adamw"]["adapter_payload_bytes"] / 8
     assert rows["lora-adamw"]["trainable_params"] < rows["full-adamw"]["trainable_params"]
     for f in ("results.txt", "results.csv", "config.json", "val_loss_vs_step.png", "loss_vs_memory.png"):
         assert (out / f).is_file(), f

@@ -18,7 +18,7 @@ every Debian system; its SHA-256 is recorded) — for the same seeded batches:
 * ``nonlinear-adamw`` — the ICML 2024 controller (causal) around every block, rank as parallel;
 * ``binary-dmsa``, ``ternary-dmsa`` — discrete controls on the same Linears as LoRA (the ECCV 2024
   binary controller), trained by :class:`~pmptrain.DiscreteMSA`, the highest rank whose bit-packed
-  codes take at most 1/8 of LoRA's bytes (4r binary, 2r ternary).
+  codes and scales take at most 1/8 of LoRA's bytes (just under 4r binary, 2r ternary).
 
 Columns: trainable parameters; final new-task validation loss; old-task validation loss (the
 pretraining corpus: forgetting); memory — the bytes autograd saves for one training step
@@ -68,8 +68,8 @@ METHODS: Dict[str, tuple] = {
     "binary-dmsa": ("binary", "dmsa"),
     "ternary-dmsa": ("ternary", "dmsa"),
 }
-DEFAULT_METHODS = ("full-adamw", "full-emsa", "lora-adamw", "lora-emsa", "parallel-adamw", "nonlinear-adamw",
-                   "binary-dmsa", "ternary-dmsa")
+DEFAULT_METHODS = ("full-adamw", "full-emsa", "lora-adamw", "lora-emsa", "parallel-adamw", "parallel-emsa",
+                   "parallel2-adamw", "nonlinear-adamw", "binary-dmsa", "ternary-dmsa")
 _LINEARS = ["c_attn", "c_proj", "mlp.0", "mlp.2"]
 _BLOCKS = r"re:h\.\d+"
 _SUBBLOCKS = r"re:h\.\d+\.(attn|mlp)"
@@ -96,12 +96,12 @@ class FinetuneConfig:
     methods: tuple = DEFAULT_METHODS
     seeds: tuple = (0, 1, 2)
     lr_full: float = 1e-3
-    lr_adapter: float = 3e-3
+    lr_adapter: float = 1e-2
     emsa_lr: float = 1e3
     emsa_rho: float = 5.0
-    dmsa_rho: float = 0.0
-    dmsa_decay: float = 0.9
-    dmsa_scale_lr: float = 3e-3
+    dmsa_rho: float = 0.5
+    dmsa_decay: float = 0.99
+    dmsa_scale_lr: float = 1e-2
     warmup: float = 0.1
     clip: float = 1.0
     threads: Optional[int] = None
@@ -271,8 +271,9 @@ def _rank_for(kind: str, cfg: FinetuneConfig) -> int:
     """The rank of a control at LoRA's budget. LoRA on the block's four Linears has
     ``r(d+3d) + r(d+d) + r(d+4d) + r(4d+d) = 16·d·r`` parameters. Parallel / nonlinear around the
     block (``2·d·R``): ``R = 8r``; around each of its two residual branches (``2·2·d·R``): ``R = 4r``.
-    Discrete controls on the same four Linears (``16·d·R`` codes of 1 or 2 bits): the highest rank
-    whose codes fit in 1/8 of LoRA's float32 bytes (``16·d·r·4/8`` bytes), ``R = 4r/bits``."""
+    Discrete controls on the same four Linears (``16·d·R`` codes of 1 or 2 bits, and two float32
+    scales per control): the highest rank whose codes and scales fit in 1/8 of LoRA's float32
+    bytes, ``2·d·R·bits + 4·8 ≤ 16·d·r·4/8`` per block (just under ``4r/bits``)."""
     d, r = cfg.n_embd, cfg.rank
     lora = 16 * d * r
     if kind in ("parallel", "nonlinear"):
@@ -280,7 +281,7 @@ def _rank_for(kind: str, cfg: FinetuneConfig) -> int:
     if kind == "parallel2":  # two controls per block, one across each residual branch (attn, mlp)
         return max(1, lora // (4 * d))
     bits = 1 if kind == "binary" else 2
-    return max(1, (lora * 4 * 8 // 8) // (16 * d * bits))
+    return max(1, (lora * 4 // 8 - 4 * 8) // (2 * d * bits))
 
 
 def _make(method: str, base, cfg: FinetuneConfig):
