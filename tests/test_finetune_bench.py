@@ -62,3 +62,23 @@ def test_finetune_bench_bad_options_exit_2(bad, tmp_path, capsys):
         ["bench", "--task", "nope"]
     assert main(argv) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_finetune_benches_of_different_seeds_merge_into_one_report(tmp_path, tune_file):
+    cache = tmp_path / "cache"
+    run = lambda seed, out, extra=(): main(["bench", "--task", "finetune", "--out", str(tmp_path / out), "--cache-dir",
+                                            str(cache), "--tune-corpus", tune_file, "--methods", "lora-adamw,lora-emsa",
+                                            *TINY[2:], "--seeds", str(seed), *extra])
+    assert run(0, "s0") == 0 and run(1, "s1") == 0 and run(1, "s1b", ["--lr-adapter", "0.05"]) == 0
+    assert main(["bench", "--task", "finetune", "--merge", f"{tmp_path / 's0'},{tmp_path / 's1'}",
+                 "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert [r["seeds"] for r in merged["summary"]["rows"]] == [2, 2]
+    single = [json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in ("s0", "s1")]
+    finals = sorted(r["final_val_loss"] for rs in single for r in rs if r["method"] == "lora-adamw")
+    row = merged["summary"]["rows"][0]
+    assert (row["final_val_loss_min"], row["final_val_loss_max"]) == (finals[0], finals[1])
+    assert main(["bench", "--task", "finetune", "--merge", f"{tmp_path / 's0'},{tmp_path / 's1b'}",
+                 "--out", str(tmp_path / "m2")]) == 2  # another learning rate: not the same bench
+    assert main(["bench", "--task", "finetune", "--merge", f"{tmp_path / 's0'},{tmp_path / 's0'}",
+                 "--out", str(tmp_path / "m3")]) == 2  # the same runs twice

@@ -560,8 +560,6 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
     ``results.txt/json/csv``, ``config.json``, plots and TensorBoard logs under ``out_dir``."""
     import tempfile
 
-    from .records import atomic_write_json, versions
-
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -596,11 +594,21 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
     finally:
         if writer is not None:
             writer.close()
+    corpora = {"old": {"name": old.name, "source": old.source, "bytes": len(old.data), "sha256": old.sha256},
+               "new": {"name": new.name, "source": new.source, "bytes": len(new.data), "sha256": new.sha256}}
+    return write_report(cfg, runs, pre_old, corpora, pre_meta, str(device), out_dir, log)
+
+
+def write_report(cfg: FinetuneConfig, runs, pre_old: float, corpora, pre_meta, device: str, out_dir: Path,
+                 log=print) -> Dict[str, Any]:
+    """Aggregate ``runs`` and write ``results.json/csv/txt``, ``config.json`` and the plots."""
+    from .records import atomic_write_json, versions
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     summary = aggregate(cfg, runs, pre_old)
-    corpora = {"old": f"{old.name} (sha256 {old.sha256[:12]})", "new": f"{new.name} (sha256 {new.sha256[:12]})"}
-    results = {"kind": "finetune", "config": dataclasses.asdict(cfg), "device": str(device),
-               "corpora": {"old": {"name": old.name, "source": old.source, "bytes": len(old.data), "sha256": old.sha256},
-                           "new": {"name": new.name, "source": new.source, "bytes": len(new.data), "sha256": new.sha256}},
+    names = {k: f"{v['name']} (sha256 {v['sha256'][:12]})" for k, v in corpora.items()}
+    results = {"kind": "finetune", "config": dataclasses.asdict(cfg), "device": device, "corpora": corpora,
                "pretrained": pre_meta, "summary": summary, "runs": runs, "versions": versions()}
     atomic_write_json(results, out_dir / "results.json")
     with open(out_dir / "results.csv", "w", newline="") as f:
@@ -609,13 +617,44 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
         for r in summary["rows"]:
             w.writerow([r[k] for k in CSV_FIELDS])
     plots = _plots(summary, out_dir)
-    table = format_table(summary, cfg, corpora)
+    table = format_table(summary, cfg, names)
     (out_dir / "results.txt").write_text(table + "\n")
     atomic_write_json({"kind": "finetune", "config": dataclasses.asdict(cfg), "command": sys.argv,
                        "versions": versions()}, out_dir / "config.json")
     log(table)
     log(f"results: {out_dir / 'results.txt'}, results.json, results.csv, plots: {', '.join(p.name for p in plots)}")
     return results
+
+
+def merge_benches(dirs: List[Path], out_dir: Path, log=print) -> Dict[str, Any]:
+    """One report from several fine-tuning benches that differ only in their seeds (e.g. one
+    process per seed): their runs are pooled and aggregated as if run together."""
+    loaded = []
+    for d in dirs:
+        p = Path(d) / "results.json"
+        if not p.is_file():
+            raise ValueError(f"--merge: {d} holds no results.json of a fine-tuning bench")
+        res = json.loads(p.read_text())
+        if res.get("kind") != "finetune":
+            raise ValueError(f"--merge: {p} is not a fine-tuning bench")
+        loaded.append(res)
+    first = dict(loaded[0]["config"])
+    for d, res in zip(dirs, loaded):
+        other = dict(res["config"])
+        diff = sorted(k for k in first if k not in ("seeds", "threads", "tensorboard", "cache_dir")
+                      and first[k] != other.get(k))
+        if diff or res["corpora"] != loaded[0]["corpora"] or \
+                res["pretrained"]["checkpoint_sha256"] != loaded[0]["pretrained"]["checkpoint_sha256"]:
+            raise ValueError(f"--merge: {d} differs from {dirs[0]} in {diff or 'its corpora / pretrained model'}")
+    runs = [r for res in loaded for r in res["runs"]]
+    seeds = sorted({r["seed"] for r in runs})
+    if len({(r["method"], r["seed"]) for r in runs}) != len(runs):
+        raise ValueError("--merge: the benches share a (method, seed) run")
+    first["seeds"] = tuple(seeds)
+    first["methods"] = tuple(first["methods"])
+    cfg = FinetuneConfig(**first)
+    return write_report(cfg, runs, loaded[0]["summary"]["pretrain_old_val_loss"], loaded[0]["corpora"],
+                        loaded[0]["pretrained"], loaded[0]["device"], out_dir, log)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -647,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     a("--cache-dir", default=None, help="where the pretrained model is cached (default ~/.cache/pmptrain/finetune)")
     a("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    a("--merge", default=None, metavar="DIR,DIR,...",
+      help="do not train: pool the runs of benches that differ only in --seeds (e.g. one process per seed) "
+           "into one report in --out")
     return p
 
 
@@ -661,6 +703,11 @@ def main(argv: List[str]) -> int:
     """``pmptrain bench --task finetune ...`` (``argv`` without ``--task finetune``); exit status."""
     ns = build_parser().parse_args(argv)
     try:
+        if ns.merge:
+            if not ns.out:
+                raise ValueError("--merge: needs --out for the merged report")
+            merge_benches([Path(d) for d in ns.merge.split(",") if d.strip()], Path(ns.out))
+            return 0
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
         kw = {k: v for k, v in vars(ns).items() if k in fields and k not in ("methods", "seeds")}
         cfg = FinetuneConfig(**kw, methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()),
