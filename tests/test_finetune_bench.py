@@ -82,3 +82,20 @@ def test_finetune_benches_of_different_seeds_merge_into_one_report(tmp_path, tun
                  "--out", str(tmp_path / "m2")]) == 2  # another learning rate: not the same bench
     assert main(["bench", "--task", "finetune", "--merge", f"{tmp_path / 's0'},{tmp_path / 's0'}",
                  "--out", str(tmp_path / "m3")]) == 2  # the same runs twice
+
+
+def test_finetune_bench_on_mnist1d_held_out_classes(tmp_path):
+    pytest.importorskip("mnist1d")
+    out = tmp_path / "out"
+    argv = ["bench", "--task", "finetune", "--model", "mnist1d", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+            "--methods", "full-adamw,lora-adamw,lora-emsa,parallel-adamw,nonlinear-adamw,binary-dmsa",
+            "--seeds", "0", "--steps", "3", "--pretrain-steps", "3", "--n-embd", "16", "--batch-size", "8",
+            "--eval-every", "1", "--threads", "1", "--no-tensorboard"]
+    assert main(argv) == 0
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["summary"]["rows"]}
+    for r in rows.values():
+        assert r["roundtrip_exact"] and r["frozen_base_untouched"] and 0 <= r["final_val_acc"] <= 1
+    assert rows["lora-adamw"]["trainable_params"] == 2 * 8 * (16 + 64) * 2  # fc1 and fc2 of 2 blocks, rank 8
+    assert rows["parallel-adamw"]["trainable_params"] == rows["lora-adamw"]["trainable_params"]
+    argv[argv.index("--methods") + 1] = "parallel2-adamw"
+    assert main(argv) == 2  # the MLP blocks have one residual branch each
