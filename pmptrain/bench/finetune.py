@@ -20,6 +20,10 @@ every Debian system; its SHA-256 is recorded) — for the same seeded batches:
   binary controller), trained by :class:`~pmptrain.DiscreteMSA`, the highest rank whose bit-packed
   codes and scales take at most 1/8 of LoRA's bytes (just under 4r binary, 2r ternary).
 
+``--model mnist1d`` runs the same rows on a classifier instead: a residual MLP (blocks
+``x + fc2(GELU(fc1(LN(x))))``) pretrained on MNIST-1D's classes 0–4 and tuned on the held-out classes
+5–9 with the same 5-way head (:func:`mnist1d_task`; accuracy columns added).
+
 Columns: trainable parameters; final new-task validation loss; old-task validation loss (the
 pretraining corpus: forgetting); memory — the bytes autograd saves for one training step
 (:func:`pmptrain.control.saved_tensor_bytes`, deterministic) and the training footprint (every
