@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FinetuneConfig", "METHODS", "load_licenses", "pretrained", "gpt_task", "mnist1d_task", "run_finetune_bench", "main"]
+__all__ = ["FinetuneConfig", "METHODS", "Task", "load_licenses", "pretrained", "gpt_task", "mnist1d_task",
+           "run_finetune_bench", "merge_benches", "main"]
 
 _LICENSES = Path("/usr/share/common-licenses")
 
@@ -629,13 +630,14 @@ def aggregate(cfg: FinetuneConfig, runs: List[Dict[str, Any]], pre_old: float) -
 
 
 CSV_FIELDS = ("method", "kind", "optimizer", "seeds", "trainable_params", "final_val_loss", "final_val_loss_min",
-              "final_val_loss_max", "old_val_loss", "forgetting", "final_val_acc", "old_val_acc", "activation_mb", "train_memory_mb", "cuda_peak_mb",
-              "adapter_bytes", "adapter_payload_bytes", "roundtrip_exact", "median_step_ms", "step_ratio", "reference", "steps_to_reference")
+              "final_val_loss_max", "old_val_loss", "forgetting", "final_val_acc", "old_val_acc", "activation_mb",
+              "train_memory_mb", "cuda_peak_mb", "adapter_bytes", "adapter_payload_bytes", "roundtrip_exact",
+              "median_step_ms", "step_ratio", "reference", "steps_to_reference")
 
 
 def format_table(summary: Dict[str, Any], cfg: FinetuneConfig, corpora: Dict[str, Any]) -> str:
-    head = ["method", "trainable", "new-task val [min-max]", "old-task val", "act MB", "train MB", "adapter B (payload)",
-            "exact", f"step ×{summary['reference_time']}", "steps→ref"]
+    head = ["method", "trainable", "new-task val [min-max]", "old-task val", "act MB", "train MB",
+            "adapter B (payload)", "exact", f"step ×{summary['reference_time']}", "steps→ref"]
     lines = [head]
     for r in summary["rows"]:
         lines.append([
@@ -645,7 +647,8 @@ def format_table(summary: Dict[str, Any], cfg: FinetuneConfig, corpora: Dict[str
             f"{r['old_val_loss']:.3f}" + (f" ({100 * r['old_val_acc']:.1f}%)" if r["old_val_acc"] is not None else ""),
             f"{r['activation_mb']:.1f}", f"{r['train_memory_mb']:.1f}"
             + (f" (cuda {r['cuda_peak_mb']:.0f})" if r["cuda_peak_mb"] is not None else ""),
-            f"{r['adapter_bytes']} ({r['adapter_payload_bytes']})", "yes" if r["roundtrip_exact"] else "NO", f"{r['step_ratio']:.2f}",
+            f"{r['adapter_bytes']} ({r['adapter_payload_bytes']})", "yes" if r["roundtrip_exact"] else "NO",
+            f"{r['step_ratio']:.2f}",
             (f"{r['steps_to_reference']:.0f}/{r['steps']} ({r['reference']})" if r["steps_to_reference"] is not None
              else ("-" if r["reference"] in (None, r["method"]) else f"not reached ({r['reference']})"))])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
