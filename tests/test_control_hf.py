@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 
 def _gpt2():
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0)
     return transformers.GPT2LMHeadModel(cfg), "GPT2Block", ["c_attn", "c_fc"]
 
 
@@ -51,7 +52,8 @@ def _inputs(name):
 def _loss(model, name, inputs, target):
     logits = model(**inputs).logits
     if name in ("gpt2", "llama"):
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1))
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 target[:, 1:].reshape(-1))
     return torch.nn.functional.cross_entropy(logits, target)
 
 

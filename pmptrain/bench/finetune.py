@@ -12,9 +12,17 @@ every Debian system; its SHA-256 is recorded) — for the same seeded batches:
 * ``lora-adamw``, ``lora-emsa`` — ``kind="lora"`` on every Linear of every block;
 * ``parallel-adamw``, ``parallel-emsa`` — ``kind="parallel"`` around every block, rank chosen for the
   same trainable parameters as LoRA;
+* ``parallel2-adamw``, ``parallel2-emsa`` — ``kind="parallel"`` around each residual branch of every
+  block (the attention and the MLP module: two controls per block, the "double control" of the
+  ICML 2025 paper), rank for the same trainable parameters as LoRA;
 * ``nonlinear-adamw`` — the ICML 2024 controller (causal) around every block, rank as parallel;
-* ``binary-dmsa``, ``ternary-dmsa`` — discrete controls around every block trained by
-  :class:`~pmptrain.DiscreteMSA`, rank chosen so the bit-packed adapter is at most 1/8 of LoRA's.
+* ``binary-dmsa``, ``ternary-dmsa`` — discrete controls on the same Linears as LoRA (the ECCV 2024
+  binary controller), trained by :class:`~pmptrain.DiscreteMSA`, the highest rank whose bit-packed
+  codes and scales take at most 1/8 of LoRA's bytes (just under 4r binary, 2r ternary).
+
+``--model mnist1d`` runs the same rows on a classifier instead: a residual MLP (blocks
+``x + fc2(GELU(fc1(LN(x))))``) pretrained on MNIST-1D's classes 0–4 and tuned on the held-out classes
+5–9 with the same 5-way head (:func:`mnist1d_task`; accuracy columns added).
 
 Columns: trainable parameters; final new-task validation loss; old-task validation loss (the
 pretraining corpus: forgetting); memory — the bytes autograd saves for one training step
@@ -45,8 +53,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["FinetuneConfig", "METHODS", "load_licenses", "pretrained_gpt", "run_finetune_bench", "main"]
+__all__ = ["FinetuneConfig", "METHODS", "Task", "load_licenses", "pretrained", "gpt_task", "mnist1d_task",
+           "run_finetune_bench", "merge_benches", "main"]
 
 _LICENSES = Path("/usr/share/common-licenses")
 
@@ -58,20 +68,24 @@ METHODS: Dict[str, tuple] = {
     "lora-emsa": ("lora", "emsa"),
     "parallel-adamw": ("parallel", "adamw"),
     "parallel-emsa": ("parallel", "emsa"),
+    "parallel2-adamw": ("parallel2", "adamw"),
+    "parallel2-emsa": ("parallel2", "emsa"),
     "nonlinear-adamw": ("nonlinear", "adamw"),
     "binary-dmsa": ("binary", "dmsa"),
     "ternary-dmsa": ("ternary", "dmsa"),
 }
-DEFAULT_METHODS = ("full-adamw", "full-emsa", "lora-adamw", "lora-emsa", "parallel-adamw", "nonlinear-adamw",
-                   "binary-dmsa", "ternary-dmsa")
+DEFAULT_METHODS = ("full-adamw", "full-emsa", "lora-adamw", "lora-emsa", "parallel-adamw", "parallel-emsa",
+                   "parallel2-adamw", "nonlinear-adamw", "binary-dmsa", "ternary-dmsa")
 _LINEARS = ["c_attn", "c_proj", "mlp.0", "mlp.2"]
 _BLOCKS = r"re:h\.\d+"
+_SUBBLOCKS = r"re:h\.\d+\.(attn|mlp)"
 
 
 @dataclasses.dataclass
 class FinetuneConfig:
     """Settings of the fine-tuning bench (the CLI options of ``pmptrain bench --task finetune``)."""
 
+    model: str = "gpt"
     pretrain_corpus: str = "pysrc"
     tune_corpus: str = "licenses"
     max_bytes: int = 2_000_000
@@ -89,12 +103,12 @@ class FinetuneConfig:
     methods: tuple = DEFAULT_METHODS
     seeds: tuple = (0, 1, 2)
     lr_full: float = 1e-3
-    lr_adapter: float = 3e-3
+    lr_adapter: float = 1e-2
     emsa_lr: float = 1e3
     emsa_rho: float = 5.0
-    dmsa_rho: float = 0.0
-    dmsa_decay: float = 0.9
-    dmsa_scale_lr: float = 3e-3
+    dmsa_rho: float = 0.5
+    dmsa_decay: float = 0.99
+    dmsa_scale_lr: float = 1e-2
     warmup: float = 0.1
     clip: float = 1.0
     threads: Optional[int] = None
@@ -107,7 +121,9 @@ class FinetuneConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{k.replace('_', '-')}: expected an integer >= 1, got {v!r}")
-        if self.n_embd % self.n_head:
+        if self.model not in ("gpt", "mnist1d"):
+            raise ValueError(f"--model: expected 'gpt' or 'mnist1d', got {self.model!r}")
+        if self.model == "gpt" and self.n_embd % self.n_head:
             raise ValueError(f"--n-embd {self.n_embd} must be a multiple of --n-head {self.n_head}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
@@ -182,6 +198,127 @@ def _sched(opt, total: int, warmup: float):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, total, warmup, 0.1))
 
 
+# ------------------------------------------------------------------------------------- tasks
+
+
+@dataclasses.dataclass
+class Task:
+    """One fine-tuning problem: the model builder, batch samplers of the old (pretraining) and new
+    task, fixed validation batches, where the controls go and the cache key of the pretrained model.
+
+    ``per_block`` is ``Σ (d_in + d_out)/d`` over the Linears of one block that LoRA controls (LoRA
+    has ``per_block·d·r`` parameters per block); ``classify`` adds accuracy columns."""
+
+    name: str
+    build: Any
+    old_batch: Any
+    new_batch: Any
+    old_val: list
+    new_val: list
+    linears: list
+    blocks: str
+    subblocks: Optional[str]
+    per_block: int
+    key: Dict[str, Any]
+    data: Dict[str, Any]
+    classify: bool = False
+
+
+def gpt_task(cfg: FinetuneConfig) -> Task:
+    """The byte-level GPT: pretrained on ``pretrain_corpus``, tuned on ``tune_corpus``."""
+    from .lm import _batch
+
+    old = _corpus(cfg.pretrain_corpus, cfg.max_bytes)
+    new = _corpus(cfg.tune_corpus, cfg.max_bytes)
+    old_train, old_val = _split(old, cfg)
+    new_train, new_val = _split(new, cfg)
+    return Task(
+        "gpt", lambda: _build_gpt(cfg), lambda g: _batch(old_train, cfg.seq_len, cfg.batch_size, g),
+        lambda g: _batch(new_train, cfg.seq_len, cfg.batch_size, g), old_val, new_val, _LINEARS, _BLOCKS,
+        _SUBBLOCKS, 16, _pretrain_key(cfg, old.sha256),
+        {k: {"name": c.name, "source": c.source, "bytes": len(c.data), "sha256": c.sha256}
+         for k, c in (("old", old), ("new", new))})
+
+
+class ResMLPBlock(nn.Module):
+    """``x + fc2(GELU(fc1(LN(x))))``: a pre-LayerNorm residual MLP block."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+class ResMLP(nn.Module):
+    """``head(LN(blocks(stem(flatten(x)))))``: a small residual MLP classifier."""
+
+    def __init__(self, n_in: int, d: int, n_block: int, n_out: int):
+        super().__init__()
+        self.stem = nn.Linear(n_in, d)
+        self.blocks = nn.ModuleList(ResMLPBlock(d) for _ in range(n_block))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x):
+        h = self.stem(x.flatten(1))
+        for b in self.blocks:
+            h = b(h)
+        return self.head(self.ln_f(h))
+
+
+def mnist1d_task(cfg: FinetuneConfig) -> Task:
+    """MNIST-1D (generated by the ``mnist1d`` package, no download): a residual MLP (width
+    ``n_embd``, ``n_layer`` blocks, 5 outputs) pretrained on classes 0–4 and tuned on classes 5–9,
+    relabelled 0–4 — the same head must serve the held-out half of the classes. The old-task
+    validation set is the test split's classes 0–4 (forgetting), the new one its classes 5–9."""
+    from .data import load_dataset
+
+    ds = load_dataset("mnist1d")
+    x, y, tx, ty = ds.train_x.flatten(1), ds.train_y, ds.test_x.flatten(1), ds.test_y
+    sha = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()
+
+    def half(xx, yy, new):
+        keep = (yy >= 5) if new else (yy < 5)
+        return xx[keep], yy[keep] - (5 if new else 0)
+
+    def sampler(xx, yy):
+        def batch(g):
+            idx = torch.randint(0, len(xx), (cfg.batch_size,), generator=g)
+            return xx[idx], yy[idx]
+        return batch
+
+    def val(xx, yy):
+        return [(xx[i:i + 256], yy[i:i + 256]) for i in range(0, len(xx), 256)]
+
+    (ox, oy), (nx, ny) = half(x, y, False), half(x, y, True)
+    key = {"data": "mnist1d", "sha256": sha, "model": "resmlp", "d": cfg.n_embd, "n_block": cfg.n_layer,
+           "steps": cfg.pretrain_steps, "lr": cfg.pretrain_lr, "batch_size": cfg.batch_size, "seed": 0,
+           "classes": "0-4 pretrain, 5-9 tune (relabelled 0-4)"}
+    data = {"old": {"name": "mnist1d classes 0-4", "source": "mnist1d package (seed 42)", "bytes": int(len(ox)),
+                    "sha256": sha},
+            "new": {"name": "mnist1d classes 5-9", "source": "mnist1d package (seed 42)", "bytes": int(len(nx)),
+                    "sha256": sha}}
+    return Task("mnist1d", lambda: ResMLP(x.shape[1], cfg.n_embd, cfg.n_layer, 5), sampler(ox, oy),
+                sampler(nx, ny), val(*half(tx, ty, False)), val(*half(tx, ty, True)), ["fc1", "fc2"],
+                r"re:blocks\.\d+", None, 10, key, data, classify=True)
+
+
+@torch.no_grad()
+def _acc(model, batches, device) -> float:
+    was = model.training
+    model.eval()
+    hit = n = 0
+    for x, y in batches:
+        hit += int((model(x.to(device)).argmax(-1) == y.to(device)).sum())
+        n += y.numel()
+    model.train(was)
+    return hit / n
+
+
 # --------------------------------------------------------------------------------- pretraining
 
 
@@ -206,15 +343,15 @@ def _build_gpt(cfg: FinetuneConfig):
     return gpt((cfg.seq_len,), 256, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
 
 
-def pretrained_gpt(cfg: FinetuneConfig, corpus, train, val_batches, device, log=print):
-    """The pretrained GPT (from the cache when its checksum matches, else trained and cached);
-    returns ``(model, meta)``."""
+def pretrained(cfg: FinetuneConfig, task: Task, device, log=print):
+    """The pretrained model of ``task`` (from the cache when its checksum matches, else trained with
+    AdamW and cached); returns ``(model, meta)``."""
     from .data.sources import cache_dir
     from .records import versions
     from .registry import get_spec
     from .seeding import seed_all
 
-    key = _pretrain_key(cfg, corpus.sha256)
+    key = task.key
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "finetune"
     d = root / digest
@@ -222,28 +359,26 @@ def pretrained_gpt(cfg: FinetuneConfig, corpus, train, val_batches, device, log=
     if ckpt.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("checkpoint_sha256") == _file_sha(ckpt) and meta.get("key") == key:
-            model = _build_gpt(cfg)
+            model = task.build()
             model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
             log(f"pretrained model: cached {ckpt} (sha256 {meta['checkpoint_sha256'][:12]}, "
                 f"old-task val loss {meta['val_loss']:.4f})")
             return model.to(device), meta
         log(f"pretrained model: {ckpt} does not match its recorded checksum/config; retraining")
     seed_all(0)
-    model = _build_gpt(cfg).to(device)
+    model = task.build().to(device)
     opt = get_spec("adamw").build(model, lr=cfg.pretrain_lr)
     sched = _sched(opt, cfg.pretrain_steps, 0.1)
     gen = torch.Generator().manual_seed(777)
-    from .lm import _batch
-
     t0 = time.perf_counter()
     for _ in range(cfg.pretrain_steps):
-        x, y = _batch(train, cfg.seq_len, cfg.batch_size, gen)
+        x, y = task.old_batch(gen)
         opt.zero_grad(set_to_none=True)
         _loss(model, x.to(device), y.to(device)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-    v = _val(model, val_batches, device)
+    v = _val(model, task.old_val, device)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / "pretrained.pt.tmp"
     torch.save({k: t.detach().cpu() for k, t in model.state_dict().items()}, tmp)
@@ -260,21 +395,25 @@ def pretrained_gpt(cfg: FinetuneConfig, corpus, train, val_batches, device, log=
 # ---------------------------------------------------------------------------------- the rows
 
 
-def _rank_for(kind: str, cfg: FinetuneConfig) -> int:
-    """The rank of a block control. Parallel / nonlinear: LoRA's trainable parameters — LoRA on the
-    block's four Linears has ``r(d+3d) + r(d+d) + r(d+4d) + r(4d+d) = 16·d·r``, a block control
-    ``2·d·R`` — so ``R = 8r``. Discrete: the highest rank whose codes (``2·d·R·bits`` bits) fit in
-    1/8 of LoRA's float32 bytes (``16·d·r·4/8`` bytes), capped at ``d`` (full rank)."""
+def _rank_for(kind: str, cfg: FinetuneConfig, task: Task) -> int:
+    """The rank of a control at LoRA's budget. LoRA on a block's Linears has ``per_block·d·r``
+    parameters (GPT block: ``r(d+3d) + r(d+d) + r(d+4d) + r(4d+d) = 16·d·r``; MLP block: ``10·d·r``).
+    Parallel / nonlinear around the block (``2·d·R``): ``R = per_block·r/2``; around each of its two
+    residual branches (``2·2·d·R``): half that. Discrete controls on the same Linears
+    (``per_block·d·R`` codes of 1 or 2 bits, two float32 scales per control): the highest rank whose
+    codes and scales fit in 1/8 of LoRA's float32 bytes."""
     d, r = cfg.n_embd, cfg.rank
-    lora = 16 * d * r
+    lora = task.per_block * d * r
     if kind in ("parallel", "nonlinear"):
         return max(1, lora // (2 * d))
+    if kind == "parallel2":  # two controls per block, one across each residual branch (attn, mlp)
+        return max(1, lora // (4 * d))
     bits = 1 if kind == "binary" else 2
-    budget_bits = lora * 4 * 8 // 8
-    return max(1, min(d, budget_bits // (2 * d * bits)))
+    budget_bits = lora * 4 - 8 * 8 * len(task.linears)  # 1/8 of LoRA's bytes, in bits, less the scales
+    return max(1, budget_bits // (task.per_block * d * bits))
 
 
-def _make(method: str, base, cfg: FinetuneConfig):
+def _make(method: str, base, cfg: FinetuneConfig, task: Task):
     """``(model, optimizer)`` of one row on a copy of ``base``."""
     import pmptrain
     from pmptrain import control
@@ -287,9 +426,13 @@ def _make(method: str, base, cfg: FinetuneConfig):
         for p in model.parameters():
             p.requires_grad_(True)
     elif kind == "lora":
-        control.attach(model, _LINEARS, kind="lora", rank=cfg.rank)
+        control.attach(model, task.linears, kind="lora", rank=cfg.rank)
+    elif kind in ("binary", "ternary"):
+        control.attach(model, task.linears, kind=kind, rank=_rank_for(kind, cfg, task))
+    elif kind == "parallel2":
+        control.attach(model, task.subblocks, kind="parallel", rank=_rank_for(kind, cfg, task))
     else:
-        control.attach(model, _BLOCKS, kind=kind, rank=_rank_for(kind, cfg), causal=True)
+        control.attach(model, task.blocks, kind=kind, rank=_rank_for(kind, cfg, task), causal=task.name == "gpt")
     if optname == "adamw":
         lr = cfg.lr_full if kind is None else cfg.lr_adapter
         opt = get_spec("adamw").build(model, lr=lr) if kind is None else \
@@ -339,7 +482,8 @@ def _memory(model, opt, x, y, device) -> Dict[str, Any]:
 
 
 def _adapter_bytes_and_roundtrip(method: str, model, base, probe, tmp: Path):
-    """Bytes of the adapter file and whether loading it onto a fresh base reproduces the outputs."""
+    """Bytes of the adapter file, of its payload (tensors and packed codes, without the manifest)
+    and whether loading it onto a fresh base reproduces the outputs exactly."""
     import pmptrain
     from pmptrain import control
 
@@ -350,30 +494,30 @@ def _adapter_bytes_and_roundtrip(method: str, model, base, probe, tmp: Path):
     with torch.no_grad():
         ref = model(probe)
         if kind is None:
-            pmptrain.export_packed(model, path)
+            manifest = pmptrain.export_packed(model, path)
             fresh = pmptrain.load_packed(path, copy.deepcopy(base))
         else:
-            control.export_controls(model, path)
+            manifest = control.export_controls(model, path)
             fresh = control.load_controls(path, copy.deepcopy(base))
         fresh.eval()
         exact = bool(torch.equal(fresh(probe), ref))
     model.train(was)
     size = path.stat().st_size
     path.unlink()
-    return size, exact
+    return size, manifest["payload_nbytes"], exact
 
 
-def run_one(method: str, seed: int, base, cfg: FinetuneConfig, train, new_val, old_val, device, tmp: Path,
+def run_one(method: str, seed: int, base, cfg: FinetuneConfig, task: Task, device, tmp: Path,
             writer=None) -> Dict[str, Any]:
     from pmptrain import control
     from pmptrain.optim.shell import PMPOptimizer
 
-    from .lm import _batch
     from .runner import progress_bar
     from .seeding import seed_all
 
     seed_all(seed)
-    model, opt = _make(method, base, cfg)
+    new_val, old_val = task.new_val, task.old_val
+    model, opt = _make(method, base, cfg, task)
     model.train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     sched = _sched(opt, cfg.steps, cfg.warmup)
@@ -384,7 +528,7 @@ def run_one(method: str, seed: int, base, cfg: FinetuneConfig, train, new_val, o
     trainable = [p for p in model.parameters() if p.requires_grad]
     first = None
     for step in range(1, cfg.steps + 1):
-        x, y = _batch(train, cfg.seq_len, cfg.batch_size, gen)
+        x, y = task.new_batch(gen)
         x, y = x.to(device), y.to(device)
         if first is None:
             first = (x, y)
@@ -414,14 +558,17 @@ def run_one(method: str, seed: int, base, cfg: FinetuneConfig, train, new_val, o
     bar.close()
     mem = _memory(model, opt, first[0], first[1], device)
     base_untouched = all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    size, exact = _adapter_bytes_and_roundtrip(method, model, base, first[0][:2], tmp)
+    size, payload, exact = _adapter_bytes_and_roundtrip(method, model, base, first[0][:2], tmp)
     skipped = opt.skipped_steps if isinstance(opt, PMPOptimizer) else 0
     if isinstance(opt, PMPOptimizer):
         opt.detach()
-    return {"method": method, "seed": seed, "trainable_params": control.trainable_parameters(model),
+    acc = {"final_val_acc": _acc(model, new_val, device), "old_val_acc": _acc(model, old_val, device)} \
+        if task.classify else {}
+    return {"method": method, "seed": seed, "trainable_params": control.trainable_parameters(model), **acc,
             "final_val_loss": history[-1]["val_loss"], "old_val_loss": _val(model, old_val, device),
             "history": history, "median_step_ms": 1e3 * statistics.median(times), "adapter_bytes": size,
-            "roundtrip_exact": exact, "frozen_base_untouched": base_untouched, "skipped_steps": skipped, **mem}
+            "adapter_payload_bytes": payload, "roundtrip_exact": exact, "frozen_base_untouched": base_untouched,
+            "skipped_steps": skipped, **mem}
 
 
 # ------------------------------------------------------------------------------------- report
@@ -465,9 +612,11 @@ def aggregate(cfg: FinetuneConfig, runs: List[Dict[str, Any]], pre_old: float) -
             "trainable_params": rs[0]["trainable_params"],
             "final_val_loss": statistics.median(finals), "final_val_loss_min": min(finals),
             "final_val_loss_max": max(finals), "old_val_loss": med("old_val_loss"),
+            "final_val_acc": med("final_val_acc"), "old_val_acc": med("old_val_acc"),
             "forgetting": med("old_val_loss") - pre_old,
             "activation_mb": med("activation_mb"), "train_memory_mb": med("train_memory_mb"),
             "cuda_peak_mb": med("cuda_peak_mb"), "adapter_bytes": rs[0]["adapter_bytes"],
+            "adapter_payload_bytes": rs[0]["adapter_payload_bytes"],
             "roundtrip_exact": all(r["roundtrip_exact"] for r in rs),
             "frozen_base_untouched": all(r["frozen_base_untouched"] for r in rs),
             "median_step_ms": med("median_step_ms"), "step_ratio": med("median_step_ms") / base_ms,
@@ -481,29 +630,36 @@ def aggregate(cfg: FinetuneConfig, runs: List[Dict[str, Any]], pre_old: float) -
 
 
 CSV_FIELDS = ("method", "kind", "optimizer", "seeds", "trainable_params", "final_val_loss", "final_val_loss_min",
-              "final_val_loss_max", "old_val_loss", "forgetting", "activation_mb", "train_memory_mb", "cuda_peak_mb",
-              "adapter_bytes", "roundtrip_exact", "median_step_ms", "step_ratio", "reference", "steps_to_reference")
+              "final_val_loss_max", "old_val_loss", "forgetting", "final_val_acc", "old_val_acc", "activation_mb",
+              "train_memory_mb", "cuda_peak_mb", "adapter_bytes", "adapter_payload_bytes", "roundtrip_exact",
+              "median_step_ms", "step_ratio", "reference", "steps_to_reference")
 
 
 def format_table(summary: Dict[str, Any], cfg: FinetuneConfig, corpora: Dict[str, Any]) -> str:
-    head = ["method", "trainable", "new-task val [min-max]", "old-task val", "act MB", "train MB", "adapter B",
-            "exact", f"step ×{summary['reference_time']}", "steps→ref"]
+    head = ["method", "trainable", "new-task val [min-max]", "old-task val", "act MB", "train MB",
+            "adapter B (payload)", "exact", f"step ×{summary['reference_time']}", "steps→ref"]
     lines = [head]
     for r in summary["rows"]:
         lines.append([
             r["method"], f"{r['trainable_params']}",
-            f"{r['final_val_loss']:.3f} [{r['final_val_loss_min']:.3f}-{r['final_val_loss_max']:.3f}]",
-            f"{r['old_val_loss']:.3f}", f"{r['activation_mb']:.1f}", f"{r['train_memory_mb']:.1f}"
+            f"{r['final_val_loss']:.3f} [{r['final_val_loss_min']:.3f}-{r['final_val_loss_max']:.3f}]"
+            + (f" ({100 * r['final_val_acc']:.1f}%)" if r["final_val_acc"] is not None else ""),
+            f"{r['old_val_loss']:.3f}" + (f" ({100 * r['old_val_acc']:.1f}%)" if r["old_val_acc"] is not None else ""),
+            f"{r['activation_mb']:.1f}", f"{r['train_memory_mb']:.1f}"
             + (f" (cuda {r['cuda_peak_mb']:.0f})" if r["cuda_peak_mb"] is not None else ""),
-            f"{r['adapter_bytes']}", "yes" if r["roundtrip_exact"] else "NO", f"{r['step_ratio']:.2f}",
+            f"{r['adapter_bytes']} ({r['adapter_payload_bytes']})", "yes" if r["roundtrip_exact"] else "NO",
+            f"{r['step_ratio']:.2f}",
             (f"{r['steps_to_reference']:.0f}/{r['steps']} ({r['reference']})" if r["steps_to_reference"] is not None
              else ("-" if r["reference"] in (None, r["method"]) else f"not reached ({r['reference']})"))])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
-    out.append(f"\nGPT {cfg.n_layer}x{cfg.n_embd} pretrained {cfg.pretrain_steps} steps on {corpora['old']} "
+    what = f"GPT {cfg.n_layer}x{cfg.n_embd}" if cfg.model == "gpt" else \
+        f"residual MLP {cfg.n_layer}x{cfg.n_embd} (accuracy in parentheses)"
+    unit = f"{cfg.batch_size}x{cfg.seq_len} bytes" if cfg.model == "gpt" else f"{cfg.batch_size} examples"
+    out.append(f"\n{what} pretrained {cfg.pretrain_steps} steps on {corpora['old']} "
                f"(old-task val {summary['pretrain_old_val_loss']:.3f}), fine-tuned {cfg.steps} steps of "
-               f"{cfg.batch_size}x{cfg.seq_len} bytes on {corpora['new']}; LoRA rank {cfg.rank}; seeds "
+               f"{unit} on {corpora['new']}; LoRA rank {cfg.rank}; seeds "
                f"{list(cfg.seeds)}; medians over seeds. act MB: bytes autograd saves for one step; train MB: "
                "parameters + gradients + optimizer state + saved activations.")
     return "\n".join(out)
@@ -543,22 +699,23 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
     ``results.txt/json/csv``, ``config.json``, plots and TensorBoard logs under ``out_dir``."""
     import tempfile
 
-    from .records import atomic_write_json, versions
-
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    old = _corpus(cfg.pretrain_corpus, cfg.max_bytes)
-    new = _corpus(cfg.tune_corpus, cfg.max_bytes)
-    old_train, old_val = _split(old, cfg)
-    new_train, new_val = _split(new, cfg)
-    log(f"old task: {old.name} ({len(old.data)} bytes, {old.source}, sha256 {old.sha256[:12]}); new task: "
-        f"{new.name} ({len(new.data)} bytes, {new.source}, sha256 {new.sha256[:12]}); device {device}")
-    base, pre_meta = pretrained_gpt(cfg, old, old_train, old_val, device, log)
+    task = gpt_task(cfg) if cfg.model == "gpt" else mnist1d_task(cfg)
+    for m in cfg.methods:
+        if METHODS[m][0] == "parallel2" and task.subblocks is None:
+            raise ValueError(f"--methods: {m} needs blocks with two residual branches (the GPT); "
+                             f"--model {cfg.model} has one per block")
+    old, new = task.data["old"], task.data["new"]
+    log(f"old task: {old['name']} ({old['bytes']} {'bytes' if cfg.model == 'gpt' else 'examples'}, {old['source']}, "
+        f"sha256 {old['sha256'][:12]}); new task: {new['name']} ({new['bytes']}, {new['source']}, "
+        f"sha256 {new['sha256'][:12]}); device {device}")
+    base, pre_meta = pretrained(cfg, task, device, log)
     for p in base.parameters():
         p.requires_grad_(False)
-    pre_old = _val(base, old_val, device)
+    pre_old = _val(base, task.old_val, device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = None
@@ -571,7 +728,7 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             for seed in cfg.seeds:
                 for m in cfg.methods:
-                    r = run_one(m, seed, base, cfg, new_train, new_val, old_val, device, Path(tmp), writer)
+                    r = run_one(m, seed, base, cfg, task, device, Path(tmp), writer)
                     runs.append(r)
                     log(f"  {m:<16} seed {seed}: new {r['final_val_loss']:.4f}  old {r['old_val_loss']:.4f}  "
                         f"trainable {r['trainable_params']}  act {r['activation_mb']:.1f} MB  "
@@ -579,11 +736,20 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
     finally:
         if writer is not None:
             writer.close()
+    corpora = task.data
+    return write_report(cfg, runs, pre_old, corpora, pre_meta, str(device), out_dir, log)
+
+
+def write_report(cfg: FinetuneConfig, runs, pre_old: float, corpora, pre_meta, device: str, out_dir: Path,
+                 log=print) -> Dict[str, Any]:
+    """Aggregate ``runs`` and write ``results.json/csv/txt``, ``config.json`` and the plots."""
+    from .records import atomic_write_json, versions
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     summary = aggregate(cfg, runs, pre_old)
-    corpora = {"old": f"{old.name} (sha256 {old.sha256[:12]})", "new": f"{new.name} (sha256 {new.sha256[:12]})"}
-    results = {"kind": "finetune", "config": dataclasses.asdict(cfg), "device": str(device),
-               "corpora": {"old": {"name": old.name, "source": old.source, "bytes": len(old.data), "sha256": old.sha256},
-                           "new": {"name": new.name, "source": new.source, "bytes": len(new.data), "sha256": new.sha256}},
+    names = {k: f"{v['name']} (sha256 {v['sha256'][:12]})" for k, v in corpora.items()}
+    results = {"kind": "finetune", "config": dataclasses.asdict(cfg), "device": device, "corpora": corpora,
                "pretrained": pre_meta, "summary": summary, "runs": runs, "versions": versions()}
     atomic_write_json(results, out_dir / "results.json")
     with open(out_dir / "results.csv", "w", newline="") as f:
@@ -592,13 +758,44 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
         for r in summary["rows"]:
             w.writerow([r[k] for k in CSV_FIELDS])
     plots = _plots(summary, out_dir)
-    table = format_table(summary, cfg, corpora)
+    table = format_table(summary, cfg, names)
     (out_dir / "results.txt").write_text(table + "\n")
     atomic_write_json({"kind": "finetune", "config": dataclasses.asdict(cfg), "command": sys.argv,
                        "versions": versions()}, out_dir / "config.json")
     log(table)
     log(f"results: {out_dir / 'results.txt'}, results.json, results.csv, plots: {', '.join(p.name for p in plots)}")
     return results
+
+
+def merge_benches(dirs: List[Path], out_dir: Path, log=print) -> Dict[str, Any]:
+    """One report from several fine-tuning benches that differ only in their seeds (e.g. one
+    process per seed): their runs are pooled and aggregated as if run together."""
+    loaded = []
+    for d in dirs:
+        p = Path(d) / "results.json"
+        if not p.is_file():
+            raise ValueError(f"--merge: {d} holds no results.json of a fine-tuning bench")
+        res = json.loads(p.read_text())
+        if res.get("kind") != "finetune":
+            raise ValueError(f"--merge: {p} is not a fine-tuning bench")
+        loaded.append(res)
+    first = dict(loaded[0]["config"])
+    for d, res in zip(dirs, loaded):
+        other = dict(res["config"])
+        diff = sorted(k for k in first if k not in ("seeds", "threads", "tensorboard", "cache_dir")
+                      and first[k] != other.get(k))
+        if diff or res["corpora"] != loaded[0]["corpora"] or \
+                res["pretrained"]["checkpoint_sha256"] != loaded[0]["pretrained"]["checkpoint_sha256"]:
+            raise ValueError(f"--merge: {d} differs from {dirs[0]} in {diff or 'its corpora / pretrained model'}")
+    runs = [r for res in loaded for r in res["runs"]]
+    seeds = sorted({r["seed"] for r in runs})
+    if len({(r["method"], r["seed"]) for r in runs}) != len(runs):
+        raise ValueError("--merge: the benches share a (method, seed) run")
+    first["seeds"] = tuple(seeds)
+    first["methods"] = tuple(first["methods"])
+    cfg = FinetuneConfig(**first)
+    return write_report(cfg, runs, loaded[0]["summary"]["pretrain_old_val_loss"], loaded[0]["corpora"],
+                        loaded[0]["pretrained"], loaded[0]["device"], out_dir, log)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -618,6 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default=None, help="output directory (default runs/finetune-<timestamp>)")
     a("--methods", default=",".join(d.methods), help=f"comma-separated rows (default {','.join(d.methods)})")
     a("--seeds", default=",".join(map(str, d.seeds)), help="comma-separated seeds (default 0,1,2)")
+    a("--model", default=d.model, help="gpt (default: byte-level GPT, corpora below) or mnist1d (a residual MLP "
+      "pretrained on MNIST-1D classes 0-4, tuned on classes 5-9)")
     a("--pretrain-corpus", default=d.pretrain_corpus, help="pysrc (default), fortunes or a text file")
     a("--tune-corpus", default=d.tune_corpus, help="licenses (default: /usr/share/common-licenses) or a text file")
     for k in ("max_bytes", "n_layer", "n_head", "n_embd", "seq_len", "batch_size", "pretrain_steps", "steps",
@@ -630,6 +829,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     a("--cache-dir", default=None, help="where the pretrained model is cached (default ~/.cache/pmptrain/finetune)")
     a("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    a("--merge", default=None, metavar="DIR,DIR,...",
+      help="do not train: pool the runs of benches that differ only in --seeds (e.g. one process per seed) "
+           "into one report in --out")
     return p
 
 
@@ -644,6 +846,11 @@ def main(argv: List[str]) -> int:
     """``pmptrain bench --task finetune ...`` (``argv`` without ``--task finetune``); exit status."""
     ns = build_parser().parse_args(argv)
     try:
+        if ns.merge:
+            if not ns.out:
+                raise ValueError("--merge: needs --out for the merged report")
+            merge_benches([Path(d) for d in ns.merge.split(",") if d.strip()], Path(ns.out))
+            return 0
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
         kw = {k: v for k, v in vars(ns).items() if k in fields and k not in ("methods", "seeds")}
         cfg = FinetuneConfig(**kw, methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()),

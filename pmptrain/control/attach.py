@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn

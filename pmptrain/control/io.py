@@ -16,7 +16,7 @@ tensors, so loading onto a different base is refused unless ``check_base=False``
 from __future__ import annotations
 
 import hashlib
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn

@@ -11,7 +11,7 @@ system ``x_{t+1} = f_t(x_t)`` and fine-tuning adds a control ``u_t`` to it,
 * :class:`NonlinearControl` — the nonlinear controller of Zhang, Cheng, Xu & Li (ICML 2024) in
   parallel with a block: ``v = B(A x + a) + b``, ``u = v + softmax(v vᵀ) v`` (the affinity runs over
   the token axis, causally masked with ``causal=True``), ``y = F(x) + α·u``;
-* :class:`BinaryControl` (``kind="binary"``/``"ternary"``) — a high-rank control ``(α/R)``-free
+* :class:`BinaryControl` (``kind="binary"``/``"ternary"``) — a high-rank control
   ``y = F(x) + s_B·B_q (s_A·A_q x)`` whose matrices ``A_q, B_q`` hold codes exactly on a grid
   (ECCV 2024, "An Optimal Control View of LoRA and Binary Controller Design for Vision
   Transformers"), discretised with :func:`pmptrain.quant.attach_discrete`, so ``DiscreteMSA`` trains
