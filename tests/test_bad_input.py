@@ -371,3 +371,87 @@ def test_a_nan_loss_is_named_as_such():
     reason = opt.last_step["skip_reason"]
     assert reason.startswith("non-finite gradient") and "loss" in reason and "closure" in reason
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ------------------------------------------------------------------ finding 12: baselines out of the box
+
+
+def test_binaryconnect_and_twn_defaults_are_the_registrys():
+    import inspect
+
+    from pmptrain import TWN, BinaryConnect
+    from pmptrain.bench.registry import get_spec
+
+    for cls, name in ((BinaryConnect, "binaryconnect"), (TWN, "twn")):
+        defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+        spec = get_spec(name)
+        assert defaults["latent_scale"] == 0.05
+        for k, v in spec.defaults.items():  # the registry repeats no default of its own
+            assert defaults[k] == v, (name, k)
+        assert spec.options()["latent_scale"] == 0.05
+
+
+def test_binaryconnect_with_its_defaults_trains():
+    import pmptrain
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 20)
+    y = (x[:, :10].sum(1) > x[:, 10:].sum(1)).long()  # a linearly separable two-class problem
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64, bias=False), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 2, bias=False), torch.nn.BatchNorm1d(2))
+    pmptrain.discretize_(model, "binary", keep=None)
+    opt = pmptrain.BinaryConnect(model)
+    codes0 = [d.param.detach().clone() for d in pmptrain.discrete_parameters(model)]
+    losses = []
+    for _ in range(200):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    flipped = sum(int((d.param != c).sum()) for d, c in zip(pmptrain.discrete_parameters(model), codes0))
+    total = sum(c.numel() for c in codes0)
+    assert flipped >= 0.05 * total, (flipped, total)  # with latent_scale 1.0: 0 of 1408 in 200 steps
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10, losses[::20]
+    assert all(set(d.param.unique().tolist()) <= {-1.0, 1.0} for d in pmptrain.discrete_parameters(model))
+
+
+def test_binaryconnect_steps_match_a_float64_reference_adam_on_the_latents():
+    import pmptrain
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(6, 5, bias=False).double()
+    model = pmptrain.discretize_(torch.nn.Sequential(lin), "binary", keep=None)
+    opt = pmptrain.BinaryConnect(model, lr=0.05, weight_decay=0.1)
+    z = (0.05 * lin.weight.detach()).clamp(-1, 1)
+    m, v = torch.zeros_like(z), torch.zeros_like(z)
+    b1, b2, lr, eps = 0.9, 0.999, 0.05, 1e-8
+    x = torch.randn(8, 6, dtype=torch.float64)
+    for t in range(1, 9):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        g = lin.weight.grad.clone()
+        if t == 4:  # a non-finite step in the middle: skipped, nothing changes, the buffers stay right
+            lin.weight.grad[0, 0] = float("nan")
+            before = lin.weight.detach().clone()
+            opt.step()
+            assert opt.last_step["skipped"] and torch.equal(before, lin.weight)
+            lin.weight.grad.copy_(g)
+        opt.step()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        z = z * (1 - lr * 0.1) - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        z = z.clamp(-1, 1)
+        st = opt.state_of(lin.weight)
+        assert st.step == t and torch.allclose(st.latent, z, atol=1e-12, rtol=1e-10)
+        assert torch.equal(lin.weight.detach(), torch.where(z >= 0, 1.0, -1.0).double())
+
+
+def test_sign_nonzero_conventions():
+    from pmptrain.discrete import sign_nonzero
+
+    x = torch.tensor([float("nan"), 0.0, -0.0, float("-inf"), float("inf"), -2.0, 3.0, 1e-45, -1e-45])
+    got = sign_nonzero(x)
+    assert torch.isnan(got[0]) and got[1:].tolist() == [1, 1, -1, 1, -1, 1, 1, -1]
+    out = torch.empty_like(x)
+    assert sign_nonzero(x, out=out) is out and torch.equal(out[1:], got[1:])
