@@ -73,13 +73,15 @@ import torch
 from torch import nn
 
 from ..optim.emsa import EMSA
+from .schema import ConfigError
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "get_spec", "build_optimizer", "optimizer_names",
            "UnknownOptimizerError", "decay_groups"]
 
 
-class UnknownOptimizerError(ValueError):
-    """An optimizer name that is not in :data:`OPTIMIZERS`."""
+class UnknownOptimizerError(ConfigError):
+    """An optimizer name that is not in :data:`OPTIMIZERS` (a :class:`~pmptrain.bench.schema.ConfigError`,
+    hence a ``ValueError``: the CLI exits with status 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
