@@ -455,3 +455,55 @@ def test_sign_nonzero_conventions():
     assert torch.isnan(got[0]) and got[1:].tolist() == [1, 1, -1, 1, -1, 1, 1, -1]
     out = torch.empty_like(x)
     assert sign_nonzero(x, out=out) is out and torch.equal(out[1:], got[1:])
+
+
+# ------------------------------------------------------------------ finding 13: DiscreteMSA's defaults
+
+
+def test_discrete_msa_defaults_are_the_recommended_settings_and_the_paper_is_a_preset():
+    import inspect
+
+    import pmptrain
+    from pmptrain import DiscreteMSA
+    from pmptrain.bench import cli as bench_cli
+    from pmptrain.bench.registry import get_spec
+
+    sig = {k: p.default for k, p in inspect.signature(DiscreteMSA).parameters.items()}
+    assert sig["rho"] == 0.95 and sig["decay_gamma"] == 0.95 and sig["decay"] == 0.999
+    # the registry's binary-msa is the class's defaults; the previous setting stays reachable
+    assert get_spec("binary-msa").defaults == {"rho": 0.95}
+    assert get_spec("binary-msa-paper").defaults == {"rho": 0.5, "decay": 0.999, "gamma": 1.0}
+    for name, preset in bench_cli.PRESETS.items():
+        if name.startswith("lihao-"):  # the published protocols pin every value
+            args = preset["optimizer_args"][preset["optimizers"][0]]
+            assert args["rho"] == 0.5 and args["decay"] == 0.999 and args["gamma"] in (0.95, 0.98)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False))
+    pmptrain.discretize_(model, "binary", keep=None)
+    opt = DiscreteMSA.paper(model)
+    g = opt.param_groups[0]
+    assert (g["rho"], g["decay"], g["decay_gamma"]) == (0.5, 0.999, 0.95)
+    assert DiscreteMSA.PAPER == {"rho": 0.5, "decay": 0.999, "decay_gamma": 0.95, "acc_init": 1e-6,
+                                 "acc_init_mode": "uniform"}
+    assert DiscreteMSA.paper(model, decay_gamma=0.98).param_groups[0]["decay_gamma"] == 0.98
+    d = DiscreteMSA(model).param_groups[0]
+    assert (d["rho"], d["decay_gamma"]) == (0.95, 0.95)
+
+
+@pytest.mark.parametrize("make", ["DiscreteMSA", "BinaryConnect"])
+def test_discrete_optimizers_follow_model_double_after_they_were_built(make):
+    import pmptrain
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16, bias=False), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3, bias=False))
+    pmptrain.discretize_(model, "binary", keep=None)
+    opt = getattr(pmptrain, make)(model, **({"rho": 0.5} if make == "DiscreteMSA" else {"lr": 0.05}))
+    model.double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert not opt.last_step["skipped"]
+    for d in pmptrain.discrete_parameters(model):
+        assert d.param.dtype == torch.float64 and set(d.param.unique().tolist()) <= {-1.0, 1.0}

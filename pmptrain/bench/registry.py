@@ -27,14 +27,17 @@ emsa-iterative     float           EMSA solver="iterative"      lr 1.0     0.3, 
 emsa-paper         float           EMSA.paper: the reference    ρ 1.0      0.3, 1.0, 3.0
                                    code's E-MSA (whole residual
                                    blocks, sums, δ = 0, L2 1e-3)
-binary-msa         {−1, +1}        DiscreteMSA, decay 0.999     ρ 0.5      0.5, 0.8, 0.95
+binary-msa         {−1, +1}        DiscreteMSA's defaults:      ρ 0.95     0.5, 0.8, 0.95
+                                   decay 0.999, γ 0.95/epoch
+binary-msa-paper   {−1, +1}        DiscreteMSA, ρ 0.5, constant ρ 0.5      0.2, 0.35, 0.5
+                                   decay 0.999 (before 0.2)
 ternary-msa        {−1, 0, +1}     DiscreteMSA, decay 0.999,    ρ 0.95     0.5, 0.8, 0.95
                                    relative λ 0.2
 ternary-msa-paper  {−1, 0, +1}     DiscreteMSA, Li & Hao, λ 1e-7 ρ 0.5     0.2, 0.35, 0.5
 kbit-msa           2-bit uniform   DiscreteMSA, decay 0.999     ρ 0.5      0.2, 0.35, 0.5
 binaryconnect      {−1, +1}        BinaryConnect (Adam on       lr 1e-3    1e-3, 3e-3, 1e-2
-                                   latents, latent_scale 0.05)
-twn                {−1, 0, +1}     TWN (latent_scale 0.05)      lr 1e-3    1e-3, 3e-3, 1e-2
+                                   latents 0.05·W: its defaults)
+twn                {−1, 0, +1}     TWN (its defaults)           lr 1e-3    1e-3, 3e-3, 1e-2
 bop                {−1, +1}        Bop, threshold 1e-8          lr = γ 1e-3  1e-4, 1e-3, 1e-2
 =================  ==============  ===========================  =========  ====================
 
@@ -332,9 +335,14 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       "rho", (0.3, 1.0, 3.0), takes_wrapper=True, forwards_to="EMSA",
                       description="the reference code's E-MSA (EMSA.paper): whole residual blocks, 10 L-BFGS "
                                   "iterations, penalties summed over the batch, no proximal term, L2 1e-3 in H"),
-        OptimizerSpec("binary-msa", _discrete_msa, {"rho": 0.5, "decay": 0.999}, "rho", _RHO_GRID,
-                      levels="binary", takes_wrapper=True,
-                      forwards_to="DiscreteMSA", description="latent-free discrete MSA on {-1, +1}, Li & Hao's rho 0.5"),
+        OptimizerSpec("binary-msa", _discrete_msa, {"rho": 0.95}, "rho", _RHO_GRID,
+                      levels="binary", takes_wrapper=True, forwards_to="DiscreteMSA",
+                      description="latent-free discrete MSA on {-1, +1}, DiscreteMSA's defaults: rho 0.95, "
+                                  "decay 0.999 shrunk by gamma 0.95 per epoch"),
+        OptimizerSpec("binary-msa-paper", _discrete_msa, {"rho": 0.5, "decay": 0.999, "gamma": 1.0}, "rho",
+                      _PAPER_RHO_GRID, levels="binary", takes_wrapper=True, forwards_to="DiscreteMSA",
+                      description="discrete MSA on {-1, +1} with Li & Hao's rho 0.5 and a constant decay "
+                                  "0.999 (binary-msa before 0.2)"),
         OptimizerSpec("ternary-msa", _discrete_msa,
                       {"rho": 0.95, "decay": 0.999, "lam": 0.2, "lam_mode": "relative"}, "rho",
                       _RHO_GRID, levels="ternary", takes_wrapper=True,
