@@ -507,3 +507,12 @@ def test_discrete_optimizers_follow_model_double_after_they_were_built(make):
         assert not opt.last_step["skipped"]
     for d in pmptrain.discrete_parameters(model):
         assert d.param.dtype == torch.float64 and set(d.param.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_run_bench_called_directly_checks_the_output_directory_before_loading(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(schema.ConfigError, match="--out"):
+        sweep.run_bench(BenchConfig.from_dict({"optimizers": ["sgd"], "epochs": 1, "seeds": 1}),
+                        tmp_path / "file" / "out")
+    with pytest.raises(schema.ConfigError, match="--out"):
+        lm.run_lm_bench(lm.LMConfig.from_dict({"steps": 1, "seeds": 1}), tmp_path / "file" / "out")
