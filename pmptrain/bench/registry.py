@@ -41,10 +41,12 @@ twn                {−1, 0, +1}     TWN (its defaults)           lr 1e-3    1e-
 bop                {−1, +1}        Bop, threshold 1e-8          lr = γ 1e-3  1e-4, 1e-3, 1e-2
 =================  ==============  ===========================  =========  ====================
 
-binary-msa keeps Li & Hao's ρ = 0.5: on the BatchNorm MLP 784-1024-1024-10 ρ = 0.95 measured
-2.4 points better (docs/performance.md), but on the default benches (MLPs without BN, first and
-last layers kept) ρ = 0.95 measured 0.3–1.1 points worse (docs/benchmarks.md); pass
-``--opt-arg binary-msa.rho=0.95`` for BN networks. ternary-msa uses ρ = 0.95 with the relative λ
+binary-msa runs DiscreteMSA's defaults (one source of defaults), the recommended ρ = 0.95 with γ =
+0.95: on the BatchNorm MLP 784-1024-1024-10 ρ = 0.95 measured 2.4 points better than Li & Hao's 0.5
+(docs/performance.md); on the short default benches it measured 0.5–1.1 points lower in the median
+with a smaller seed spread (docs/benchmarks.md, "Binary MSA's defaults since 0.2").
+binary-msa-paper is the previous entry (ρ 0.5, constant decay), which reproduces the earlier
+tables. ternary-msa uses ρ = 0.95 with the relative λ
 0.2, the only setting measured to reach ≤ 10 % non-zero weights near binary accuracy.
 
 emsa-costate is the transformer setting (docs/algorithms.md, "The units of ρ, and schedules"): ρ
