@@ -84,7 +84,7 @@ def test_out_of_range_values_are_refused_before_loading(tmp_path, capsys, args, 
     ("optimizer_args: {sgd: {momentum: 1" + "0" * 400 + "}}", "--opt-arg sgd.momentum: must be"),
     ("model_args: {widths: [40000, 40000]}", "--model-args: model 'mlp' would have"),
     ("data_dir: " + "a" * 5000, "--data-dir: must be"),
-])
+], ids=lambda v: v[:40] if isinstance(v, str) else str(v))
 def test_out_of_range_config_values_are_refused_before_loading(tmp_path, capsys, yaml_text, names):
     code, err, out = _train(tmp_path, capsys, yaml_text)
     assert code == 2 and names in err, err
@@ -516,3 +516,34 @@ def test_run_bench_called_directly_checks_the_output_directory_before_loading(tm
                         tmp_path / "file" / "out")
     with pytest.raises(schema.ConfigError, match="--out"):
         lm.run_lm_bench(lm.LMConfig.from_dict({"steps": 1, "seeds": 1}), tmp_path / "file" / "out")
+
+
+def test_the_benchmarks_minimal_binaryconnect_takes_the_same_steps_as_pmptrains():
+    """benchmarks/binaryconnect_step.py compares like with like: same latents, codes and BN affines."""
+    import pathlib
+
+    import pmptrain
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from binaryconnect_step import MinimalBinaryConnect
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16, bias=False), torch.nn.BatchNorm1d(16),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 3, bias=False), torch.nn.BatchNorm1d(3)).double()
+        return pmptrain.discretize_(m, "binary", keep=None)
+
+    a, b = make(), make()
+    opt_a, opt_b = pmptrain.BinaryConnect(a), MinimalBinaryConnect(b)
+    x, y = torch.randn(64, 12, dtype=torch.float64), torch.randint(0, 3, (64,))
+    for _ in range(30):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    index = {id(p): i for i, p in enumerate(b.parameters())}
+    params_a = list(a.parameters())
+    for w, z in zip(opt_b.ws, opt_b.lat):
+        assert torch.allclose(opt_a.state_of(params_a[index[id(w)]]).latent, z, atol=1e-10)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-10)

@@ -46,7 +46,8 @@ def check_out_dir(out: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ConfigError(f"--out: cannot create or write {out}: {e.strerror or e}") from None
+        reason = str(e.strerror or e)
+        raise ConfigError(f"--out: cannot create or write {out}: {reason[:1].lower() + reason[1:]}") from None
     finally:
         for d in reversed(made):
             try:
