@@ -232,11 +232,15 @@ def nearest_on_grid(x: Tensor, grid: Grid) -> Tensor:
 # ------------------------------------------------------------------------------- the MSA rule
 
 
-def sign_nonzero(x: Tensor) -> Tensor:
-    """``sign`` with the convention of the whole package: ``sign(0) = +1`` (never 0), as larq;
-    NaN stays NaN (so a non-finite guard downstream still sees it)."""
-    one = torch.ones_like(x)
-    return torch.where(x >= 0, one, torch.where(x < 0, -one, x))
+def sign_nonzero(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``sign`` with the convention of the whole package: ``sign(0) = +1`` (never 0; ``-0.0`` too),
+    as larq; ±inf give ±1; NaN stays NaN (so a non-finite guard downstream still sees it).
+    ``out``: a tensor of ``x``'s shape to write into (default: a new one).
+
+    Computed as ``sign(x) + 1{x = 0}`` with NaN put back (``torch.sign(NaN)`` is 0): three
+    elementwise passes, a third of the cost of two nested ``torch.where``."""
+    s = torch.sign(x, out=out) if out is not None else torch.sign(x)
+    return s.add_(x == 0).masked_fill_(torch.isnan(x), float("nan"))
 
 
 #: Initial accumulators (``mode`` of :func:`initial_accumulator`).

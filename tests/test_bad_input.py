@@ -84,7 +84,7 @@ def test_out_of_range_values_are_refused_before_loading(tmp_path, capsys, args, 
     ("optimizer_args: {sgd: {momentum: 1" + "0" * 400 + "}}", "--opt-arg sgd.momentum: must be"),
     ("model_args: {widths: [40000, 40000]}", "--model-args: model 'mlp' would have"),
     ("data_dir: " + "a" * 5000, "--data-dir: must be"),
-])
+], ids=lambda v: v[:40] if isinstance(v, str) else str(v))
 def test_out_of_range_config_values_are_refused_before_loading(tmp_path, capsys, yaml_text, names):
     code, err, out = _train(tmp_path, capsys, yaml_text)
     assert code == 2 and names in err, err
@@ -340,7 +340,7 @@ def test_model_double_after_the_optimizer_was_built_steps_in_float64(make):
         loss = (model(x) - y).pow(2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         assert not opt.last_step["skipped"]
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert losses[-1] < losses[0]
@@ -371,3 +371,179 @@ def test_a_nan_loss_is_named_as_such():
     reason = opt.last_step["skip_reason"]
     assert reason.startswith("non-finite gradient") and "loss" in reason and "closure" in reason
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ------------------------------------------------------------------ finding 12: baselines out of the box
+
+
+def test_binaryconnect_and_twn_defaults_are_the_registrys():
+    import inspect
+
+    from pmptrain import TWN, BinaryConnect
+    from pmptrain.bench.registry import get_spec
+
+    for cls, name in ((BinaryConnect, "binaryconnect"), (TWN, "twn")):
+        defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+        spec = get_spec(name)
+        assert defaults["latent_scale"] == 0.05
+        for k, v in spec.defaults.items():  # the registry repeats no default of its own
+            assert defaults[k] == v, (name, k)
+        assert spec.options()["latent_scale"] == 0.05
+
+
+def test_binaryconnect_with_its_defaults_trains():
+    import pmptrain
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 20)
+    y = (x[:, :10].sum(1) > x[:, 10:].sum(1)).long()  # a linearly separable two-class problem
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64, bias=False), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 2, bias=False), torch.nn.BatchNorm1d(2))
+    pmptrain.discretize_(model, "binary", keep=None)
+    opt = pmptrain.BinaryConnect(model)
+    codes0 = [d.param.detach().clone() for d in pmptrain.discrete_parameters(model)]
+    losses = []
+    for _ in range(200):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    flipped = sum(int((d.param != c).sum()) for d, c in zip(pmptrain.discrete_parameters(model), codes0))
+    total = sum(c.numel() for c in codes0)
+    assert flipped >= 0.05 * total, (flipped, total)  # with latent_scale 1.0: 0 of 1408 in 200 steps
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10, losses[::20]
+    assert all(set(d.param.unique().tolist()) <= {-1.0, 1.0} for d in pmptrain.discrete_parameters(model))
+
+
+def test_binaryconnect_steps_match_a_float64_reference_adam_on_the_latents():
+    import pmptrain
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(6, 5, bias=False).double()
+    model = pmptrain.discretize_(torch.nn.Sequential(lin), "binary", keep=None)
+    opt = pmptrain.BinaryConnect(model, lr=0.05, weight_decay=0.1)
+    z = (0.05 * lin.weight.detach()).clamp(-1, 1)
+    m, v = torch.zeros_like(z), torch.zeros_like(z)
+    b1, b2, lr, eps = 0.9, 0.999, 0.05, 1e-8
+    x = torch.randn(8, 6, dtype=torch.float64)
+    for t in range(1, 9):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        g = lin.weight.grad.clone()
+        if t == 4:  # a non-finite step in the middle: skipped, nothing changes, the buffers stay right
+            lin.weight.grad[0, 0] = float("nan")
+            before = lin.weight.detach().clone()
+            opt.step()
+            assert opt.last_step["skipped"] and torch.equal(before, lin.weight)
+            lin.weight.grad.copy_(g)
+        opt.step()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        z = z * (1 - lr * 0.1) - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        z = z.clamp(-1, 1)
+        st = opt.state_of(lin.weight)
+        assert st.step == t and torch.allclose(st.latent, z, atol=1e-12, rtol=1e-10)
+        assert torch.equal(lin.weight.detach(), torch.where(z >= 0, 1.0, -1.0).double())
+
+
+def test_sign_nonzero_conventions():
+    from pmptrain.discrete import sign_nonzero
+
+    x = torch.tensor([float("nan"), 0.0, -0.0, float("-inf"), float("inf"), -2.0, 3.0, 1e-45, -1e-45])
+    got = sign_nonzero(x)
+    assert torch.isnan(got[0]) and got[1:].tolist() == [1, 1, -1, 1, -1, 1, 1, -1]
+    out = torch.empty_like(x)
+    assert sign_nonzero(x, out=out) is out and torch.equal(out[1:], got[1:])
+
+
+# ------------------------------------------------------------------ finding 13: DiscreteMSA's defaults
+
+
+def test_discrete_msa_defaults_are_the_recommended_settings_and_the_paper_is_a_preset():
+    import inspect
+
+    import pmptrain
+    from pmptrain import DiscreteMSA
+    from pmptrain.bench import cli as bench_cli
+    from pmptrain.bench.registry import get_spec
+
+    sig = {k: p.default for k, p in inspect.signature(DiscreteMSA).parameters.items()}
+    assert sig["rho"] == 0.95 and sig["decay_gamma"] == 0.95 and sig["decay"] == 0.999
+    # the registry's binary-msa is the class's defaults; the previous setting stays reachable
+    assert get_spec("binary-msa").defaults == {"rho": 0.95}
+    assert get_spec("binary-msa-paper").defaults == {"rho": 0.5, "decay": 0.999, "gamma": 1.0}
+    for name, preset in bench_cli.PRESETS.items():
+        if name.startswith("lihao-"):  # the published protocols pin every value
+            args = preset["optimizer_args"][preset["optimizers"][0]]
+            assert args["rho"] == 0.5 and args["decay"] == 0.999 and args["gamma"] in (0.95, 0.98)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False))
+    pmptrain.discretize_(model, "binary", keep=None)
+    opt = DiscreteMSA.paper(model)
+    g = opt.param_groups[0]
+    assert (g["rho"], g["decay"], g["decay_gamma"]) == (0.5, 0.999, 0.95)
+    assert DiscreteMSA.PAPER == {"rho": 0.5, "decay": 0.999, "decay_gamma": 0.95, "acc_init": 1e-6,
+                                 "acc_init_mode": "uniform"}
+    assert DiscreteMSA.paper(model, decay_gamma=0.98).param_groups[0]["decay_gamma"] == 0.98
+    d = DiscreteMSA(model).param_groups[0]
+    assert (d["rho"], d["decay_gamma"]) == (0.95, 0.95)
+
+
+@pytest.mark.parametrize("make", ["DiscreteMSA", "BinaryConnect"])
+def test_discrete_optimizers_follow_model_double_after_they_were_built(make):
+    import pmptrain
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16, bias=False), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3, bias=False))
+    pmptrain.discretize_(model, "binary", keep=None)
+    opt = getattr(pmptrain, make)(model, **({"rho": 0.5} if make == "DiscreteMSA" else {"lr": 0.05}))
+    model.double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert not opt.last_step["skipped"]
+    for d in pmptrain.discrete_parameters(model):
+        assert d.param.dtype == torch.float64 and set(d.param.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_run_bench_called_directly_checks_the_output_directory_before_loading(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(schema.ConfigError, match="--out"):
+        sweep.run_bench(BenchConfig.from_dict({"optimizers": ["sgd"], "epochs": 1, "seeds": 1}),
+                        tmp_path / "file" / "out")
+    with pytest.raises(schema.ConfigError, match="--out"):
+        lm.run_lm_bench(lm.LMConfig.from_dict({"steps": 1, "seeds": 1}), tmp_path / "file" / "out")
+
+
+def test_the_benchmarks_minimal_binaryconnect_takes_the_same_steps_as_pmptrains():
+    """benchmarks/binaryconnect_step.py compares like with like: same latents, codes and BN affines."""
+    import pathlib
+
+    import pmptrain
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from binaryconnect_step import MinimalBinaryConnect
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16, bias=False), torch.nn.BatchNorm1d(16),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 3, bias=False), torch.nn.BatchNorm1d(3)).double()
+        return pmptrain.discretize_(m, "binary", keep=None)
+
+    a, b = make(), make()
+    opt_a, opt_b = pmptrain.BinaryConnect(a), MinimalBinaryConnect(b)
+    x, y = torch.randn(64, 12, dtype=torch.float64), torch.randint(0, 3, (64,))
+    for _ in range(30):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    index = {id(p): i for i, p in enumerate(b.parameters())}
+    params_a = list(a.parameters())
+    for w, z in zip(opt_b.ws, opt_b.lat):
+        assert torch.allclose(opt_a.state_of(params_a[index[id(w)]]).latent, z, atol=1e-10)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-10)

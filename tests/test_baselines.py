@@ -25,7 +25,7 @@ def one_weight(values, levels="binary"):
 
 def test_binaryconnect_one_step_by_hand():
     model, w = one_weight([0.3, -0.2, 0.0, 0.9, -1.5])
-    opt = BinaryConnect(model, lr=0.25, clip=1.0)
+    opt = BinaryConnect(model, lr=0.25, clip=1.0, latent_scale=1.0)
     assert w.tolist() == [[1, -1, 1, 1, -1]]  # sign(latent) written at construction, sign(0) = +1
     assert opt.state_of(w).latent.tolist() == [pytest.approx([0.3, -0.2, 0.0, 0.9, -1.0])]  # clipped
     w.grad = torch.tensor([[2.0, -1.0, 0.5, -4.0, 0.0]])
@@ -50,7 +50,7 @@ def test_binaryconnect_one_step_by_hand():
 
 def test_twn_one_step_by_hand():
     model, w = one_weight([1.0, -0.2, 0.5, -0.9, 0.1, 0.0], "ternary")
-    opt = TWN(model, lr=0.1)
+    opt = TWN(model, lr=0.1, latent_scale=1.0)
     # mean|w| = 2.7/6 = 0.45, delta = 0.315; kept: 1.0, 0.5, -0.9 -> alpha = 0.8
     assert w[0].tolist() == pytest.approx([0.8, 0.0, 0.8, -0.8, 0.0, 0.0])
     w.grad = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0, 1.0]])

@@ -277,7 +277,7 @@ def test_param_groups_and_add_param_group(cfg):
 
 def test_tensor_lr_equals_float_lr(cfg):
     a, b = cfg.make_model(), cfg.make_model()
-    lr = cfg.build(a).defaults["lr"]
+    lr = cfg.build(cfg.make_model()).defaults["lr"]  # not built on a: TWN writes α·t into it when built
     opt_a, opt_b = cfg.build(a, lr=lr), cfg.build(b, lr=torch.tensor(lr))
     train(a, opt_a, 3)
     train(b, opt_b, 3)

@@ -233,7 +233,7 @@ def test_empty_wrong_set_leaves_tensors_unchanged(levels):
 def test_ema_decay_schedule_end_epoch_and_group_scheduler():
     model = mlp()
     pmptrain.discretize_(model, "binary", keep=())
-    opt = DiscreteMSA(model, decay=0.999, decay_gamma=0.95, decay_floor=2e-4)
+    opt = DiscreteMSA(model, rho=0.5, decay=0.999, decay_gamma=0.95, decay_floor=2e-4)
     seen = []
     for _ in range(40):
         opt.end_epoch()

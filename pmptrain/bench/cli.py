@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,6 +20,7 @@ from .lm import LMConfig
 from .registry import OPTIMIZERS, UnknownOptimizerError, get_spec
 from .config import DEFAULT_OPTIMIZERS, BenchConfig
 from .losses import LOSSES
+from .records import check_out_dir
 from .schema import MAX_YAML_BYTES, load_yaml
 
 __all__ = ["main", "PRESETS", "build_parser"]
@@ -431,37 +431,8 @@ def _resolve(ns: argparse.Namespace) -> Tuple[BenchConfig, Path, bool]:
 
 
 def _check_out_dir(out: Path) -> None:
-    """``--out``/``--resume`` must be a directory this process can create and write: it is created
-    (with its missing parents) and a probe file written and removed, and what was created is removed
-    again, so that ``/proc/x``, a symlink loop, a path through a file or a read-only place is refused
-    (ValueError naming it) before anything is loaded, and a refusal later leaves nothing behind."""
-    out = Path(out)
-    if os.path.lexists(out) and not out.is_dir():
-        what = "a broken symbolic link or a link loop" if out.is_symlink() else "not a directory"
-        raise ValueError(f"--out: {out} exists and is {what}")
-    made: List[Path] = []
-    missing = []
-    p = out
-    while not os.path.lexists(p):
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    try:
-        for d in reversed(missing):
-            d.mkdir()
-            made.append(d)
-        fd, probe = tempfile.mkstemp(prefix=".pmptrain-probe-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"--out: cannot create or write {out}: {e.strerror or e}") from None
-    finally:
-        for d in reversed(made):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+    """:func:`pmptrain.bench.records.check_out_dir` (a ``ValueError`` naming ``--out``)."""
+    check_out_dir(out)
 
 
 def _pop_task(args: List[str]) -> Optional[str]:

@@ -380,6 +380,9 @@ def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    from .records import check_out_dir
+
+    check_out_dir(Path(out_dir))  # refused before the corpus is read
     corpus = load_corpus(cfg.dataset, cfg.max_bytes)
     n_val = max(cfg.seq_len + 2, int(len(corpus.data) * cfg.val_fraction))
     train_data, val_data = corpus.data[:-n_val], corpus.data[-n_val:]

@@ -4,17 +4,56 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from .._io import atomic_write
+from .schema import ConfigError
 
-__all__ = ["atomic_write_json", "git_hash", "versions"]
+__all__ = ["atomic_write_json", "check_out_dir", "git_hash", "versions"]
+
+
+def check_out_dir(out: Path) -> None:
+    """``--out``/``--resume`` must be a directory this process can create and write: it is created
+    (with its missing parents) and a probe file written and removed, and what was created is removed
+    again, so that ``/proc/x``, a symlink loop, a path through a file or a read-only place is refused
+    (:class:`~pmptrain.bench.schema.ConfigError` naming ``--out``) before anything is loaded, and a
+    refusal later leaves nothing behind. Called by the CLI and by :func:`~pmptrain.bench.sweep.run_bench`."""
+    out = Path(out)
+    if os.path.lexists(out) and not out.is_dir():
+        what = "a broken symbolic link or a link loop" if out.is_symlink() else "not a directory"
+        raise ConfigError(f"--out: {out} exists and is {what}")
+    made: List[Path] = []
+    missing = []
+    p = out
+    while not os.path.lexists(p):
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        fd, probe = tempfile.mkstemp(prefix=".pmptrain-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = str(e.strerror or e)
+        raise ConfigError(f"--out: cannot create or write {out}: {reason[:1].lower() + reason[1:]}") from None
+    finally:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
 
 
 def git_hash(path: Optional[Path] = None) -> Optional[str]:

@@ -27,21 +27,26 @@ emsa-iterative     float           EMSA solver="iterative"      lr 1.0     0.3, 
 emsa-paper         float           EMSA.paper: the reference    ρ 1.0      0.3, 1.0, 3.0
                                    code's E-MSA (whole residual
                                    blocks, sums, δ = 0, L2 1e-3)
-binary-msa         {−1, +1}        DiscreteMSA, decay 0.999     ρ 0.5      0.5, 0.8, 0.95
+binary-msa         {−1, +1}        DiscreteMSA's defaults:      ρ 0.95     0.5, 0.8, 0.95
+                                   decay 0.999, γ 0.95/epoch
+binary-msa-paper   {−1, +1}        DiscreteMSA, ρ 0.5, constant ρ 0.5      0.2, 0.35, 0.5
+                                   decay 0.999 (before 0.2)
 ternary-msa        {−1, 0, +1}     DiscreteMSA, decay 0.999,    ρ 0.95     0.5, 0.8, 0.95
                                    relative λ 0.2
 ternary-msa-paper  {−1, 0, +1}     DiscreteMSA, Li & Hao, λ 1e-7 ρ 0.5     0.2, 0.35, 0.5
 kbit-msa           2-bit uniform   DiscreteMSA, decay 0.999     ρ 0.5      0.2, 0.35, 0.5
 binaryconnect      {−1, +1}        BinaryConnect (Adam on       lr 1e-3    1e-3, 3e-3, 1e-2
-                                   latents, latent_scale 0.05)
-twn                {−1, 0, +1}     TWN (latent_scale 0.05)      lr 1e-3    1e-3, 3e-3, 1e-2
+                                   latents 0.05·W: its defaults)
+twn                {−1, 0, +1}     TWN (its defaults)           lr 1e-3    1e-3, 3e-3, 1e-2
 bop                {−1, +1}        Bop, threshold 1e-8          lr = γ 1e-3  1e-4, 1e-3, 1e-2
 =================  ==============  ===========================  =========  ====================
 
-binary-msa keeps Li & Hao's ρ = 0.5: on the BatchNorm MLP 784-1024-1024-10 ρ = 0.95 measured
-2.4 points better (docs/performance.md), but on the default benches (MLPs without BN, first and
-last layers kept) ρ = 0.95 measured 0.3–1.1 points worse (docs/benchmarks.md); pass
-``--opt-arg binary-msa.rho=0.95`` for BN networks. ternary-msa uses ρ = 0.95 with the relative λ
+binary-msa runs DiscreteMSA's defaults (one source of defaults), the recommended ρ = 0.95 with γ =
+0.95: on the BatchNorm MLP 784-1024-1024-10 ρ = 0.95 measured 2.4 points better than Li & Hao's 0.5
+(docs/performance.md); on the short default benches it measured 0.5–1.1 points lower in the median
+with a smaller seed spread (docs/benchmarks.md, "Binary MSA's defaults since 0.2").
+binary-msa-paper is the previous entry (ρ 0.5, constant decay), which reproduces the earlier
+tables. ternary-msa uses ρ = 0.95 with the relative λ
 0.2, the only setting measured to reach ≤ 10 % non-zero weights near binary accuracy.
 
 emsa-costate is the transformer setting (docs/algorithms.md, "The units of ρ, and schedules"): ρ
@@ -52,10 +57,11 @@ Fallback: parameters without a maximiser / rule (for the discrete optimizers: bi
 affine, the full-precision first and last layers of a mixed-precision model) are trained by the optimizer's own fallback (Adam with
 lr 1e-3 for every PMP optimizer and discrete baseline).
 
-note: ``latent_scale=0.05`` for BinaryConnect/TWN departs from their classes' default 1.0: the
-weights handed to them are already codes ±1 (from :func:`pmptrain.quant.discretize_`), and with
-latents at the clipping bound ±1 a weight needs ~1000 Adam steps of 1e-3 to flip, i.e. it would not
-train within a short benchmark. Bop's γ (its ``lr``) = 1e-3 (class default 1e-4) for the same reason.
+BinaryConnect and TWN run with their classes' defaults (one source of defaults): latents start at
+``latent_scale = 0.05`` times the codes ±1 of :func:`pmptrain.quant.discretize_` (at the clipping
+bound ±1 a weight needs ~1000 Adam steps of 1e-3 to flip, so nothing would train in a short run).
+note: Bop's γ (its ``lr``) = 1e-3 departs from the class default 1e-4 (the paper's and larq's, for
+long CIFAR-10 schedules): with 1e-4 the gradient EMA needs ~10⁴ steps to build up.
 
 Per-epoch shrinking of ``1 − decay`` by ``gamma`` (docs/discrete.md; the bench key of the discrete
 MSA optimizers is ``gamma``) is handed to ``DiscreteMSA`` as ``decay_gamma``; the runner calls
@@ -72,13 +78,15 @@ import torch
 from torch import nn
 
 from ..optim.emsa import EMSA
+from .schema import ConfigError
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "get_spec", "build_optimizer", "optimizer_names",
            "UnknownOptimizerError", "decay_groups"]
 
 
-class UnknownOptimizerError(ValueError):
-    """An optimizer name that is not in :data:`OPTIMIZERS`."""
+class UnknownOptimizerError(ConfigError):
+    """An optimizer name that is not in :data:`OPTIMIZERS` (a :class:`~pmptrain.bench.schema.ConfigError`,
+    hence a ``ValueError``: the CLI exits with status 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,9 +337,14 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       "rho", (0.3, 1.0, 3.0), takes_wrapper=True, forwards_to="EMSA",
                       description="the reference code's E-MSA (EMSA.paper): whole residual blocks, 10 L-BFGS "
                                   "iterations, penalties summed over the batch, no proximal term, L2 1e-3 in H"),
-        OptimizerSpec("binary-msa", _discrete_msa, {"rho": 0.5, "decay": 0.999}, "rho", _RHO_GRID,
-                      levels="binary", takes_wrapper=True,
-                      forwards_to="DiscreteMSA", description="latent-free discrete MSA on {-1, +1}, Li & Hao's rho 0.5"),
+        OptimizerSpec("binary-msa", _discrete_msa, {"rho": 0.95}, "rho", _RHO_GRID,
+                      levels="binary", takes_wrapper=True, forwards_to="DiscreteMSA",
+                      description="latent-free discrete MSA on {-1, +1}, DiscreteMSA's defaults: rho 0.95, "
+                                  "decay 0.999 shrunk by gamma 0.95 per epoch"),
+        OptimizerSpec("binary-msa-paper", _discrete_msa, {"rho": 0.5, "decay": 0.999, "gamma": 1.0}, "rho",
+                      _PAPER_RHO_GRID, levels="binary", takes_wrapper=True, forwards_to="DiscreteMSA",
+                      description="discrete MSA on {-1, +1} with Li & Hao's rho 0.5 and a constant decay "
+                                  "0.999 (binary-msa before 0.2)"),
         OptimizerSpec("ternary-msa", _discrete_msa,
                       {"rho": 0.95, "decay": 0.999, "lam": 0.2, "lam_mode": "relative"}, "rho",
                       _RHO_GRID, levels="ternary", takes_wrapper=True,
@@ -343,10 +356,10 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         OptimizerSpec("kbit-msa", _discrete_msa, {"rho": 0.5, "decay": 0.999}, "rho", _PAPER_RHO_GRID,
                       levels=2, takes_wrapper=True,
                       forwards_to="DiscreteMSA", description="latent-free discrete MSA on the symmetric 2-bit grid"),
-        OptimizerSpec("binaryconnect", _binaryconnect, {"lr": 1e-3, "latent_scale": 0.05}, "lr",
+        OptimizerSpec("binaryconnect", _binaryconnect, {"lr": 1e-3}, "lr",
                       (1e-3, 3e-3, 1e-2), levels="binary",
                       forwards_to="BinaryConnect", description="BinaryConnect / STE, Adam on clipped latents"),
-        OptimizerSpec("twn", _twn, {"lr": 1e-3, "latent_scale": 0.05}, "lr", (1e-3, 3e-3, 1e-2),
+        OptimizerSpec("twn", _twn, {"lr": 1e-3}, "lr", (1e-3, 3e-3, 1e-2),
                       levels="ternary", forwards_to="TWN", description="Ternary Weight Networks, Adam on latents"),
         OptimizerSpec("bop", _bop, {"lr": 1e-3, "threshold": 1e-8}, "lr", (1e-4, 1e-3, 1e-2),
                       levels="binary", forwards_to="Bop", description="Bop: latent-free flips on a gradient EMA"),

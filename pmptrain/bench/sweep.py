@@ -17,7 +17,7 @@ import torch
 from . import report
 from .config import BenchConfig
 from .ranks import broadcast_object, dist_info
-from .records import atomic_write_json, versions
+from .records import atomic_write_json, check_out_dir, versions
 from .registry import get_spec
 from .schema import ConfigError
 from .runner import load_data, preflight, run_one, time_steps
@@ -57,6 +57,8 @@ def run_bench(cfg: BenchConfig, out_dir: Path, resume: bool = False,
                           "refuse unequal per-rank batches under DistributedDataParallel")
     meta = {"config": cfg.to_dict(), "versions": versions(), "world_size": world,
             "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if rank == 0:
+        check_out_dir(out_dir)  # /proc/x, a link loop, a read-only place: refused before loading
     data = load_data(cfg)  # before creating anything: missing data leaves no empty bench dir
     settings = {name: list(cfg.settings(name)) for name in cfg.optimizers}
     preflight(cfg, data, settings)  # so does a value only the model or an optimizer can refuse

@@ -63,8 +63,11 @@ class BinaryConnect(_Baseline):
         betas, eps: Adam coefficients of the latents and of the Adam fallback (defaults (0.9, 0.999),
             1e-8).
         clip: latent clipping bound (default 1.0, as Courbariaux et al.; None disables).
-        latent_scale: multiplies the current weights to initialise the latents (default 1.0; codes
-            ±1 then start at the clipping bound, a small value such as 0.05 mimics a fresh init).
+        latent_scale: multiplies the current weights to initialise the latents (default 0.05: the
+            codes ±1 of :func:`~pmptrain.discretize_` start at ±0.05, where a few dozen Adam steps of
+            1e-3 flip a weight, as from a fresh initialisation; with 1.0 they start at the clipping
+            bound and need ~1000 steps, so nothing flips in a short run — 1.0 is Courbariaux et
+            al.'s setting for latents initialised from real weights, pass it for that).
         fallback, fallback_lr, momentum, weight_decay: the fallback of all other parameters
             (defaults ``"adam"``, 1e-3, 0.9, 0).
         exclude, strict, process_group, grad_scaler: as in :class:`~pmptrain.EMSA`.
@@ -76,7 +79,7 @@ class BinaryConnect(_Baseline):
 
     def __init__(self, model: nn.Module, params: Optional[Iterable] = None, *, lr: float = 1e-3,
                  betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, clip: Optional[float] = 1.0,
-                 latent_scale: float = 1.0, fallback: str = "adam", fallback_lr: float = 1e-3,
+                 latent_scale: float = 0.05, fallback: str = "adam", fallback_lr: float = 1e-3,
                  momentum: float = 0.9, weight_decay: float = 0.0, exclude: Sequence[str] = (),
                  strict: bool = False, process_group=None, grad_scaler=None):
         if clip is not None:
@@ -111,14 +114,15 @@ class TWN(_Baseline):
         model: the model after ``discretize_(model, "ternary", ...)``.
         params, lr, betas, eps: as :class:`BinaryConnect`.
         delta_factor: threshold factor (default 0.7, the paper's approximation).
-        latent_scale: latent init multiplier (default 1.0).
+        latent_scale: latent init multiplier (default 0.05, as :class:`BinaryConnect`: codes ±1
+            start as latents ±0.05, which Adam moves across the threshold within a short run).
         fallback, fallback_lr, momentum, weight_decay, exclude, strict, process_group, grad_scaler:
             as :class:`BinaryConnect`.
     """
 
     def __init__(self, model: nn.Module, params: Optional[Iterable] = None, *, lr: float = 1e-3,
                  betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, delta_factor: float = 0.7,
-                 latent_scale: float = 1.0, fallback: str = "adam", fallback_lr: float = 1e-3,
+                 latent_scale: float = 0.05, fallback: str = "adam", fallback_lr: float = 1e-3,
                  momentum: float = 0.9, weight_decay: float = 0.0, exclude: Sequence[str] = (),
                  strict: bool = False, process_group=None, grad_scaler=None):
         latent_scale = float(Real(0.0, lo_open=True).check("latent_scale", latent_scale))

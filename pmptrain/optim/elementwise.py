@@ -223,7 +223,8 @@ class DiscreteMSARule(ParamRule):
         a, rho, lam = float(self.value(group, "decay")), float(self.value(group, "rho")), float(self.value(group, "lam"))
         s = ctx.lr_scale(group)
         w = p.detach()
-        new_acc = self._accumulate(unit, st.accumulator, g.to(w.dtype), a)
+        acc = st.accumulator if st.accumulator.dtype == w.dtype else st.accumulator.to(w.dtype)  # model.double()
+        new_acc = self._accumulate(unit, acc, g.to(w.dtype), a)
         new = DiscreteState(st.step + 1, new_acc)
         if s == 0.0:  # lr = 0: the codes are frozen (the accumulator still averages)
             return Proposal([Update(p, torch.zeros_like(w))], new, discrete_info(d, w, None, new_acc))
@@ -327,13 +328,53 @@ class LatentSignRule(ParamRule):
 
     def update(self, unit: Unit, ctx: StepContext, p: Tensor, g: Tensor, group) -> Proposal:
         lr = ctx.step_size(group, self.key("lr"))
-        new = _latent_adam(unit.state, g, lr, tuple(self.value(group, "betas")), float(self.value(group, "eps")),
-                           float(group.get("weight_decay", 0.0)))
+        beta1, beta2 = tuple(self.value(group, "betas"))
+        eps, wd = float(self.value(group, "eps")), float(group.get("weight_decay", 0.0))
+        st: LatentState = unit.state
+        t = st.step + 1
+        # the new state is written into the buffers the state before last used (this step's proposal
+        # may be dropped, so the current state is not overwritten): no allocation per step
+        m = _spare(unit, "exp_avg", st.exp_avg)
+        v = _spare(unit, "exp_avg_sq", st.exp_avg_sq)
+        latent = _spare(unit, "latent", st.latent)
+        g = g.to(st.latent.dtype)
+        torch.mul(st.exp_avg, beta1, out=m).add_(g, alpha=1 - beta1)
+        torch.mul(st.exp_avg_sq, beta2, out=v).addcmul_(g, g, value=1 - beta2)
+        denom = _scratch(unit, "denom", v)
+        torch.div(v, 1 - beta2**t, out=denom).sqrt_().add_(eps)
+        torch.mul(st.latent, 1.0 - lr * wd, out=latent) if wd else latent.copy_(st.latent)
+        latent.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
         if self.clip is not None:
-            new.latent.clamp_(-self.clip, self.clip)
+            latent.clamp_(-self.clip, self.clip)
         w = p.detach()
-        codes = sign_nonzero(new.latent)
-        return Proposal([Update(p, value=codes)], new, discrete_info(unit.meta["discrete"], w, codes - w, new.latent))
+        # codes − W with codes = sign(w̃) + 1{w̃ = 0} (sign(0) = +1, as sign_nonzero; a NaN latent,
+        # only possible from a non-finite gradient, gives code 0 here and the shell's guard skips the step)
+        delta = torch.sign(latent, out=_spare(unit, "delta", None, like=latent)).add_(latent == 0).sub_(w)
+        info = discrete_info(unit.meta["discrete"], w, delta, latent,
+                             acc_max=torch.maximum(latent.amax(), latent.amin().neg()))
+        return Proposal([Update(p, delta)], LatentState(t, latent, m, v), info)
+
+
+def _scratch(unit: Unit, key: str, like: Tensor) -> Tensor:
+    """A per-unit work tensor shaped like ``like``, kept across steps (never part of a state)."""
+    buf = unit.scratch.get(key)
+    if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = unit.scratch[key] = torch.empty_like(like)
+    return buf
+
+
+def _spare(unit: Unit, key: str, current: Optional[Tensor], like: Optional[Tensor] = None) -> Tensor:
+    """Double buffering of one state tensor: the buffer ``current`` replaced in the step before
+    (free once that step was committed), else a new one; ``current`` is kept for the step after
+    next. With ``current`` None (a per-step output such as the code change), two buffers alternate."""
+    like = current if current is not None else like
+    slots = unit.scratch.setdefault("spare:" + key, [None, None])
+    spare = slots[0]
+    if (spare is None or spare is current or spare.shape != like.shape or spare.dtype != like.dtype
+            or spare.device != like.device):
+        spare = torch.empty_like(like)
+    slots[0], slots[1] = (current if current is not None else slots[1]), spare
+    return spare
 
 
 def ternarize(latent: Tensor, delta_factor: float = 0.7) -> Tuple[Tensor, Tensor]:
