@@ -113,12 +113,20 @@ MODELS: Dict[str, ModelSpec] = {
         "sgd", ("sgd", "binary-msa")),
 }
 
+def _careful(opt):
+    opt._deferred_checks = False  # private: the reference path of pmptrain.optim.shell
+    return opt
+
+
 OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.03, momentum=0.9),
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
     "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1),
     "emsa": lambda m: pmptrain.EMSA(m),
     "emsa-costate": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3),
+    # the careful path of every step (syncing checks, LU solves): the step before issue 17, for comparison
+    "emsa-careful": lambda m: _careful(pmptrain.EMSA(m)),
+    "emsa-costate-careful": lambda m: _careful(pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3)),
     "emsa-exact": lambda m: pmptrain.EMSA(m, costate="exact"),
     "emsa-isotropic": lambda m: pmptrain.EMSA(m, costate="isotropic"),
     "emsa-primal": lambda m: pmptrain.EMSA(m, costate="exact", route="primal"),
@@ -164,14 +172,21 @@ def iteration(spec: ModelSpec, model, opt, batches: "Batches"):
     opt.step()
 
 
+#: the clock of :func:`_time_steps`: ``wall`` (``time.perf_counter``) or ``cpu`` (``time.process_time``:
+#: the CPU time of this process, which other processes on a shared machine do not inflate —
+#: with 1 thread the fairer figure on a loaded machine; meaningless for a GPU)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
 def _time_steps(spec, model, opt, batches, steps, device):
     out = []
     for _ in range(steps):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = _clock()
         iteration(spec, model, opt, batches)
         _sync(device)
-        out.append(time.perf_counter() - t0)
+        out.append(_clock() - t0)
     return out
 
 
@@ -274,6 +289,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10, help="timed steps per optimizer per round")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:k]")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall (default) or cpu: process CPU time, robust to other load on a shared "
+                         "machine (use with --threads 1; not with --device cuda)")
     ap.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess each)")
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--json", help="write the results here")
@@ -281,6 +299,10 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
+    if device.type == "cuda" and args.clock == "cpu":
+        ap.error("--clock cpu measures host CPU time: use --clock wall with --device cuda")
+    global _clock
+    _clock = CLOCKS[args.clock]
     results = {"config": {**vars(args), "torch": torch.__version__, "pmptrain": pmptrain.__version__,
                           "machine": platform.machine(), "python": platform.python_version(),
                           "date": time.strftime("%Y-%m-%d")}, "models": {}}

@@ -411,6 +411,17 @@ class ModuleCapture:
         st, entry.stats = entry.stats, ModuleStats()
         return st
 
+    def snapshot(self) -> Dict[str, ModuleStats]:
+        """The statistics of every module as they are now, for :meth:`restore` (the optimizer
+        proposes a step a second time, on its careful path, after the fast one failed its check)."""
+        return {k: e.stats for k, e in self._entries.items()}
+
+    def restore(self, snapshot: Dict[str, ModuleStats]) -> None:
+        """Put back the statistics of :meth:`snapshot` (those popped since, possibly folded)."""
+        for k, st in snapshot.items():
+            if k in self._entries:
+                self._entries[k].stats = st
+
     def peek(self, key: str) -> ModuleStats:
         return self._entries[key].stats
 

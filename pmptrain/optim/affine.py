@@ -28,6 +28,7 @@ from typing import ClassVar, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _deferred
 from .. import distributed as pdist
 from .._profile import phase
 from ..capture import CaptureSpec, ModuleStats
@@ -310,7 +311,8 @@ class AffineEMSARule(EMSARuleBase):
             x = st.state_rows(dt)
             x = x if x is not None else torch.zeros(0, n, dtype=dt, device=dev)
             raw.x_rows = pdist.all_gather_rows(x, pg)
-            raw.x_mean = raw.x_rows.sum(0) / b
+            xs = st.x_sum if (ctx.world == 1 and st.x_sum is not None) else raw.x_rows.sum(0)  # Σx, kept by the capture
+            raw.x_mean = xs.to(dt) / b
         else:
             xx = st.fold_states_(dt)
             xx = xx if xx is not None else torch.zeros(n, n, dtype=dt, device=dev)
@@ -332,7 +334,7 @@ class AffineEMSARule(EMSARuleBase):
             sq = (st.g_sq if st.g_sq is not None else torch.zeros((), dtype=dt, device=dev)) * (scale * scale)
             sq = sq.reshape(1)
             pdist.all_reduce_sum_([sq], pg)
-            raw.tau = float(sq) / (b * m)
+            raw.tau = _scalar(sq) / (b * m)
         elif gram_out:
             p = st.costate_rows(dt)
             p = p * scale if p is not None else torch.zeros(0, m, dtype=dt, device=dev)
@@ -518,6 +520,12 @@ def scale_costate(raw: AffineMember, k: float) -> AffineMember:
         raw, tau=None if raw.tau is None else raw.tau * k,
         cpp=None if raw.cpp is None else raw.cpp * k,
         p_rows=None if raw.p_rows is None else raw.p_rows * math.sqrt(k))
+
+
+def _scalar(t: Tensor):
+    """A one-element statistic as a Python float, or as a 0-dim tensor inside
+    :func:`pmptrain._deferred.collecting` (no host synchronisation per unit)."""
+    return t.reshape(()) if _deferred.active() else float(t)
 
 
 def _no_states_message(name: str) -> str:

@@ -29,6 +29,7 @@ optimizer is garbage-collected, or when another pmptrain optimizer hooks the sam
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 import weakref
@@ -38,6 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
+from .. import _deferred
 from .. import distributed as pdist
 from .._profile import phase
 from ..capture import ModuleCapture
@@ -547,6 +549,10 @@ class PMPOptimizer(torch.optim.Optimizer):
                 self._sync_capture()
         return loss
 
+    #: whether a one-process step takes the rules' fast path with its checks deferred to the step's
+    #: one read (False: the careful path throughout, the reference the fast path is tested against)
+    _deferred_checks = True
+
     #: consecutive skipped steps after which :meth:`step` warns (once per run of skips)
     SKIP_WARN_AFTER = 10
 
@@ -604,33 +610,25 @@ class PMPOptimizer(torch.optim.Optimizer):
             return
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
-        proposals: List[Tuple[Unit, Proposal]] = []
-        for unit in self.units.values():
-            try:
-                with phase("propose"):
-                    prop = unit.rule.propose(unit, ctx)
-            except torch.linalg.LinAlgError:
-                # δ > 0 keeps every factorisation well-posed: only non-finite data make it fail
-                self._skip(self._skip_reason(loss, grads_present, f"unit {unit.name!r}"))
-                return
-            if prop is not None:
-                proposals.append((unit, prop))
-        # ⟨∇J, Δθ⟩ of every update: the first-order gain of H, and at the same time the finiteness
-        # check (a NaN/Inf in Δθ or in the gradient makes the product non-finite, even where Δθ = 0)
-        with phase("check"):
-            terms = []
-            for _, prop in proposals:
-                for u in prop.updates:
-                    d = u.change()
-                    g = ctx.grad(u.param)
-                    if g is not None:
-                        terms.append(torch.dot(g.reshape(-1).to(d.dtype), d.reshape(-1)))
-                    else:
-                        terms.append(d.sum() * 0.0)
-            if isinstance(loss, Tensor):
-                terms.append(loss.detach().float().sum() * 0.0)
-            stacked = torch.stack([t.float() for t in terms]) if terms else None
-            finite = stacked is None or bool(torch.isfinite(stacked).all())
+        # one process: the rules take the fast path, whose safety nets are deferred to the one check
+        # below (pmptrain._deferred); if it fails, every proposal is redone on the careful path
+        # before the step is skipped. (Several ranks: the careful path, so that every rank runs the
+        # same collectives.)
+        deferred = world == 1 and self._deferred_checks
+        kept = self.capture.snapshot() if deferred else None
+        proposals, flags, failed = self._propose(ctx, deferred)
+        stacked = None
+        if failed is None:
+            stacked, finite = self._check(proposals, flags, ctx, loss)
+        if deferred and (failed is not None or not finite):
+            self.capture.restore(kept)
+            proposals, flags, failed = self._propose(ctx, False)
+            if failed is None:
+                stacked, finite = self._check(proposals, flags, ctx, loss)
+        if failed is not None:
+            # δ > 0 keeps every factorisation well-posed: only non-finite data make it fail
+            self._skip(self._skip_reason(loss, grads_present, f"unit {failed!r}"))
+            return
         if not finite:
             self._skip(self._skip_reason(loss, grads_present, "an update"))
             return
@@ -649,10 +647,54 @@ class PMPOptimizer(torch.optim.Optimizer):
         self._skip_run = 0
         n_mod = sum(1 for unit, _ in proposals if unit.rule.module_rule)
         n_fb = sum(1 for unit, _ in proposals if unit.rule.name == "fallback")
-        gain = -float(stacked.sum()) if stacked is not None else 0.0
+        gain = -self._gain if stacked is not None else 0.0
         self.last_step = self._step_info(
             StepInfo(skipped=False, skip_reason=None, controlled=n_mod, fallback=n_fb, hamiltonian_gain=gain),
             proposals)
+
+    def _propose(self, ctx: StepContext, deferred: bool):
+        """``(proposals, deferred checks, failed)``: every unit's :class:`Proposal` (rules modify
+        nothing), the tensors handed to :func:`pmptrain._deferred.defer` (only when ``deferred``),
+        and the name of the unit whose factorisation raised ``LinAlgError`` (else None)."""
+        proposals: List[Tuple[Unit, Proposal]] = []
+        with (_deferred.collecting() if deferred else contextlib.nullcontext([])) as flags:
+            for unit in self.units.values():
+                try:
+                    with phase("propose"):
+                        prop = unit.rule.propose(unit, ctx)
+                except torch.linalg.LinAlgError:
+                    return proposals, flags, unit.name
+                if prop is not None:
+                    proposals.append((unit, prop))
+        return proposals, flags, None
+
+    def _check(self, proposals, flags: List[Tensor], ctx: StepContext, loss) -> Tuple[Optional[Tensor], bool]:
+        """``(terms, finite)``: ``⟨∇J, Δθ⟩`` of every update — the first-order gain of H, and at the
+        same time the finiteness check (a NaN/Inf in Δθ or in the gradient makes the product
+        non-finite, even where Δθ = 0) — with the loss and the deferred checks folded in; one read
+        from the device (``finite`` and the gain, kept in ``self._gain``)."""
+        with phase("check"):
+            terms = []
+            for _, prop in proposals:
+                for u in prop.updates:
+                    d = u.change()
+                    g = ctx.grad(u.param)
+                    if g is not None:
+                        terms.append(torch.dot(g.reshape(-1).to(d.dtype), d.reshape(-1)))
+                    else:
+                        terms.append(d.sum() * 0.0)
+            if isinstance(loss, Tensor):
+                terms.append(loss.detach().float().sum() * 0.0)
+            if not terms and not flags:
+                self._gain = 0.0
+                return None, True
+            stacked = (torch.stack([t.float() for t in terms]) if terms
+                       else torch.zeros(0, device=flags[0].device))
+            checks = torch.stack(flags).sum().reshape(1) if flags else stacked.new_zeros(1)
+            ok = torch.isfinite(stacked).all() & torch.isfinite(checks).all()
+            finite, gain = torch.stack([ok.to(stacked.dtype), stacked.sum()]).tolist()  # the one read
+            self._gain = gain
+            return (stacked if terms else None), bool(finite)
 
     def _agree_across_ranks(self, world: int):
         """One all-gather of a small integer vector per rank (``pmptrain.optim.ranks``): raises the
