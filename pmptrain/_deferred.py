@@ -27,49 +27,79 @@ from typing import Iterator, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["active", "collecting", "defer", "failure_flag"]
+__all__ = ["Checks", "active", "careful", "collecting", "defer", "defer_info"]
 
 _local = threading.local()
 
 
+class Checks:
+    """The deferred checks of one :func:`collecting` block: ``finite`` (tensors that must be finite)
+    and ``infos`` (LAPACK ``info`` tensors that must be 0). Kept as they are (no operation per
+    check); :meth:`ok` reduces them all on the device."""
+
+    __slots__ = ("finite", "infos")
+
+    def __init__(self):
+        self.finite: List[Tensor] = []
+        self.infos: List[Tensor] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.finite or self.infos)
+
+    def ok(self) -> Optional[Tensor]:
+        """A 0-dim bool tensor: every check passed (None without checks)."""
+        out = None
+        if self.finite:
+            t = self.finite[0] if len(self.finite) == 1 else torch.cat([f.reshape(-1) for f in self.finite])
+            out = torch.isfinite(t).all()
+        if self.infos:
+            t = self.infos[0] if len(self.infos) == 1 else torch.cat([i.reshape(-1) for i in self.infos])
+            bad = t.any()
+            out = bad.logical_not() if out is None else out & bad.logical_not()
+        return out
+
+
 def active() -> bool:
     """Whether a :func:`collecting` block is open in this thread (the fast path may be taken)."""
-    return getattr(_local, "flags", None) is not None
+    return getattr(_local, "checks", None) is not None
 
 
 @contextlib.contextmanager
-def collecting() -> Iterator[List[Tensor]]:
-    """Collect the deferred checks of the block (yields the list they are appended to)."""
-    old = getattr(_local, "flags", None)
-    flags: List[Tensor] = []
-    _local.flags = flags
+def collecting() -> Iterator[Checks]:
+    """Collect the deferred checks of the block (yields their :class:`Checks`)."""
+    old = getattr(_local, "checks", None)
+    checks = Checks()
+    _local.checks = checks
     try:
-        yield flags
+        yield checks
     finally:
-        _local.flags = old
+        _local.checks = old
 
 
 @contextlib.contextmanager
 def careful() -> Iterator[None]:
     """Inside a :func:`collecting` block: take the careful path (syncing checks) for this block."""
-    old = getattr(_local, "flags", None)
-    _local.flags = None
+    old = getattr(_local, "checks", None)
+    _local.checks = None
     try:
         yield
     finally:
-        _local.flags = old
+        _local.checks = old
+
+
+def _open() -> Checks:
+    checks = getattr(_local, "checks", None)
+    if checks is None:
+        raise RuntimeError("pmptrain._deferred: a check was deferred outside collecting()")
+    return checks
 
 
 def defer(t: Tensor) -> None:
-    """Hand ``t`` (any shape; non-finite iff the computation may have failed) to the open
-    :func:`collecting` block. Only call it on the fast path, i.e. when :func:`active`."""
-    flags: Optional[List[Tensor]] = getattr(_local, "flags", None)
-    if flags is None:
-        raise RuntimeError("pmptrain._deferred.defer called outside collecting()")
-    flags.append(t.detach().reshape(-1).sum().float())
+    """``t`` (any shape) must be finite, else the fast path may have failed. Only on the fast path
+    (:func:`active`)."""
+    _open().finite.append(t.detach())
 
 
-def failure_flag(info: Tensor) -> Tensor:
-    """``0`` where a LAPACK ``info`` is 0 (success), NaN otherwise (a float tensor on its device)."""
-    zero = torch.zeros((), dtype=torch.float32, device=info.device)
-    return torch.where(info == 0, zero, torch.full_like(zero, float("nan")))
+def defer_info(info: Tensor) -> None:
+    """A LAPACK ``info`` (any shape) must be 0, else the factorisation failed."""
+    _open().infos.append(info)

@@ -269,7 +269,7 @@ def _spd_solve_right_deferred(b: Tensor, mat: Tensor) -> Tensor:
     (docs/performance.md, "Speed per second")."""
     with phase("factorise"):
         chol, info = torch.linalg.cholesky_ex(mat)
-        _deferred.defer(_deferred.failure_flag(info))
+        _deferred.defer_info(info)
         y = torch.linalg.solve_triangular(chol.mT, b, upper=True, left=False)
         return torch.linalg.solve_triangular(chol, y, upper=False, left=False)
 

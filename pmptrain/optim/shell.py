@@ -668,11 +668,12 @@ class PMPOptimizer(torch.optim.Optimizer):
                     proposals.append((unit, prop))
         return proposals, flags, None
 
-    def _check(self, proposals, flags: List[Tensor], ctx: StepContext, loss) -> Tuple[Optional[Tensor], bool]:
+    def _check(self, proposals, checks, ctx: StepContext, loss) -> Tuple[Optional[Tensor], bool]:
         """``(terms, finite)``: ``⟨∇J, Δθ⟩`` of every update — the first-order gain of H, and at the
         same time the finiteness check (a NaN/Inf in Δθ or in the gradient makes the product
-        non-finite, even where Δθ = 0) — with the loss and the deferred checks folded in; one read
-        from the device (``finite`` and the gain, kept in ``self._gain``)."""
+        non-finite, even where Δθ = 0) — with the loss and the deferred ``checks``
+        (:class:`pmptrain._deferred.Checks`, or ``[]``) folded in; one read from the device
+        (``finite`` and the gain, kept in ``self._gain``)."""
         with phase("check"):
             terms = []
             for _, prop in proposals:
@@ -680,18 +681,20 @@ class PMPOptimizer(torch.optim.Optimizer):
                     d = u.change()
                     g = ctx.grad(u.param)
                     if g is not None:
-                        terms.append(torch.dot(g.reshape(-1).to(d.dtype), d.reshape(-1)))
+                        g = g if g.dtype == d.dtype else g.to(d.dtype)
+                        terms.append(torch.dot(g.reshape(-1), d.reshape(-1)))
                     else:
                         terms.append(d.sum() * 0.0)
             if isinstance(loss, Tensor):
                 terms.append(loss.detach().float().sum() * 0.0)
-            if not terms and not flags:
+            deferred = checks.ok() if checks else None
+            if not terms and deferred is None:
                 self._gain = 0.0
                 return None, True
-            stacked = (torch.stack([t.float() for t in terms]) if terms
-                       else torch.zeros(0, device=flags[0].device))
-            checks = torch.stack(flags).sum().reshape(1) if flags else stacked.new_zeros(1)
-            ok = torch.isfinite(stacked).all() & torch.isfinite(checks).all()
+            stacked = torch.stack(terms).float() if terms else torch.zeros(0, device=deferred.device)
+            ok = torch.isfinite(stacked).all()
+            if deferred is not None:
+                ok = ok & deferred
             finite, gain = torch.stack([ok.to(stacked.dtype), stacked.sum()]).tolist()  # the one read
             self._gain = gain
             return (stacked if terms else None), bool(finite)
