@@ -190,13 +190,20 @@ def _time_steps(spec, model, opt, batches, steps, device):
     return out
 
 
+#: an optimizer name ending in this suffix runs the model under ``torch.compile`` (compiled after the
+#: optimizer is created, as docs/api.md documents)
+COMPILED = ":compiled"
+
+
 def setup(model_name: str, opt_name: str, batch: int, device, seed: int = 0):
     """``(spec, model, optimizer, batches)`` — the same weights and batches for every optimizer."""
     spec = MODELS[model_name]
     batches = Batches(spec, batch, seed, device)
     torch.manual_seed(seed)
     model = spec.build().to(device)
-    return spec, model, OPTIMIZERS[opt_name](model), batches
+    compiled = opt_name.endswith(COMPILED)
+    opt = OPTIMIZERS[opt_name[: -len(COMPILED)] if compiled else opt_name](model)
+    return spec, (torch.compile(model) if compiled else model), opt, batches
 
 
 def measure(model_name: str, names: List[str], batch: int, rounds: int, steps: int, warmup: int, device) -> dict:
@@ -266,7 +273,7 @@ def resolve_names(ap: argparse.ArgumentParser, model_name: str, optimizers: Opti
     names = list(spec.optimizers) if optimizers is None else optimizers.split(",")
     names = [spec.reference] + [n for n in names if n and n != spec.reference]
     for n in names:
-        if n not in OPTIMIZERS:
+        if n.removesuffix(COMPILED) not in OPTIMIZERS:
             ap.error(f"unknown optimizer {n!r}; choose from {sorted(OPTIMIZERS)}")
     return spec, names
 
@@ -281,8 +288,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help="comma list of: " + ",".join(MODELS))
     ap.add_argument("--optimizers", default=None,
-                    help="comma list (default: each model's list; its reference is always added): "
-                         + ",".join(OPTIMIZERS))
+                    help="comma list (default: each model's list; its reference is always added); a name "
+                         f"with the suffix {COMPILED} runs the model under torch.compile: " + ",".join(OPTIMIZERS))
     ap.add_argument("--batch", type=int, default=None, help="override every model's batch size")
     ap.add_argument("--threads", type=int, default=None, help="override every model's thread count")
     ap.add_argument("--rounds", type=int, default=5)

@@ -222,8 +222,7 @@ def eigh_psd(mat: Tensor, floor: float = 0.0, float64: bool = False) -> Tuple[Te
     if _deferred.active():  # the step's one deferred check decides (pmptrain._deferred)
         with phase("factorise"):
             evals, evecs = torch.linalg.eigh(work)
-        _deferred.defer(evals)
-        _deferred.defer(evecs)
+        _deferred.defer(evals.sum() + evecs.sum())  # non-finite iff an entry is (or the sum overflows)
         return evals.clamp_min(floor).to(mat.dtype), evecs.to(mat.dtype)
     with phase("factorise"):
         try:

@@ -532,8 +532,8 @@ def _no_states_message(name: str) -> str:
     return (
         f"module {name!r} has a gradient but no captured states from its forward pass, so its "
         "augmented Hamiltonian cannot be formed. Possible causes: the forward pass ran in eval() "
-        "mode or under torch.no_grad(); it ran before the optimizer was created; the model was "
-        "compiled with torch.compile and had already run before the optimizer registered its hooks "
-        "(compiled code does not run hooks added later: create the optimizer before the first "
-        "compiled call, or call torch._dynamo.reset() after creating it); or .grad was set by hand."
+        "mode or under torch.no_grad(); it ran before the optimizer was created; the model's "
+        "compiled code was traced without the optimizer's hooks (pmptrain drops dynamo's code caches "
+        "when it hooks a model; if the model was compiled in a way that escapes this, call "
+        "torch._dynamo.reset() after creating the optimizer); or .grad was set by hand."
     )
