@@ -24,9 +24,9 @@ binary-resnet18    ResNet-18 width 64, binary but the first and last layers     
 =================  ============================================================  =====  =======
 
 ``--memory`` runs every (model, optimizer) in a fresh subprocess and reports its peak memory above
-the memory held after building the model and batch (CPU: peak RSS from ``getrusage`` minus the RSS
-before the first step; CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated memory then),
-and the ratio to the reference optimizer's. ``--device cuda`` runs everything on the GPU (timed
+the memory held after building the model and batch (CPU: the kernel's peak RSS, reset just before
+the first step, minus the RSS then; CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated
+memory then), and the ratio to the reference optimizer's. ``--device cuda`` runs everything on the GPU (timed
 with ``torch.cuda.synchronize``).
 
     python benchmarks/step_time.py                                   # every model, default optimizers
@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pmptrain
+from pmptrain.bench.memory import PeakRSS
 from pmptrain.bench.models import build_model
 
 
@@ -227,13 +227,13 @@ def measure(model_name: str, names: List[str], batch: int, rounds: int, steps: i
 # --------------------------------------------------------------------------------------------- memory
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def peak_memory(model_name: str, opt_name: str, batch: int, steps: int, device) -> float:
-    """Peak memory (MB) of ``steps`` steps above what the model and batch hold (this process)."""
+    """Peak memory (MB) of ``steps`` steps above what the model and batches hold (this process, which
+    the caller starts fresh): on CPU the kernel's peak RSS, reset just before the first step
+    (``pmptrain.bench.memory``: exact, unlike the lifetime ``getrusage`` maximum, which for a small
+    model is the peak of importing torch), minus the RSS then; on CUDA
+    ``torch.cuda.max_memory_allocated`` minus the memory allocated then. Either way the optimizer's
+    state (allocated in its first step) and every transient of the steps are counted."""
     spec, model, opt, batches = setup(model_name, opt_name, batch, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -243,11 +243,12 @@ def peak_memory(model_name: str, opt_name: str, batch: int, steps: int, device) 
             iteration(spec, model, opt, batches)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    base = _rss_bytes()
-    for _ in range(steps):
-        iteration(spec, model, opt, batches)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return (peak - base) / 2**20
+    with PeakRSS() as mem:
+        for _ in range(steps):
+            iteration(spec, model, opt, batches)
+    if not mem.exact:
+        raise RuntimeError("--memory needs Linux's /proc/self/clear_refs (the peak RSS mark cannot be reset here)")
+    return (mem.peak - mem.start) / 2**20
 
 
 def memory_table(model_name: str, names: List[str], batch: int, steps: int, device, threads: int) -> dict:
