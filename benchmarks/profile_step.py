@@ -108,7 +108,10 @@ def op_counts(prof, steps: int) -> dict:
     and convolutions), and the same two for ``opt.step()`` alone (``step_ops``, ``step_gflop``)."""
     out = collections.Counter()
     for ev in prof.events():
-        if not _outermost_aten(ev):
+        if not ev.name.startswith("aten::"):
+            continue
+        outermost = _outermost_aten(ev)
+        if not outermost and not ev.flops:
             continue
         in_step = False
         p = ev.cpu_parent
@@ -117,12 +120,14 @@ def op_counts(prof, steps: int) -> dict:
                 in_step = True
                 break
             p = p.cpu_parent
-        fl = (ev.flops or 0) / 1e9 / steps
-        out["ops"] += 1 / steps
+        fl = (ev.flops or 0) / 1e9 / steps  # on the kernel itself (aten::mm), not on wrappers (aten::matmul)
         out["gflop"] += fl
         if in_step:
-            out["step_ops"] += 1 / steps
             out["step_gflop"] += fl
+        if outermost:
+            out["ops"] += 1 / steps
+            if in_step:
+                out["step_ops"] += 1 / steps
     return dict(out)
 
 
