@@ -608,22 +608,20 @@ def affine_system(grad_w: Tensor, members: Sequence[AffineMember], rho: float) -
     Returns ``(S, L, R)``; solve with :func:`solve_sylvester`, then :func:`affine_bias_steps`.
     """
     rows_s, cols_s = grad_w.shape
-    s = -grad_w
+    s = None  # formed with the first bias coupling in one pass (−∇J + c∇_b J x̄ᵀ), or as −∇J
     left, right = Curvature(rows_s), Curvature(cols_s)
     for mb in members:
         m, n = (cols_s, rows_s) if mb.transposed else (rows_s, cols_s)
         state, costate = mb.sides(n, m, rho)
         c = mb.coupling(rho)
-        g_b = -mb.grad_b if mb.grad_b is not None else None
         if mb.transposed:
             left, right = left + state, right + costate
-            if c:
-                s.addr_(mb.x_mean, g_b, alpha=-c)  # s is this function's own tensor
         else:
             left, right = left + costate, right + state
-            if c:
-                s.addr_(g_b, mb.x_mean, alpha=-c)
-    return s, left, right
+        if c:
+            u, v = (mb.x_mean, mb.grad_b) if mb.transposed else (mb.grad_b, mb.x_mean)
+            s = torch.addr(grad_w, u, v, beta=-1, alpha=c) if s is None else s.addr_(u, v, alpha=c)
+    return (-grad_w if s is None else s), left, right
 
 
 def costate_rms(parts: Sequence[Tuple[float, float, float, float]]) -> float:
