@@ -300,7 +300,8 @@ def center_rows(x_rows: Tensor, batch_size: float, c_times_l: float) -> Tensor:
     scale = 1.0 / math.sqrt(batch_size)
     if alpha == 0.0:
         return x_rows * scale
-    return torch.sub(x_rows, x_rows.mean(0, keepdim=True), alpha=alpha).mul_(scale)
+    # s·x − (α·s)·x̄ in one pass over the N×n rows (the broadcast row is 1×n)
+    return torch.add(x_rows.mean(0, keepdim=True).mul_(-alpha * scale), x_rows, alpha=scale)
 
 
 # ----------------------------------------------------------------------------------------------
