@@ -27,7 +27,7 @@ from typing import Iterator, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Checks", "active", "careful", "collecting", "defer", "defer_info"]
+__all__ = ["Checks", "active", "collecting", "defer", "defer_info"]
 
 _local = threading.local()
 
@@ -72,17 +72,6 @@ def collecting() -> Iterator[Checks]:
     _local.checks = checks
     try:
         yield checks
-    finally:
-        _local.checks = old
-
-
-@contextlib.contextmanager
-def careful() -> Iterator[None]:
-    """Inside a :func:`collecting` block: take the careful path (syncing checks) for this block."""
-    old = getattr(_local, "checks", None)
-    _local.checks = None
-    try:
-        yield
     finally:
         _local.checks = old
 
