@@ -4,7 +4,9 @@ pmptrain marks its work with ``record_function`` scopes named ``pmptrain::<phase
 profiler records; ``pmptrain/_profile.py``), and this script marks the parts of the iteration
 (``iter::zero_grad``, ``iter::forward``, ``iter::backward``, ``iter::clip``, ``iter::step``). Each
 phase's time is *exclusive*: its scope's CPU time minus the scopes nested in it, so the rows add up
-to the iteration. Phases:
+to the iteration. Below the phases, load-independent counts per iteration: outermost ``aten::`` operations (kernel
+launches on a GPU) and GFLOP as ``torch.profiler`` counts them (matrix products, convolutions), for
+the whole iteration and for ``opt.step()`` alone. Phases:
 
 * ``forward``, ``backward`` — the model's own work (``backward`` without the capture hooks);
 * ``pmptrain::capture`` — the statistics formed in the backward hooks (``XᵀX``, ``P̂ᵀP̂``, rows kept);
@@ -89,19 +91,60 @@ def iteration_ms(prof, steps: int) -> float:
     return sum(ev.cpu_time_total for ev in prof.events() if ev.name.startswith("iter::")) / 1e3 / steps
 
 
+def _outermost_aten(ev) -> bool:
+    if not ev.name.startswith("aten::"):
+        return False
+    p = ev.cpu_parent
+    while p is not None:
+        if p.name.startswith("aten::"):
+            return False
+        p = p.cpu_parent
+    return True
+
+
+def op_counts(prof, steps: int) -> dict:
+    """Load-independent counts per step: ``ops`` (outermost ``aten::`` calls — the kernel launches
+    of a GPU, the dispatches of a CPU), ``gflop`` (what ``torch.profiler`` counts: matrix products
+    and convolutions), and the same two for ``opt.step()`` alone (``step_ops``, ``step_gflop``)."""
+    out = collections.Counter()
+    for ev in prof.events():
+        if not ev.name.startswith("aten::"):
+            continue
+        outermost = _outermost_aten(ev)
+        if not outermost and not ev.flops:
+            continue
+        in_step = False
+        p = ev.cpu_parent
+        while p is not None:
+            if p.name == "iter::step":
+                in_step = True
+                break
+            p = p.cpu_parent
+        fl = (ev.flops or 0) / 1e9 / steps  # on the kernel itself (aten::mm), not on wrappers (aten::matmul)
+        out["gflop"] += fl
+        if in_step:
+            out["step_gflop"] += fl
+        if outermost:
+            out["ops"] += 1 / steps
+            if in_step:
+                out["step_ops"] += 1 / steps
+    return dict(out)
+
+
 def run_profiled(model_name, opt_name, batch, steps, warmup, device):
     """The profiler of ``steps`` labelled iterations (after ``warmup`` unprofiled ones)."""
     spec, model, opt, batches = setup(model_name, opt_name, batch, device)
     for _ in range(warmup):
         labelled_iteration(spec, model, opt, batches)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         for _ in range(steps):
             labelled_iteration(spec, model, opt, batches)
     return prof
 
 
 def profile_one(model_name, opt_name, batch, steps, warmup, device):
-    return phase_times(run_profiled(model_name, opt_name, batch, steps, warmup, device), steps)
+    prof = run_profiled(model_name, opt_name, batch, steps, warmup, device)
+    return {**phase_times(prof, steps), **{"count::" + k: v for k, v in op_counts(prof, steps).items()}}
 
 
 def main(argv=None):
@@ -130,7 +173,12 @@ def main(argv=None):
         print("|---|" + "---:|" * len(res))
         for p in phases:
             print(f"| {p} | " + " | ".join(f"{r.get(p, 0.0):.2f}" for r in res.values()) + " |")
-        print("| **total** | " + " | ".join(f"{sum(r.values()):.2f}" for r in res.values()) + " |", flush=True)
+        print("| **total** | " + " | ".join(f"{sum(v for k, v in r.items() if not k.startswith('count::')):.2f}"
+                                           for r in res.values()) + " |")
+        for key, label in (("ops", "aten ops / iteration"), ("step_ops", "aten ops in step()"),
+                           ("gflop", "GFLOP / iteration"), ("step_gflop", "GFLOP in step()")):
+            print(f"| {label} | " + " | ".join(f"{r.get('count::' + key, 0.0):.{0 if 'ops' in key else 3}f}"
+                                              for r in res.values()) + " |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

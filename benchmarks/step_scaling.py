@@ -14,6 +14,7 @@ It prints one table per sweep, writes ``--json`` and plots the ratios (``--plot`
 
     python benchmarks/step_scaling.py                        # all three sweeps (~10 min on 2 cores)
     python benchmarks/step_scaling.py --sweeps width --rounds 3
+    python benchmarks/step_scaling.py --device cuda --plot docs/img/step_scaling_cuda.png
 """
 
 import argparse
@@ -60,9 +61,8 @@ def point_spec(sweep: str, value: int, threads: int):
     return name, spec, batch, list(spec.optimizers)
 
 
-def run(sweeps, rounds, steps, warmup, threads):
+def run(sweeps, rounds, steps, warmup, threads, device=torch.device("cpu")):
     out = {}
-    device = torch.device("cpu")
     for sweep in sweeps:
         rows = []
         for value in SWEEPS[sweep]:
@@ -109,6 +109,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6, help="timed steps per optimizer per round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="threads of the MLP sweeps (the GPT uses 1)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:k]")
+    ap.add_argument("--clock", choices=sorted(st.CLOCKS), default="wall",
+                    help="as step_time.py: wall (default) or cpu (process CPU time; CPU only)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", default="docs/img/step_scaling.png", help="the figure ('' for none)")
     args = ap.parse_args(argv)
@@ -116,7 +119,13 @@ def main(argv=None):
     for s in sweeps:
         if s not in SWEEPS:
             ap.error(f"unknown sweep {s!r}; choose from {sorted(SWEEPS)}")
-    results = run(sweeps, args.rounds, args.steps, args.warmup, args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    if device.type == "cuda" and args.clock == "cpu":
+        ap.error("--clock cpu measures host CPU time: use --clock wall with --device cuda")
+    st._clock = st.CLOCKS[args.clock]
+    results = run(sweeps, args.rounds, args.steps, args.warmup, args.threads, device)
     for sweep, rows in results.items():
         print(f"\n{sweep}: {rows[0]['optimizer']} / {rows[0]['ref']}")
         print(f"| {sweep} | {rows[0]['ref']} (ms) | {rows[0]['optimizer']} (ms) | ratio |")

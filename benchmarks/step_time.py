@@ -24,9 +24,9 @@ binary-resnet18    ResNet-18 width 64, binary but the first and last layers     
 =================  ============================================================  =====  =======
 
 ``--memory`` runs every (model, optimizer) in a fresh subprocess and reports its peak memory above
-the memory held after building the model and batch (CPU: peak RSS from ``getrusage`` minus the RSS
-before the first step; CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated memory then),
-and the ratio to the reference optimizer's. ``--device cuda`` runs everything on the GPU (timed
+the memory held after building the model and batch (CPU: the kernel's peak RSS, reset just before
+the first step, minus the RSS then; CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated
+memory then), and the ratio to the reference optimizer's. ``--device cuda`` runs everything on the GPU (timed
 with ``torch.cuda.synchronize``).
 
     python benchmarks/step_time.py                                   # every model, default optimizers
@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pmptrain
+from pmptrain.bench.memory import PeakRSS
 from pmptrain.bench.models import build_model
 
 
@@ -113,12 +113,20 @@ MODELS: Dict[str, ModelSpec] = {
         "sgd", ("sgd", "binary-msa")),
 }
 
+def _careful(opt):
+    opt._deferred_checks = False  # private: the reference path of pmptrain.optim.shell
+    return opt
+
+
 OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.03, momentum=0.9),
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
     "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1),
     "emsa": lambda m: pmptrain.EMSA(m),
     "emsa-costate": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3),
+    # the careful path of every step (syncing checks, LU solves): the step before issue 17, for comparison
+    "emsa-careful": lambda m: _careful(pmptrain.EMSA(m)),
+    "emsa-costate-careful": lambda m: _careful(pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3)),
     "emsa-exact": lambda m: pmptrain.EMSA(m, costate="exact"),
     "emsa-isotropic": lambda m: pmptrain.EMSA(m, costate="isotropic"),
     "emsa-primal": lambda m: pmptrain.EMSA(m, costate="exact", route="primal"),
@@ -164,15 +172,27 @@ def iteration(spec: ModelSpec, model, opt, batches: "Batches"):
     opt.step()
 
 
+#: the clock of :func:`_time_steps`: ``wall`` (``time.perf_counter``) or ``cpu`` (``time.process_time``:
+#: the CPU time of this process, which other processes on a shared machine do not inflate —
+#: with 1 thread the fairer figure on a loaded machine; meaningless for a GPU)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
 def _time_steps(spec, model, opt, batches, steps, device):
     out = []
     for _ in range(steps):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = _clock()
         iteration(spec, model, opt, batches)
         _sync(device)
-        out.append(time.perf_counter() - t0)
+        out.append(_clock() - t0)
     return out
+
+
+#: an optimizer name ending in this suffix runs the model under ``torch.compile`` (compiled after the
+#: optimizer is created, as docs/api.md documents)
+COMPILED = ":compiled"
 
 
 def setup(model_name: str, opt_name: str, batch: int, device, seed: int = 0):
@@ -181,7 +201,9 @@ def setup(model_name: str, opt_name: str, batch: int, device, seed: int = 0):
     batches = Batches(spec, batch, seed, device)
     torch.manual_seed(seed)
     model = spec.build().to(device)
-    return spec, model, OPTIMIZERS[opt_name](model), batches
+    compiled = opt_name.endswith(COMPILED)
+    opt = OPTIMIZERS[opt_name[: -len(COMPILED)] if compiled else opt_name](model)
+    return spec, (torch.compile(model) if compiled else model), opt, batches
 
 
 def measure(model_name: str, names: List[str], batch: int, rounds: int, steps: int, warmup: int, device) -> dict:
@@ -205,13 +227,13 @@ def measure(model_name: str, names: List[str], batch: int, rounds: int, steps: i
 # --------------------------------------------------------------------------------------------- memory
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def peak_memory(model_name: str, opt_name: str, batch: int, steps: int, device) -> float:
-    """Peak memory (MB) of ``steps`` steps above what the model and batch hold (this process)."""
+    """Peak memory (MB) of ``steps`` steps above what the model and batches hold (this process, which
+    the caller starts fresh): on CPU the kernel's peak RSS, reset just before the first step
+    (``pmptrain.bench.memory``: exact, unlike the lifetime ``getrusage`` maximum, which for a small
+    model is the peak of importing torch), minus the RSS then; on CUDA
+    ``torch.cuda.max_memory_allocated`` minus the memory allocated then. Either way the optimizer's
+    state (allocated in its first step) and every transient of the steps are counted."""
     spec, model, opt, batches = setup(model_name, opt_name, batch, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -221,11 +243,12 @@ def peak_memory(model_name: str, opt_name: str, batch: int, steps: int, device) 
             iteration(spec, model, opt, batches)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    base = _rss_bytes()
-    for _ in range(steps):
-        iteration(spec, model, opt, batches)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return (peak - base) / 2**20
+    with PeakRSS() as mem:
+        for _ in range(steps):
+            iteration(spec, model, opt, batches)
+    if not mem.exact:
+        raise RuntimeError("--memory needs Linux's /proc/self/clear_refs (the peak RSS mark cannot be reset here)")
+    return (mem.peak - mem.start) / 2**20
 
 
 def memory_table(model_name: str, names: List[str], batch: int, steps: int, device, threads: int) -> dict:
@@ -251,7 +274,7 @@ def resolve_names(ap: argparse.ArgumentParser, model_name: str, optimizers: Opti
     names = list(spec.optimizers) if optimizers is None else optimizers.split(",")
     names = [spec.reference] + [n for n in names if n and n != spec.reference]
     for n in names:
-        if n not in OPTIMIZERS:
+        if n.removesuffix(COMPILED) not in OPTIMIZERS:
             ap.error(f"unknown optimizer {n!r}; choose from {sorted(OPTIMIZERS)}")
     return spec, names
 
@@ -266,14 +289,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help="comma list of: " + ",".join(MODELS))
     ap.add_argument("--optimizers", default=None,
-                    help="comma list (default: each model's list; its reference is always added): "
-                         + ",".join(OPTIMIZERS))
+                    help="comma list (default: each model's list; its reference is always added); a name "
+                         f"with the suffix {COMPILED} runs the model under torch.compile: " + ",".join(OPTIMIZERS))
     ap.add_argument("--batch", type=int, default=None, help="override every model's batch size")
     ap.add_argument("--threads", type=int, default=None, help="override every model's thread count")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per optimizer per round")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:k]")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall (default) or cpu: process CPU time, robust to other load on a shared "
+                         "machine (use with --threads 1; not with --device cuda)")
     ap.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess each)")
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--json", help="write the results here")
@@ -281,6 +307,10 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
+    if device.type == "cuda" and args.clock == "cpu":
+        ap.error("--clock cpu measures host CPU time: use --clock wall with --device cuda")
+    global _clock
+    _clock = CLOCKS[args.clock]
     results = {"config": {**vars(args), "torch": torch.__version__, "pmptrain": pmptrain.__version__,
                           "machine": platform.machine(), "python": platform.python_version(),
                           "date": time.strftime("%Y-%m-%d")}, "models": {}}

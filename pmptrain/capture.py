@@ -30,6 +30,7 @@ Rules (they mirror what autograd does with ``.grad``):
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -158,6 +159,24 @@ def _cat(rows: List[Tensor]) -> Tensor:
 
 def _detach(value):
     return value.detach() if isinstance(value, Tensor) else value
+
+
+def _forget_compiled_code() -> None:
+    """Make ``torch.compile`` retrace what it compiled before the hooks about to be added.
+
+    Dynamo does not guard compiled code on module hooks (``skip_nnmodule_hook_guards``, on by
+    default), and ``torch.compile(model)`` compiles one wrapper frame shared by every compiled
+    module: code traced for another instance of the same class before any hook existed — a model
+    compiled for another optimizer — would run this instance without its hooks and lose its
+    statistics silently. Dropping dynamo's code caches (``torch._dynamo.reset_code_caches``, not
+    its whole state) makes the next compiled call of every model retrace once, this one with
+    its hooks. Nothing is done unless dynamo was imported already (nothing can have been
+    compiled)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return
+    reset = getattr(dynamo, "reset_code_caches", None) or dynamo.reset
+    reset()
 
 
 class _Inert:
@@ -313,6 +332,7 @@ class ModuleCapture:
         empty batch apart from a zero gradient when no module is recorded (every parameter on a
         parameter rule)."""
         self._handles.append(root.register_forward_pre_hook(_RootHook(self), with_kwargs=True))
+        _forget_compiled_code()
 
     # ------------------------------------------------------------------ registration
     def add(self, key: str, module: nn.Module, adapter, spec: CaptureSpec, sentinel: Optional[Tensor],
@@ -333,6 +353,7 @@ class ModuleCapture:
                 "model; this optimizer's hooks were removed (one optimizer per module)"
             )
         _OWNERS[module] = weakref.ref(self)
+        _forget_compiled_code()
         self._entries[key] = _Entry(module, adapter, spec, sentinel, counter)
         if hook:  # else the records come from a tap (:meth:`add_tap`)
             self._handles.append(module.register_forward_hook(_ForwardHook(self, key), with_kwargs=True))
@@ -477,6 +498,17 @@ class ModuleCapture:
         entry = self._entries[key]
         st, entry.stats = entry.stats, ModuleStats()
         return st
+
+    def snapshot(self) -> Dict[str, ModuleStats]:
+        """The statistics of every module as they are now, for :meth:`restore` (the optimizer
+        proposes a step a second time, on its careful path, after the fast one failed its check)."""
+        return {k: e.stats for k, e in self._entries.items()}
+
+    def restore(self, snapshot: Dict[str, ModuleStats]) -> None:
+        """Put back the statistics of :meth:`snapshot` (those popped since, possibly folded)."""
+        for k, st in snapshot.items():
+            if k in self._entries:
+                self._entries[k].stats = st
 
     def peek(self, key: str) -> ModuleStats:
         return self._entries[key].stats

@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _deferred
 from ._profile import phase
 
 __all__ = [
@@ -218,6 +219,11 @@ def eigh_psd(mat: Tensor, floor: float = 0.0, float64: bool = False) -> Tuple[Te
     """
     work = mat.double() if (float64 and mat.dtype != torch.float64) else mat
     work = 0.5 * (work + work.mT)  # also a batch of matrices
+    if _deferred.active():  # the step's one deferred check decides (pmptrain._deferred)
+        with phase("factorise"):
+            evals, evecs = torch.linalg.eigh(work)
+        _deferred.defer(evals.sum() + evecs.sum())  # non-finite iff an entry is (or the sum overflows)
+        return evals.clamp_min(floor).to(mat.dtype), evecs.to(mat.dtype)
     with phase("factorise"):
         try:
             evals, evecs = torch.linalg.eigh(work)
@@ -238,7 +244,10 @@ def _spd_solve_right(b: Tensor, mat: Tensor) -> Tensor:
     """``b · mat⁻¹ = (mat⁻¹ bᵀ)ᵀ`` for a symmetric positive definite ``mat``: an LU solve (LAPACK
     ``getrf``/``getrs``; on this machine's MKL 1.2–1.9× faster than ``potrf``/``potrs`` for
     128 ≤ n ≤ 2048 on one thread, docs/performance.md); eigendecomposition if the factorisation
-    reports a singular matrix."""
+    reports a singular matrix. Inside :func:`pmptrain._deferred.collecting`:
+    :func:`_spd_solve_right_deferred`."""
+    if _deferred.active():
+        return _spd_solve_right_deferred(b, mat)
     with phase("factorise"):
         x, info = torch.linalg.solve_ex(mat, b.T)
         # a singular report, or a non-finite solution of finite data (a pivot that underflowed)
@@ -247,6 +256,27 @@ def _spd_solve_right(b: Tensor, mat: Tensor) -> Tensor:
         return x.T
     lam, u = eigh_psd(mat)
     return ((b @ u) / lam.clamp_min(torch.finfo(mat.dtype).tiny)) @ u.T
+
+
+def _spd_solve_right_deferred(b: Tensor, mat: Tensor) -> Tensor:
+    """``b · mat⁻¹`` for a symmetric positive definite ``mat`` without a host synchronisation: a
+    Cholesky factorisation ``mat = LLᵀ`` whose ``info`` is deferred (:mod:`pmptrain._deferred`), then
+    ``b·(LLᵀ)⁻¹`` by two triangular solves from the right (``trsm``, which checks nothing: no
+    synchronisation on a GPU either, unlike ``cholesky_inverse``). On this machine's MKL (one
+    thread, 128×128, 256 right-hand sides) 0.35 ms against 0.80 ms for ``getrf``/``getrs`` on the
+    transposed right-hand side: the triangular solves, not the factorisation, were the cost
+    (docs/performance.md, "Speed per second")."""
+    with phase("factorise"):
+        chol, info = torch.linalg.cholesky_ex(mat)
+        _deferred.defer_info(info)
+        y = torch.linalg.solve_triangular(chol.mT, b, upper=True, left=False)
+        return torch.linalg.solve_triangular(chol, y, upper=False, left=False)
+
+
+def _host(x):
+    """A scalar as a Python float, or — inside :func:`pmptrain._deferred.collecting` — as it is (a
+    0-dim tensor stays on its device: no host synchronisation)."""
+    return x if (_deferred.active() or not isinstance(x, Tensor)) else float(x)
 
 
 def choose_side(dim: int, rows: int, route: str) -> bool:
@@ -270,7 +300,8 @@ def center_rows(x_rows: Tensor, batch_size: float, c_times_l: float) -> Tensor:
     scale = 1.0 / math.sqrt(batch_size)
     if alpha == 0.0:
         return x_rows * scale
-    return torch.sub(x_rows, x_rows.mean(0, keepdim=True), alpha=alpha).mul_(scale)
+    # s·x − (α·s)·x̄ in one pass over the N×n rows (the broadcast row is 1×n)
+    return torch.add(x_rows.mean(0, keepdim=True).mul_(-alpha * scale), x_rows, alpha=scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,8 +422,9 @@ def solve_sylvester(
     """
     _check_delta(delta)
     out = _sylvester_routes(s, left, right, rho, delta, eig_floor, eig_float64, overwrite_s)
-    if s.dtype == torch.float64 or out.data_ptr() == s.data_ptr() or bool(torch.isfinite(out).all()):
-        return out
+    if (s.dtype == torch.float64 or out.data_ptr() == s.data_ptr() or _deferred.active()
+            or bool(torch.isfinite(out).all())):
+        return out  # (deferred: a non-finite out fails the step's check, which redoes it carefully)
     parts = [s] + [t for c in (left, right) for t in (c.diag, c.dense, c.rows) if t is not None]
     if not all(bool(torch.isfinite(t).all()) for t in parts):
         return out  # non-finite data: the shell skips the step
@@ -413,10 +445,10 @@ def _sylvester_routes(s, left, right, rho, delta, eig_floor, eig_float64, overwr
     kl, kr = left.kind(), right.kind()
     if kl == "scalar" or kr == "scalar":
         if kl == "scalar" and kr != "scalar":
-            return _one_sided(s, right, rho * float(left.scalar) + delta, rho, "right", overwrite_s)
+            return _one_sided(s, right, rho * _host(left.scalar) + delta, rho, "right", overwrite_s)
         if kr == "scalar" and kl != "scalar":
-            return _one_sided(s, left, rho * float(right.scalar) + delta, rho, "left", overwrite_s)
-        return s / (rho * (float(left.scalar) + float(right.scalar)) + delta)
+            return _one_sided(s, left, rho * _host(right.scalar) + delta, rho, "left", overwrite_s)
+        return s / (rho * (_host(left.scalar) + _host(right.scalar)) + delta)
     if kl == "gram" and kr == "gram":
         return _gram_times_gram(s, left.rows, left.scalar, right.rows, right.scalar, rho, delta,
                                 eig_floor, eig_float64)
@@ -439,8 +471,11 @@ def _one_sided(s: Tensor, c: Curvature, d: float, rho: float, side: str, overwri
     if kind == "diag":
         out = t / (rho * c.diagonal_vector(t) + d)[None, :]
     elif kind == "gram":
+        if _deferred.active():
+            out = _woodbury_right_deferred(t, c.rows, d + rho * c.scalar, rho, overwrite)
+            return out if side == "right" else out.T
         a, shift = c.rows, float(c.scalar)
-        d = d + rho * shift
+        d = float(d) + rho * shift
         gram = a @ a.T
         gram.mul_(rho).diagonal().add_(d)
         ta = t @ a.T  # m×N
@@ -455,6 +490,24 @@ def _one_sided(s: Tensor, c: Curvature, d: float, rho: float, side: str, overwri
         mat.diagonal().add_(d)
         out = _spd_solve_right(t, mat)
     return out if side == "right" else out.T
+
+
+def _woodbury_right_deferred(t: Tensor, a: Tensor, d, rho: float, overwrite: bool) -> Tensor:
+    r"""``t(ρAᵀA + dI)⁻¹ = (t − ρ·(tAᵀ)K⁻¹A)/d`` with ``K = ρAAᵀ + dI`` (N×N), without a host
+    synchronisation: ``d`` may be a 0-dim tensor (the isotropic costate's ``ρτ + δ``), whose
+    ``1/d`` then costs one elementwise pass over ``t`` instead of a read of ``τ``. The same numbers
+    as the careful route of :func:`_one_sided` up to rounding (Cholesky instead of LU)."""
+    gram = torch.mm(a, a.T)
+    gram.mul_(rho).diagonal().add_(d)
+    y = _spd_solve_right(t @ a.T, gram)  # m×N
+    inplace = overwrite and t.is_contiguous()
+    if isinstance(d, Tensor):
+        y.mul_(-rho / d)
+        out = t.div_(d) if inplace else t / d
+        return out.addmm_(y, a)
+    if inplace:
+        return t.addmm_(y, a, beta=1.0 / d, alpha=-rho / d)
+    return torch.addmm(t, y, a, beta=1.0 / d, alpha=-rho / d)
 
 
 def dense_sylvester_reference(s: Tensor, left: Tensor, right: Tensor, rho: float, delta: float) -> Tensor:
@@ -556,22 +609,20 @@ def affine_system(grad_w: Tensor, members: Sequence[AffineMember], rho: float) -
     Returns ``(S, L, R)``; solve with :func:`solve_sylvester`, then :func:`affine_bias_steps`.
     """
     rows_s, cols_s = grad_w.shape
-    s = -grad_w
+    s = None  # formed with the first bias coupling in one pass (−∇J + c∇_b J x̄ᵀ), or as −∇J
     left, right = Curvature(rows_s), Curvature(cols_s)
     for mb in members:
         m, n = (cols_s, rows_s) if mb.transposed else (rows_s, cols_s)
         state, costate = mb.sides(n, m, rho)
         c = mb.coupling(rho)
-        g_b = -mb.grad_b if mb.grad_b is not None else None
         if mb.transposed:
             left, right = left + state, right + costate
-            if c:
-                s.addr_(mb.x_mean, g_b, alpha=-c)  # s is this function's own tensor
         else:
             left, right = left + costate, right + state
-            if c:
-                s.addr_(g_b, mb.x_mean, alpha=-c)
-    return s, left, right
+        if c:
+            u, v = (mb.x_mean, mb.grad_b) if mb.transposed else (mb.grad_b, mb.x_mean)
+            s = torch.addr(grad_w, u, v, beta=-1, alpha=c) if s is None else s.addr_(u, v, alpha=c)
+    return (-grad_w if s is None else s), left, right
 
 
 def costate_rms(parts: Sequence[Tuple[float, float, float, float]]) -> float:

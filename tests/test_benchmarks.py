@@ -86,3 +86,29 @@ def test_scaling_points_build_the_named_models():
     x, _ = spec.batch(batch, torch.Generator().manual_seed(0))
     assert x.shape == (16, 64) and names == ["adamw", "emsa-costate"]
     assert spec.build()(x).shape == (16, 64, 256)
+
+
+def test_step_time_cpu_clock_and_the_compiled_suffix(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    step_time.main(["--models", "mlp", "--optimizers", "emsa-careful", "--rounds", "1", "--steps", "2",
+                    "--warmup", "1", "--threads", "1", "--clock", "cpu", "--json", str(out)])
+    t = json.loads(out.read_text())["models"]["mlp"]["time"]
+    assert set(t) == {"sgd", "emsa-careful"} and t["emsa-careful"]["median_ms"] > 0.0
+    import argparse
+    ap = argparse.ArgumentParser()
+    assert step_time.resolve_names(ap, "mlp", "emsa:compiled")[1] == ["sgd", "emsa:compiled"]
+    with pytest.raises(SystemExit):
+        step_time.resolve_names(ap, "mlp", "nope:compiled")
+    assert "unknown optimizer 'nope:compiled'" in capsys.readouterr().err
+
+
+def test_profile_counts_operations_and_flops_per_step():
+    sgd = profile_step.profile_one("mlp", "sgd", 16, 2, 1, torch.device("cpu"))
+    emsa = profile_step.profile_one("mlp", "emsa", 16, 2, 1, torch.device("cpu"))
+    for r in (sgd, emsa):
+        assert r["count::ops"] > r["count::step_ops"] > 0
+    # forward + backward of 784-256-256-10 at batch 16: 2·16·(784·256 + 256·256 + 256·10)·(1 + 2) flops,
+    # less the first layer's input gradient (not needed)
+    fwd = 2 * 16 * (784 * 256 + 256 * 256 + 256 * 10) / 1e9
+    assert sgd["count::gflop"] == pytest.approx(3 * fwd - 2 * 16 * 784 * 256 / 1e9, rel=0.05)
+    assert sgd.get("count::step_gflop", 0.0) == 0.0 and emsa["count::step_gflop"] > 0.0

@@ -2,9 +2,11 @@
 
 Files written by :func:`write_report` into the bench directory:
 
-* ``results.json`` — ``{"schema": 1, "meta", "target_acc", "sgd_reference", "rows", "runs"}``:
-  ``rows`` has one entry per optimizer (its selected setting; fields :data:`ROW_FIELDS`), ``runs``
-  one per (optimizer, setting, seed) with its summary and per-epoch curves.
+* ``results.json`` — ``{"schema": 1, "meta", "target_acc", "sgd_reference", "rows", "runs",
+  "time_to_final_acc"}``: ``rows`` has one entry per optimizer (its selected setting; fields
+  :data:`ROW_FIELDS`), ``runs`` one per (optimizer, setting, seed) with its summary and per-epoch
+  curves, ``time_to_final_acc`` the seconds every optimizer takes to reach every optimizer's final
+  accuracy (:func:`time_to_final_acc`; also a second table in ``results.txt``).
 * ``results.csv`` — ``rows`` as CSV with the columns :data:`ROW_FIELDS`.
 * ``results.txt`` — the text table printed at the end of the bench.
 * ``acc_vs_epoch.png``, ``acc_vs_seconds.png`` — test accuracy against epoch and against
@@ -25,7 +27,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["ROW_FIELDS", "aggregate", "format_table", "write_report", "plot"]
+__all__ = ["ROW_FIELDS", "aggregate", "format_table", "format_time_to_final_acc", "time_to_final_acc",
+           "write_report", "plot"]
 
 #: Columns of ``results.csv`` / keys of each ``results.json`` row.
 ROW_FIELDS = (
@@ -97,7 +100,63 @@ def aggregate(runs: List[Dict[str, Any]], chosen: Dict[str, Dict[str, Any]], cfg
     return {"schema": 1, "meta": meta, "target_acc": cfg.target_acc,
             "sgd_reference": {"median_step_ms": None if sgd_time is None else 1e3 * sgd_time,
                               "source": sgd_source},
-            "rows": rows, "runs": run_list}
+            "rows": rows, "runs": run_list, "time_to_final_acc": time_to_final_acc(rows, run_list)}
+
+
+def time_to_final_acc(rows: List[Dict[str, Any]], run_list: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Time to every optimizer's final accuracy, for every optimizer ("per second", issue 17).
+
+    For each optimizer B of ``rows`` (the *baseline*) the target is B's median final test
+    accuracy; for each optimizer O, ``seconds[O]`` is the median over O's selected seeds that reach
+    it of the cumulative training seconds (evaluation excluded) at the first epoch whose test
+    accuracy is ≥ the target — None if no seed did — and ``reached[O]`` counts those seeds out of
+    O's. Epoch granularity: an optimizer that reaches the target mid-epoch is charged the whole
+    epoch. ``{B: {"target_acc", "seconds": {O: s}, "reached": {O: [k, n]}}}``.
+    """
+    curves: Dict[str, List[Dict[str, List[float]]]] = {}
+    for r in run_list:
+        if r.get("selected"):
+            curves.setdefault(r["optimizer"], []).append(r["curves"])
+    out: Dict[str, Any] = {}
+    for base in rows:
+        target = base.get("final_acc_median")
+        if target is None:
+            continue
+        seconds, reached = {}, {}
+        for name, cs in curves.items():
+            hits = []
+            for c in cs:
+                hit = next((sec for acc, sec in zip(c["test_acc"], c["seconds"])
+                            if acc is not None and acc >= target), None)
+                if hit is not None:
+                    hits.append(hit)
+            seconds[name] = _med(hits)
+            reached[name] = [len(hits), len(cs)]
+        out[base["optimizer"]] = {"target_acc": target, "seconds": seconds, "reached": reached}
+    return out
+
+
+def format_time_to_final_acc(ttf: Dict[str, Any]) -> str:
+    """:func:`time_to_final_acc` as a text table: one row per optimizer, one column per baseline's
+    final accuracy (seconds, medians over the seeds that reached it; ``k/n`` when not all did)."""
+    if not ttf:
+        return ""
+    bases = list(ttf)
+    names = list(next(iter(ttf.values()))["seconds"])
+    head = ["seconds to the final acc of →"] + [f"{b} ({_pct(ttf[b]['target_acc'])}%)" for b in bases]
+    lines = []
+    for n in names:
+        cells = [n]
+        for b in bases:
+            s, (k, tot) = ttf[b]["seconds"].get(n), ttf[b]["reached"].get(n, [0, 0])
+            cell = "not reached" if s is None else f"{s:.1f}"
+            if s is not None and k < tot:
+                cell += f" ({k}/{tot})"
+            cells.append(cell)
+        lines.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in lines])
 
 
 def _pct(v) -> str:
@@ -129,6 +188,9 @@ def format_table(results: Dict[str, Any]) -> str:
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*row) for row in lines]
     cfgd = results["meta"]["config"]
+    ttf = format_time_to_final_acc(results.get("time_to_final_acc") or {})
+    if ttf:
+        out += ["", ttf]
     out.append("")
     out.append(f"{cfgd['dataset']} / {cfgd['model']}, {cfgd['epochs']} epochs, batch "
                f"{cfgd['batch_size']}, seeds {cfgd['seeds']}; target {100 * results['target_acc']:g}% "

@@ -20,8 +20,9 @@ Measurements (per run):
   same model, data and seed when ``sgd`` is not benchmarked).
 * ``seconds``: cumulative training wall-clock at the end of each epoch (evaluation excluded);
   ``epochs_to_target`` / ``seconds_to_target``: first epoch whose test accuracy ≥ ``target_acc``.
-* ``peak_rss_mb``: peak resident set size of the whole process during the run, sampled every
-  10 ms from ``/proc/self/statm`` by a background thread (Linux); ``rss_increase_mb`` is that peak
+* ``peak_rss_mb``: peak resident set size of the whole process during the run: the kernel's
+  high-water mark (``VmHWM``), reset when the run starts (Linux; :mod:`pmptrain.bench.memory`;
+  sampled every 10 ms where the reset is not allowed); ``rss_increase_mb`` is that peak
   minus the RSS when the run started, i.e. the run's own high-water mark above what the process
   already held (data set, earlier runs' freed-but-cached memory is *not* subtracted). Without
   ``/proc`` both fall back to ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the process's lifetime

@@ -28,6 +28,7 @@ from typing import ClassVar, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _deferred
 from .. import distributed as pdist
 from .._profile import phase
 from ..trust import trust_region_factor, unit_floor_sq
@@ -335,7 +336,8 @@ class AffineEMSARule(EMSARuleBase):
             x = st.state_rows(dt)
             x = x if x is not None else torch.zeros(0, n, dtype=dt, device=dev)
             raw.x_rows = pdist.all_gather_rows(x, pg)
-            raw.x_mean = raw.x_rows.sum(0) / b
+            xs = st.x_sum if (ctx.world == 1 and st.x_sum is not None) else raw.x_rows.sum(0)  # Σx, kept by the capture
+            raw.x_mean = xs.to(dt) / b
         else:
             xx = st.fold_states_(dt)
             xx = xx if xx is not None else torch.zeros(n, n, dtype=dt, device=dev)
@@ -357,7 +359,7 @@ class AffineEMSARule(EMSARuleBase):
             sq = (st.g_sq if st.g_sq is not None else torch.zeros((), dtype=dt, device=dev)) * (scale * scale)
             sq = sq.reshape(1)
             pdist.all_reduce_sum_([sq], pg)
-            raw.tau = float(sq) / (b * m)
+            raw.tau = _scalar(sq) / (b * m)
         elif gram_out:
             p = st.costate_rows(dt)
             p = p * scale if p is not None else torch.zeros(0, m, dtype=dt, device=dev)
@@ -545,12 +547,18 @@ def scale_costate(raw: AffineMember, k: float) -> AffineMember:
         p_rows=None if raw.p_rows is None else raw.p_rows * math.sqrt(k))
 
 
+def _scalar(t: Tensor):
+    """A one-element statistic as a Python float, or as a 0-dim tensor inside
+    :func:`pmptrain._deferred.collecting` (no host synchronisation per unit)."""
+    return t.reshape(()) if _deferred.active() else float(t)
+
+
 def _no_states_message(name: str) -> str:
     return (
         f"module {name!r} has a gradient but no captured states from its forward pass, so its "
         "augmented Hamiltonian cannot be formed. Possible causes: the forward pass ran in eval() "
-        "mode or under torch.no_grad(); it ran before the optimizer was created; the model was "
-        "compiled with torch.compile and had already run before the optimizer registered its hooks "
-        "(compiled code does not run hooks added later: create the optimizer before the first "
-        "compiled call, or call torch._dynamo.reset() after creating it); or .grad was set by hand."
+        "mode or under torch.no_grad(); it ran before the optimizer was created; the model's "
+        "compiled code was traced without the optimizer's hooks (pmptrain drops dynamo's code caches "
+        "when it hooks a model; if the model was compiled in a way that escapes this, call "
+        "torch._dynamo.reset() after creating the optimizer); or .grad was set by hand."
     )

@@ -32,6 +32,7 @@ when the optimizer is garbage-collected, or when another pmptrain optimizer hook
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import warnings
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from .. import _deferred
 from .. import distributed as pdist
 from .._profile import phase
 from ..capture import ModuleCapture
@@ -835,6 +837,10 @@ class PMPOptimizer(torch.optim.Optimizer):
                 "optimizers without captured statistics (MSA, DiscreteMSA, the baselines) step again with "
                 "the same .grad, as torch's do")
 
+    #: whether a one-process step takes the rules' fast path with its checks deferred to the step's
+    #: one read (False: the careful path throughout, the reference the fast path is tested against)
+    _deferred_checks = True
+
     #: consecutive skipped steps after which :meth:`step` warns (once per run of skips)
     SKIP_WARN_AFTER = 10
 
@@ -903,35 +909,25 @@ class PMPOptimizer(torch.optim.Optimizer):
         group_of = {id(p): g for g in self.param_groups for p in g["params"]} if sharded is None else sharded.group_of
         units = self.units if sharded is None else sharded.units
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
-        proposals: List[Tuple[Unit, Proposal]] = []
-        for unit in units.values():
-            try:
-                with phase("propose"):
-                    prop = unit.rule.propose(unit, ctx)
-            except torch.linalg.LinAlgError:
-                # δ > 0 keeps every factorisation well-posed: only non-finite data make it fail
-                self._skip(self._skip_reason(loss, grads_present, f"unit {unit.name!r}"))
-                return
-            if prop is not None:
-                proposals.append((unit, prop))
-        # ⟨∇J, Δθ⟩ of every update: the first-order gain of H, and at the same time the finiteness
-        # check (a NaN/Inf in Δθ or in the gradient makes the product non-finite, even where Δθ = 0)
-        with phase("check"):
-            terms = []
-            for _, prop in proposals:
-                for u in prop.updates:
-                    d = u.change()
-                    g = ctx.grad(u.param)
-                    if g is not None and d.is_complex():  # Re⟨g, Δθ⟩: the first-order change of J
-                        terms.append(torch.vdot(g.reshape(-1).to(d.dtype), d.reshape(-1)).real)
-                    elif g is not None:
-                        terms.append(torch.dot(g.reshape(-1).to(d.dtype), d.reshape(-1)))
-                    else:
-                        terms.append(d.sum() * 0.0)
-            if isinstance(loss, Tensor):
-                terms.append(loss.detach().float().sum() * 0.0)
-            stacked = torch.stack([t.float() for t in terms]) if terms else None
-            finite = stacked is None or bool(torch.isfinite(stacked).all())
+        # one process: the rules take the fast path, whose safety nets are deferred to the one check
+        # below (pmptrain._deferred); if it fails, every proposal is redone on the careful path
+        # before the step is skipped. (Several ranks: the careful path, so that every rank runs the
+        # same collectives.)
+        deferred = world == 1 and self._deferred_checks
+        kept = self.capture.snapshot() if deferred else None
+        proposals, flags, failed = self._propose(ctx, deferred, units)
+        stacked = None
+        if failed is None:
+            stacked, finite = self._check(proposals, flags, ctx, loss)
+        if deferred and (failed is not None or not finite):
+            self.capture.restore(kept)
+            proposals, flags, failed = self._propose(ctx, False, units)
+            if failed is None:
+                stacked, finite = self._check(proposals, flags, ctx, loss)
+        if failed is not None:
+            # δ > 0 keeps every factorisation well-posed: only non-finite data make it fail
+            self._skip(self._skip_reason(loss, grads_present, f"unit {failed!r}"))
+            return
         if not finite:
             self._skip(self._skip_reason(loss, grads_present, "an update"))
             return
@@ -954,7 +950,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         self._skip_run = 0
         n_mod = sum(1 for unit, _ in proposals if unit.rule.module_rule)
         n_fb = sum(1 for unit, _ in proposals if unit.rule.name == "fallback")
-        gain = -float(stacked.sum()) if stacked is not None else 0.0
+        gain = -self._gain if stacked is not None else 0.0
         self.last_step = self._step_info(
             StepInfo(skipped=False, skip_reason=None, controlled=n_mod, fallback=n_fb, hamiltonian_gain=gain),
             proposals)
@@ -964,6 +960,56 @@ class PMPOptimizer(torch.optim.Optimizer):
         (:mod:`pmptrain.optim.sharded`)."""
         names = {id(p): n for n, p in self.root.named_parameters()}
         return ShardedStep(self.units, {id(p): g for g in self.param_groups for p in g["params"]}, names)
+
+    def _propose(self, ctx: StepContext, deferred: bool, units: Dict[str, Unit]):
+        """``(proposals, deferred checks, failed)``: every unit's (of ``units``: ``self.units``, or
+        their FSDP2 stand-ins) :class:`Proposal` (rules modify nothing), the tensors handed to :func:`pmptrain._deferred.defer` (only when ``deferred``),
+        and the name of the unit whose factorisation raised ``LinAlgError`` (else None)."""
+        proposals: List[Tuple[Unit, Proposal]] = []
+        with (_deferred.collecting() if deferred else contextlib.nullcontext([])) as flags:
+            for unit in units.values():
+                try:
+                    with phase("propose"):
+                        prop = unit.rule.propose(unit, ctx)
+                except torch.linalg.LinAlgError:
+                    return proposals, flags, unit.name
+                if prop is not None:
+                    proposals.append((unit, prop))
+        return proposals, flags, None
+
+    def _check(self, proposals, checks, ctx: StepContext, loss) -> Tuple[Optional[Tensor], bool]:
+        """``(terms, finite)``: ``⟨∇J, Δθ⟩`` of every update — the first-order gain of H, and at the
+        same time the finiteness check (a NaN/Inf in Δθ or in the gradient makes the product
+        non-finite, even where Δθ = 0) — with the loss and the deferred ``checks``
+        (:class:`pmptrain._deferred.Checks`, or ``[]``) folded in; one read from the device
+        (``finite`` and the gain, kept in ``self._gain``)."""
+        with phase("check"):
+            terms = []
+            for _, prop in proposals:
+                for u in prop.updates:
+                    d = u.change()
+                    g = ctx.grad(u.param)
+                    if g is not None:
+                        g = g if g.dtype == d.dtype else g.to(d.dtype)
+                        if d.is_complex():  # Re⟨g, Δθ⟩: the first-order change of J
+                            terms.append(torch.vdot(g.reshape(-1), d.reshape(-1)).real)
+                        else:
+                            terms.append(torch.dot(g.reshape(-1), d.reshape(-1)))
+                    else:
+                        terms.append(d.sum() * 0.0)
+            if isinstance(loss, Tensor):
+                terms.append(loss.detach().float().sum() * 0.0)
+            deferred = checks.ok() if checks else None
+            if not terms and deferred is None:
+                self._gain = 0.0
+                return None, True
+            stacked = torch.stack(terms).float() if terms else torch.zeros(0, device=deferred.device)
+            ok = torch.isfinite(stacked).all()
+            if deferred is not None:
+                ok = ok & deferred
+            finite, gain = torch.stack([ok.to(stacked.dtype), stacked.sum()]).tolist()  # the one read
+            self._gain = gain
+            return (stacked if terms else None), bool(finite)
 
     def _agree_across_ranks(self, world: int):
         """One all-gather of a small integer vector per rank (``pmptrain.optim.ranks``): raises the
