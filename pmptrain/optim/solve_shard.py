@@ -188,7 +188,7 @@ def exchange(results: Dict[str, Any], units: Dict[str, Unit], owners: Dict[str, 
         bufs: Dict[torch.dtype, Tensor] = {}
         for dt in sorted(m["sizes"], key=str):
             if r == me:
-                buf = torch.cat(packer.tensors[dt]).to(device)
+                buf = torch.cat([t.to(device) for t in packer.tensors[dt]])
             else:
                 buf = torch.empty(m["sizes"][dt], dtype=dt, device=device)
             src = r if process_group is None else dist.get_global_rank(process_group, r)
