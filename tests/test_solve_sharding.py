@@ -331,3 +331,29 @@ def test_assignment_is_a_deterministic_greedy_balance():
 def test_shard_solves_must_be_a_bool():
     with pytest.raises(TypeError, match="shard_solves"):
         pmptrain.EMSA(_model(), shard_solves="yes")
+
+
+def test_state_records_travel_through_the_exchange_layout():
+    """The descriptions the owners send (tensors replaced by placeholders into flat per-dtype
+    buffers) rebuild every field of a nested state record exactly (AffineState with RunningStats,
+    eigenbases with a diagonal side, floats, None)."""
+    from pmptrain.optim.affine import AffineState, RunningStats
+    from pmptrain.optim.solve_shard import _dress, _Packer
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    state = AffineState(3, [RunningStats(r(4, 4), r(4), r(2, 2), None, 1.5, 0.25), None],
+                        (r(2), r(2, 2)), (r(4).float(), None))
+    packer = _Packer()
+    desc = packer.strip(state)
+    bufs = {dt: torch.cat(ts) for dt, ts in packer.tensors.items()}
+    assert set(bufs) == {torch.float64, torch.float32}
+    back = _dress(desc, bufs)
+    assert type(back) is AffineState and back.step == 3 and back.running[1] is None
+    run0, orig = back.running[0], state.running[0]
+    assert type(run0) is RunningStats and run0.rows_per_sample == 1.5 and run0.p_trace == 0.25
+    for a, b in ((run0.cxx, orig.cxx), (run0.x_mean, orig.x_mean), (run0.cpp, orig.cpp),
+                 (back.eig_left[0], state.eig_left[0]), (back.eig_left[1], state.eig_left[1]),
+                 (back.eig_right[0], state.eig_right[0])):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert run0.counts is None and back.eig_right[1] is None

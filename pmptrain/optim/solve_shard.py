@@ -171,7 +171,11 @@ def exchange(results: Dict[str, Any], units: Dict[str, Unit], owners: Dict[str, 
         if isinstance(res, BaseException):
             errors.append((name, type(res).__name__, isinstance(res, torch.linalg.LinAlgError), str(res)))
         elif not isinstance(res, Deferred) and owners.get(name) == me:
-            mine[name] = _describe(units[name], res, packer)
+            try:
+                mine[name] = _describe(units[name], res, packer)
+            except RuntimeError as exc:  # reported like a failed solve: no rank may leave the exchange
+                results[name] = exc
+                errors.append((name, type(exc).__name__, False, str(exc)))
     meta = {"units": mine, "errors": errors, "sizes": dict(packer.sizes)}
     gathered: List[Any] = [None] * world
     dist.all_gather_object(gathered, meta, group=process_group)
