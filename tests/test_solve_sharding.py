@@ -10,7 +10,9 @@ summation order differs) of one process on the union batch — for EMSA on the p
 a model with Linear, LayerNorm (channel) and grouped-convolution units. Every rank must also have
 solved only its own units (the solve counts add up to one per unit and step, and more than one
 rank solved). A NaN in one rank's batch skips the step on every rank with nothing changed and the
-same ``last_step``; a checkpoint written on rank 0 and loaded everywhere resumes bit-exactly (unwrapped model).
+same ``last_step``; a checkpoint written on rank 0 and loaded everywhere resumes bit-exactly (unwrapped model);
+a solve that fails on its owner only skips the step on every rank (``LinAlgError``) or raises on every
+rank (anything else: the owner's exception, ``SolveFailure`` elsewhere) — no rank hangs.
 """
 
 from __future__ import annotations
