@@ -432,6 +432,8 @@ class AffineEMSARule(EMSARuleBase):
             if ratio != 1.0:  # ρ_p ≠ ρ_x: the costate statistic carries ρ_p/ρ_x (the solve uses ρ = ρ_x)
                 raws = [None if r is None else scale_costate(r, ratio) for r in raws]
                 present = [r for r in raws if r is not None]
+        if not ctx.solves(unit):  # solve sharding: the owner rank solves, the shell shares its result
+            return ctx.deferred(unit)
         with phase("solve"):
             s, left, right = affine_system(gw2.to(dt), present, rho)
             if eta_w > 0.0:

@@ -122,6 +122,8 @@ class ChannelEMSARule(EMSARuleBase):
 
         (gs, ds), (gb, db) = free(scale), free(shift)
         rho = self.effective_rho(group, ctx, batch=b_)
+        if not ctx.solves(unit):  # solve sharding: the owner rank solves, the shell shares its result
+            return ctx.deferred(unit)
         ups = []
         if gs is not None or gb is not None:
             with phase("solve"):
@@ -225,6 +227,8 @@ class GroupedEMSARule(EMSARuleBase):
             return self._no_data(unit, ctx, [(p, torch.zeros_like(q)) for p, q in grads if q is not None])
         grad_w = gw.to(dt).reshape(g, m_g, n_g) if gw is not None else torch.zeros(g, m_g, n_g, dtype=dt, device=dev)
         grad_b = gb.to(dt).reshape(g, m_g) if (gb is not None and eta_b > 0.0) else None
+        if not ctx.solves(unit):  # solve sharding: the owner rank solves, the shell shares its result
+            return ctx.deferred(unit)
         if eta_w > 0.0:
             with phase("solve"):
                 dw, db, eig = solve_grouped_affine(grad_w, grad_b, cxx, x_mean, costate, L, rho, 1.0 / eta_w,

@@ -199,6 +199,12 @@ class EMSA(PMPOptimizer):
         grad_scaler: the GradScaler in use, when something other than ``scaler.step(opt)`` calls
             ``step()`` (default None: the scaler is found from ``scaler.step``; its loss scale is
             removed from the captured costates).
+        shard_solves: with several ranks (default True), each module's solve runs on one owner rank,
+            chosen by a deterministic greedy balance of the solves' estimated costs, and the owners'
+            updates and state records are broadcast to every rank: the same weights bit for bit on
+            every rank, the same update as solving everywhere, solve time per rank ≈ 1/world
+            (:mod:`pmptrain.optim.solve_shard`). False: every rank solves every module (one
+            ``all_gather_object`` and a few broadcasts per step fewer). No effect in one process.
 
     Note:
         A sample is a token (a row of a ``[..., d]`` input) for row-wise layers (Linear, Conv1D,
@@ -248,6 +254,7 @@ class EMSA(PMPOptimizer):
         strict: bool = False,
         process_group=None,
         grad_scaler=None,
+        shard_solves: bool = True,
     ):
         self.solver = Choice(("closed", "iterative")).check("solver", solver)
         self._block_types, self._block_names = _check_blocks(blocks, model, self.solver)
@@ -268,7 +275,8 @@ class EMSA(PMPOptimizer):
         )
         super().__init__(model, params, defaults,
                          [*self._by_kind.values(), self._mha, self._iterative, self._fallback, self._additive],
-                         strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler)
+                         strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler,
+                         shard_solves=shard_solves)
 
     @classmethod
     def paper(cls, model: nn.Module, params: Optional[Iterable] = None, **overrides) -> "EMSA":

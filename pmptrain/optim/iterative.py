@@ -115,6 +115,8 @@ class IterativeEMSARule(Rule):
             xs = pdist.all_gather_parts(args[0], ctx.process_group)
             ps = pdist.all_gather_parts(p.contiguous(), ctx.process_group)
             calls += [(x_r, p_r, (args[1:], kwargs)) for x_r, p_r in zip(xs, ps)]
+        if not ctx.solves(unit):  # solve sharding: the owner rank solves, the shell shares its result
+            return ctx.deferred(unit)
 
         def fn(theta, x, extra):
             rest, kwargs = extra

@@ -129,6 +129,12 @@ class StepContext:
         capture: the :class:`~pmptrain.capture.ModuleCapture`; process_group / world: distributed.
         sizes: with ``world > 1``, ``{member name: (samples, rows)}`` summed over the ranks (gathered
             by the shell before the step; None in one process).
+        owners: with solve sharding, ``{unit name: owner rank}`` (:mod:`pmptrain.optim.solve_shard`;
+            None: every rank solves every unit).
+
+    Module rules call ``if not ctx.solves(unit): return ctx.deferred(unit)`` right after their
+    statistics' collectives and before their solve: every rank takes part in the collectives, only
+    the owner solves, and the shell hands the owner's proposal to every rank.
     """
 
     def __init__(self, groups: Mapping[int, Dict[str, Any]], costate_inv_scale: float, capture, process_group,
@@ -140,6 +146,22 @@ class StepContext:
         self.world = world
         self.sizes = sizes
         self._grads: Dict[int, Optional[Tensor]] = {}
+        self.owners: Optional[Dict[str, int]] = None
+        self.me = 0
+        self.asked: List[str] = []  # units that reached their solve (in order): their results are exchanged
+
+    def solves(self, unit: Unit) -> bool:
+        """Whether this rank solves ``unit`` (always without solve sharding). Called by a module rule
+        after its collectives, right before its solve; records that the unit's result is exchanged."""
+        if self.owners is None:
+            return True
+        self.asked.append(unit.name)
+        return self.owners.get(unit.name, self.me) == self.me
+
+    def deferred(self, unit: Unit):
+        """The placeholder a non-owner returns from ``propose``: the owner's proposal replaces it."""
+        from .solve_shard import Deferred
+        return Deferred(unit.name)
 
     def group(self, p: Tensor) -> Dict[str, Any]:
         return self._groups[id(p)]

@@ -54,6 +54,7 @@ from . import ranks
 from .hyper import PENALTY_MAX, Real, Spec, is_number
 from .rule import Member, Proposal, Rule, StepContext, Unit, cast_state, clone_state, record_from_view, record_view
 from .sharded import ShardedStep, has_sharded_params
+from .solve_shard import Deferred, SolveFailure, assign_owners, exchange
 
 __all__ = ["PMPOptimizer", "StepInfo", "Unsupported", "unwrap_model"]
 
@@ -219,6 +220,9 @@ class PMPOptimizer(torch.optim.Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` in use, when something other than
             ``scaler.step(opt)`` calls ``step()`` (the loss scale of the captured costates is read
             from it; default None: found from ``scaler.step``).
+        shard_solves: with several ranks, each module unit's solve runs on one owner rank and the
+            results are exchanged (:mod:`pmptrain.optim.solve_shard`; identical updates, solve
+            time per rank ≈ 1/world). False: every rank solves every unit. No effect in one process.
     """
 
     # The standard GradScaler path (no ``_step_supports_amp_scaling``): ``scaler.step(opt)`` unscales
@@ -238,6 +242,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         exclude: Sequence[str] = (),
         process_group=None,
         grad_scaler=None,
+        shard_solves: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -246,6 +251,9 @@ class PMPOptimizer(torch.optim.Optimizer):
             )
         if not isinstance(strict, bool):
             raise TypeError(f"invalid strict={strict!r}: must be True or False")
+        if not isinstance(shard_solves, bool):
+            raise TypeError(f"invalid shard_solves={shard_solves!r}: must be True or False")
+        self.shard_solves = shard_solves
         if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):
             raise TypeError(f"invalid exclude={exclude!r}: must be a list of module names")
         self.model = model
@@ -759,10 +767,11 @@ class PMPOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         state = dict(state)
-        state.setdefault("process_group", None)
-        state.setdefault("grad_scaler", None)
         copied = "units" in state  # a copy or an unpickled optimizer (torch's load_state_dict passes two keys)
-        if copied:
+        if copied:  # (defaults only here: torch's load_state_dict must not reset the user's settings)
+            state.setdefault("process_group", None)
+            state.setdefault("grad_scaler", None)
+            state.setdefault("shard_solves", True)
             state["_lazy_hooks"], state["_stepped"] = [], {}
         super().__setstate__(state)
         self._attach_capture()
@@ -912,10 +921,16 @@ class PMPOptimizer(torch.optim.Optimizer):
         # one process: the rules take the fast path, whose safety nets are deferred to the one check
         # below (pmptrain._deferred); if it fails, every proposal is redone on the careful path
         # before the step is skipped. (Several ranks: the careful path, so that every rank runs the
-        # same collectives.)
+        # same collectives; with solve sharding each unit is solved by its owner rank only.)
         deferred = world == 1 and self._deferred_checks
         kept = self.capture.snapshot() if deferred else None
-        proposals, flags, failed = self._propose(ctx, deferred, units)
+        if world > 1 and self.shard_solves and any(u.rule.module_rule for u in units.values()):
+            proposals = self._sharded_proposals(units, ctx, world, sizes, loss, grads_present)
+            if proposals is None:
+                return  # skipped on every rank
+            flags, failed = [], None
+        else:
+            proposals, flags, failed = self._propose(ctx, deferred, units)
         stacked = None
         if failed is None:
             stacked, finite = self._check(proposals, flags, ctx, loss)
@@ -1011,6 +1026,46 @@ class PMPOptimizer(torch.optim.Optimizer):
             self._gain = gain
             return (stacked if terms else None), bool(finite)
 
+    def _sharded_proposals(self, units, ctx: StepContext, world: int, sizes, loss, grads_present):
+        """The propose phase with solve sharding (:mod:`pmptrain.optim.solve_shard`): every rank runs
+        every rule up to its solve (the statistics' collectives), the owners solve, and one exchange
+        gives every rank the owners' proposals. Returns ``[(unit, Proposal)]``, identical on every
+        rank, or None when the step was skipped (a ``LinAlgError`` on any rank); an owner's other
+        exceptions are raised on every rank."""
+        ctx.owners = assign_owners(list(units.values()), world, sizes)
+        ctx.me = pdist.rank(self.process_group)
+        results: Dict[str, Any] = {}
+        for unit in units.values():
+            try:
+                with phase("propose"):
+                    results[unit.name] = unit.rule.propose(unit, ctx)
+            except Exception as exc:  # reported to every rank by the exchange (no rank may leave it)
+                results[unit.name] = exc
+        asked = set(ctx.asked)
+        device = next(iter(units.values())).primary.device
+        with phase("exchange"):
+            shared, failures = exchange({n: r for n, r in results.items() if n in asked or isinstance(r, BaseException)},
+                                        units, ctx.owners, ctx.me, self.process_group, device)
+        raised = [f for f in failures if f[3] != "LinAlgError"]
+        if raised:
+            own = [f[2] for f in raised if f[2] is not None]
+            if own:
+                raise own[0]
+            r, name, _, msg = raised[0]
+            raise SolveFailure(f"rank {r} failed on unit {name!r}: {msg}")
+        if failures:
+            # δ > 0 keeps every factorisation well-posed: only non-finite data make it fail
+            self._skip(self._skip_reason(loss, grads_present, f"unit {failures[0][1]!r}"))
+            return None
+        proposals = []
+        for unit in units.values():
+            prop = shared[unit.name] if unit.name in shared else results[unit.name]
+            if isinstance(prop, Deferred):  # pragma: no cover - exchange replaces every deferred unit
+                raise RuntimeError(f"unit {unit.name!r}: the owner's proposal did not arrive")
+            if prop is not None:
+                proposals.append((unit, prop))
+        return proposals
+
     def _agree_across_ranks(self, world: int):
         """One all-gather of a small integer vector per rank (``pmptrain.optim.ranks``): raises the
         same ``RuntimeError`` on every rank when the ranks ran different modules, or (under DDP) had
@@ -1046,9 +1101,13 @@ class PMPOptimizer(torch.optim.Optimizer):
                     grads.append(p.grad)
         pdist.all_reduce_sum_(grads, self.process_group)
 
-    @staticmethod
-    def _skip_reason(loss, params, where: str) -> str:
-        if isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+    def _skip_reason(self, loss, params, where: str) -> str:
+        bad = isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach()).all())
+        if pdist.world_size(self.process_group) > 1 and params:  # each rank has its own loss: agree
+            flag = torch.tensor([1.0 if bad else 0.0], dtype=torch.float64, device=params[0].device)
+            pdist.all_reduce_sum_([flag], self.process_group)
+            bad = float(flag) > 0.0
+        if bad:
             return "non-finite loss"
         sums = [p.grad.sum() for p in params]
         if sums and not bool(torch.isfinite(torch.stack([s.float() for s in sums])).all()):
