@@ -171,6 +171,9 @@ def _parse_opt_args(items: List[str]) -> Dict[str, Dict[str, Any]]:
 def _add_common(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # unset options do not override preset/config values
     g = p.add_argument_group("what to run")
+    g.add_argument("--task", default=S, choices=["classify", "robust"],
+                   help="classify (default): compare optimizers; robust: adversarial training methods x "
+                        "optimizers (see 'pmptrain bench --task robust --help', docs/robust.md)")
     g.add_argument("--preset", default=S, choices=sorted(PRESETS), metavar="NAME",
                    help=f"start from a named protocol ({', '.join(PRESETS)}); see below")
     g.add_argument("--dataset", default=S,
@@ -401,12 +404,38 @@ def _check_out_dir(out: Path) -> None:
         raise ValueError(f"--out: cannot write to {parent if parent != out else out} (permission denied)")
 
 
+def _pop_task(args: List[str]) -> Tuple[str, List[str]]:
+    """``--task NAME`` / ``--task=NAME`` of ``pmptrain bench`` (default ``classify``), removed from ``args``."""
+    if not args or args[0] != "bench":
+        return "classify", args
+    out, task, i = [], "classify", 0
+    while i < len(args):
+        a = args[i]
+        if a == "--task" and i + 1 < len(args):
+            task, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--task="):
+            task, i = a.split("=", 1)[1], i + 1
+            continue
+        out.append(a)
+        i += 1
+    return task, out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``pmptrain`` command; returns the exit status."""
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
         args = ["bench"] + args  # `pmptrain` alone runs the default bench
+    task, args = _pop_task(args)
+    if task not in ("classify", "robust"):
+        print(f"pmptrain bench: error: --task: expected classify or robust, got {task!r}", file=sys.stderr)
+        return 2
+    if task == "robust":  # adversarial robustness: its own options (pmptrain bench --task robust --help)
+        from ..robust.bench import main as robust_main
+
+        return robust_main(args[1:])
     ns = parser.parse_args(args)
     if ns.command is None:
         parser.print_help()
