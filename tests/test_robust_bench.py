@@ -27,6 +27,8 @@ def test_robust_bench_cli_writes_the_table(tmp_path, capsys):
     for r in rows.values():
         assert 0.0 <= r["clean_median"] <= 1.0 and 0.0 <= r["pgd20_median"] <= r["clean_median"] + 1e-9
         assert r["cl_clean"] is not None and r["cl_pgd20_adaptive"] is not None
+        assert all(0.0 <= r[k] <= 1.0 for k in ("cl_clean_base", "cl_clean", "cl_pgd20_base", "cl_pgd20_transfer"))
+    assert "→" in (out / "results.txt").read_text()
     assert (out / "results.csv").read_text().startswith("setting,method")
     assert (out / "robust_vs_seconds.png").stat().st_size > 0
     assert "PGD-2 AT" in (out / "results.txt").read_text()

@@ -37,8 +37,8 @@ _LABEL = {"standard": "standard", "pgd-at": "PGD-{k} AT", "free": "Free (m={repl
 ROW_FIELDS = ("method", "optimizer", "epochs", "seeds", "clean_median", "clean_min", "clean_max",
               "pgd20_median", "pgd20_min", "pgd20_max", "autoattack_median", "train_seconds_median",
               "time_vs_pgd_at", "passes_vs_pgd_at", "first_layer_passes", "seconds_to_target_median",
-              "target_vs_pgd_at_total", "reached", "cl_clean", "cl_pgd20_transfer", "cl_autoattack_transfer",
-              "cl_pgd20_adaptive", "seconds_full", "seconds_first", "seconds_step")
+              "target_vs_pgd_at_total", "reached", "cl_clean_base", "cl_clean", "cl_pgd20_base", "cl_pgd20_transfer",
+              "cl_autoattack_base", "cl_autoattack_transfer", "cl_pgd20_adaptive", "seconds_full", "seconds_first", "seconds_step")
 
 
 # ------------------------------------------------------------------------------------ models
@@ -204,11 +204,13 @@ def _closed_loop(cfg, model, data, xs, ys) -> Dict[str, Any]:
     layers = [str(i) for i, m in enumerate(model) if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d))][:1]
     ctl = ClosedLoopController(model, layers=layers, energy=cfg.cl_energy, bounds=cfg.bounds).fit(tx)
     pgd = _pgd20(cfg)
-    out = {"cl_clean": A.accuracy(ctl, xs, ys, batch_size=100),
-           "cl_pgd20_transfer": A.robust_accuracy(model, xs, ys, pgd, batch_size=100, target=ctl)}
+    adv = torch.cat([pgd(model, xs[i:i + 100], ys[i:i + 100]) for i in range(0, xs.shape[0], 100)])
+    out = {"cl_clean": A.accuracy(ctl, xs, ys, batch_size=100), "cl_clean_base": A.accuracy(model, xs, ys),
+           "cl_pgd20_transfer": A.accuracy(ctl, adv, ys, batch_size=100), "cl_pgd20_base": A.accuracy(model, adv, ys)}
     if cfg.autoattack and library.available():
         adv = library.art_autoattack(model, xs, ys, cfg.eps, cfg.norm, data["classes"], cfg.bounds)
         out["cl_autoattack_transfer"] = A.accuracy(ctl, adv, ys, batch_size=100)
+        out["cl_autoattack_base"] = A.accuracy(model, adv, ys)
     if cfg.cl_adaptive:
         out["cl_pgd20_adaptive"] = A.robust_accuracy(ctl.bpda, xs, ys, pgd, batch_size=100, target=ctl)
     return out
@@ -264,7 +266,8 @@ def aggregate(runs: List[Dict[str, Any]], cfg) -> List[Dict[str, Any]]:
                    "seconds_full": _med([r["seconds_split"]["full"] for r in rs]),
                    "seconds_first": _med([r["seconds_split"]["first"] for r in rs]),
                    "seconds_step": _med([r["seconds_split"]["step"] for r in rs])}
-            for k in ("cl_clean", "cl_pgd20_transfer", "cl_autoattack_transfer", "cl_pgd20_adaptive"):
+            for k in ("cl_clean", "cl_pgd20_transfer", "cl_autoattack_transfer", "cl_pgd20_adaptive",
+                      "cl_clean_base", "cl_pgd20_base", "cl_autoattack_base"):
                 row[k] = _med([r.get(k) for r in rs])
             rows.append(row)
     return rows
@@ -281,6 +284,7 @@ def _x(v, fmt=".2f") -> str:
 def format_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     head = ["method", "opt", "ep", "clean %", "PGD-20 %", "AA %", "time ×PGD-AT", "passes ×PGD-AT",
             "→target ×PGD-AT", "CL clean", "CL PGD-20 transfer", "CL AA transfer", "CL PGD-20 adaptive"]
+    cl = lambda r, base, k: "-" if r[k] is None else f"{_p(r[base])}→{_p(r[k])}"  # noqa: E731
     lines = []
     for r in rows:
         rng = lambda k: (f"{_p(r[k + '_median'])} [{_p(r[k + '_min'])}-{_p(r[k + '_max'])}]"  # noqa: E731
@@ -288,8 +292,8 @@ def format_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         tgt = _x(r["target_vs_pgd_at_total"]) + ("" if r["reached"] == r["seeds"] else f" ({r['reached']}/{r['seeds']})")
         lines.append([r["setting"], r["optimizer"], str(r["epochs"]), rng("clean"), rng("pgd20"),
                       _p(r["autoattack_median"]), _x(r["time_vs_pgd_at"]), _x(r["passes_vs_pgd_at"]), tgt,
-                      _p(r["cl_clean"]), _p(r["cl_pgd20_transfer"]), _p(r["cl_autoattack_transfer"]),
-                      _p(r["cl_pgd20_adaptive"])])
+                      cl(r, "cl_clean_base", "cl_clean"), cl(r, "cl_pgd20_base", "cl_pgd20_transfer"),
+                      cl(r, "cl_autoattack_base", "cl_autoattack_transfer"), cl(r, "cl_pgd20_base", "cl_pgd20_adaptive")])
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*l) for l in lines]
@@ -298,7 +302,9 @@ def format_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             f"seeds {c['seeds']}; accuracies on {c['eval_n']} test examples (closed loop: {c['cl_n']}); "
             f"medians [min-max] over seeds; time = training seconds (evaluation excluded); "
             f"→target = seconds to PGD-AT's final PGD-20 within {c['tol_robust']} points (clean within "
-            f"{c['tol_clean']}) / PGD-AT's total seconds, same optimizer. AA = AutoAttack "
+            f"{c['tol_clean']}) / PGD-AT's total seconds, same optimizer. CL a→b: the model without → with the "
+            f"closed-loop controller on the first {c['cl_n']} examples (transfer: the attack sees the uncontrolled "
+            f"model; adaptive: PGD-20 through the controller by BPDA, a→b against the uncontrolled PGD-20). AA = AutoAttack "
             f"({'ART, APGD-CE + APGD-DLR' if c['autoattack'] and library.available() else 'not run: the robust extra is missing or --no-autoattack'})."]
     if meta.get("note"):
         out.append("note: " + meta["note"])
