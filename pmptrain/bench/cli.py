@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cli_overrides(ns: argparse.Namespace) -> Dict[str, Any]:
     d = {k: v for k, v in vars(ns).items()
-         if k not in ("command", "config", "out", "resume", "preset")}
+         if k not in ("command", "config", "out", "resume", "preset", "task")}
     if "model_args" in d:
         d["model_args"] = _yaml_value(d["model_args"], "--model-args")
         if not isinstance(d["model_args"], dict):
