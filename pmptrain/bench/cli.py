@@ -181,6 +181,10 @@ def _parse_opt_args(items: List[str]) -> Dict[str, Dict[str, Any]]:
 def _add_common(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # unset options do not override preset/config values
     g = p.add_argument_group("what to run")
+    g.add_argument("--task", default=S, choices=["classify", "robust", "finetune"],
+                   help="classify (default): compare optimizers; robust: adversarial training methods x "
+                        "optimizers (see 'pmptrain bench --task robust --help', docs/robust.md); finetune: "
+                        "fine-tuning by control ('pmptrain bench --task finetune --help', docs/control.md)")
     g.add_argument("--preset", default=S, choices=sorted(PRESETS), metavar="NAME",
                    help=f"start from a named protocol ({', '.join(PRESETS)}); see below")
     g.add_argument("--dataset", default=S,
@@ -294,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cli_overrides(ns: argparse.Namespace) -> Dict[str, Any]:
     d = {k: v for k, v in vars(ns).items()
-         if k not in ("command", "config", "out", "resume", "preset", "dry_run")}
+         if k not in ("command", "config", "out", "resume", "preset", "dry_run", "task")}
     if "model_args" in d:
         d["model_args"] = _yaml_value(d["model_args"], "--model-args")
         if not isinstance(d["model_args"], dict):
@@ -435,22 +439,22 @@ def _check_out_dir(out: Path) -> None:
     check_out_dir(out)
 
 
-def _pop_task(args: List[str]) -> Optional[str]:
-    """Remove ``--task X`` / ``--task=X`` from ``pmptrain bench`` arguments and return X (None if
-    absent): ``--task finetune`` is the fine-tuning bench (:mod:`pmptrain.bench.finetune`)."""
+def _pop_task(args: List[str]) -> Tuple[str, List[str]]:
+    """``--task NAME`` / ``--task=NAME`` of ``pmptrain bench`` (default ``classify``), removed from ``args``."""
     if not args or args[0] != "bench":
-        return None
-    for i, a in enumerate(args):
-        if a == "--task":
-            if i + 1 >= len(args):
-                return ""
-            task = args[i + 1]
-            del args[i:i + 2]
-            return task
+        return "classify", args
+    out, task, i = [], "classify", 0
+    while i < len(args):
+        a = args[i]
+        if a == "--task" and i + 1 < len(args):
+            task, i = args[i + 1], i + 2
+            continue
         if a.startswith("--task="):
-            del args[i]
-            return a.split("=", 1)[1]
-    return None
+            task, i = a.split("=", 1)[1], i + 1
+            continue
+        out.append(a)
+        i += 1
+    return task, out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -459,15 +463,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
         args = ["bench"] + args  # `pmptrain` alone runs the default bench
-    task = _pop_task(args)
-    if task == "finetune":
+    task, args = _pop_task(args)
+    if task not in ("classify", "robust", "finetune"):
+        print(f"pmptrain bench: error: --task: expected classify, robust or finetune, got {task!r}", file=sys.stderr)
+        return 2
+    if task == "robust":  # adversarial robustness: its own options (pmptrain bench --task robust --help)
+        from ..robust.bench import main as robust_main
+
+        return robust_main(args[1:])
+    if task == "finetune":  # fine-tuning by control: its own options (pmptrain bench --task finetune --help)
         from .finetune import main as finetune_main
 
         return finetune_main(args[1:])
-    if task not in (None, "classify"):
-        print(f"pmptrain bench: error: --task: expected 'classify' (default) or 'finetune', got {task!r}",
-              file=sys.stderr)
-        return 2
     ns = parser.parse_args(args)
     if ns.command is None:
         parser.print_help()

@@ -93,7 +93,7 @@ def ascent_direction(grad: Tensor, norm: str) -> Tensor:
 
 
 def _loss_grad(model: Callable[[Tensor], Tensor], x: Tensor, delta: Tensor, y: Tensor, loss_fn) -> Tuple[Tensor, Tensor]:
-    """Per-sample losses at ``x + δ`` and ``∇_δ Σ_s L_s``."""
+    """Per-sample losses at ``x + δ``, ``∇_δ Σ_s L_s`` and the logits (all detached)."""
     with torch.enable_grad():
         d = delta.detach().requires_grad_(True)
         out = model(x + d)

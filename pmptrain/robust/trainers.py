@@ -328,8 +328,11 @@ class YOPO(AdversarialTrainer):
     ``−∇_η H₀ = J_{f₀}(x+η)ᵀ ∂L/∂y₀``; at ``s = 1`` it equals ``∇_η L``, later steps follow the
     first layer's own nonlinearity with ``p`` frozen. For an affine first layer (Linear, Conv —
     :func:`~pmptrain.robust.costate.is_affine_in_input`) ``∇_η H₀ = −Aᵀp`` does not depend on η: it
-    is computed once per pass (one first-layer forward and one input-VJP) and the n steps are
-    elementwise; otherwise each step costs one first-layer forward and VJP.
+    is the input gradient of the full pass (the first layer's input-VJP inside the same backward)
+    and the n steps are elementwise; otherwise the first step uses it and each later step costs one
+    first-layer forward and input-VJP (``benchmarks/robust_yopo_time.py``: a separate first-conv
+    forward + VJP at 28×28 cost ≈ 0.5 full passes of the small CNN on a CPU; inside the backward,
+    ≈ 0.1).
 
     Args (beyond :class:`AdversarialTrainer`):
         first: the first layer — a module name, a module, or None (the first module with
@@ -371,29 +374,33 @@ class YOPO(AdversarialTrainer):
             return torch.zeros_like(x)
         return random_delta(x, self.eps, self.norm, self.bounds, self.generator)
 
-    def _full_pass(self, x: Tensor, eta: Tensor, y: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    def _full_pass(self, x: Tensor, eta: Tensor, y: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
         """One training forward/backward at ``x + η`` (``scale``·loss backwards); returns the
-        loss and ``g = ∂L/∂y₀``."""
-        xa = (x + eta).contiguous()
+        loss, ``g = ∂L/∂y₀`` and ``∇_x L = J_{f₀}(x+η)ᵀg`` (the first inner direction, from the same
+        backward pass: the first layer's input-VJP runs inside it)."""
+        xa = (x + eta).contiguous().requires_grad_(True)
         self._rec.arm(xa)
         with self._timed("full"):
             loss = self.loss_fn(self.model(xa), y)
             (loss * scale).backward()
-        self._count(1, 1)
+        self._count(1, 1, first_backward=1)
         g = self._rec.grad
-        if g is None:
+        if g is None or xa.grad is None:
             raise RuntimeError(f"YOPO: the backward pass did not reach the first layer {self.first_name!r}'s "
                                "output (is the model in eval mode, or is it not on the loss's path?)")
-        return loss.detach(), g / scale
+        return loss.detach(), g / scale, xa.grad / scale
 
-    def _inner(self, x: Tensor, eta: Tensor, g: Tensor) -> Tensor:
-        """n steps ``η ← Π(η + σ·s(J_{f₀}(x+η)ᵀ g))`` through the first layer alone (``p = −g``)."""
+    def _inner(self, x: Tensor, eta: Tensor, g: Tensor, d0: Tensor) -> Tensor:
+        """n steps ``η ← Π(η + σ·s(J_{f₀}(x+η)ᵀ g))`` through the first layer alone (``p = −g``
+        frozen). ``d0 = J_{f₀}(x+η₀)ᵀ g`` comes from the full pass; an affine first layer's
+        direction does not depend on η, so only a non-affine one runs the first layer again (one
+        forward + input-VJP per step after the first)."""
         shape = self._rec.input_shape
         first = self.first
-        direction = None
+        direction = ascent_direction(d0, self.norm)
         with self._timed("first"):
-            for _ in range(self.n):
-                if direction is None or not self.affine:
+            for s in range(self.n):
+                if s > 0 and not self.affine:
                     with torch.enable_grad():
                         e = eta.detach().requires_grad_(True)
                         y0 = first.forward((x + e).reshape(shape))  # .forward: no hook records it
@@ -409,15 +416,15 @@ class YOPO(AdversarialTrainer):
         total = 0.0
         g = None
         for _ in range(self.m):
-            loss, g = self._full_pass(x, eta, y, 1.0 / self.m)
+            loss, g, d0 = self._full_pass(x, eta, y, 1.0 / self.m)
             total += float(loss) / self.m
-            eta = self._inner(x, eta, g)
+            eta = self._inner(x, eta, g, d0)
         self.last_delta, self.last_costate = eta, -g
         return self._step_optimizer(torch.tensor(total, dtype=torch.float64))
 
     def cost_per_batch(self):
-        first = self.m * (1 if self.affine else self.n) if self.n else 0
-        return {"forward": self.m, "backward": self.m, "first_forward": first, "first_backward": first}
+        extra = 0 if self.affine else self.m * max(self.n - 1, 0)
+        return {"forward": self.m, "backward": self.m, "first_forward": extra, "first_backward": self.m + extra}
 
 
 class TradesYOPO(YOPO):
@@ -460,17 +467,17 @@ class TradesYOPO(YOPO):
         kl_total = 0.0
         g = None
         for _ in range(self.m):
-            xa = (x + eta).contiguous()
+            xa = (x + eta).contiguous().requires_grad_(True)
             self._rec.arm(xa)
             with self._timed("full"):
                 kl = trades_kl(zl, self.model(xa))
                 (kl * (self.beta / self.m)).backward()
-            self._count(1, 1)
-            if self._rec.grad is None:
+            self._count(1, 1, first_backward=1)
+            if self._rec.grad is None or xa.grad is None:
                 raise RuntimeError(f"TradesYOPO: the backward pass did not reach the first layer {self.first_name!r}")
             g = self._rec.grad
             kl_total += float(kl.detach()) / self.m
-            eta = self._inner(x, eta, g)
+            eta = self._inner(x, eta, g, xa.grad)
         with self._timed("full"):
             ce = self.loss_fn(zl, y)
             ce.backward()
