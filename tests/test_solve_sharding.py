@@ -273,7 +273,7 @@ def test_nan_on_one_rank_skips_the_step_everywhere(runs):
     for r in range(world):
         assert nan[r]["infos"][1]["skipped"], nan[r]["infos"][1]
         assert nan[r]["infos"][1] == nan[0]["infos"][1]
-        assert nan[r]["infos"][1]["skip_reason"] in ("non-finite loss", "non-finite gradient")
+        assert nan[r]["infos"][1]["skip_reason"].startswith(("non-finite loss", "non-finite gradient"))
         assert nan[r]["skipped"] == 1
         assert not nan[r]["infos"][2]["skipped"]
         assert _same(nan[r]["params"], nan[0]["params"])

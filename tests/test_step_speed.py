@@ -168,7 +168,7 @@ def test_non_finite_data_still_skip_with_weights_untouched():
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert opt.last_step["skipped"] and opt.skipped_steps == 1
-    assert opt.last_step["skip_reason"] == "non-finite gradient"  # (no closure: the loss is not seen)
+    assert opt.last_step["skip_reason"].startswith("non-finite gradient")  # (no closure: the loss is not seen)
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
 
