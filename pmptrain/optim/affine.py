@@ -149,7 +149,7 @@ class EMSARuleBase(Rule):
     #: the defaults of the solver options (every key of ``hyper`` but lr and rho), as in ``EMSA``'s
     #: signature; configurations that do not expose them (DiscreteMSA's kept layers) use these
     SOLVER_DEFAULTS = dict(rho_scale="none", rho_state=None, rho_costate=None, penalty_units="mean", route="auto", costate="auto", stat_decay=0.0, stat_every=1,
-                           eig_refresh=1, eig_floor=0.0, eig_float64=False, max_step=None)
+                           eig_refresh=1, eig_floor=0.0, eig_float64=False, max_step=0.1)
 
     def __init__(self, keys=None):
         super().__init__(keys)
