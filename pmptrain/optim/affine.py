@@ -170,8 +170,8 @@ class EMSARuleBase(Rule):
         ups = [u for u in proposal.updates if u.delta is not None]
         if tau is None or not ups:
             return proposal
-        step_sq = sum(u.change().detach().double().pow(2).sum() for u in ups)
-        param_sq = sum(u.param.detach().double().pow(2).sum() for u in ups)
+        step_sq = sum(_norm_sq(u.change()) for u in ups)
+        param_sq = sum(_norm_sq(u.param) for u in ups)
         alpha = trust_region_factor(step_sq, param_sq, unit_floor_sq([u.param for u in ups]),
                                     float(tau) * ctx.lr_scale(group))
         for u in ups:
@@ -543,6 +543,13 @@ def scale_costate(raw: AffineMember, k: float) -> AffineMember:
         raw, tau=None if raw.tau is None else raw.tau * k,
         cpp=None if raw.cpp is None else raw.cpp * k,
         p_rows=None if raw.p_rows is None else raw.p_rows * math.sqrt(k))
+
+
+def _norm_sq(t: Tensor) -> Tensor:
+    """``‖t‖²`` as a 0-dim tensor, accumulated in at least float32 (no host synchronisation)."""
+    t = t.detach()
+    low = t.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(t, dtype=torch.float32 if low else None).square()
 
 
 def _no_states_message(name: str) -> str:
