@@ -113,7 +113,9 @@ def build(name: str, lr, model, perturb: float):
     if name == "emsa-paper-noperturb":
         return pmptrain.EMSA.paper(model, blocks=(TanhResidualBlock,), rho=1.0, l2=REG, perturb_init=0.0)
     if name == "emsa-closed":
-        return pmptrain.EMSA(model, lr=1.0, rho=1.0)  # the package defaults
+        # the package defaults as recorded (0.1.x: before the default trust region max_step=0.1,
+        # which binds on this zero-started net's steps and changes the curve)
+        return pmptrain.EMSA(model, lr=1.0, rho=1.0, max_step=None)
     raise ValueError(f"unknown run {name!r} (use {', '.join(RUNS)})")
 
 

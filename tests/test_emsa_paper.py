@@ -153,7 +153,7 @@ def test_state_and_costate_weights_follow_the_math(solver, case):
     G = lin.weight.grad.clone()
     lin.zero_grad()
     lr, lam = 0.5, 0.0
-    kw = dict(lr=lr, solver=solver)
+    kw = dict(lr=lr, solver=solver, max_step=None)  # the exact maximiser, no trust region
     if solver == "iterative":
         kw.update(inner_steps=200, inner_optimizer="lbfgs")
     if case == "weights":

@@ -138,7 +138,7 @@ def test_batch_of_one_float32_primal_route_is_solved_not_skipped():
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
                           nn.Linear(16 * 64, 10))
     head = model[4]
-    opt = pmptrain.EMSA(model, lr=1e3, route="primal")
+    opt = pmptrain.EMSA(model, lr=1e3, route="primal", max_step=None)  # the exact solve, unguarded
     seen = {}
 
     def record(module, args, out):

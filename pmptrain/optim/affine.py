@@ -150,7 +150,7 @@ class EMSARuleBase(Rule):
     #: the defaults of the solver options (every key of ``hyper`` but lr and rho), as in ``EMSA``'s
     #: signature; configurations that do not expose them (DiscreteMSA's kept layers) use these
     SOLVER_DEFAULTS = dict(rho_scale="none", rho_state=None, rho_costate=None, penalty_units="mean", route="auto", costate="auto", stat_decay=0.0, stat_every=1,
-                           eig_refresh=1, eig_floor=0.0, eig_float64=False, max_step=None)
+                           eig_refresh=1, eig_floor=0.0, eig_float64=False, max_step=0.1)
 
     def __init__(self, keys=None):
         super().__init__(keys)
@@ -171,8 +171,8 @@ class EMSARuleBase(Rule):
         ups = [u for u in proposal.updates if u.delta is not None]
         if tau is None or not ups:
             return proposal
-        step_sq = sum(u.change().detach().double().pow(2).sum() for u in ups)
-        param_sq = sum(u.param.detach().double().pow(2).sum() for u in ups)
+        step_sq = sum(_norm_sq(u.change()) for u in ups)
+        param_sq = sum(_norm_sq(u.param) for u in ups)
         alpha = trust_region_factor(step_sq, param_sq, unit_floor_sq([u.param for u in ups]),
                                     float(tau) * ctx.lr_scale(group))
         for u in ups:
@@ -553,6 +553,13 @@ def _scalar(t: Tensor):
     """A one-element statistic as a Python float, or as a 0-dim tensor inside
     :func:`pmptrain._deferred.collecting` (no host synchronisation per unit)."""
     return t.reshape(()) if _deferred.active() else float(t)
+
+
+def _norm_sq(t: Tensor) -> Tensor:
+    """``‖t‖²`` as a 0-dim tensor, accumulated in at least float32 (no host synchronisation)."""
+    t = t.detach()
+    low = t.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(t, dtype=torch.float32 if low else None).square()
 
 
 def _no_states_message(name: str) -> str:

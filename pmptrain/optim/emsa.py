@@ -150,6 +150,12 @@ class EMSA(PMPOptimizer):
             ``costate="isotropic"``.
         eig_floor: lower clamp of eigenvalues (default 0.0); eig_float64: eigensolves in float64
             (default False).
+        max_step: τ > 0 or None — the trust region of every closed-form unit (module or tie, weight
+            and bias together): ``‖Δθ‖ ≤ τ·s·max(‖θ‖, ‖θ‖₀)`` with ``s = lr/base_lr`` and ``‖θ‖₀²`` the
+            unit's number of output rows, enforced by shortening the maximiser along itself (still
+            an ascent step of H̃; :mod:`pmptrain.trust`, docs/algorithms.md §5). Default 0.1; None
+            turns it off (the 0.1.x step). Not applied with ρ = 0 or ``solver="iterative"``. An
+            ``lr`` below 1e-2 with the closed form warns once (δ = 1/lr: not an Adam learning rate).
         fallback: ``"adam"`` (default) or ``"sgd"`` for parameters without a maximiser.
         fallback_lr: step size of the fallback (default 1e-3), scaled by ``lr/base_lr``.
         betas, eps: Adam fallback coefficients (default (0.9, 0.999), 1e-8).
@@ -230,7 +236,7 @@ class EMSA(PMPOptimizer):
         eig_refresh: int = 1,
         eig_floor: float = 0.0,
         eig_float64: bool = False,
-        max_step: Optional[float] = None,
+        max_step: Optional[float] = 0.1,
         fallback: str = "adam",
         fallback_lr: float = 1e-3,
         betas: Tuple[float, float] = (0.9, 0.999),
