@@ -250,20 +250,31 @@ def have_transformers() -> bool:
 _UNSUPPORTED = re.compile(r"module '(.*?)' \((\w+)\) has no closed-form maximiser: (.*); its parameters take")
 
 
-def coverage(model: nn.Module, **emsa_kwargs) -> dict:
+def coverage(model: nn.Module, batch=None, loss_fn=None, **emsa_kwargs) -> dict:
     """``EMSA(model, **emsa_kwargs)``'s rule table summarised: ``share`` of trainable parameters on
     a closed-form rule, ``fallback`` (unit → parameter count) and ``why`` (each reason of the
-    construction warnings → the modules it names)."""
+    warnings → the modules it names). With ``batch`` and ``loss_fn`` the table is read after one
+    training step: additive parameters are recognised at the first forward, and a claimed module
+    whose hooks never fired falls back at the first step."""
     import pmptrain
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = pmptrain.EMSA(model, **emsa_kwargs)
+        if batch is not None:
+            model.train()
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            opt.step()
     numel = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     total = sum(numel.values())
     controlled, fallback = 0, {}
     for row in opt.rule_table():
-        n = sum(numel.get(p, 0) for p in row["params"])
+        unit = opt.units.get(row["unit"])
+        fallen = set(unit.rule.fallback_params(unit)) if hasattr(unit.rule, "fallback_params") else set()
+        for p in fallen:  # an additive unit's parameters that entered otherwise (exp, …)
+            fallback[p] = numel.get(p, 0)
+        n = sum(numel.get(p, 0) for p in row["params"] if p not in fallen)
         if row["rule"] == "fallback":
             fallback[row["unit"]] = n
         else:
@@ -296,8 +307,8 @@ def main(argv=None) -> int:
         if name in HF_ZOO and not have_transformers():
             print(f"{name:<20} skipped: transformers is not installed")
             continue
-        model = ZOO[name]()[0]
-        cov = coverage(model)
+        model, batch, loss_fn = ZOO[name]()
+        cov = coverage(model, batch, loss_fn)
         rows[name] = cov
         fb = ", ".join(f"{u} ({n})" for u, n in cov["fallback"].items()) or "-"
         print(f"{name:<20} {cov['params']:>8} {100 * cov['share']:>9.1f}%  {fb}")

@@ -168,8 +168,19 @@ class AdditiveEMSARule(EMSARuleBase):
         return AdditiveState()
 
     def describe(self, unit, group):
+        fallen = self.fallback_params(unit)
         return (f"closed-form E-MSA of additive and layer-scale parameters ({self.describe_rho(group)}; "
-                "recognised at the first forward, the fallback for any that enter otherwise)")
+                "recognised at the first forward, the fallback for any that enter otherwise)"
+                + (f"; on the fallback since the first forward: {', '.join(fallen)}" if fallen else ""))
+
+    @staticmethod
+    def fallback_params(unit: Unit) -> list:
+        """The qualified names of the unit's parameters that take the fallback step (found at the
+        first forward to enter other than additively or as a layer scale)."""
+        mb = unit.members[0]
+        prefix = f"{mb.name}." if mb.name else ""
+        state = unit.state
+        return [prefix + n for n in (state.fallback if state is not None else {})]
 
     def costate_scaled(self, group) -> bool:
         return False  # a bias-only unit has no costate penalty
