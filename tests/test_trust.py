@@ -148,8 +148,9 @@ def test_max_step_is_validated():
 def test_an_adam_like_lr_warns_once_at_the_users_line():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt = pmptrain.EMSA(nn.Linear(3, 3), lr=1e-3)
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr": 1e-4})
+        net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+        opt = pmptrain.EMSA(net, params=net[0].parameters(), lr=1e-3)
+        opt.add_param_group({"params": net[1].parameters(), "lr": 1e-4})  # warned once, not again
     msgs = [w for w in caught if "not an Adam learning rate" in str(w.message)]
     assert len(msgs) == 1 and msgs[0].filename == __file__
     for kw in (dict(lr=1.0), dict(lr=1e-3, rho=0.0), dict(lr=1e-3, solver="iterative"), dict(lr=0.0)):
