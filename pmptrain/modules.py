@@ -471,26 +471,6 @@ class PReLUAdapter(ChannelAffineAdapter):
         return x.dim() >= 2
 
 
-class BiasAdapter(ChannelAffineAdapter):
-    """A :class:`~pmptrain.views.BiasView`: ``y = x + b`` per channel of dimension 1 (the bias of a
-    transposed convolution): the channel kind with only a shift; a sample is one batch entry, its
-    positions are rows."""
-
-    weight_name = None
-    bias_name = "bias"
-
-    def normalize(self, module, x):
-        return x
-
-    def batch_size(self, module, x):
-        return x.shape[0] if x.dim() > 1 else 1
-
-    def _to_rows(self, module, t):
-        if t.dim() == 1:
-            return t.reshape(1, -1)
-        return t.movedim(1, -1).reshape(-1, t.shape[1])
-
-
 class _ChannelDimNorm(ChannelAffineAdapter):
     """Normalisations of ``[N, C, *]`` inputs with a per-channel affine; a sample is one entry of N."""
 
@@ -501,6 +481,18 @@ class _ChannelDimNorm(ChannelAffineAdapter):
         if t.dim() == 1:
             return t.reshape(1, -1)
         return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+class BiasAdapter(_ChannelDimNorm):
+    """A :class:`~pmptrain.views.BiasView`: ``y = x + b`` per channel of dimension 1 (the bias of a
+    transposed convolution): the channel kind with only a shift; a sample is one batch entry, its
+    positions are rows (the rows and samples of :class:`_ChannelDimNorm`)."""
+
+    weight_name = None
+    bias_name = "bias"
+
+    def normalize(self, module, x):
+        return x
 
 
 class BatchNormAdapter(_ChannelDimNorm):
