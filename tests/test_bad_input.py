@@ -125,6 +125,16 @@ def test_an_output_directory_that_cannot_be_created_is_refused_before_loading(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "loop"]  # nothing left behind
 
 
+@pytest.mark.parametrize("task", ["finetune", "robust"])
+def test_the_other_benches_refuse_an_output_directory_that_cannot_be_created(tmp_path, capsys, task):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file" / "sub", "/proc/pmptrain-x/y"):
+        code = cli.main(["bench", "--task", task, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and "--out:" in err and "Traceback" not in err, (out, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_the_output_check_leaves_nothing_behind_and_the_directory_can_then_be_made(tmp_path):
     out = tmp_path / "a" / "b" / "c"
     cli._check_out_dir(out)

@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .records import check_out_dir
+
 __all__ = ["FinetuneConfig", "METHODS", "Task", "load_licenses", "pretrained", "gpt_task", "mnist1d_task",
            "run_finetune_bench", "merge_benches", "main"]
 
@@ -857,8 +859,7 @@ def main(argv: List[str]) -> int:
                              seeds=_seeds(ns.seeds), tensorboard=not ns.no_tensorboard)
         cfg.validate()
         out = Path(ns.out) if ns.out else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out: {out} exists and is not a directory")
+        check_out_dir(out)  # the classifier bench's check: exit 2 before anything is loaded
         run_finetune_bench(cfg, out, device=ns.device)
     except (ValueError, FileNotFoundError) as e:
         print(f"pmptrain bench --task finetune: error: {e}", file=sys.stderr)

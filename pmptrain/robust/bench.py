@@ -413,9 +413,10 @@ def _check(ns) -> None:
 
 
 def run(ns, log=print) -> Dict[str, Any]:
-    from ..bench.records import atomic_write_json, versions
+    from ..bench.records import atomic_write_json, check_out_dir, versions
 
     out = Path(ns.out or f"runs/robust-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_out_dir(out)  # /proc/x, a link loop, a path through a file: exit 2 before the data are loaded
     out.mkdir(parents=True, exist_ok=True)
     if ns.threads:
         torch.set_num_threads(ns.threads)
