@@ -66,6 +66,23 @@ def _tokens(g, n=BATCH, t=SEQ, vocab=VOCAB):
     return torch.randint(0, vocab, (n, t), generator=g)
 
 
+def _nanogpt():
+    """karpathy/nanoGPT's own model definition (its LayerNorm class, tied wte/lm_head), as in
+    tests/nanogpt_faithful.py, trained on its own next-token loss."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from nanogpt_faithful import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB))
+    ids = _tokens(torch.Generator().manual_seed(0))
+
+    def loss(model, batch):
+        return model(batch[:, :-1], batch[:, 1:].contiguous())[1]
+    return model, ids, loss
+
+
 TORCH_ZOO = {
     "Linear": _regression(lambda: nn.Linear(6, 5), _randn(8, 6)),
     "Conv1d": _regression(lambda: nn.Conv1d(3, 4, 3), _randn(2, 3, 10)),
@@ -92,6 +109,14 @@ TORCH_ZOO = {
     "TransformerEncoder": _regression(
         lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
                                       enable_nested_tensor=False), _randn(2, SEQ, 8)),
+    "MultiheadAttention-kdim-vdim-bias_kv": _regression(
+        lambda: nn.MultiheadAttention(8, 2, kdim=6, vdim=5, add_bias_kv=True, add_zero_attn=True, batch_first=True),
+        lambda g: (torch.randn(2, SEQ, 8, generator=g), torch.randn(2, SEQ - 2, 6, generator=g),
+                   torch.randn(2, SEQ - 2, 5, generator=g)),
+        call=lambda m, x: m(*x)[0]),
+    "Transformer": _regression(
+        lambda: nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True), _randn(2, SEQ, 8),
+        call=lambda m, x: m(x, x)),
     "TransformerDecoder": _regression(
         lambda: nn.TransformerDecoder(nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1),
         _randn(2, SEQ, 8), call=lambda m, x: m(x, x)),
@@ -99,6 +124,7 @@ TORCH_ZOO = {
                                                                       torch.randn(6, 3, generator=g)),
                             call=lambda m, x: m(*x)),
     "PReLU": _regression(lambda: nn.PReLU(4), _randn(8, 4)),
+    "nanoGPT": _nanogpt,
 }
 
 
