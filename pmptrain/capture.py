@@ -196,7 +196,7 @@ class _ForwardHook:
 
     def __call__(self, module, args, kwargs, output):
         cap = self.capture
-        if cap._paused or cap.removed or not module.training or not torch.is_grad_enabled():
+        if not cap.recording(module):
             return None
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
@@ -239,7 +239,7 @@ class _ObserverHook:
 
     def __call__(self, module, args, kwargs, output):
         cap = self.capture
-        if cap._paused or cap.removed or not module.training or not torch.is_grad_enabled():
+        if not cap.recording(module):
             return None
         self.observer(module, args, kwargs, output)
         return None
@@ -259,7 +259,7 @@ class _RootHook:
 
     def __call__(self, module, args, kwargs):
         cap = self.capture
-        if cap._paused or cap.removed or not module.training or not torch.is_grad_enabled():
+        if not cap.recording(module):
             return None
         cap.root_trained = True
         for v in list(args) + list(kwargs.values()):
@@ -333,6 +333,11 @@ class ModuleCapture:
         parameter rule)."""
         self._handles.append(root.register_forward_pre_hook(_RootHook(self), with_kwargs=True))
         _forget_compiled_code()
+
+    def recording(self, module: nn.Module) -> bool:
+        """Whether a forward of ``module`` now is recorded: capture live and not paused, the module
+        in training mode, autograd enabled (the one gate of every forward hook)."""
+        return not (self._paused or self.removed) and module.training and torch.is_grad_enabled()
 
     # ------------------------------------------------------------------ registration
     def add(self, key: str, module: nn.Module, adapter, spec: CaptureSpec, sentinel: Optional[Tensor],

@@ -365,7 +365,7 @@ class PMPOptimizer(torch.optim.Optimizer):
     def _partition(self) -> None:
         """Assign rules to modules/parameters (at construction and after ``add_param_group``);
         existing units keep their state."""
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        group_of = self._group_map()
         lazy = self._hook_lazy(group_of)  # parameters of lazy modules not initialised yet: no unit for now
         pname: Dict[int, str] = {}
         for n, p in self.root.named_parameters(remove_duplicate=False):
@@ -634,7 +634,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         that needs none this step (``capture_spec`` None) leaves its hooks registered but inactive."""
         if self.capture.removed:
             return
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        group_of = self._group_map()
         for unit in self.units.values():
             if not unit.rule.module_rule:
                 continue
@@ -701,6 +701,10 @@ class PMPOptimizer(torch.optim.Optimizer):
                 continue
             unit.state = record_from_view(type(unit.state), d)
             unit.scratch["published"] = (d, list(d.items()))
+
+    def _group_map(self) -> Dict[int, Dict[str, Any]]:
+        """``{id(p): its param group}`` for every parameter of the optimizer."""
+        return {id(p): g for g in self.param_groups for p in g["params"]}
 
     def _group_of(self, p: Tensor) -> Dict[str, Any]:
         for g in self.param_groups:
@@ -776,7 +780,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._attach_capture()
         if copied:
-            self._hook_lazy({id(p) for g in self.param_groups for p in g["params"]})
+            self._hook_lazy(self._group_map())
         self._sync_capture()
 
     # ------------------------------------------------------------------ AMP
@@ -915,7 +919,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         self._demote_silent(sizes)
         if sharded is not None and self.units is not before:
             sharded = self._sharded_step()
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]} if sharded is None else sharded.group_of
+        group_of = self._group_map() if sharded is None else sharded.group_of
         units = self.units if sharded is None else sharded.units
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
         # one process: the rules take the fast path, whose safety nets are deferred to the one check
@@ -974,7 +978,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         """The units of this step with whole-tensor stand-ins for FSDP2's sharded parameters
         (:mod:`pmptrain.optim.sharded`)."""
         names = {id(p): n for n, p in self.root.named_parameters()}
-        return ShardedStep(self.units, {id(p): g for g in self.param_groups for p in g["params"]}, names)
+        return ShardedStep(self.units, self._group_map(), names)
 
     def _propose(self, ctx: StepContext, deferred: bool, units: Dict[str, Unit]):
         """``(proposals, deferred checks, failed)``: every unit's (of ``units``: ``self.units``, or
