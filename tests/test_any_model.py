@@ -469,7 +469,7 @@ def test_torch_transformer_layers_are_fully_controlled_and_match_explicit_linear
                 setattr(mod, cname, ExplicitMHA(child))
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(3, 5, 8, dtype=DT, generator=gen), torch.randn(3, 6, 8, dtype=DT, generator=gen)
-    opts = [pmptrain.EMSA(m, strict=True) for m in (model, twin)]
+    opts = [pmptrain.EMSA(m, strict=True, setting="classic") for m in (model, twin)]
     assert any(r["rule"] == "emsa-mha" for r in opts[0].rule_table())
     for m, o in zip((model, twin), opts):
         run(m, x, y).pow(2).mean().backward()

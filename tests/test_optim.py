@@ -702,13 +702,18 @@ def test_sin_regression_toy_short():
 
 def test_solver_defaults_are_emsas_signature_defaults():
     """DiscreteMSA's kept layers take AffineEMSARule.SOLVER_DEFAULTS; they are EMSA's own defaults
-    and cover every solver option of the rule."""
+    (the classic setting's values for the keywords a setting fills) and cover every solver option
+    of the rule."""
     import inspect
 
     from pmptrain.optim.affine import AffineEMSARule
+    from pmptrain.optim.emsa import SETTING_KEYS, SETTINGS
     sig = inspect.signature(pmptrain.EMSA).parameters
     assert set(AffineEMSARule.SOLVER_DEFAULTS) == set(AffineEMSARule.hyper) - {"lr", "rho"}
-    assert {k: sig[k].default for k in AffineEMSARule.SOLVER_DEFAULTS} == AffineEMSARule.SOLVER_DEFAULTS
+    defaults = {k: SETTINGS["classic"][k] if k in SETTING_KEYS else sig[k].default
+                for k in AffineEMSARule.SOLVER_DEFAULTS}
+    assert all(sig[k].default is None for k in SETTING_KEYS)
+    assert defaults == AffineEMSARule.SOLVER_DEFAULTS
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     pmptrain.discretize_(model, "binary", keep=("last",))
     group = pmptrain.DiscreteMSA(model, continuous="emsa").param_groups[0]

@@ -328,6 +328,10 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       (1e2, 1e3, 1e4), takes_wrapper=True,
                       forwards_to="EMSA", description="closed-form E-MSA, rho 5 x each layer's rms costate, delta 1e-3 "
                                   "(the transformer setting)"),
+        OptimizerSpec("emsa-avg", _emsa, {"lr": 1e3, "rho": 5.0, "rho_scale": "costate", "grad_decay": 0.95,
+                                          "stat_decay": 0.95}, "lr",
+                      (1e2, 1e3, 1e4), takes_wrapper=True,
+                      forwards_to="EMSA", description="EXPERIMENT"),
         OptimizerSpec("emsa-iterative", _emsa,
                       {"lr": 1.0, "rho": 1.0, "solver": "iterative", "inner_steps": 10,
                        "inner_lr": 1.0, "inner_optimizer": "lbfgs"},

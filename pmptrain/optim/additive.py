@@ -16,7 +16,7 @@ error under ``strict=True``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -33,10 +33,11 @@ __all__ = ["AdditiveEMSARule", "AdditiveState", "AdditiveObserver"]
 @dataclass
 class AdditiveState:
     """``step``; ``fallback``: the fallback state of each parameter (by its name in the unit) that
-    was found not additive."""
+    was found not additive; ``grad_avg`` with ``grad_decay > 0``."""
 
     step: int = 0
     fallback: Dict[str, FallbackState] = field(default_factory=dict)
+    grad_avg: Optional[List[Optional[Tensor]]] = None
     _nested = {"FallbackState": FallbackState}
 
 
@@ -198,7 +199,7 @@ class AdditiveEMSARule(EMSARuleBase):
         grads = {n: ctx.grad(p) for n, p in own.items()}
         if all(g is None for g in grads.values()):
             return None
-        new_state = AdditiveState(unit.state.step + 1, dict(unit.state.fallback))
+        new_state = AdditiveState(unit.state.step + 1, dict(unit.state.fallback), unit.state.grad_avg)
         ups = []
         for n, p in own.items():
             g = grads[n]
@@ -215,7 +216,7 @@ class AdditiveEMSARule(EMSARuleBase):
                 self._not_additive(mb.name, n, reason or "the model's output does not depend on it through this "
                                    "module's forward")
                 sub = Unit(f"{mb.name}.{n}", self.fallback, [p], [n], state=unit.state.fallback.get(n, FallbackState()))
-                prop = self.fallback.update(sub, ctx, p, g, group)
+                prop = self.fallback.update(sub, ctx, p, ctx.user_grad(p), group)  # .grad, not an average
                 new_state.fallback[n] = prop.state
                 ups.extend(prop.updates)
                 continue

@@ -51,13 +51,18 @@ __all__ = ["AffineEMSARule", "AffineState", "RunningStats", "join_reason"]
 _FLOAT_TYPES = (torch.float32, torch.float64)
 _MAX_GRAM_ROWS = 16384   # a forced Gram route beyond this many rows is a configuration error
 _MAX_DENSE_DIM = 16384   # a dense eigendecomposition beyond this dimension is refused
+#: under running averages (``stat_decay > 0``) a costate side wider than this keeps the isotropic
+#: costate ``tr(C_p)/m`` (averaged like the rest) instead of a dense m×m statistic (a language
+#: model's vocabulary-sized head)
+RUNNING_DENSE_COSTATE_MAX = 4096
 
 
 @dataclass
 class RunningStats:
     """The kept statistics of one member (``stat_decay > 0``: running averages; ``stat_every > 1``:
     those of the last refresh): ``cxx`` = C_x, ``x_mean`` = x̄, ``cpp`` = C_p, ``counts`` = index
-    counts / B (embeddings), ``rows_per_sample`` = L, ``p_trace`` = an embedding's tr C_p."""
+    counts / B (embeddings), ``rows_per_sample`` = L, ``p_trace`` = an embedding's tr C_p, ``tau`` =
+    tr(C_p)/m of a costate side kept isotropic (wider than :data:`RUNNING_DENSE_COSTATE_MAX`)."""
 
     cxx: Optional[Tensor]
     x_mean: Optional[Tensor]
@@ -65,18 +70,21 @@ class RunningStats:
     counts: Optional[Tensor]
     rows_per_sample: float
     p_trace: Optional[float] = None
+    tau: Optional[Tensor] = None
 
 
 @dataclass
 class AffineState:
     """``step``; with running averages, ``running`` (per member) and the eigendecompositions
     ``eig_left`` / ``eig_right`` (``(values, vectors)``; vectors None for a diagonal side) reused
-    between refreshes."""
+    between refreshes; with ``grad_decay > 0``, ``grad_avg``: the running average of the gradient
+    of each of the unit's parameters (in ``unit.params`` order)."""
 
     step: int = 0
     running: Optional[List[RunningStats]] = None
     eig_left: Optional[Tuple[Tensor, Optional[Tensor]]] = None
     eig_right: Optional[Tuple[Tensor, Optional[Tensor]]] = None
+    grad_avg: Optional[List[Optional[Tensor]]] = None
     _nested: ClassVar[dict] = {"RunningStats": RunningStats}
 
 
@@ -124,7 +132,10 @@ class EMSARuleBase(Rule):
       step (the steps in between solve with the kept statistics and eigenbases and their own
       gradient: amortised curvature, K-FAC's factor interval; the matrix rule only, and only for
       units solved on the primal route — a unit in Gram form is solved exactly every step);
-      ``eig_floor``, ``eig_float64`` — eigensolver options.
+      ``eig_floor``, ``eig_float64`` — eigensolver options;
+    * ``grad_decay`` (β_S) — the linear term of H̃ is the running average of the gradient,
+      ``S̄ ← β_S S̄ + (1−β_S)∇J`` (initialised at the first gradient; every closed-form rule, kept in
+      the unit's record as ``grad_avg``), instead of this step's ``∇J`` (β_S = 0).
 
     Decoupled weight decay uses the step size of ``decay_key`` (``fallback_lr``).
     """
@@ -140,6 +151,7 @@ class EMSARuleBase(Rule):
         "route": Choice(("auto", "primal", "gram")),
         "costate": Choice(("auto", "exact", "isotropic")),
         "stat_decay": Real(0.0, 1.0, hi_open=True),
+        "grad_decay": Real(0.0, 1.0, hi_open=True),
         "stat_every": Int(1),
         "eig_refresh": Int(1),
         "eig_floor": Real(0.0, PENALTY_MAX, why="rho times the floor must stay finite in float32"),
@@ -149,7 +161,7 @@ class EMSARuleBase(Rule):
     decay_key = "fallback_lr"
     #: the defaults of the solver options (every key of ``hyper`` but lr and rho), as in ``EMSA``'s
     #: signature; configurations that do not expose them (DiscreteMSA's kept layers) use these
-    SOLVER_DEFAULTS = dict(rho_scale="none", rho_state=None, rho_costate=None, penalty_units="mean", route="auto", costate="auto", stat_decay=0.0, stat_every=1,
+    SOLVER_DEFAULTS = dict(rho_scale="none", rho_state=None, rho_costate=None, penalty_units="mean", route="auto", costate="auto", stat_decay=0.0, grad_decay=0.0, stat_every=1,
                            eig_refresh=1, eig_floor=0.0, eig_float64=False, max_step=0.1)
 
     def __init__(self, keys=None):
@@ -160,6 +172,46 @@ class EMSARuleBase(Rule):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(msg, stacklevel=4)
+
+    def proposal(self, unit: Unit, ctx: StepContext) -> Optional[Proposal]:
+        """:meth:`propose` against the running average of the gradient when ``grad_decay > 0``
+        (:meth:`averaged_gradients`); the averages go into the proposal's record, so a skipped step
+        keeps the old ones."""
+        averages = self.averaged_gradients(unit, ctx)
+        prop = self.propose(unit, ctx)
+        if averages is not None and isinstance(prop, Proposal) and prop.state is not None:
+            prop.state.grad_avg = averages
+        return prop
+
+    def averaged_gradients(self, unit: Unit, ctx: StepContext) -> Optional[List[Optional[Tensor]]]:
+        """With ``grad_decay = β > 0`` (the unit's primary group): ``S̄_p ← β·S̄_p + (1−β)·∇J_p`` for
+        every parameter ``p`` of the unit with a gradient (``S̄_p = ∇J_p`` at its first gradient),
+        made the step's linear term (:meth:`StepContext.set_linear_term`); returns the new
+        averages in ``unit.params`` order (None: β = 0, nothing averaged). A parameter without a
+        gradient keeps its average and is not stepped. Exponential averaging of the linear term is
+        heavy-ball momentum in Adam's form (the first moment); with ``stat_decay`` the penalties are
+        averaged alike, and the step maximises the augmented Hamiltonian of the exponentially
+        weighted mixture of the recent batches (docs/algorithms.md, "Averaged steps")."""
+        group = ctx.group(unit.primary)
+        beta = float(self.value(group, "grad_decay"))
+        if beta == 0.0:
+            return None
+        old = getattr(unit.state, "grad_avg", None) or []
+        out: List[Optional[Tensor]] = []
+        for i, p in enumerate(unit.params):
+            g = ctx.user_grad(p)
+            prev = old[i] if i < len(old) else None
+            if g is None:
+                out.append(prev)
+                continue
+            dt = g.dtype if g.dtype in _FLOAT_TYPES or g.is_complex() else torch.float32
+            if prev is None or prev.shape != g.shape:
+                avg = g.to(dt, copy=True)
+            else:
+                avg = torch.lerp(g.to(dt), prev.to(dt), beta)  # β·S̄ + (1−β)·∇J, a new tensor
+            ctx.set_linear_term(p, avg)
+            out.append(avg)
+        return out
 
     def trust(self, unit: Unit, ctx: StepContext, proposal: Optional[Proposal]) -> Optional[Proposal]:
         """``proposal`` with its step shortened into the trust region ``‖Δ‖ ≤ τ·s·max(‖θ‖, ‖θ‖_0)``
@@ -293,7 +345,7 @@ class AffineEMSARule(EMSARuleBase):
         if adapter.index_input:
             return CaptureSpec("counts", "sqnorm" if self.costate_scaled(group) else "none", False, n, m, dt)
         if self.running_averages(group):
-            return CaptureSpec("dense", "dense", False, n, m, dt)
+            return CaptureSpec("dense", "dense" if m <= RUNNING_DENSE_COSTATE_MAX else "sqnorm", False, n, m, dt)
         states = {"auto": "auto", "gram": "rows", "primal": "dense"}[self.value(group, "route")]
         costates = "sqnorm" if self.value(group, "costate") == "isotropic" else states
         return CaptureSpec(states, costates, False, n, m, dt)
@@ -348,7 +400,10 @@ class AffineEMSARule(EMSARuleBase):
         scale = float(st.samples) * ctx.costate_inv_scale
         mode = self.value(group, "costate")
         gram_out = not running and choose_side(m, rows, route) and st.gg is None
-        iso = mode == "isotropic" or (mode == "auto" and not running and (gram_in or gram_out))
+        if running:  # running averages: the exact costate, isotropic only on a very wide side
+            iso = m > RUNNING_DENSE_COSTATE_MAX
+        else:
+            iso = mode == "isotropic" or (mode == "auto" and (gram_in or gram_out))
         has_rows = bool(st.g_rows) or st.gg is not None
         if not iso and not has_rows and st.g_sq is not None:
             self._warn_once(member.name, f"module {member.name!r}: costate={mode!r} needs the costate rows, but "
@@ -493,14 +548,14 @@ class AffineEMSARule(EMSARuleBase):
                 continue
             cxx = raw.cxx if raw.x_rows is None else raw.x_rows.T @ raw.x_rows / raw.samples
             cpp = raw.cpp if raw.p_rows is None else raw.p_rows.T @ raw.p_rows
-            cur = RunningStats(cxx, raw.x_mean, cpp, raw.counts, raw.rows_per_sample, raw.p_trace)
+            cur = RunningStats(cxx, raw.x_mean, cpp, raw.counts, raw.rows_per_sample, raw.p_trace, raw.tau)
             if prev is not None and beta > 0.0:
                 def ema(a, b):
                     return None if a is None or b is None else beta * a + (1.0 - beta) * b
                 cur = RunningStats(ema(prev.cxx, cur.cxx), ema(prev.x_mean, cur.x_mean), ema(prev.cpp, cur.cpp),
                                    ema(prev.counts, cur.counts),
                                    beta * prev.rows_per_sample + (1.0 - beta) * cur.rows_per_sample,
-                                   ema(prev.p_trace, cur.p_trace))
+                                   ema(prev.p_trace, cur.p_trace), ema(prev.tau, cur.tau))
             new_run.append(cur)
             out.append(_member_from_running(cur, raw))
         return out, new_run
@@ -510,7 +565,7 @@ def _member_from_running(r: RunningStats, like: Optional[AffineMember]) -> Affin
     """Running averages as an :class:`AffineMember` (already per sample: ``samples = 1``), with the
     bias data of this step's member ``like``."""
     return AffineMember(1.0, r.rows_per_sample, like.transposed if like is not None else False,
-                        cxx=r.cxx, counts=r.counts, x_mean=r.x_mean, cpp=r.cpp,
+                        cxx=r.cxx, counts=r.counts, x_mean=r.x_mean, cpp=r.cpp, tau=r.tau,
                         grad_b=like.grad_b if like is not None else None,
                         delta_b=like.delta_b if like is not None else None,
                         p_trace=r.p_trace if r.p_trace is not None else (like.p_trace if like is not None else None))

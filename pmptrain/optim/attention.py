@@ -47,10 +47,12 @@ class ProjectionAdapter(LinearAdapter):
 
 @dataclass
 class MHAState:
-    """``step``; ``parts``: the :class:`~pmptrain.optim.affine.AffineState` of each projection."""
+    """``step``; ``parts``: the :class:`~pmptrain.optim.affine.AffineState` of each projection;
+    ``grad_avg`` with ``grad_decay > 0`` (of the module's parameters)."""
 
     step: int = 0
     parts: Dict[str, AffineState] = field(default_factory=dict)
+    grad_avg: Optional[List[Optional[Tensor]]] = None
     _nested: ClassVar[dict] = {"AffineState": AffineState, "RunningStats": RunningStats}
 
 
@@ -195,7 +197,7 @@ class MHAEMSARule(EMSARuleBase):
             updates.append(Update(p, delta, decay=ctx.decay(p, self.decay_key)))
         if not updates:
             return None
-        return Proposal(updates, MHAState(unit.state.step + 1, parts))
+        return Proposal(updates, MHAState(unit.state.step + 1, parts, unit.state.grad_avg))
 
     def describe(self, unit, group):
         names = [n for n, *_ in self._blocks(unit)]

@@ -16,7 +16,7 @@ Derivations: docs/algorithms.md §2, "Normalisation layers" and "Grouped convolu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -44,13 +44,14 @@ def _ema(old: Optional[Tensor], new: Tensor, beta: float) -> Tensor:
 @dataclass
 class ChannelState:
     """``step``; with running averages the per-sample statistics ``a = Σx̂²/B``, ``b = Σx̂/B``,
-    ``e = Σp̂²/B`` (per channel) and ``rows_per_sample``."""
+    ``e = Σp̂²/B`` (per channel) and ``rows_per_sample``; ``grad_avg`` with ``grad_decay > 0``."""
 
     step: int = 0
     a: Optional[Tensor] = None
     b: Optional[Tensor] = None
     e: Optional[Tensor] = None
     rows_per_sample: float = 0.0
+    grad_avg: Optional[List[Optional[Tensor]]] = None
 
 
 class ChannelEMSARule(EMSARuleBase):
@@ -143,7 +144,7 @@ class ChannelEMSARule(EMSARuleBase):
 class GroupedState:
     """``step``; with running averages the per-group ``cxx``, ``x_mean``, ``cpp``, ``rows_per_sample``
     and the eigendecompositions reused between refreshes (``eig_in`` of ``C'_x``, ``eig_out`` of
-    ``C_p``)."""
+    ``C_p``); ``grad_avg`` with ``grad_decay > 0``."""
 
     step: int = 0
     cxx: Optional[Tensor] = None
@@ -152,6 +153,7 @@ class GroupedState:
     rows_per_sample: float = 0.0
     eig_in: Optional[Tuple[Tensor, Tensor]] = None
     eig_out: Optional[Tuple[Tensor, Tensor]] = None
+    grad_avg: Optional[List[Optional[Tensor]]] = None
 
 
 class GroupedEMSARule(EMSARuleBase):

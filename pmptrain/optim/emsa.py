@@ -12,7 +12,7 @@ Adam/SGD fallback (with a warning naming the module and the reason; ``strict=Tru
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -44,6 +44,58 @@ def controlled_block(module: nn.Module) -> nn.Module:
         raise TypeError(f"controlled_block: expected an nn.Module, got {type(module).__name__}")
     module._pmptrain_block = True
     return module
+
+
+#: The keywords a setting fills (those the caller leaves at None).
+SETTING_KEYS = ("lr", "rho", "rho_scale", "grad_decay", "stat_decay")
+
+#: E-MSA's settings (docs/algorithms.md, "Settings"): ``classic`` is the paper's E-MSA in mean units
+#: (ρ 1, δ = 1/lr = 1), measured best on the MLP/CNN/ResNet classifier benches; ``transformer``
+#: puts ρ in units of each layer's rms costate (ρ 5, δ 1e-3) and averages the linear term and the
+#: penalties over the recent batches (β 0.95), measured best on the GPT bench and nanoGPT.
+SETTINGS = {
+    "classic": dict(lr=1.0, rho=1.0, rho_scale="none", grad_decay=0.0, stat_decay=0.0),
+    "transformer": dict(lr=1e3, rho=5.0, rho_scale="costate", grad_decay=0.95, stat_decay=0.95),
+}
+
+
+def sequence_modules(model: nn.Module) -> List[str]:
+    """The names of the modules that make ``model`` a token/attention model for ``setting="auto"``:
+    ``nn.Embedding`` / ``nn.EmbeddingBag`` (subclasses included: token or position tables) and
+    ``nn.MultiheadAttention``."""
+    root = unwrap_model(model)[0] if isinstance(model, nn.Module) else None
+    if root is None:
+        return []
+    kinds = (nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention)
+    return [n or "(the model)" for n, m in root.named_modules() if isinstance(m, kinds)]
+
+
+def choose_setting(setting: str, model: nn.Module, given: Dict[str, Any],
+                   solver: str = "closed") -> Tuple[str, str, Dict[str, Any]]:
+    """``(name, why, values)``: the setting that fills the keywords of :data:`SETTING_KEYS` left at
+    None in ``given``. ``"auto"``: ``classic`` when any of ``lr``, ``rho``, ``rho_scale`` is given
+    (their meaning is the classic one; the rest keep the classic values) or with the iterative
+    solver, else ``transformer`` for a
+    model with token embeddings or attention (:func:`sequence_modules`) and ``classic`` otherwise.
+    An explicit ``"classic"`` / ``"transformer"`` fills only what is not given."""
+    setting = Choice(("auto", *SETTINGS)).check("setting", setting)
+    if setting == "auto":
+        core = [k for k in ("lr", "rho", "rho_scale") if given.get(k) is not None]
+        if solver == "iterative":
+            setting, why = "classic", "auto: solver='iterative'"
+        elif core:
+            setting, why = "classic", f"auto: {', '.join(core)} given"
+        else:
+            found = sequence_modules(model)
+            if found:
+                more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+                setting, why = "transformer", f"auto: token embeddings or attention ({found[0]}{more})"
+            else:
+                setting, why = "classic", "auto: no token embedding or attention module"
+    else:
+        why = "given"
+    values = {k: (given[k] if given.get(k) is not None else SETTINGS[setting][k]) for k in SETTING_KEYS}
+    return setting, why, values
 
 
 def _check_blocks(blocks, model, solver):
@@ -117,18 +169,26 @@ class EMSA(PMPOptimizer):
             group). Every key below may be set per group; weight and bias of one module may sit in
             different groups (``rho``, ``route``, ``costate``, ``stat_decay`` … of a module come from
             its weight's group; ``lr`` and ``weight_decay`` are per parameter).
-        lr: proximal step size, ``δ = 1/lr`` (default 1.0). With ``rho=0`` the update is exactly
+        setting: which values ``lr``, ``rho``, ``rho_scale``, ``grad_decay`` and ``stat_decay`` take
+            when left at None (:data:`SETTINGS`; docs/algorithms.md, "Settings"): ``"classic"``
+            (ρ 1, lr 1, ρ as given, no averaging: the paper's E-MSA, best on the classifier
+            benches), ``"transformer"`` (ρ 5 × each layer's rms costate, lr 1e3, gradient and
+            statistics averaged with β 0.95: best on the GPT bench and nanoGPT) or ``"auto"``
+            (default): ``classic`` if any of ``lr``, ``rho``, ``rho_scale`` is given or
+            ``solver="iterative"``, else ``transformer`` for a model with token embeddings or
+            attention (``nn.Embedding``, ``nn.EmbeddingBag``, ``nn.MultiheadAttention``, subclasses
+            included) and ``classic`` otherwise. :meth:`rule_table` prints the choice and why.
+        lr: proximal step size, ``δ = 1/lr`` (default: the setting's, 1.0 or 1e3). With ``rho=0`` the update is exactly
             ``θ ← θ − lr·∇J`` (SGD). Schedulers change it: with ``s = lr/base_lr`` (``base_lr``:
             the group's ``lr`` at creation) ρ becomes ``ρ/s`` too, so every closed-form step is
             exactly ``s`` times its value at ``base_lr``; the fallback steps scale with ``s``, so
             ``lr = 0`` freezes the whole model.
-        rho: 0 ≤ ρ ≤ 2**64, weight of the feasibility penalties (default 1.0); the bound (and
+        rho: 0 ≤ ρ ≤ 2**64, weight of the feasibility penalties (default: the setting's, 1.0 or 5.0); the bound (and
             ``lr`` = 0 or in [2**-64, 2**64]) keeps ρ·C, ρ² and δ = 1/lr finite in float32.
-        rho_scale: ``"none"`` (default: ρ as given, as in the paper) or ``"costate"``: ρ in units
+        rho_scale: ``"none"`` (classic: ρ as given, as in the paper) or ``"costate"`` (transformer): ρ in units
             of each unit's root-mean-square costate entry, ``ρ_t = ρ·r_t``
             (:func:`pmptrain.hamiltonian.costate_rms`) — the penalties then keep pace with the
-            Hamiltonian's linear term in every layer. The setting that works on transformers
-            (docs/benchmarks.md, GPT bench): ``rho=5, rho_scale="costate", lr=1e3``.
+            Hamiltonian's linear term in every layer (the transformer setting).
         route: ``"auto"`` (default) | ``"primal"`` | ``"gram"`` — how each side's statistic is kept
             and solved (all exact; auto uses the N×N Gram form on a side with fewer rows N than
             features).
@@ -136,9 +196,15 @@ class EMSA(PMPOptimizer):
             ``ρC_p`` by ``ρ·tr(C_p)/m·I`` (one SPD solve; exact when C_p is isotropic);
             ``"auto"`` (default) uses ``"isotropic"`` when a side is in Gram form (wide Linear
             layers, where C_p is measured to be tiny) and ``"exact"`` otherwise.
-        stat_decay: β ∈ [0, 1): running averages ``C ← βC + (1−β)C_batch`` (default 0: this step's
-            backward passes only). β > 0 forces the primal route and the exact costate.
+        stat_decay: β ∈ [0, 1): running averages ``C ← βC + (1−β)C_batch`` (default: the setting's,
+            0 — this step's backward passes only — or 0.95). β > 0 forces the primal route and the exact costate.
         eig_refresh: recompute the eigenbases every k steps when ``stat_decay > 0`` (default 1).
+        grad_decay: β_S ∈ [0, 1): the linear term of every closed-form unit is the running average
+            of the gradient, ``S̄ ← β_S S̄ + (1−β_S)∇J`` (initialised at the first gradient; Adam's
+            first moment), instead of this step's ``∇J`` (default: the setting's, 0 or 0.95). Use it with ``stat_decay``
+            (the same β): then the step maximises the augmented Hamiltonian of the exponentially
+            weighted mixture of the recent batches; alone, a direction the current batch does
+            not excite is divided by δ only (docs/algorithms.md, "Averaged steps").
         stat_every: K ≥ 1 — capture the statistics only on every K-th step (default 1: every step).
             The steps in between solve the same closed form with the statistics and eigenbases of
             the last capture and their own ``.grad`` (amortised curvature, K-FAC's factor interval):
@@ -226,12 +292,14 @@ class EMSA(PMPOptimizer):
         model: nn.Module,
         params: Optional[Iterable] = None,
         *,
-        lr: float = 1.0,
-        rho: float = 1.0,
-        rho_scale: str = "none",
+        setting: str = "auto",
+        lr: Optional[float] = None,
+        rho: Optional[float] = None,
+        rho_scale: Optional[str] = None,
         route: str = "auto",
         costate: str = "auto",
-        stat_decay: float = 0.0,
+        stat_decay: Optional[float] = None,
+        grad_decay: Optional[float] = None,
         stat_every: int = 1,
         eig_refresh: int = 1,
         eig_floor: float = 0.0,
@@ -263,6 +331,12 @@ class EMSA(PMPOptimizer):
         shard_solves: bool = True,
     ):
         self.solver = Choice(("closed", "iterative")).check("solver", solver)
+        params, given = self._positional_lr(params, {"lr": lr})
+        lr = given["lr"]
+        self.setting, self.setting_reason, values = choose_setting(
+            setting, model, dict(lr=lr, rho=rho, rho_scale=rho_scale, grad_decay=grad_decay, stat_decay=stat_decay),
+            self.solver)
+        lr, rho, rho_scale, grad_decay, stat_decay = (values[k] for k in SETTING_KEYS)
         self._block_types, self._block_names = _check_blocks(blocks, model, self.solver)
         self._by_kind = {"matrix": AffineEMSARule(), "grouped": GroupedEMSARule(), "channel": ChannelEMSARule()}
         self._mha = MHAEMSARule()
@@ -271,7 +345,7 @@ class EMSA(PMPOptimizer):
         self._additive = AdditiveEMSARule(self._fallback, strict=strict)
         defaults = dict(
             lr=lr, rho=rho, rho_scale=rho_scale, route=route, costate=costate, stat_decay=stat_decay,
-            stat_every=stat_every, eig_refresh=eig_refresh,
+            grad_decay=grad_decay, stat_every=stat_every, eig_refresh=eig_refresh,
             eig_floor=eig_floor, eig_float64=eig_float64, max_step=max_step, fallback=fallback, fallback_lr=fallback_lr,
             betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, inner_steps=inner_steps,
             inner_lr=inner_lr, inner_optimizer=inner_optimizer, inner_max_eval=inner_max_eval,
@@ -283,6 +357,11 @@ class EMSA(PMPOptimizer):
                          [*self._by_kind.values(), self._mha, self._iterative, self._fallback, self._additive],
                          strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler,
                          shard_solves=shard_solves)
+
+    def _table_note(self) -> Optional[str]:
+        values = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in SETTINGS[self.setting].items())
+        return f"setting: {self.setting} ({self.setting_reason}; its defaults: {values})"
 
     @classmethod
     def paper(cls, model: nn.Module, params: Optional[Iterable] = None, **overrides) -> "EMSA":

@@ -146,6 +146,7 @@ class StepContext:
         self.world = world
         self.sizes = sizes
         self._grads: Dict[int, Optional[Tensor]] = {}
+        self._linear: Dict[int, Tensor] = {}
         self.owners: Optional[Dict[str, int]] = None
         self.me = 0
         self.asked: List[str] = []  # units that reached their solve (in order): their results are exchanged
@@ -174,6 +175,19 @@ class StepContext:
         return self.sizes[member]
 
     def grad(self, p: Optional[Tensor]) -> Optional[Tensor]:
+        """The gradient in the linear term of the step of ``p``: ``∇J`` as the user left it in
+        ``.grad`` (None without a gradient) or, for a closed-form unit with ``grad_decay > 0``, its
+        running average (:meth:`set_linear_term`)."""
+        if p is not None and id(p) in self._linear:
+            return self._linear[id(p)]
+        return self.user_grad(p)
+
+    def set_linear_term(self, p: Tensor, g: Tensor) -> None:
+        """Make :meth:`grad` of ``p`` return ``g`` for the rest of the step (the running average of
+        the gradient that a closed-form rule with ``grad_decay > 0`` maximises against)."""
+        self._linear[id(p)] = g
+
+    def user_grad(self, p: Optional[Tensor]) -> Optional[Tensor]:
         """``∇J`` of ``p`` as the user left it in ``.grad`` (None without a gradient)."""
         if p is None or p.grad is None:
             return None
@@ -279,6 +293,11 @@ class Rule:
         """Called after ``load_state_dict`` replaced the unit's state: rules whose weights are a
         function of their state (latent baselines) rewrite them from it."""
 
+    def proposal(self, unit: Unit, ctx: StepContext) -> Optional[Proposal]:
+        """What the shell calls for every unit and step: :meth:`propose` (rules that keep state
+        around their proposal, such as a running average of the gradient, override this)."""
+        return self.propose(unit, ctx)
+
     def propose(self, unit: Unit, ctx: StepContext) -> Optional[Proposal]:
         raise NotImplementedError
 
@@ -345,7 +364,9 @@ def record_from_dict(cls: type, data: Dict[str, Any], device, types: Optional[Di
     record types that may be nested inside (default: the fields' declared types are not inspected,
     so nested records must be listed)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    if set(data) != names:
+    defaults = {f.name for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    if set(data) - names or names - set(data) - defaults:  # a field added later (with a default) may be absent
         raise ValueError(
             f"state record {cls.__name__}: expected fields {sorted(names)}, got {sorted(data)}"
         )

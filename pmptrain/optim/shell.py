@@ -100,6 +100,8 @@ class RuleTable(list):
     """The rows of :meth:`PMPOptimizer.rule_table` (a list of dicts); ``print`` shows them as a table."""
 
     COLUMNS = ("unit", "rule", "params", "description")
+    #: a line printed above the table (EMSA: the setting its defaults took, and why), or None
+    note: Optional[str] = None
 
     def __str__(self) -> str:
         cells = [[", ".join(r[c]) if c == "params" else str(r[c]) for c in self.COLUMNS] for r in self]
@@ -107,7 +109,7 @@ class RuleTable(list):
         lines = ["  ".join(c.ljust(w) for c, w in zip(self.COLUMNS, widths)).rstrip(),
                  "  ".join("-" * w for w in widths)]
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-        return "\n".join(lines)
+        return "\n".join(([self.note] if self.note else []) + lines)
 
 
 class Unsupported:
@@ -729,11 +731,16 @@ class PMPOptimizer(torch.optim.Optimizer):
         """One row per unit: ``{"unit", "rule", "params", "description"}`` — what each module or
         parameter is trained by. A list of dicts; ``print(opt.rule_table())`` shows it as a table."""
         out = RuleTable()
+        out.note = self._table_note()
         for unit in self.units.values():
             group = self._group_of(unit.primary)
             out.append({"unit": unit.name, "rule": unit.rule.name, "params": list(unit.param_names),
                         "description": unit.rule.describe(unit, group)})
         return out
+
+    def _table_note(self) -> Optional[str]:
+        """The line :meth:`rule_table` prints above its rows (None: none)."""
+        return None
 
     def end_epoch(self) -> None:
         """Advance per-epoch schedules; call once at the end of every epoch. No-op here;
@@ -989,7 +996,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             for unit in units.values():
                 try:
                     with phase("propose"):
-                        prop = unit.rule.propose(unit, ctx)
+                        prop = unit.rule.proposal(unit, ctx)
                 except torch.linalg.LinAlgError:
                     return proposals, flags, unit.name
                 if prop is not None:
@@ -1042,7 +1049,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         for unit in units.values():
             try:
                 with phase("propose"):
-                    results[unit.name] = unit.rule.propose(unit, ctx)
+                    results[unit.name] = unit.rule.proposal(unit, ctx)
             except Exception as exc:  # reported to every rank by the exchange (no rank may leave it)
                 results[unit.name] = exc
         asked = set(ctx.asked)
