@@ -16,7 +16,7 @@ Derivations: docs/algorithms.md §2, "Normalisation layers" and "Grouped convolu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -45,6 +45,8 @@ def _ema(old: Optional[Tensor], new: Tensor, beta: float) -> Tensor:
 class ChannelState:
     """``step``; with running averages the per-sample statistics ``a = Σx̂²/B``, ``b = Σx̂/B``,
     ``e = Σp̂²/B`` (per channel) and ``rows_per_sample``."""
+
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("a", "b", "e")  # per channel: sharded under FSDP2
 
     step: int = 0
     a: Optional[Tensor] = None

@@ -53,7 +53,7 @@ from ..views import views_of
 from . import ranks
 from .hyper import PENALTY_MAX, Real, Spec, is_number
 from .rule import Member, Proposal, Rule, StepContext, Unit, cast_state, clone_state, record_from_view, record_view
-from .sharded import ShardedStep, has_sharded_params
+from .sharded import ShardedStep, has_sharded_params, shard_record
 from .solve_shard import Deferred, SolveFailure, assign_owners, exchange
 
 __all__ = ["PMPOptimizer", "StepInfo", "Unsupported", "unwrap_model"]
@@ -964,7 +964,7 @@ class PMPOptimizer(torch.optim.Optimizer):
                 sharded.write_back()
         for unit, prop in proposals:
             real = self.units[unit.name]  # (under FSDP2 `unit` is the step's whole-tensor stand-in)
-            real.state = prop.state
+            real.state = prop.state if sharded is None else sharded.keep(real, prop.state)
             self._publish(real)
         self._skip_run = 0
         n_mod = sum(1 for unit, _ in proposals if unit.rule.module_rule)
@@ -1229,7 +1229,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for name, st in states.items():
                 unit = self.units[name]
-                unit.state = st
+                unit.state = shard_record(st, unit.primary)  # FSDP2: each rank keeps its rows
                 unit.rule.restore(unit, self._group_of(unit.primary))
         self._publish_state()
         if extra is not None:
