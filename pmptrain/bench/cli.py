@@ -481,7 +481,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from .data import DataError
-    from .ranks import broadcast_object, dist_info, init_distributed
+    from .ranks import broadcast_object, init_distributed
     from .sweep import run_bench
 
     try:
@@ -493,26 +493,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ns.dry_run:
         print(json.dumps(cfg.to_dict(), indent=1, default=str))
         return 0
-    if isinstance(cfg, LMConfig):
-        from .lm import run_lm_bench
-
-        if dist_info()[1] > 1:
-            print(f"pmptrain {ns.command}: error: the language-model bench runs in one process", file=sys.stderr)
-            return 2
-        try:
-            run_lm_bench(cfg, out)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
-            return 2
-        except RuntimeError as e:
-            print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
-            return 1
-        return 0
     rank, world = init_distributed()
     try:
         out = Path(broadcast_object(str(out)))
-        run_bench(cfg, out, resume=resume)
-    except (ValueError, DataError) as e:
+        if isinstance(cfg, LMConfig):
+            from .lm import run_lm_bench
+
+            run_lm_bench(cfg, out)
+        else:
+            run_bench(cfg, out, resume=resume)
+    except (ValueError, DataError, FileNotFoundError) as e:
         if rank == 0:
             print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
         return 2
