@@ -87,3 +87,53 @@ def test_gpt_bench_distributed_refusals(tmp_path):
         assert "--fsdp" in msgs[0] and "DDP" in msgs[0], msgs
         assert "--batch-size" in msgs[1] and "2 ranks" in msgs[1], msgs
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------- fine-tuning
+TINY_FT = ["--seeds", "0", "--steps", "3", "--pretrain-steps", "3", "--n-embd", "16", "--n-head", "2",
+           "--seq-len", "16", "--batch-size", "4", "--eval-every", "1", "--eval-batches", "1", "--rank", "2",
+           "--max-bytes", "20000", "--threads", "1", "--no-tensorboard"]
+# full-emsa is left out: its wpe (positions, one "sample" per rank) with rho_scale="costate" differs
+# between 1 and 2 ranks (docs/api.md, "Distributed training")
+FT_METHODS = "full-adamw,lora-adamw,lora-emsa,parallel-emsa,parallel2-emsa,nonlinear-adamw,binary-dmsa"
+FT_REL = 1e-4  # measured: ≤ 1.3e-7 for the control rows, 2.5e-6 for full-adamw (Adam's normalised step)
+
+
+def test_finetune_bench_under_torchrun_fsdp_reproduces_one_process(tmp_path):
+    from pmptrain.bench.finetune import _LICENSES
+
+    tune = "licenses"
+    if not _LICENSES.is_dir():
+        tune = str(tmp_path / "tune.txt")
+        Path(tune).write_text("Permission is hereby granted, free of charge, to any person. " * 400)
+    common = ["bench", "--task", "finetune", "--cache-dir", str(tmp_path / "cache"), "--tune-corpus", tune,
+              "--methods", FT_METHODS, *TINY_FT]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main([*common, "--out", str(one)]) == 0
+    p = _torchrun([*common, "--fsdp", "--out", str(two)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("pretrained model: cached") == 1, p.stdout  # rank 0 logs; the cache was reused
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert r1["world_size"] == 1 and r2["world_size"] == 2 and r2["config"]["fsdp"] is True
+    for a, b in zip(r1["runs"], r2["runs"]):
+        m = a["method"]
+        assert m == b["method"]
+        for ha, hb in zip(a["history"], b["history"]):
+            assert hb["val_loss"] == pytest.approx(ha["val_loss"], rel=FT_REL), m
+            if "train_loss" in ha:
+                assert hb["train_loss"] == pytest.approx(ha["train_loss"], rel=FT_REL), m
+        assert b["old_val_loss"] == pytest.approx(a["old_val_loss"], rel=FT_REL), m
+        for k in ("trainable_params", "adapter_bytes", "adapter_payload_bytes"):
+            assert a[k] == b[k], (m, k)
+        assert b["roundtrip_exact"] and b["frozen_base_untouched"] and b["skipped_steps"] == 0, m
+        # per rank: half the parameters, gradients and optimizer state (the shards), half the rows
+        assert b["train_memory_mb"] < 0.75 * a["train_memory_mb"], (m, a["train_memory_mb"], b["train_memory_mb"])
+
+
+def test_finetune_bench_distributed_refusals(tmp_path):
+    p = _torchrun(["bench", "--task", "finetune", *TINY_FT, "--batch-size", "3", "--out", str(tmp_path / "o")],
+                  tmp_path)
+    # (torchrun exits 1 when a worker fails; the workers exit 2, and only rank 0 prints)
+    assert p.returncode != 0 and p.stderr.count("error: --fsdp: under torchrun") == 1, p.stderr[-2000:]
+    assert "exitcode  : 2" in p.stderr
+    assert not (tmp_path / "o").exists()
