@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 CONFIGS = {
     "emsa": dict(rho=1.0),
     "emsa-stat_decay": dict(rho=1.0, stat_decay=0.95),
-    "emsa-adam-fallback": dict(exclude=("wte", "wpe", "h.0.ln_1", "h.0.ln_2", "h.1.ln_1", "h.1.ln_2", "ln_f",
-                                        "h.0.mlp", "h.1.mlp")),
+    # the embeddings, LayerNorms and MLPs by the Adam fallback (per-parameter moments); attention by E-MSA
+    "emsa-adam-fallback": dict(exclude=("wte", "lm_head", "wpe", "h.0.ln_1", "h.0.ln_2", "h.1.ln_1", "h.1.ln_2",
+                                        "ln_f", "h.0.mlp.0", "h.0.mlp.2", "h.1.mlp.0", "h.1.mlp.2")),
 }
 
 

@@ -214,7 +214,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "--no-shuffle feeds it in file order")
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=S,
                    help="under torchrun: shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) "
-                        "instead of wrapping it in DDP (default off)")
+                        "instead of wrapping it in DDP (default off; --model gpt: each block then the root, "
+                        "required under torchrun)")
     g.add_argument("--lr", default=S, metavar="X|OPT=X,...",
                    help="each optimizer's step-size hyper-parameter (lr; rho for *-msa; for bop its lr "
                         "is the rate gamma): one value for all or per name (default: registry defaults)")

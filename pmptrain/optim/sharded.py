@@ -26,8 +26,8 @@ holds the summed statistics they are computed from.
 
 Cost per step: one all-gather of every sharded parameter, of its gradient and of each of its
 sharded state tensors (the stand-ins), no collective to re-shard (each rank keeps its rows of the
-result); memory during the step: the whole parameters, gradients and state of the units, one unit
-kind after another being alive at once (the stand-ins of every sharded unit are built together).
+result); memory during the step: the whole parameters, gradients and state of every sharded unit
+(the stand-ins of all units exist together until the step is applied).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from .. import distributed as pdist
 from .rule import Unit
 
-__all__ = ["ShardedStep", "has_sharded_params", "whole_record", "shard_record", "state_bytes"]
+__all__ = ["ShardedStep", "has_sharded_params", "whole_record", "shard_record", "state_bytes", "whole_state_dict"]
 
 
 def has_sharded_params(params) -> bool:
@@ -97,6 +97,13 @@ def shard_record(rec, param):
         if isinstance(v, Tensor) and not pdist.is_sharded(v) and tuple(v.shape) == tuple(param.shape) and v.dim():
             changes[name] = _shard_like(v, param)
     return dataclasses.replace(rec, **changes) if changes else rec
+
+
+def whole_state_dict(sd):
+    """An optimizer ``state_dict()`` with every ``DTensor`` replaced by its whole tensor (a collective
+    per sharded tensor: every rank calls it, in the same order): what one rank can ``torch.save``
+    and any number of ranks load (``load_state_dict`` shards it again)."""
+    return _whole(sd)
 
 
 def state_bytes(opt) -> Dict[str, int]:
