@@ -75,7 +75,8 @@ def main(argv=None):
     for world in (2, 4):
         table[world] = run_distributed(_rank_main, world, args=(args,), timeout=600.0)
     rows = []
-    print(f"{'config':<20} {'ranks':>5} {'sharded/rank (max)':>20} {'whole/rank':>12} {'total/rank':>12} {'vs 1 rank':>10}")
+    print(f"{'config':<20} {'ranks':>5} {'sharded/rank (max)':>20} {'whole/rank':>12} {'total/rank':>12} "
+          f"{'vs 1 rank':>10}")
     for name in CONFIGS:
         one = table[1][0][name]["sharded"] + table[1][0][name]["whole"]
         for world, ranks in table.items():

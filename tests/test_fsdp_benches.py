@@ -2,8 +2,8 @@
 
 Two ranks, each training on its half of every global batch with the GPT's blocks sharded by FSDP2,
 must reproduce the one-process bench's training and validation losses within float32 rounding
-(measured: at most 1e-7 relative on these tiny runs, 9e-8 for E-MSA's training loss; asserted 2e-5), and only rank 0 logs and
-writes. Distributed runs the benches cannot do are refused with messages naming the option.
+(measured: at most 1e-7 relative on these tiny runs; asserted 2e-5), and only rank 0 logs and writes.
+Distributed runs the benches cannot do are refused with messages naming the option.
 """
 
 from __future__ import annotations

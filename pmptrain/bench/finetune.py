@@ -214,24 +214,34 @@ def _add_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _val_plain(model, batches, device) -> float:
+    """:func:`_val` of an unsharded model in this process alone (no collective)."""
+    was = model.training
+    model.eval()
+    v = sum(float(_loss(model, x.to(device), y.to(device))) for x, y in batches) / len(batches)
+    model.train(was)
+    return v
+
+
+@torch.no_grad()
 def _val(model, batches, device) -> float:
     """The mean over ``batches`` of each batch's mean loss (with several ranks: the sums and counts of
     the ranks' rows, added over the ranks — the loss of the whole batch)."""
+    from .ranks import dist_info
+
+    if dist_info()[1] == 1:
+        return _val_plain(model, batches, device)
     was = model.training
     model.eval()
-    if _part(torch.zeros(2)).shape[0] == 2:  # one process
-        v = sum(float(_loss(model, x.to(device), y.to(device))) for x, y in batches) / len(batches)
-    else:
-        sums = torch.zeros(len(batches), 2, dtype=torch.float64)
-        for i, (x, y) in enumerate(batches):
-            logits = model(_part(x).to(device))
-            sums[i, 0] = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), _part(y).to(device).reshape(-1),
-                                               reduction="sum"))
-            sums[i, 1] = _part(y).numel()
-        _add_over_ranks(sums)
-        v = float((sums[:, 0] / sums[:, 1]).mean())
+    sums = torch.zeros(len(batches), 2, dtype=torch.float64)
+    for i, (x, y) in enumerate(batches):
+        logits = model(_part(x).to(device))
+        sums[i, 0] = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), _part(y).to(device).reshape(-1),
+                                           reduction="sum"))
+        sums[i, 1] = _part(y).numel()
+    _add_over_ranks(sums)
     model.train(was)
-    return v
+    return float((sums[:, 0] / sums[:, 1]).mean())
 
 
 def _sched(opt, total: int, warmup: float):
@@ -881,16 +891,6 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
 
 def _silent(*args, **kwargs) -> None:
     """The log of ranks other than 0."""
-
-
-@torch.no_grad()
-def _val_plain(model, batches, device) -> float:
-    """:func:`_val` of an unsharded model in this process alone (no collective)."""
-    was = model.training
-    model.eval()
-    v = sum(float(_loss(model, x.to(device), y.to(device))) for x, y in batches) / len(batches)
-    model.train(was)
-    return v
 
 
 def write_report(cfg: FinetuneConfig, runs, pre_old: float, corpora, pre_meta, device: str, out_dir: Path,
