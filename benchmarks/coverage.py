@@ -256,6 +256,8 @@ HF_ZOO = {
     "phi3": _causal("Phi3Config", num_key_value_heads=1, pad_token_id=0),
     "gemma": _causal("GemmaConfig", num_key_value_heads=1, head_dim=8),
     "mamba": _causal("MambaConfig", state_size=4, expand=2, conv_kernel=2),
+    "mamba2": _causal("Mamba2Config", state_size=4, expand=2, conv_kernel=2, num_heads=4, head_dim=8, n_groups=1,
+                      chunk_size=8),
     "convnext": _image("ConvNextConfig", num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], patch_size=2,
                        **_SMALL_IMG),
     "swin": _image("SwinConfig", embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2, patch_size=2,

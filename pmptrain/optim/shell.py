@@ -49,6 +49,7 @@ from .. import distributed as pdist
 from .._profile import phase
 from ..capture import ModuleCapture
 from ..modules import adapter_for, bypassed_by_parent
+from ..taps import attach_parent_tap
 from ..views import views_of
 from . import ranks
 from .hyper import PENALTY_MAX, Real, Spec, is_number
@@ -654,6 +655,7 @@ class PMPOptimizer(torch.optim.Optimizer):
                     if spec is not None:
                         self.capture.add(mb.name, mb.module, mb.adapter, spec, mb.sentinel,
                                          counter=mb.adapter or adapter_for(mb.module))
+                        attach_parent_tap(self.capture, self.root, mb.name, mb.module)  # pmptrain.taps
                 elif entry.spec != spec:
                     entry.spec = spec
 
