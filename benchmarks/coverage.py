@@ -92,6 +92,8 @@ TORCH_ZOO = {
     "ConvTranspose1d": _regression(lambda: nn.ConvTranspose1d(3, 4, 3), _randn(2, 3, 6)),
     "ConvTranspose2d": _regression(lambda: nn.ConvTranspose2d(3, 4, 3), _randn(2, 3, 4, 4)),
     "ConvTranspose3d": _regression(lambda: nn.ConvTranspose3d(2, 3, 2), _randn(2, 2, 3, 3, 3)),
+    "ConvTranspose2d-grouped": _regression(lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2),
+                                           _randn(2, 4, 4, 4)),
     "BatchNorm1d": _regression(lambda: nn.BatchNorm1d(5), _randn(8, 5)),
     "BatchNorm2d": _regression(lambda: nn.BatchNorm2d(3), _randn(4, 3, 4, 4)),
     "LayerNorm": _regression(lambda: nn.LayerNorm(6), _randn(8, 6)),

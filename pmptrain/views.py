@@ -160,14 +160,14 @@ def _embedding_bag_forward(host, views, args, kwargs):
 
 
 class ConvTransposeView(AffineView):
-    """The weight part of ``nn.ConvTranspose1d/2d/3d`` (``groups = 1``): ``conv_transposeNd(x, W)``
-    with the host's stride, padding, output padding and dilation (the output size is fixed by the
-    host's call)."""
+    """The weight part of ``nn.ConvTranspose1d/2d/3d``: ``conv_transposeNd(x, W)`` with the host's
+    stride, padding, output padding, dilation and groups (the output size is fixed by the host's
+    call; ``groups > 1``: a grouped unit, one block per group)."""
 
     def __init__(self, host):
         super().__init__(host.weight, None)
         self.dims = len(host.kernel_size)
-        self.view_adapter = ConvTransposeAdapter(self.dims)
+        self.view_adapter = ConvTransposeAdapter(self.dims, grouped=host.groups > 1)
         for k in ("kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, k, getattr(host, k))
 
@@ -426,7 +426,7 @@ def _host_spec(module: nn.Module):
     spec = _HOSTS.get(t)
     if spec is not None:
         if unsupported_reason(module) is not None:
-            return None  # e.g. a grouped transposed convolution, EmbeddingBag(mode="max"): the fallback
+            return None  # e.g. EmbeddingBag(mode="max"): the fallback
         return spec
     spec = _HOSTS_BY_NAME.get(f"{t.__module__}.{t.__qualname__}")
     if spec is None and _is_fused_experts(module):
