@@ -352,13 +352,14 @@ class ModuleCapture:
         self.root_trained = False  # a training forward of the watched root ran under autograd
         self.root_loss: Optional[Tensor] = None  # Σ of the losses the watched root returned (_RootLossHook)
 
-    def watch_root(self, root: nn.Module) -> None:
+    def watch_root(self, root: nn.Module, losses: bool = False) -> None:
         """Record whether a training forward pass of ``root`` (under autograd) received a
         zero-size batch: its first tensor input has no entries along dimension 0. This tells an
         empty batch apart from a zero gradient when no module is recorded (every parameter on a
         parameter rule)."""
         self._handles.append(root.register_forward_pre_hook(_RootHook(self), with_kwargs=True))
-        self._handles.append(root.register_forward_hook(_RootLossHook(self), with_kwargs=True))
+        if losses:  # the loss the root returns, for E-MSA's predicted-gain guard (:class:`_RootLossHook`)
+            self._handles.append(root.register_forward_hook(_RootLossHook(self), with_kwargs=True))
         _forget_compiled_code()
 
     def recording(self, module: nn.Module) -> bool:

@@ -161,9 +161,14 @@ class TransposedLinearAdapter(LinearAdapter):
 class SequenceLinearAdapter(LinearAdapter):
     """A :class:`~pmptrain.views.LinearView`: ``y = W x + b`` on calls whose first dimension is the
     samples — ``[B, T, n]`` (a whole sequence) or ``[B, n]`` (one time step); a sample is one
-    sequence, its time steps are its rows (docs/algorithms.md §2, "Recurrent layers")."""
+    sequence, its time steps are its rows (docs/algorithms.md §2, "Recurrent layers"). Calls of a
+    host's ``PackedSequence`` batch carry only valid steps (``[Σ_t b_t, n]``, ``[b_t, n]``); their
+    samples are the batch's sequences, which the view holds (``packed_samples``)."""
 
     def batch_size(self, module, x):
+        packed = getattr(module, "packed_samples", None)
+        if packed is not None:
+            return packed
         return x.shape[0] if x.dim() >= 2 else 1
 
 

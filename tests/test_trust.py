@@ -245,7 +245,7 @@ def test_guard_is_off_without_a_known_loss_and_with_max_gain_none():
     F.mse_loss(model(x), y).backward()  # the loss is computed outside the model: unknown to the step
     opt.step()
     assert opt.last_step["gain_scale"] == 1.0
-    assert pmptrain.EMSA.PAPER["max_gain"] is None and pmptrain.MSA(nn.Linear(2, 2)).max_gain is None
+    assert pmptrain.EMSA.paper(nn.Linear(2, 2)).max_gain is None and pmptrain.MSA(nn.Linear(2, 2)).max_gain is None
     for bad in (0.0, -1.0, float("inf"), "x"):
         with pytest.raises(ValueError, match="max_gain"):
             pmptrain.EMSA(nn.Linear(2, 2), max_gain=bad)

@@ -313,13 +313,13 @@ class EMSA(PMPOptimizer):
         controlled functions, as the reference's ``ResidualDense`` layers are. The preset's values
         are :attr:`PAPER`. Report the regularised objective with :meth:`l2_penalty`.
         """
-        kwargs = dict(cls.PAPER)
+        kwargs = dict(cls.PAPER, max_gain=None)  # the reference has no predicted-gain guard
         kwargs.update(overrides)
         return cls(model, params, **kwargs)
 
     #: The reference configuration of :meth:`paper`.
     PAPER = dict(solver="iterative", inner_optimizer="lbfgs", inner_steps=10, inner_lr=1.0, lr=1.0, rho=1.0,
-                 penalty_units="sum", proximal=False, l2=1e-3, perturb_init=0.0, max_gain=None)
+                 penalty_units="sum", proximal=False, l2=1e-3, perturb_init=0.0)
 
     def l2_penalty(self) -> float:
         """``Σ_groups (λ/2)‖θ‖²`` over the parameters of every group with ``l2 = λ > 0``: what the

@@ -310,7 +310,8 @@ class PMPOptimizer(torch.optim.Optimizer):
 
     def _attach_capture(self) -> None:
         self.capture = ModuleCapture()
-        self.capture.watch_root(self.root)  # tells a zero-size batch from a zero gradient
+        # tells a zero-size batch from a zero gradient; notes the loss the root returns (max_gain)
+        self.capture.watch_root(self.root, losses=getattr(self, "max_gain", None) is not None)
         self._finalizer = weakref.finalize(self, self.capture.remove, "the optimizer was garbage-collected")
 
     # ------------------------------------------------------------------ configuration interface
