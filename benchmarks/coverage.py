@@ -7,6 +7,7 @@ warning that names them).
 
     python3 benchmarks/coverage.py                  # every model (HF ones skip without transformers)
     python3 benchmarks/coverage.py --models gpt2,bert --json cov.json
+    python3 benchmarks/coverage.py --models clip --steps 6   # + unclipped steps at both zoo settings
 
 The same zoo drives tests/test_zoo.py (``ZOO``: name → builder of ``(model, batch, loss_fn)``).
 """
@@ -321,11 +322,44 @@ def coverage(model: nn.Module, batch=None, loss_fn=None, **emsa_kwargs) -> dict:
     return {"share": controlled / total if total else 1.0, "params": total, "fallback": fallback, "why": why}
 
 
+#: the two settings of the zoo test: the defaults, and the transformer setting
+SETTINGS = {"default": {}, "transformer": dict(rho=5, rho_scale="costate", lr=1e3)}
+
+
+def steps(model: nn.Module, batch, loss_fn, n: int, **emsa_kwargs) -> Tuple[list, list]:
+    """``(losses, gain_scales)``: ``n`` unclipped E-MSA steps on one fixed batch (the same dropout
+    masks every step), the losses before each step and after the last, and each step's
+    predicted-gain factor (``opt.last_step["gain_scale"]``)."""
+    import pmptrain
+
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = pmptrain.EMSA(model, **emsa_kwargs)
+        losses, scales = [], []
+        for _ in range(n):
+            opt.zero_grad()
+            torch.manual_seed(1)
+            loss = loss_fn(model, batch)
+            losses.append(float(loss))
+            loss.backward()
+            opt.step()
+            scales.append(float(opt.last_step.get("gain_scale", 1.0)))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            losses.append(float(loss_fn(model, batch)))
+    opt.detach()
+    return losses, scales
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="all", help="comma-separated names of ZOO (default: all)")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="also run this many unclipped steps on a fixed batch at both settings of tests/test_zoo.py "
+                         "and print the losses and the predicted-gain factors (default 0: coverage only)")
     args = ap.parse_args(argv)
     names = list(ZOO) if args.models == "all" else args.models.split(",")
     unknown = [n for n in names if n not in ZOO]
@@ -345,6 +379,12 @@ def main(argv=None) -> int:
         for w, mods in cov["why"].items():
             where = f" [{', '.join(mods[:2])}{', ...' if len(mods) > 2 else ''}]" if mods else ""
             print(f"{'':<42}why: {w}{where}")
+        for setting, kw in SETTINGS.items() if args.steps > 0 else ():
+            model, batch, loss_fn = ZOO[name]()
+            losses, scales = steps(model, batch, loss_fn, args.steps, **kw)
+            cov.setdefault("steps", {})[setting] = {"losses": losses, "gain_scale": scales}
+            print(f"{'':<42}{setting}: loss {' -> '.join(f'{v:.3f}' for v in losses)}; "
+                  f"gain_scale {' '.join(f'{a:.3g}' for a in scales)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -20,7 +20,7 @@ import pmptrain
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from coverage import HF_ZOO, ZOO, coverage, have_transformers  # noqa: E402
+from coverage import HF_ZOO, SETTINGS, ZOO, coverage, have_transformers  # noqa: E402
 
 # The share of trainable parameters on a closed-form rule after one training step (additive
 # parameters are recognised at the first forward; a claimed module whose hooks never fired falls
@@ -37,7 +37,6 @@ STRICT_DISAGREES = {}  # strict=True disagrees with the rule table
 
 RAISES = {}  # (model, setting): a step raises the loss above its start
 
-SETTINGS = {"default": {}, "transformer": dict(rho=5, rho_scale="costate", lr=1e3)}
 STEPS = 3
 
 
