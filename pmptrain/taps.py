@@ -28,8 +28,10 @@ a child none of whose calls was recorded is detected as silent at the first step
 (:meth:`pmptrain.capture.ModuleCapture.silent_keys`): the tap can add closed forms, never a wrong one.
 
 :data:`FUNCTIONAL_CHILDREN` lists the parents (by qualified class name, no import of their
-library) and the children each reads this way, read from the library's source; a bias is listed
-only where the library adds it to the tapped product (so ``Σ∂J/∂y`` is its gradient).
+library) and the children each reads this way, checked against the library's source: a call that
+leaves the child's bias out (``dt_proj``) is one whose output the library adds that bias to, so
+``Σ∂J/∂y`` is the bias's gradient (tested: the tapped pairs reproduce the autograd gradients of
+weight and bias, ``tests/test_taps.py``).
 """
 
 from __future__ import annotations
