@@ -273,6 +273,31 @@ class _RootHook:
         return (_Inert, ())
 
 
+class _RootLossHook:
+    """Forward hook of the optimizer's root module: adds the loss the root returns — a 0-dim
+    floating tensor under autograd, or the ``loss`` attribute of its output (Hugging Face's
+    ``ModelOutput``) — to ``capture.root_loss`` (detached; the predicted-gain guard of the step
+    compares the step's first-order gain with it)."""
+
+    __slots__ = ("capture",)
+
+    def __init__(self, capture: "ModuleCapture"):
+        self.capture = capture
+
+    def __call__(self, module, args, kwargs, output):
+        cap = self.capture
+        if not cap.recording(module):
+            return None
+        loss = output if isinstance(output, Tensor) else getattr(output, "loss", None)
+        if isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point() and loss.requires_grad:
+            loss = loss.detach()
+            cap.root_loss = loss if cap.root_loss is None else cap.root_loss + loss
+        return None
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+
 class _CostateHook:
     """Tensor hook on a module output: hands (input, ∂J/∂y) to the statistics once, then lets go of
     the input."""
@@ -325,13 +350,16 @@ class ModuleCapture:
         self._warned_repeat = False
         self.root_empty = False  # a training forward of the watched root had a zero-size batch
         self.root_trained = False  # a training forward of the watched root ran under autograd
+        self.root_loss: Optional[Tensor] = None  # Σ of the losses the watched root returned (_RootLossHook)
 
-    def watch_root(self, root: nn.Module) -> None:
+    def watch_root(self, root: nn.Module, losses: bool = False) -> None:
         """Record whether a training forward pass of ``root`` (under autograd) received a
         zero-size batch: its first tensor input has no entries along dimension 0. This tells an
         empty batch apart from a zero gradient when no module is recorded (every parameter on a
         parameter rule)."""
         self._handles.append(root.register_forward_pre_hook(_RootHook(self), with_kwargs=True))
+        if losses:  # the loss the root returns, for E-MSA's predicted-gain guard (:class:`_RootLossHook`)
+            self._handles.append(root.register_forward_hook(_RootLossHook(self), with_kwargs=True))
         _forget_compiled_code()
 
     def recording(self, module: nn.Module) -> bool:
@@ -552,6 +580,7 @@ class ModuleCapture:
             if reset is not None:
                 reset()
         self.root_empty = self.root_trained = False
+        self.root_loss = None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

@@ -227,7 +227,11 @@ class GroupedEMSARule(EMSARuleBase):
         eta_b = self._steps(ctx, [bias])[id(bias)] if gb is not None else 0.0
         if eta_w == 0.0 and eta_b == 0.0:
             return self._no_data(unit, ctx, [(p, torch.zeros_like(q)) for p, q in grads if q is not None])
-        grad_w = gw.to(dt).reshape(g, m_g, n_g) if gw is not None else torch.zeros(g, m_g, n_g, dtype=dt, device=dev)
+        tr = mb.adapter.transposed  # each stored block is W_jᵀ (a grouped transposed convolution)
+        if gw is None:
+            grad_w = torch.zeros(g, m_g, n_g, dtype=dt, device=dev)
+        else:
+            grad_w = gw.to(dt).reshape(g, n_g, m_g).transpose(1, 2) if tr else gw.to(dt).reshape(g, m_g, n_g)
         grad_b = gb.to(dt).reshape(g, m_g) if (gb is not None and eta_b > 0.0) else None
         if not ctx.solves(unit):  # solve sharding: the owner rank solves, the shell shares its result
             return ctx.deferred(unit)
@@ -244,6 +248,7 @@ class GroupedEMSARule(EMSARuleBase):
             db = -grad_b / (rho * L + 1.0 / eta_b) if grad_b is not None else None
         ups = []
         if gw is not None:
+            dw = dw.transpose(1, 2) if tr else dw
             ups.append(Update(w, dw.reshape(w.shape).to(w.dtype), decay=ctx.decay(w, self.decay_key)))
         if gb is not None:
             delta = db.reshape(bias.shape).to(bias.dtype) if db is not None else torch.zeros_like(bias)
