@@ -57,6 +57,8 @@ CONFIGS = [
     ("mlp", {"route": "primal", "costate": "exact"}),  # eigenbases on both sides
     ("cnn", {}),                                      # convolutions primal, exact costate
     ("gpt", {"rho": 5.0, "rho_scale": "costate", "lr": 1e3}),  # the GPT bench setting
+    ("mlp", {"rho": 5.0, "rho_scale": "costate"}),    # ρ·rms costate on the device: Gram rows, isotropic
+    ("mlp", {"rho": 5.0, "rho_scale": "costate", "costate": "exact"}),
     ("gpt", {}),
 ]
 
@@ -120,6 +122,34 @@ def test_a_step_reads_the_device_once_whatever_the_depth(monkeypatch, kind, dept
     monkeypatch.undo()
     assert not opt.last_step["skipped"]
     assert sum(counts.values()) == 1, counts  # the step's one check (finite, gain)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "gpt", "gpt-bench"])
+def test_the_costate_scaled_step_reads_the_device_once(monkeypatch, kind):
+    """``rho_scale="costate"`` (ρ·rms costate per unit, the GPT bench setting) keeps ρ on the device:
+    one read per step, not one per unit (12 on the GPT bench model before). ``gpt-bench`` is the
+    model of ``benchmarks/step_time.py --models gpt`` (2 × 128, tied embedding) on 2 × 128 tokens."""
+    torch.manual_seed(0)
+    if kind == "gpt-bench":
+        model = build_model("gpt", (128,), 256)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randint(0, 256, (2, 128), generator=g), torch.randint(0, 256, (2, 128), generator=g)
+    else:
+        model = BUILD[kind]()
+        (x, y), = _batches(kind, 1)
+        x = x.float() if x.is_floating_point() else x
+    opt = pmptrain.EMSA(model, rho=5.0, rho_scale="costate", lr=1e3 if "gpt" in kind else 0.1)
+    for i in range(2):  # the second step: with the kept state of the first
+        opt.zero_grad()
+        out = model(x)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        counts = _count_syncs(monkeypatch)
+        opt.step()
+        monkeypatch.undo()
+        assert not opt.last_step["skipped"]
+        assert opt.last_step["controlled"] >= (4 if "gpt" in kind else 2)
+        assert sum(counts.values()) == 1, counts  # the step's one check (finite, gain)
 
 
 def test_the_careful_path_reads_per_unit(monkeypatch):
