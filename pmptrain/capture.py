@@ -462,8 +462,11 @@ class ModuleCapture:
         gr = adapter.output_rows(module, g)
         st.rows += gr.shape[0]
         if spec.states == "counts":
-            idx = adapter.input_rows(module, x)
-            st.counts = _add(st.counts, torch.bincount(idx, minlength=spec.in_dim).to(dt))
+            idx = adapter.input_rows(module, x).reshape(-1)
+            if st.counts is None:
+                st.counts = torch.zeros(spec.in_dim, dtype=dt, device=idx.device)
+            # not torch.bincount: on a GPU it reads max(idx) to the host to size its output
+            st.counts.index_add_(0, idx, torch.ones((), dtype=dt, device=idx.device).expand(idx.shape[0]))
         elif spec.states != "none":
             xr = adapter.input_rows(module, x)
             st.x_sum = _add(st.x_sum, xr.sum(0, dtype=dt))
