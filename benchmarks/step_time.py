@@ -128,6 +128,8 @@ OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     # the careful path of every step (syncing checks, LU solves): the step before issue 17, for comparison
     "emsa-careful": lambda m: _careful(pmptrain.EMSA(m)),
     "emsa-costate-careful": lambda m: _careful(pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3)),
+    # the exact step without its trust region (max_step=None): what the default τ = 0.1 costs
+    "emsa-no-trust": lambda m: pmptrain.EMSA(m, max_step=None),
     "emsa-exact": lambda m: pmptrain.EMSA(m, costate="exact"),
     "emsa-isotropic": lambda m: pmptrain.EMSA(m, costate="isotropic"),
     "emsa-primal": lambda m: pmptrain.EMSA(m, costate="exact", route="primal"),
