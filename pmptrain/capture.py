@@ -56,7 +56,7 @@ _CHUNK_ELEMENTS = 1 << 22
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 #: slot (an int, a constant of compiled graphs) -> (weak reference to the capture, key): what the
-#: compiled path's backward records into (:func:`_record_costate`)
+#: compiled path's backward records into (:func:`_record`)
 _SLOTS: "Dict[int, Tuple[weakref.ref, str]]" = {}
 _next_slot = [0]
 
