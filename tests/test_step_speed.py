@@ -30,6 +30,11 @@ def _cnn():
                          nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
 
 
+def _grouped():
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=3),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+
+
 def _gpt():
     return build_model("gpt", (8,), 32, n_layer=1, n_head=2, n_embd=16)
 
@@ -41,7 +46,7 @@ def _batches(kind, n=3, batch=12, seed=0):
         if kind == "gpt":
             out.append((torch.randint(0, 32, (batch // 3, 8), generator=g),
                         torch.randint(0, 32, (batch // 3, 8), generator=g)))
-        elif kind == "cnn":
+        elif kind in ("cnn", "grouped"):
             out.append((torch.randn(batch, 2, 8, 8, generator=g, dtype=torch.float64),
                         torch.randint(0, 5, (batch,), generator=g)))
         else:
@@ -50,7 +55,7 @@ def _batches(kind, n=3, batch=12, seed=0):
     return out
 
 
-BUILD = {"mlp": _mlp, "cnn": _cnn, "gpt": _gpt}
+BUILD = {"mlp": _mlp, "cnn": _cnn, "gpt": _gpt, "grouped": _grouped}
 CONFIGS = [
     ("mlp", {}),                                      # Gram form, isotropic costate (the default)
     ("mlp", {"costate": "exact"}),                    # Gram/Gram and Gram/explicit routes
@@ -59,6 +64,7 @@ CONFIGS = [
     ("gpt", {"rho": 5.0, "rho_scale": "costate", "lr": 1e3}),  # the GPT bench setting
     ("mlp", {"rho": 5.0, "rho_scale": "costate"}),    # ρ·rms costate on the device: Gram rows, isotropic
     ("mlp", {"rho": 5.0, "rho_scale": "costate", "costate": "exact"}),
+    ("grouped", {"rho": 5.0, "rho_scale": "costate"}),  # a grouped convolution's block rule
     ("gpt", {}),
 ]
 
@@ -124,7 +130,7 @@ def test_a_step_reads_the_device_once_whatever_the_depth(monkeypatch, kind, dept
     assert sum(counts.values()) == 1, counts  # the step's one check (finite, gain)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "gpt", "gpt-bench"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "grouped", "gpt", "gpt-bench"])
 def test_the_costate_scaled_step_reads_the_device_once(monkeypatch, kind):
     """``rho_scale="costate"`` (ρ·rms costate per unit, the GPT bench setting) keeps ρ on the device:
     one read per step, not one per unit (12 on the GPT bench model before). ``gpt-bench`` is the
