@@ -25,7 +25,7 @@ from .. import distributed as pdist
 from .._profile import phase
 from ..capture import CaptureSpec
 from ..hamiltonian import solve_channel_affine, solve_grouped_affine
-from .affine import EMSARuleBase
+from .affine import EMSARuleBase, _scalar
 from .rule import Proposal, StepContext, Unit, Update
 
 __all__ = ["ChannelEMSARule", "ChannelState", "GroupedEMSARule", "GroupedState"]
@@ -221,7 +221,7 @@ class GroupedEMSARule(EMSARuleBase):
         if self.value(group, "costate") == "isotropic" and beta == 0.0:
             costate = cpp.diagonal(dim1=1, dim2=2).sum(-1) / m_g
         costate = costate * self.costate_ratio(group, b_)  # ρ_p/ρ_x: the solve uses ρ = ρ_x
-        rho = self.effective_rho(group, ctx, lambda: [(float(cpp.diagonal(dim1=1, dim2=2).sum()), g * m_g, L, 1.0)],
+        rho = self.effective_rho(group, ctx, lambda: [(_scalar(cpp.diagonal(dim1=1, dim2=2).sum()), g * m_g, L, 1.0)],
                                  batch=b_)
         eta_w = self._steps(ctx, [w])[id(w)] if gw is not None else 0.0
         eta_b = self._steps(ctx, [bias])[id(bias)] if gb is not None else 0.0
