@@ -7,6 +7,7 @@ warning that names them).
 
     python3 benchmarks/coverage.py                  # every model (HF ones skip without transformers)
     python3 benchmarks/coverage.py --models gpt2,bert --json cov.json
+    python3 benchmarks/coverage.py --models clip --steps 6   # + unclipped steps at both zoo settings
 
 The same zoo drives tests/test_zoo.py (``ZOO``: name → builder of ``(model, batch, loss_fn)``).
 """
@@ -92,6 +93,8 @@ TORCH_ZOO = {
     "ConvTranspose1d": _regression(lambda: nn.ConvTranspose1d(3, 4, 3), _randn(2, 3, 6)),
     "ConvTranspose2d": _regression(lambda: nn.ConvTranspose2d(3, 4, 3), _randn(2, 3, 4, 4)),
     "ConvTranspose3d": _regression(lambda: nn.ConvTranspose3d(2, 3, 2), _randn(2, 2, 3, 3, 3)),
+    "ConvTranspose2d-grouped": _regression(lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2),
+                                           _randn(2, 4, 4, 4)),
     "BatchNorm1d": _regression(lambda: nn.BatchNorm1d(5), _randn(8, 5)),
     "BatchNorm2d": _regression(lambda: nn.BatchNorm2d(3), _randn(4, 3, 4, 4)),
     "LayerNorm": _regression(lambda: nn.LayerNorm(6), _randn(8, 6)),
@@ -256,6 +259,8 @@ HF_ZOO = {
     "phi3": _causal("Phi3Config", num_key_value_heads=1, pad_token_id=0),
     "gemma": _causal("GemmaConfig", num_key_value_heads=1, head_dim=8),
     "mamba": _causal("MambaConfig", state_size=4, expand=2, conv_kernel=2),
+    "mamba2": _causal("Mamba2Config", state_size=4, expand=2, conv_kernel=2, num_heads=4, head_dim=8, n_groups=1,
+                      chunk_size=8),
     "convnext": _image("ConvNextConfig", num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], patch_size=2,
                        **_SMALL_IMG),
     "swin": _image("SwinConfig", embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2, patch_size=2,
@@ -317,11 +322,44 @@ def coverage(model: nn.Module, batch=None, loss_fn=None, **emsa_kwargs) -> dict:
     return {"share": controlled / total if total else 1.0, "params": total, "fallback": fallback, "why": why}
 
 
+#: the two settings of the zoo test: the defaults, and the transformer setting
+SETTINGS = {"default": {}, "transformer": dict(rho=5, rho_scale="costate", lr=1e3)}
+
+
+def steps(model: nn.Module, batch, loss_fn, n: int, **emsa_kwargs) -> Tuple[list, list]:
+    """``(losses, gain_scales)``: ``n`` unclipped E-MSA steps on one fixed batch (the same dropout
+    masks every step), the losses before each step and after the last, and each step's
+    predicted-gain factor (``opt.last_step["gain_scale"]``)."""
+    import pmptrain
+
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = pmptrain.EMSA(model, **emsa_kwargs)
+        losses, scales = [], []
+        for _ in range(n):
+            opt.zero_grad()
+            torch.manual_seed(1)
+            loss = loss_fn(model, batch)
+            losses.append(float(loss))
+            loss.backward()
+            opt.step()
+            scales.append(float(opt.last_step.get("gain_scale", 1.0)))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            losses.append(float(loss_fn(model, batch)))
+    opt.detach()
+    return losses, scales
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="all", help="comma-separated names of ZOO (default: all)")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="also run this many unclipped steps on a fixed batch at both settings of tests/test_zoo.py "
+                         "and print the losses and the predicted-gain factors (default 0: coverage only)")
     args = ap.parse_args(argv)
     names = list(ZOO) if args.models == "all" else args.models.split(",")
     unknown = [n for n in names if n not in ZOO]
@@ -341,6 +379,12 @@ def main(argv=None) -> int:
         for w, mods in cov["why"].items():
             where = f" [{', '.join(mods[:2])}{', ...' if len(mods) > 2 else ''}]" if mods else ""
             print(f"{'':<42}why: {w}{where}")
+        for setting, kw in SETTINGS.items() if args.steps > 0 else ():
+            model, batch, loss_fn = ZOO[name]()
+            losses, scales = steps(model, batch, loss_fn, args.steps, **kw)
+            cov.setdefault("steps", {})[setting] = {"losses": losses, "gain_scale": scales}
+            print(f"{'':<42}{setting}: loss {' -> '.join(f'{v:.3f}' for v in losses)}; "
+                  f"gain_scale {' '.join(f'{a:.3g}' for a in scales)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

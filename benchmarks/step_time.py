@@ -32,6 +32,7 @@ with ``torch.cuda.synchronize``).
     python benchmarks/step_time.py                                   # every model, default optimizers
     python benchmarks/step_time.py --models mlp,cnn --rounds 10 --json out.json
     python benchmarks/step_time.py --models gpt --optimizers adamw,emsa-costate --memory
+    python benchmarks/step_time.py --models mlp,cnn --optimizers sgd,emsa --compile   # eager and compiled
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     # the careful path of every step (syncing checks, LU solves): the step before issue 17, for comparison
     "emsa-careful": lambda m: _careful(pmptrain.EMSA(m)),
     "emsa-costate-careful": lambda m: _careful(pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3)),
+    # the exact step without its trust region (max_step=None): what the default τ = 0.1 costs
+    "emsa-no-trust": lambda m: pmptrain.EMSA(m, max_step=None),
     "emsa-exact": lambda m: pmptrain.EMSA(m, costate="exact"),
     "emsa-isotropic": lambda m: pmptrain.EMSA(m, costate="isotropic"),
     "emsa-primal": lambda m: pmptrain.EMSA(m, costate="exact", route="primal"),
@@ -279,6 +282,11 @@ def resolve_names(ap: argparse.ArgumentParser, model_name: str, optimizers: Opti
     return spec, names
 
 
+def with_compiled(names: List[str]) -> List[str]:
+    """``names`` followed by the compiled twin of every eager name not listed already (``--compile``)."""
+    return names + [n + COMPILED for n in names if not n.endswith(COMPILED) and n + COMPILED not in names]
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--_memory-child"]:
@@ -291,6 +299,9 @@ def main(argv=None):
     ap.add_argument("--optimizers", default=None,
                     help="comma list (default: each model's list; its reference is always added); a name "
                          f"with the suffix {COMPILED} runs the model under torch.compile: " + ",".join(OPTIMIZERS))
+    ap.add_argument("--compile", action="store_true",
+                    help=f"also time every optimizer with the model under torch.compile (its {COMPILED} twin, "
+                         "interleaved with the eager one in the same rounds)")
     ap.add_argument("--batch", type=int, default=None, help="override every model's batch size")
     ap.add_argument("--threads", type=int, default=None, help="override every model's thread count")
     ap.add_argument("--rounds", type=int, default=5)
@@ -316,6 +327,8 @@ def main(argv=None):
                           "date": time.strftime("%Y-%m-%d")}, "models": {}}
     for model_name in args.models.split(","):
         spec, names = resolve_names(ap, model_name, args.optimizers)
+        if args.compile:
+            names = with_compiled(names)
         threads = args.threads or spec.threads
         batch = args.batch or spec.default_batch
         torch.set_num_threads(threads)

@@ -22,6 +22,13 @@ Rules (they mirror what autograd does with ``.grad``):
   capture is paused, or when the output does not require grad.
 * **One backward per call.** A second backward through the same recorded call (``retain_graph=True``)
   adds to ``.grad`` but not to the statistics (counted in :attr:`ModuleStats.repeated`, warned).
+* **Compiled models.** Under ``torch.compile`` the forward hook does not attach a Python tensor
+  hook (dynamo cannot trace one that keeps state: a graph break per module); it routes the output
+  through :class:`_CostateTap`, an autograd function traced into the graph, whose backward hands
+  (input, ``∂J/∂y``) to the same accumulation through the opaque custom operator
+  ``pmptrain::record_costate`` (registered as effectful so that the compiled backward keeps it).
+  The forward stays one graph and the statistics are the eager ones. A second backward through a
+  compiled call (``retain_graph=True``) adds to the statistics there (not detected).
 * **Lifetime.** :meth:`ModuleCapture.remove` removes every hook; a new capture that registers a module
   already hooked by another live capture removes the older capture (one optimizer per module).
   Hooks are inert in copies: ``copy.deepcopy(model)`` and pickling give a model without them.
@@ -48,6 +55,10 @@ __all__ = ["CaptureSpec", "ModuleStats", "ModuleCapture"]
 _CHUNK_ELEMENTS = 1 << 22
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+#: slot (an int, a constant of compiled graphs) -> (weak reference to the capture, key): what the
+#: compiled path's backward records into (:func:`_record`)
+_SLOTS: "Dict[int, Tuple[weakref.ref, str]]" = {}
+_next_slot = [0]
 
 
 @dataclass(frozen=True)
@@ -175,8 +186,29 @@ def _forget_compiled_code() -> None:
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is None:
         return
+    _guard_module_hooks()
     reset = getattr(dynamo, "reset_code_caches", None) or dynamo.reset
     reset()
+
+
+_hook_guards = [False]
+
+
+def _guard_module_hooks() -> None:
+    """Make dynamo guard compiled code on module hooks (``skip_nnmodule_hook_guards = False``, a
+    global dynamo setting; once, and only if dynamo was imported). The compiled capture traces a
+    module's hook into the graph, so code traced for an instance of a class *without* hooks (a model
+    of the same class compiled for another optimizer) must not run this instance: without hook
+    guards it would (dynamo does not guard an empty hook dict), and its statistics would be lost."""
+    if _hook_guards[0]:
+        return
+    dynamo = sys.modules.get("torch._dynamo")
+    config = getattr(dynamo, "config", None) if dynamo is not None else None
+    if config is None:
+        return
+    if getattr(config, "skip_nnmodule_hook_guards", False):
+        config.skip_nnmodule_hook_guards = False
+    _hook_guards[0] = True
 
 
 class _Inert:
@@ -186,13 +218,74 @@ class _Inert:
         return None
 
 
-class _ForwardHook:
-    """Forward hook of one module: attaches a :class:`_CostateHook` to the output."""
+def _record(slot: int, x: Tensor, grad: Tensor) -> None:
+    """The backward half of the compiled path: hand (input, ∂J/∂y) of a recorded call to its capture."""
+    ref = _SLOTS.get(slot)
+    cap = ref[0]() if ref is not None else None
+    if cap is None or cap.removed:
+        return
+    _guard_module_hooks()  # (a compiled model records: dynamo is imported; traces from now on guard hooks)
+    with phase("capture"):
+        cap._accumulate(ref[1], x, None, grad.detach())
 
-    __slots__ = ("capture", "key")
+
+def _register_record_op():
+    """``pmptrain::record_costate(grad, x, slot)``: :func:`_record` as a custom operator that the
+    compiled backward calls at run time (opaque to dynamo, AOTAutograd and inductor) and keeps
+    (an effectful operator is not removed as dead code). None where this torch lacks either API:
+    compiled models then take the eager hooks (a graph break per module)."""
+    custom_op = getattr(torch.library, "custom_op", None)
+    effectful = getattr(torch.library, "_register_effectful_op", None)
+    effect = getattr(getattr(torch.library, "EffectType", None), "ORDERED", None)
+    if custom_op is None or effectful is None or effect is None:
+        return None
+    try:
+        @custom_op("pmptrain::record_costate", mutates_args=())
+        def record_costate(grad: Tensor, x: Tensor, slot: int) -> None:
+            _record(slot, x, grad)
+
+        @record_costate.register_fake
+        def _(grad, x, slot):
+            return None
+
+        op = torch.ops.pmptrain.record_costate.default
+        effectful(op, effect)
+    except Exception:  # noqa: BLE001 — an API that changed shape: the eager hooks still work
+        return None
+    return op
+
+
+_RECORD_OP = _register_record_op()
+
+
+class _CostateTap(torch.autograd.Function):
+    """The compiled path's record of one call: the identity on the output ``y``, whose backward
+    calls ``pmptrain::record_costate(∂J/∂y, x, slot)`` (x saved as autograd saves activations)."""
+
+    @staticmethod
+    def forward(ctx, y, x, slot):
+        ctx.save_for_backward(x)
+        ctx.slot = slot
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        _RECORD_OP(grad, x, ctx.slot)
+        return grad, None, None
+
+
+class _ForwardHook:
+    """Forward hook of one module: attaches a :class:`_CostateHook` to the output (eager), or routes
+    the output through :class:`_CostateTap` (while dynamo traces it, ``torch.compile``)."""
+
+    __slots__ = ("capture", "key", "slot")
 
     def __init__(self, capture: "ModuleCapture", key: str):
         self.capture, self.key = capture, key
+        self.slot = _next_slot[0]
+        _next_slot[0] += 1
+        _SLOTS[self.slot] = (weakref.ref(capture), key)
 
     def __call__(self, module, args, kwargs, output):
         cap = self.capture
@@ -207,6 +300,8 @@ class _ForwardHook:
         call = None
         if entry.spec is not None and entry.spec.calls:
             call = (tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
+        elif _RECORD_OP is not None and torch.compiler.is_compiling():
+            return _CostateTap.apply(output, x.detach(), self.slot)
         output.register_hook(_CostateHook(cap, self.key, x.detach(), call))
         return None
 
@@ -273,6 +368,31 @@ class _RootHook:
         return (_Inert, ())
 
 
+class _RootLossHook:
+    """Forward hook of the optimizer's root module: adds the loss the root returns — a 0-dim
+    floating tensor under autograd, or the ``loss`` attribute of its output (Hugging Face's
+    ``ModelOutput``) — to ``capture.root_loss`` (detached; the predicted-gain guard of the step
+    compares the step's first-order gain with it)."""
+
+    __slots__ = ("capture",)
+
+    def __init__(self, capture: "ModuleCapture"):
+        self.capture = capture
+
+    def __call__(self, module, args, kwargs, output):
+        cap = self.capture
+        if not cap.recording(module):
+            return None
+        loss = output if isinstance(output, Tensor) else getattr(output, "loss", None)
+        if isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point() and loss.requires_grad:
+            loss = loss.detach()
+            cap.root_loss = loss if cap.root_loss is None else cap.root_loss + loss
+        return None
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+
 class _CostateHook:
     """Tensor hook on a module output: hands (input, ∂J/∂y) to the statistics once, then lets go of
     the input."""
@@ -325,13 +445,16 @@ class ModuleCapture:
         self._warned_repeat = False
         self.root_empty = False  # a training forward of the watched root had a zero-size batch
         self.root_trained = False  # a training forward of the watched root ran under autograd
+        self.root_loss: Optional[Tensor] = None  # Σ of the losses the watched root returned (_RootLossHook)
 
-    def watch_root(self, root: nn.Module) -> None:
+    def watch_root(self, root: nn.Module, losses: bool = False) -> None:
         """Record whether a training forward pass of ``root`` (under autograd) received a
         zero-size batch: its first tensor input has no entries along dimension 0. This tells an
         empty batch apart from a zero gradient when no module is recorded (every parameter on a
         parameter rule)."""
         self._handles.append(root.register_forward_pre_hook(_RootHook(self), with_kwargs=True))
+        if losses:  # the loss the root returns, for E-MSA's predicted-gain guard (:class:`_RootLossHook`)
+            self._handles.append(root.register_forward_hook(_RootLossHook(self), with_kwargs=True))
         _forget_compiled_code()
 
     def recording(self, module: nn.Module) -> bool:
@@ -462,8 +585,11 @@ class ModuleCapture:
         gr = adapter.output_rows(module, g)
         st.rows += gr.shape[0]
         if spec.states == "counts":
-            idx = adapter.input_rows(module, x)
-            st.counts = _add(st.counts, torch.bincount(idx, minlength=spec.in_dim).to(dt))
+            idx = adapter.input_rows(module, x).reshape(-1)
+            if st.counts is None:
+                st.counts = torch.zeros(spec.in_dim, dtype=dt, device=idx.device)
+            # not torch.bincount: on a GPU it reads max(idx) to the host to size its output
+            st.counts.index_add_(0, idx, torch.ones((), dtype=dt, device=idx.device).expand(idx.shape[0]))
         elif spec.states != "none":
             xr = adapter.input_rows(module, x)
             st.x_sum = _add(st.x_sum, xr.sum(0, dtype=dt))
@@ -552,6 +678,7 @@ class ModuleCapture:
             if reset is not None:
                 reset()
         self.root_empty = self.root_trained = False
+        self.root_loss = None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -567,6 +694,8 @@ class ModuleCapture:
         if self.removed:
             return
         self.removed, self.removed_reason = True, reason
+        for slot in [k for k, (ref, _) in _SLOTS.items() if ref() is self or ref() is None]:
+            del _SLOTS[slot]
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -83,10 +83,17 @@ __all__ = [
 
 
 def bias_coupling(rho: float, delta_b: float, rows_per_sample: float, has_bias: bool) -> float:
-    """``c = ρ/(ρL + δ_b)``: how much of ``x̄x̄ᵀ`` the bias absorbs (0 without a bias)."""
-    if not has_bias or rho == 0.0:
+    """``c = ρ/(ρL + δ_b)``: how much of ``x̄x̄ᵀ`` the bias absorbs (0 without a bias). ``rho`` may
+    be a 0-dim tensor (``rho_scale="costate"`` on the fast path): then so is ``c``."""
+    if not has_bias or _is_zero(rho):
         return 0.0
     return rho / (rho * rows_per_sample + delta_b)
+
+
+def _is_zero(x) -> bool:
+    """``x == 0`` for a Python number; False for a tensor (read without a host synchronisation:
+    the formulas that take the shortcut for 0 are exact for 0 as well)."""
+    return not isinstance(x, Tensor) and x == 0.0
 
 
 def _check_delta(delta: float, name: str = "delta") -> None:
@@ -295,10 +302,14 @@ def choose_side(dim: int, rows: int, route: str) -> bool:
 
 def center_rows(x_rows: Tensor, batch_size: float, c_times_l: float) -> Tensor:
     r"""``A = K½ X`` with ``K½ = (I − α·11ᵀ/N)/√B``, ``α = 1 − √(1 − cL)``: the Gram factor of
-    ``C'_x = C_x − c x̄x̄ᵀ`` (``AᵀA = XᵀX/B − (c/B²) Xᵀ11ᵀX``). ``c_times_l`` = cL ∈ [0, 1)."""
-    alpha = 1.0 - math.sqrt(1.0 - min(c_times_l, 1.0))
+    ``C'_x = C_x − c x̄x̄ᵀ`` (``AᵀA = XᵀX/B − (c/B²) Xᵀ11ᵀX``). ``c_times_l`` = cL ∈ [0, 1) (a
+    0-dim tensor when ρ is one: then so is α)."""
+    if isinstance(c_times_l, Tensor):
+        alpha = 1.0 - (1.0 - c_times_l.clamp_max(1.0)).sqrt()
+    else:
+        alpha = 1.0 - math.sqrt(1.0 - min(c_times_l, 1.0))
     scale = 1.0 / math.sqrt(batch_size)
-    if alpha == 0.0:
+    if _is_zero(alpha):
         return x_rows * scale
     # s·x − (α·s)·x̄ in one pass over the N×n rows (the broadcast row is 1×n)
     return torch.add(x_rows.mean(0, keepdim=True).mul_(-alpha * scale), x_rows, alpha=scale)
@@ -560,14 +571,15 @@ class AffineMember:
 
     def costate_trace(self, m: int) -> Optional[float]:
         """``tr(C_p)`` (per sample) from whichever costate statistic was kept; None if none was
-        (``m``: the output size of the module)."""
+        (``m``: the output size of the module). A 0-dim tensor inside
+        :func:`pmptrain._deferred.collecting` (no host synchronisation), else a float."""
         if self.tau is not None:
-            return float(self.tau) * m
+            return _host(self.tau) * m
         if self.p_rows is not None:
-            return float(self.p_rows.pow(2).sum())
+            return _host(self.p_rows.pow(2).sum())
         if self.cpp is not None:
-            return float(self.cpp.diagonal().sum())
-        return None if self.p_trace is None else float(self.p_trace)
+            return _host(self.cpp.diagonal().sum())
+        return None if self.p_trace is None else _host(self.p_trace)
 
     def coupling(self, rho: float) -> float:
         """``c = ρ/(ρL + δ_b)`` (0 without a free bias)."""
@@ -583,7 +595,7 @@ class AffineMember:
         elif self.x_rows is not None:
             state = Curvature(n, rows=center_rows(self.x_rows, self.samples, c * L))
         else:
-            cx = self.cxx if c == 0.0 else self.cxx - c * torch.outer(self.x_mean, self.x_mean)
+            cx = self.cxx if _is_zero(c) else self.cxx - c * torch.outer(self.x_mean, self.x_mean)
             state = Curvature(n, dense=cx)
         if self.tau is not None:
             costate = Curvature(m, scalar=self.tau)
@@ -619,8 +631,10 @@ def affine_system(grad_w: Tensor, members: Sequence[AffineMember], rho: float) -
             left, right = left + state, right + costate
         else:
             left, right = left + costate, right + state
-        if c:
+        if not _is_zero(c):
             u, v = (mb.x_mean, mb.grad_b) if mb.transposed else (mb.grad_b, mb.x_mean)
+            if isinstance(c, Tensor):  # (ρ scaled on the device: c is a 0-dim tensor, not a number)
+                u, c = u * c, 1.0
             s = torch.addr(grad_w, u, v, beta=-1, alpha=c) if s is None else s.addr_(u, v, alpha=c)
     return (-grad_w if s is None else s), left, right
 
@@ -631,12 +645,16 @@ def costate_rms(parts: Sequence[Tuple[float, float, float, float]]) -> float:
 
     ``parts``: ``(tr C_p, m, L, B)`` per member (``tr C_p`` per sample, ``m`` the output size,
     ``L`` rows per sample, ``B`` samples). ``rho_scale="costate"`` measures ρ in units of ``r``:
-    ``ρ_t = ρ·r`` (docs/algorithms.md, "The units of ρ"). 0.0 when every costate is zero.
+    ``ρ_t = ρ·r`` (docs/algorithms.md, "The units of ρ"). 0.0 when every costate is zero. A
+    trace given as a 0-dim tensor (the optimizer's fast path) gives a 0-dim tensor on its device:
+    no host synchronisation.
     """
     num = sum(b * tr for tr, _, _, b in parts)
     den = sum(b * rows * m for _, m, rows, b in parts)
     if den <= 0:
         raise ValueError("costate_rms: no member has a costate statistic")
+    if isinstance(num, Tensor):
+        return (num.clamp_min(0.0) / den).sqrt()
     return math.sqrt(max(num, 0.0) / den)
 
 

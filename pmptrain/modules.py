@@ -161,9 +161,14 @@ class TransposedLinearAdapter(LinearAdapter):
 class SequenceLinearAdapter(LinearAdapter):
     """A :class:`~pmptrain.views.LinearView`: ``y = W x + b`` on calls whose first dimension is the
     samples — ``[B, T, n]`` (a whole sequence) or ``[B, n]`` (one time step); a sample is one
-    sequence, its time steps are its rows (docs/algorithms.md §2, "Recurrent layers")."""
+    sequence, its time steps are its rows (docs/algorithms.md §2, "Recurrent layers"). Calls of a
+    host's ``PackedSequence`` batch carry only valid steps (``[Σ_t b_t, n]``, ``[b_t, n]``); their
+    samples are the batch's sequences, which the view holds (``packed_samples``)."""
 
     def batch_size(self, module, x):
+        packed = getattr(module, "packed_samples", None)
+        if packed is not None:
+            return packed
         return x.shape[0] if x.dim() >= 2 else 1
 
 
@@ -325,17 +330,28 @@ class ConvTransposeAdapter(AffineAdapter):
     ``∂J/∂z_i`` are the im2col patches of the output gradient at the input positions
     (``C_out·∏k``). The costate penalty is exact; the state penalty of overlapping windows is
     approximated by the sum over input positions (the adjoint of a convolution's K-FAC
-    approximation; docs/algorithms.md §2, "Transposed convolutions"). A sample is one batch entry."""
+    approximation; docs/algorithms.md §2, "Transposed convolutions"). A sample is one batch entry.
+
+    With ``groups = g > 1`` (``grouped=True``) it is the ``"grouped"`` kind: input channels
+    ``[j·C_in/g, (j+1)·C_in/g)`` reach only output channels ``[j·C_out/g, (j+1)·C_out/g)`` through
+    ``M_j`` = rows ``j·C_in/g …`` of the weight, so ``W = Mᵀ`` is block-diagonal with blocks ``M_jᵀ``
+    (``m/g = C_out/g·∏k`` by ``n/g = C_in/g``): group ``j``'s state columns are its input channels,
+    its costate columns the patch columns of its output channels (contiguous in the ``(c, k…)``
+    order of the patches), and each stored block is transposed (:attr:`transposed`)."""
 
     transposed = True
     bias_name = None
 
-    def __init__(self, spatial_dims: int):
+    def __init__(self, spatial_dims: int, grouped: bool = False):
         self.spatial_dims = spatial_dims
+        self.kind = "grouped" if grouped else "matrix"
+
+    def groups(self, module):
+        return module.groups
 
     def weight_shape_2d(self, module):
-        w = module.weight
-        return w[0].numel(), w.shape[0]
+        w = module.weight  # [C_in, C_out/groups, *k]: W = Mᵀ is block-diagonal, one block per group
+        return w[0].numel() * module.groups, w.shape[0]
 
     def _as_batched(self, t: Tensor) -> Tensor:
         return t if t.dim() == self.spatial_dims + 2 else t.unsqueeze(0)
@@ -627,8 +643,8 @@ def _lookup(module: nn.Module):
             if module.max_norm is not None:
                 return None, "max_norm renormalises the weight inside forward (not an affine map of it)"
         return adapter, None
-    if isinstance(module, nn.modules.conv._ConvTransposeNd) and (module.groups != 1 or module.padding_mode != "zeros"):
-        return None, "grouped transposed convolutions have no closed form yet (groups=1 has one)"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.padding_mode != "zeros":
+        return None, "transposed convolutions support only padding_mode='zeros'"
     if isinstance(module, nn.EmbeddingBag):
         if module.mode == "max":
             return None, "mode='max' is not affine in the weight"

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["trust_region_factor", "unit_floor_sq"]
+__all__ = ["trust_region_factor", "unit_floor_sq", "gain_factor"]
 
 
 def unit_floor_sq(params: Sequence[Tensor]) -> float:
@@ -53,3 +53,29 @@ def trust_region_factor(step_sq: Tensor, param_sq: Tensor, floor_sq: float, radi
     ref = torch.clamp(param_sq, min=floor_sq).sqrt() * radius
     norm = step_sq.sqrt()
     return torch.where(norm > ref, ref / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
+
+
+def gain_factor(gain: float, loss: float, kappa: float) -> float:
+    r"""``a = min(1, κ·J/G)``: the factor that keeps a whole step's predicted decrease of the loss
+    within a fraction of the loss (docs/algorithms.md §5, "The predicted-gain guard").
+
+    Every unit maximises its own ``H̃``, whose penalties see only how the unit's own states and
+    costates move; the units' steps add up. Their first-order prediction of the loss change is
+    ``J(θ + Δ) ≈ J(θ) − G`` with ``G = Σ_units ⟨−∇J, Δ_unit⟩`` (the step's Hamiltonian gain). For a
+    loss bounded below by 0 (cross-entropy, squared error) a prediction ``G > J`` lies below the
+    bound: the linear model — and every unit's ``H̃``, which is its first-order term plus penalties —
+    is used outside where it can hold. The guard shortens the whole step along itself,
+    ``Δ ← aΔ``, to ``G ≤ κJ``: each unit's step stays an ascent step of its ``H̃`` (as under the
+    trust region, ``H̃(aΔ*) ≥ 0`` for ``a ∈ [0, 1]``) and the predicted decrease a fraction ``κ`` of
+    what is left to gain.
+
+    Args:
+        gain: ``G`` (the step's first-order gain, ``−Σ⟨∇J, Δθ⟩``).
+        loss: ``J``, the loss the gradient is of; ``J ≤ 0`` or non-finite: ``a = 1`` (no bound known).
+        kappa: ``κ > 0``.
+    """
+    if kappa <= 0:
+        raise ValueError(f"gain_factor: kappa must be > 0, got {kappa!r}")
+    if not (loss > 0.0 and gain > kappa * loss) or loss != loss or loss == float("inf"):
+        return 1.0
+    return kappa * loss / gain

@@ -63,6 +63,9 @@ class LinearView(AffineView):
     def __init__(self, weight, bias):
         super().__init__(weight, bias)
         self.view_adapter = SequenceLinearAdapter()
+        #: the sequences of the host's current ``PackedSequence`` batch (None: a padded call, whose
+        #: first dimension is its samples); set by the unrolled forward at every call
+        self.packed_samples: Optional[int] = None
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -160,14 +163,14 @@ def _embedding_bag_forward(host, views, args, kwargs):
 
 
 class ConvTransposeView(AffineView):
-    """The weight part of ``nn.ConvTranspose1d/2d/3d`` (``groups = 1``): ``conv_transposeNd(x, W)``
-    with the host's stride, padding, output padding and dilation (the output size is fixed by the
-    host's call)."""
+    """The weight part of ``nn.ConvTranspose1d/2d/3d``: ``conv_transposeNd(x, W)`` with the host's
+    stride, padding, output padding, dilation and groups (the output size is fixed by the host's
+    call; ``groups > 1``: a grouped unit, one block per group)."""
 
     def __init__(self, host):
         super().__init__(host.weight, None)
         self.dims = len(host.kernel_size)
-        self.view_adapter = ConvTransposeAdapter(self.dims)
+        self.view_adapter = ConvTransposeAdapter(self.dims, grouped=host.groups > 1)
         for k in ("kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, k, getattr(host, k))
 
@@ -268,9 +271,14 @@ def _cell_step(kind: str, nonlinearity: str, gi: Tensor, h: Tensor, c: Optional[
 
 
 def _rnn_forward(host, views: Dict[str, AffineView], args, kwargs):
-    """``nn.RNN/LSTM/GRU.forward`` unrolled through the views (padded tensors only)."""
+    """``nn.RNN/LSTM/GRU.forward`` unrolled through the views (padded tensors and ``PackedSequence``)."""
     x = args[0] if args else kwargs["input"]
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    packed = isinstance(x, nn.utils.rnn.PackedSequence)
+    for v in views.values():
+        v.packed_samples = int(x.batch_sizes[0]) if packed and x.batch_sizes.numel() else None
+    if packed:
+        return _rnn_forward_packed(host, views, x, hx)
     kind = _rnn_kind(host)
     batched = x.dim() == 3
     if not batched:
@@ -325,6 +333,79 @@ def _rnn_forward(host, views: Dict[str, AffineView], args, kwargs):
         c_n = c_n.squeeze(1) if c_n is not None else None
     elif host.batch_first:
         out = out.transpose(0, 1)
+    return (out, (h_n, c_n)) if kind == "LSTM" else (out, h_n)
+
+
+def _rnn_forward_packed(host, views: Dict[str, AffineView], x, hx):
+    """``nn.RNN/LSTM/GRU.forward`` of a ``PackedSequence`` through the views, as torch's packed
+    kernel computes it: the sequences are sorted by length (``x.sorted_indices``), and at step
+    ``t`` only the first ``b_t = batch_sizes[t]`` are active. The input map is one call on the
+    packed rows (``[Σ_t b_t, n]``: every valid step, no padding); the hidden map is called at every
+    step on the ``b_t`` active states only. Forward in time a finished sequence keeps its last state
+    (its ``h_n``); backward in time a sequence starts at its own last step from its ``h_0``. So the
+    captured rows are exactly the valid steps, and a sample is a sequence (``packed_samples``)."""
+    kind = _rnn_kind(host)
+    data, sizes = x.data, x.batch_sizes.tolist()
+    order, unorder = x.sorted_indices, x.unsorted_indices
+    seq, batch = len(sizes), sizes[0]
+    starts = [0]
+    for b in sizes:
+        starts.append(starts[-1] + b)
+    dirs = 2 if host.bidirectional else 1
+    proj = getattr(host, "proj_size", 0)
+    h_out = proj if proj > 0 else host.hidden_size
+    h0, c0 = (hx if hx is not None else (None, None)) if kind == "LSTM" else (hx, None)
+    h0 = data.new_zeros(host.num_layers * dirs, batch, h_out) if h0 is None else \
+        (h0.index_select(1, order) if order is not None else h0)
+    if kind == "LSTM":
+        c0 = data.new_zeros(host.num_layers * dirs, batch, host.hidden_size) if c0 is None else \
+            (c0.index_select(1, order) if order is not None else c0)
+    nonlin = host.nonlinearity if kind == "RNN" else ""
+    layer_in = data  # [Σ b_t, features]
+    h_n, c_n = [], []
+    for k in range(host.num_layers):
+        outs = []
+        for d, sfx in enumerate(("", "_reverse")[:dirs]):
+            gi = views[f"ih_l{k}{sfx}"](layer_in)  # one call on the packed rows
+            hh, hr = views[f"hh_l{k}{sfx}"], views.get(f"hr_l{k}{sfx}")
+            hs, cs = h0[k * dirs + d], (c0[k * dirs + d] if c0 is not None else None)
+            ys = [None] * seq
+            if d == 0:
+                h, c = hs, cs
+                for t in range(seq):
+                    b = sizes[t]
+                    ht, ct = _cell_step(kind, nonlin, gi[starts[t]:starts[t + 1]], h[:b],
+                                        c[:b] if c is not None else None, hh)
+                    if hr is not None:
+                        ht = hr(ht)
+                    ys[t] = ht
+                    h = torch.cat([ht, h[b:]]) if b < batch else ht  # finished sequences keep their state
+                    c = (torch.cat([ct, c[b:]]) if b < batch else ct) if c is not None else None
+            else:
+                h = c = None
+                for t in range(seq - 1, -1, -1):
+                    b, was = sizes[t], (h.shape[0] if h is not None else 0)
+                    if b > was:  # sequences whose last step is t start from their h_0
+                        h = hs[:b] if h is None else torch.cat([h, hs[was:b]])
+                        if cs is not None:
+                            c = cs[:b] if c is None else torch.cat([c, cs[was:b]])
+                    h, c = _cell_step(kind, nonlin, gi[starts[t]:starts[t + 1]], h, c, hh)
+                    if hr is not None:
+                        h = hr(h)
+                    ys[t] = h
+            outs.append(torch.cat(ys))
+            h_n.append(h)
+            if c is not None:
+                c_n.append(c)
+        layer_in = outs[0] if dirs == 1 else torch.cat(outs, -1)
+        if host.dropout > 0 and host.training and k < host.num_layers - 1:
+            layer_in = F.dropout(layer_in, host.dropout, True)
+    h_n = torch.stack(h_n)
+    c_n = torch.stack(c_n) if c_n else None
+    if unorder is not None:
+        h_n = h_n.index_select(1, unorder)
+        c_n = c_n.index_select(1, unorder) if c_n is not None else None
+    out = nn.utils.rnn.PackedSequence(layer_in, x.batch_sizes, order, unorder)
     return (out, (h_n, c_n)) if kind == "LSTM" else (out, h_n)
 
 
@@ -426,7 +507,7 @@ def _host_spec(module: nn.Module):
     spec = _HOSTS.get(t)
     if spec is not None:
         if unsupported_reason(module) is not None:
-            return None  # e.g. a grouped transposed convolution, EmbeddingBag(mode="max"): the fallback
+            return None  # e.g. EmbeddingBag(mode="max"): the fallback
         return spec
     spec = _HOSTS_BY_NAME.get(f"{t.__module__}.{t.__qualname__}")
     if spec is None and _is_fused_experts(module):
@@ -468,12 +549,6 @@ class _HostHook:
             return None
         if not any(v._forward_hooks for v in self.views.values()):
             return None
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        if isinstance(x, nn.utils.rnn.PackedSequence):
-            raise NotImplementedError(
-                f"pmptrain: {type(host).__name__} with a PackedSequence input is not supported by the "
-                "recurrent capture; pad the batch (nn.utils.rnn.pad_packed_sequence) or pass "
-                "exclude=[<this module's name>] to train it by the fallback")
         for v in self.views.values():
             v.training = True
         ours = self.forward(host, self.views, args, kwargs)

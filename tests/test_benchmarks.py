@@ -100,6 +100,7 @@ def test_step_time_cpu_clock_and_the_compiled_suffix(tmp_path, capsys):
     with pytest.raises(SystemExit):
         step_time.resolve_names(ap, "mlp", "nope:compiled")
     assert "unknown optimizer 'nope:compiled'" in capsys.readouterr().err
+    assert step_time.with_compiled(["sgd", "emsa", "emsa:compiled"]) == ["sgd", "emsa", "emsa:compiled", "sgd:compiled"]
 
 
 def test_profile_counts_operations_and_flops_per_step():

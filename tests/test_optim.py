@@ -459,12 +459,12 @@ def test_unsupported_modules_warn_once_naming_type_and_reason_and_strict_raises(
         def forward(self, x):
             return x * self.s
 
-    model = nn.Sequential(nn.Linear(6, 3), Scale(), nn.ConvTranspose1d(3, 3, 1, groups=3))
+    model = nn.Sequential(nn.Linear(6, 3), Scale(), nn.EmbeddingBag(5, 3, mode="max"))
     with pytest.warns(UserWarning) as rec:
         opt = pmptrain.EMSA(model)
     msgs = [str(w.message) for w in rec]
     assert any("'1' (Scale)" in m and "register_module_type" in m for m in msgs)
-    assert any("'2' (ConvTranspose1d)" in m and "grouped transposed" in m for m in msgs)
+    assert any("'2' (EmbeddingBag)" in m and "mode='max'" in m for m in msgs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         x, y = data()

@@ -30,6 +30,11 @@ def _cnn():
                          nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
 
 
+def _grouped():
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=3),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+
+
 def _gpt():
     return build_model("gpt", (8,), 32, n_layer=1, n_head=2, n_embd=16)
 
@@ -41,7 +46,7 @@ def _batches(kind, n=3, batch=12, seed=0):
         if kind == "gpt":
             out.append((torch.randint(0, 32, (batch // 3, 8), generator=g),
                         torch.randint(0, 32, (batch // 3, 8), generator=g)))
-        elif kind == "cnn":
+        elif kind in ("cnn", "grouped"):
             out.append((torch.randn(batch, 2, 8, 8, generator=g, dtype=torch.float64),
                         torch.randint(0, 5, (batch,), generator=g)))
         else:
@@ -50,13 +55,16 @@ def _batches(kind, n=3, batch=12, seed=0):
     return out
 
 
-BUILD = {"mlp": _mlp, "cnn": _cnn, "gpt": _gpt}
+BUILD = {"mlp": _mlp, "cnn": _cnn, "gpt": _gpt, "grouped": _grouped}
 CONFIGS = [
     ("mlp", {}),                                      # Gram form, isotropic costate (the default)
     ("mlp", {"costate": "exact"}),                    # Gram/Gram and Gram/explicit routes
     ("mlp", {"route": "primal", "costate": "exact"}),  # eigenbases on both sides
     ("cnn", {}),                                      # convolutions primal, exact costate
     ("gpt", {"rho": 5.0, "rho_scale": "costate", "lr": 1e3}),  # the GPT bench setting
+    ("mlp", {"rho": 5.0, "rho_scale": "costate"}),    # ρ·rms costate on the device: Gram rows, isotropic
+    ("mlp", {"rho": 5.0, "rho_scale": "costate", "costate": "exact"}),
+    ("grouped", {"rho": 5.0, "rho_scale": "costate"}),  # a grouped convolution's block rule
     ("gpt", {}),
 ]
 
@@ -122,6 +130,34 @@ def test_a_step_reads_the_device_once_whatever_the_depth(monkeypatch, kind, dept
     assert sum(counts.values()) == 1, counts  # the step's one check (finite, gain)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "grouped", "gpt", "gpt-bench"])
+def test_the_costate_scaled_step_reads_the_device_once(monkeypatch, kind):
+    """``rho_scale="costate"`` (ρ·rms costate per unit, the GPT bench setting) keeps ρ on the device:
+    one read per step, not one per unit (12 on the GPT bench model before). ``gpt-bench`` is the
+    model of ``benchmarks/step_time.py --models gpt`` (2 × 128, tied embedding) on 2 × 128 tokens."""
+    torch.manual_seed(0)
+    if kind == "gpt-bench":
+        model = build_model("gpt", (128,), 256)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randint(0, 256, (2, 128), generator=g), torch.randint(0, 256, (2, 128), generator=g)
+    else:
+        model = BUILD[kind]()
+        (x, y), = _batches(kind, 1)
+        x = x.float() if x.is_floating_point() else x
+    opt = pmptrain.EMSA(model, rho=5.0, rho_scale="costate", lr=1e3 if "gpt" in kind else 0.1)
+    for i in range(2):  # the second step: with the kept state of the first
+        opt.zero_grad()
+        out = model(x)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        counts = _count_syncs(monkeypatch)
+        opt.step()
+        monkeypatch.undo()
+        assert not opt.last_step["skipped"]
+        assert opt.last_step["controlled"] >= (4 if "gpt" in kind else 2)
+        assert sum(counts.values()) == 1, counts  # the step's one check (finite, gain)
+
+
 def test_the_careful_path_reads_per_unit(monkeypatch):
     """The counter sees what it should: the reference path reads the device for every unit."""
     torch.manual_seed(0)
@@ -173,27 +209,53 @@ def test_non_finite_data_still_skip_with_weights_untouched():
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
-def test_no_synchronising_call_but_the_check_on_cuda():
+def _cuda_model(kind):
     torch.manual_seed(0)
-    model = _mlp(4).cuda()
-    opt = pmptrain.EMSA(model)
-    (x, y), = _batches("mlp", 1)
-    x, y = x.float().cuda(), y.cuda()
-    for _ in range(2):
+    if kind == "mlp":
+        (x, y), = _batches("mlp", 1)
+        return _mlp(4).cuda(), {}, x.float().cuda(), y.cuda()
+    g = torch.Generator().manual_seed(0)  # the GPT bench model and setting, 4 × 128 tokens
+    x, y = torch.randint(0, 256, (4, 128), generator=g), torch.randint(0, 256, (4, 128), generator=g)
+    return (build_model("gpt", (128,), 256).cuda(), {"rho": 5.0, "rho_scale": "costate", "lr": 1e3},
+            x.cuda(), y.cuda())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
+@pytest.mark.parametrize("kind", ["mlp", "gpt-costate"])
+def test_no_synchronising_call_but_the_check_on_cuda(monkeypatch, kind):
+    """On a GPU the step synchronises for its one check, and for nothing else but the
+    eigendecompositions (``torch.linalg.eigh`` checks its ``info`` on the host: torch has no
+    ``eigh_ex``), counted here; the capture in the backward pass does not synchronise either."""
+    import warnings
+    model, kwargs, x, y = _cuda_model(kind)
+    opt = pmptrain.EMSA(model, **kwargs)
+
+    def iteration():
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        out = model(x)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    for _ in range(2):
+        iteration()
         opt.step()
     torch.cuda.synchronize()
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    eighs = []
+    real_eigh = torch.linalg.eigh
+
+    def eigh(*a, **k):
+        eighs.append(1)
+        return real_eigh(*a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        import warnings
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
+            iteration()
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert not opt.last_step["skipped"]
     syncs = [str(m.message) for m in w if "synchroniz" in str(m.message)]
-    assert len(syncs) <= 2, syncs  # the one read of (finite, gain)
+    assert len(syncs) <= 2 + len(eighs), syncs  # the one read of (finite, gain), and eigh's info

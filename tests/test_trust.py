@@ -158,3 +158,94 @@ def test_an_adam_like_lr_warns_once_at_the_users_line():
             warnings.simplefilter("always")
             pmptrain.EMSA(nn.Linear(3, 3), **kw)
         assert not [w for w in caught if "Adam learning rate" in str(w.message)], kw
+
+
+# ------------------------------------------------------------------ the predicted-gain guard (max_gain)
+
+from pmptrain.trust import gain_factor  # noqa: E402
+
+
+def test_gain_factor_caps_the_predicted_decrease_at_a_fraction_of_the_loss():
+    assert gain_factor(0.4, 1.0, 0.5) == 1.0  # inside: unchanged
+    assert gain_factor(10.0, 2.0, 0.5) * 10.0 == pytest.approx(0.5 * 2.0, rel=1e-15)
+    for loss in (0.0, -1.0, float("nan"), float("inf")):  # no bound known: unchanged
+        assert gain_factor(10.0, loss, 0.5) == 1.0
+    assert gain_factor(-3.0, 1.0, 0.5) == 1.0  # an ascent of J is not this guard's business
+    with pytest.raises(ValueError, match="kappa"):
+        gain_factor(1.0, 1.0, 0.0)
+
+
+class _LossNet(nn.Module):
+    """Returns its own loss: a 0-dim tensor, or an object with ``.loss`` (Hugging Face's outputs)."""
+
+    def __init__(self, wrapped: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+        self.wrapped = wrapped
+
+    def forward(self, x, y):
+        loss = F.mse_loss(self.b(torch.tanh(self.a(x))), y)
+        if self.wrapped:
+            from types import SimpleNamespace
+            return SimpleNamespace(loss=loss, logits=None)
+        return loss
+
+
+def _guarded_pair(wrapped, kappa, closure=False):
+    """One step with and one without the guard from the same start (float64): the changes and the loss."""
+    torch.manual_seed(0)
+    base = _LossNet(wrapped).double()
+    x, y = torch.randn(16, 3, dtype=DT), 10 * torch.randn(16, 2, dtype=DT)
+    out = {}
+    for k in (kappa, None):
+        model = copy.deepcopy(base)
+        opt = pmptrain.EMSA(model, lr=1e3, rho=0.1, max_gain=k)
+
+        def run():
+            opt.zero_grad()
+            r = model(x, y)
+            loss = r.loss if wrapped else r
+            loss.backward()
+            return loss
+
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        if closure:
+            loss = opt.step(run)
+        else:
+            loss = run()
+            opt.step()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        change = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+        out[k] = (change, grads, float(loss.detach()), opt.last_step)
+    return out
+
+
+@pytest.mark.parametrize("wrapped,closure", [(False, False), (True, False), (False, True)],
+                         ids=["root-returns-loss", "root-returns-output.loss", "closure"])
+def test_guard_shortens_the_whole_step_along_itself_to_kappa_times_the_loss(wrapped, closure):
+    kappa = 0.01
+    out = _guarded_pair(wrapped, kappa, closure)
+    (guarded, grads, loss, info), (free, _, _, free_info) = out[kappa], out[None]
+    g_free = -sum(float((grads[n] * free[n]).sum()) for n in free)
+    assert g_free > kappa * loss  # the unguarded step predicts more than κJ: the guard acts
+    a = info["gain_scale"]
+    assert a == pytest.approx(kappa * loss / g_free, rel=1e-6) and a < 1.0  # the shell sums ⟨g, Δ⟩ in float32
+    for n in free:  # every unit's step shortened by the same factor: the direction is kept
+        torch.testing.assert_close(guarded[n], a * free[n], rtol=1e-10, atol=1e-14)
+    assert -sum(float((grads[n] * guarded[n]).sum()) for n in guarded) == pytest.approx(kappa * loss, rel=1e-6)
+    assert info["hamiltonian_gain"] == pytest.approx(kappa * loss, rel=1e-6)
+    assert free_info["gain_scale"] == 1.0
+
+
+def test_guard_is_off_without_a_known_loss_and_with_max_gain_none():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x, y = torch.randn(16, 3, dtype=DT), 10 * torch.randn(16, 2, dtype=DT)
+    opt = pmptrain.EMSA(model, lr=1e3, rho=0.1)
+    F.mse_loss(model(x), y).backward()  # the loss is computed outside the model: unknown to the step
+    opt.step()
+    assert opt.last_step["gain_scale"] == 1.0
+    assert pmptrain.EMSA.paper(nn.Linear(2, 2)).max_gain is None and pmptrain.MSA(nn.Linear(2, 2)).max_gain is None
+    for bad in (0.0, -1.0, float("inf"), "x"):
+        with pytest.raises(ValueError, match="max_gain"):
+            pmptrain.EMSA(nn.Linear(2, 2), max_gain=bad)

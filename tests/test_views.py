@@ -130,10 +130,10 @@ def _record_views(host):
     return rec, handles
 
 
-def _edited_step(model, host, loss_fn, strict=True):
+def _edited_step(model, host, loss_fn, strict=True, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Mixtral's RMSNorm (not this file's subject) falls back
-        opt = pmptrain.EMSA(model, lr=LR, rho=RHO, strict=strict, route="primal", costate="exact")
+        opt = pmptrain.EMSA(model, lr=LR, rho=RHO, strict=strict, route="primal", costate="exact", **kw)
     rec, handles = _record_views(host)
     loss_fn().backward()
     for h in handles:
@@ -215,19 +215,111 @@ def test_cell_called_in_a_loop_is_one_shared_unit_per_map():
             torch.testing.assert_close(p.detach() - before[id(p)], ref[n], rtol=1e-8, atol=1e-11)
 
 
-def test_fused_kernel_runs_outside_training_and_packed_sequences_are_refused():
+def test_fused_kernel_runs_outside_training():
     lstm = nn.LSTM(3, 4).double()
     opt = pmptrain.EMSA(lstm)
     x = torch.randn(5, 2, 3, dtype=DT)
     lstm.eval()
     lstm(x)[0].sum().backward()  # eval: the fused kernel, nothing recorded
     assert all(opt.capture.peek(k).empty for k in opt.capture.keys())
-    lstm.train()
-    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]))
-    with pytest.raises(NotImplementedError, match="PackedSequence.*exclude"):
-        lstm(packed)
-    opt.detach()
-    lstm(packed)  # without an optimizer the host's own forward is untouched
+
+
+PACKED = [
+    ("lstm-proj-bidir-2layers", lambda: nn.LSTM(3, 4, 2, proj_size=2, bidirectional=True), True),
+    ("gru-bidir-batch-first", lambda: nn.GRU(3, 4, bidirectional=True, batch_first=True), False),
+    ("rnn-relu-nobias", lambda: nn.RNN(3, 4, nonlinearity="relu", bias=False), True),
+]
+LENGTHS = torch.tensor([3, 5, 1, 4])  # unsorted: the packed batch carries its permutation
+
+
+def _packed_batch(host, with_hx):
+    gen = torch.Generator().manual_seed(3)
+    t, b = int(LENGTHS.max()), len(LENGTHS)
+    x = torch.randn((b, t, 3) if host.batch_first else (t, b, 3), dtype=DT, generator=gen)
+    packed = nn.utils.rnn.pack_padded_sequence(x, LENGTHS, batch_first=host.batch_first, enforce_sorted=False)
+    hx = None
+    if with_hx:
+        dirs = 2 if host.bidirectional else 1
+        h_out = host.proj_size if getattr(host, "proj_size", 0) else host.hidden_size
+        h0 = torch.randn(host.num_layers * dirs, b, h_out, dtype=DT, generator=gen)
+        hx = (h0, torch.randn(host.num_layers * dirs, b, host.hidden_size, dtype=DT, generator=gen)) \
+            if isinstance(host, nn.LSTM) else h0
+    return x, packed, hx
+
+
+def _packed_loss(out, h_n):
+    gen = torch.Generator().manual_seed(4)
+    h = h_n[0] if isinstance(h_n, tuple) else h_n
+    return (out.data * torch.randn(out.data.shape, dtype=DT, generator=gen)).sum() + h.pow(2).sum()
+
+
+@pytest.mark.parametrize("name,make,with_hx", PACKED, ids=[p[0] for p in PACKED])
+def test_packed_unrolled_forward_and_gradients_equal_the_fused_kernel_and_each_sequence_alone(name, make, with_hx):
+    """The unrolled packed forward equals torch's packed kernel (outputs, h_n, parameter gradients),
+    and both equal the padded equivalent: every sequence run alone on its own valid steps (float64)."""
+    torch.manual_seed(0)
+    host = make().double()
+    x, packed, hx = _packed_batch(host, with_hx)
+    fused = host(packed, hx)
+    ours = unrolled_forward(host, packed, hx)
+    _close(ours[0].data, fused[0].data)
+    assert torch.equal(ours[0].batch_sizes, fused[0].batch_sizes)
+    for a, b in zip(ours[1] if isinstance(ours[1], tuple) else (ours[1],),
+                    fused[1] if isinstance(fused[1], tuple) else (fused[1],)):
+        _close(a, b)
+    grads = {}
+    for tag, res in (("fused", fused), ("ours", ours)):
+        host.zero_grad()
+        _packed_loss(*res).backward()
+        grads[tag] = {n: p.grad.clone() for n, p in host.named_parameters()}
+    for n in grads["fused"]:
+        torch.testing.assert_close(grads["ours"][n], grads["fused"][n], rtol=1e-10, atol=1e-12)
+    # each sequence alone (no padding at all): the same outputs
+    padded, _ = nn.utils.rnn.pad_packed_sequence(ours[0], batch_first=host.batch_first)
+    for i, n in enumerate(LENGTHS.tolist()):
+        xi = (x[i, :n] if host.batch_first else x[:n, i])
+        hi = None
+        if hx is not None:
+            hi = tuple(h[:, i] for h in hx) if isinstance(hx, tuple) else hx[:, i]
+        yi, hni = host(xi, hi)
+        _close(padded[i, :n] if host.batch_first else padded[:n, i], yi)
+        h_ours = ours[1][0] if isinstance(ours[1], tuple) else ours[1]
+        _close(h_ours[:, i], hni[0] if isinstance(hni, tuple) else hni)
+
+
+@pytest.mark.parametrize("name,make,with_hx", PACKED, ids=[p[0] for p in PACKED])
+def test_packed_statistics_are_the_valid_steps_and_the_step_is_the_maximiser(name, make, with_hx):
+    """Under the optimizer a packed batch is recorded on its valid steps only (rows = Σ lengths per
+    map and direction, samples = sequences), and every view's step is the maximiser of its H̃ over
+    those calls (float64)."""
+    torch.manual_seed(0)
+    host = make().double()
+    x, packed, hx = _packed_batch(host, with_hx)
+    opt, rec, grads, before = _edited_step(host, host, lambda: _packed_loss(*host(packed, hx)),
+                                           max_step=None)  # the maximiser itself, not its trust-region cut
+    batch, total = len(LENGTHS), int(LENGTHS.sum())
+    views = dict(views_of(host))
+
+    def fn(theta, rows, extra):
+        y = rows @ theta["weight"].T
+        return y + theta["bias"] if "bias" in theta else y
+
+    for suffix, calls in rec.items():
+        assert sum(c[0].reshape(-1, c[0].shape[-1]).shape[0] for c in calls) == total  # valid steps only
+        v = views[suffix]
+        theta = {n: before[id(p)] for n, p in v.named_parameters()}
+        ham = {n: -grads[id(p)] for n, p in v.named_parameters()}
+        rows = [(x_.reshape(-1, x_.shape[-1]), -batch * g.reshape(-1, g.shape[-1]), None) for x_, g in calls]
+        ref = newton_maximiser(fn, theta, rows, batch, RHO, 1 / LR, ham)
+        for n, p in v.named_parameters():
+            torch.testing.assert_close(p.detach() - before[id(p)], ref[n], rtol=1e-8, atol=1e-11,
+                                       msg=lambda s: f"{suffix}.{n}: {s}")
+    host.train()
+    opt.zero_grad()
+    _packed_loss(*host(packed, hx)).backward()
+    for suffix in views:
+        st = opt.capture.peek(f"{suffix}")
+        assert st.samples == batch and st.rows == total, (suffix, st.samples, st.rows)
 
 
 # ------------------------------------------------------------------------------------- PReLU
@@ -346,9 +438,46 @@ def test_conv_transpose_step_is_the_maximiser_of_the_adjoint_row_form(name, make
         torch.testing.assert_close(b.detach() - before[id(b)], ref["bias"], rtol=1e-8, atol=1e-11)
 
 
-def test_grouped_conv_transpose_falls_back_with_its_name():
-    with pytest.warns(UserWarning, match="'0' \\(ConvTranspose2d\\)"):
-        pmptrain.EMSA(nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=2)))
+GROUPED_CONVT = [
+    ("convt1d-groups2-stride", lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+     (3, 4, 5)),
+    ("convt2d-depthwise-dilation", lambda: nn.ConvTranspose2d(3, 3, (2, 3), stride=(1, 2), dilation=(2, 1), groups=3),
+     (2, 3, 4, 3)),
+    ("convt3d-groups2-multiplier-nobias", lambda: nn.ConvTranspose3d(2, 4, 2, stride=2, groups=2, bias=False),
+     (2, 2, 2, 3, 2)),
+]
+
+
+@pytest.mark.parametrize("name,make,shape", GROUPED_CONVT, ids=[c[0] for c in GROUPED_CONVT])
+def test_grouped_conv_transpose_step_is_the_maximiser_of_its_block_diagonal_row_form(name, make, shape):
+    """``groups = g``: ``W = Mᵀ`` is block-diagonal (``M_j`` = the weight rows of group j's input
+    channels), so the rows of the adjoint form reproduce the forward through ``block_diag(M_j)``
+    and the step is the maximiser of H̃ over that block-diagonal map (float64)."""
+    torch.manual_seed(0)
+    host = make().double()
+    x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(3))
+    _close(unrolled_forward(host, x), host(x))
+    g, w = host.groups, host.weight
+    wv = dict(views_of(host))[""]
+    ad = wv.view_adapter
+    assert ad.kind == "grouped" and ad.groups(wv) == g
+
+    def fn(th, r, e):
+        blocks = th["weight"].reshape(g, w.shape[0] // g, -1)
+        return r @ torch.block_diag(*blocks)
+
+    y = wv(x, host.output_padding)
+    gy = torch.randn(y.shape, dtype=DT)
+    z = fn({"weight": w.detach()}, ad.input_rows(wv, x), None)  # z_i = block_diag(M_j)ᵀ x_i per input position
+    torch.testing.assert_close((ad.output_rows(wv, gy) * z).sum(), (gy * y).sum(), rtol=1e-12, atol=1e-12)
+    target = torch.randn(host(x).shape, dtype=DT, generator=torch.Generator().manual_seed(1))
+    opt, rec, grads, before = _edited_step(host, host, lambda: F.mse_loss(host(x), target))
+    assert {u["unit"]: u["rule"] for u in opt.rule_table()}[""] == "emsa-grouped"
+    (xin, gout), = rec[""]
+    batch = shape[0]
+    ref = newton_maximiser(fn, {"weight": before[id(w)]}, [(ad.input_rows(wv, xin), -batch * ad.output_rows(wv, gout),
+                                                              None)], batch, RHO, 1 / LR, {"weight": -grads[id(w)]})
+    torch.testing.assert_close(w.detach() - before[id(w)], ref["weight"], rtol=1e-8, atol=1e-11)
 
 
 # ------------------------------------------------------------------------------------ Bilinear

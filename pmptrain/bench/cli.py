@@ -214,7 +214,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "--no-shuffle feeds it in file order")
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=S,
                    help="under torchrun: shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) "
-                        "instead of wrapping it in DDP (default off)")
+                        "instead of wrapping it in DDP (default off; --model gpt: each block then the root, "
+                        "required under torchrun)")
     g.add_argument("--lr", default=S, metavar="X|OPT=X,...",
                    help="each optimizer's step-size hyper-parameter (lr; rho for *-msa; for bop its lr "
                         "is the rate gamma): one value for all or per name (default: registry defaults)")
@@ -481,7 +482,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from .data import DataError
-    from .ranks import broadcast_object, dist_info, init_distributed
+    from .ranks import broadcast_object, init_distributed
     from .sweep import run_bench
 
     try:
@@ -493,26 +494,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ns.dry_run:
         print(json.dumps(cfg.to_dict(), indent=1, default=str))
         return 0
-    if isinstance(cfg, LMConfig):
-        from .lm import run_lm_bench
-
-        if dist_info()[1] > 1:
-            print(f"pmptrain {ns.command}: error: the language-model bench runs in one process", file=sys.stderr)
-            return 2
-        try:
-            run_lm_bench(cfg, out)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
-            return 2
-        except RuntimeError as e:
-            print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
-            return 1
-        return 0
     rank, world = init_distributed()
     try:
         out = Path(broadcast_object(str(out)))
-        run_bench(cfg, out, resume=resume)
-    except (ValueError, DataError) as e:
+        if isinstance(cfg, LMConfig):
+            from .lm import run_lm_bench
+
+            run_lm_bench(cfg, out)
+        else:
+            run_bench(cfg, out, resume=resume)
+    except (ValueError, DataError, FileNotFoundError) as e:
         if rank == 0:
             print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,17 @@ on a GPU; adapter file bytes (``export_controls``; the full packed model for ful
 the export → load round trip onto a fresh base reproduces the outputs exactly; median step time and
 its ratio to ``full-adamw`` in the same bench; steps to reach the reference loss (the first row of the
 same kind trained by AdamW, e.g. ``lora-adamw`` for ``lora-emsa``).
+
+Distributed (``torchrun --nproc-per-node N -m pmptrain bench --task finetune --fsdp ...``, gloo, CPU):
+the pretrained model is trained (or read from the cache) by rank 0 alone, then read from the cache
+by the other ranks; every row's model (the base with its controls) has its blocks, then the root,
+wrapped by FSDP2's ``fully_shard`` (the frozen base weights are sharded too) before its optimizer is
+built; every rank draws the same global batch of ``batch_size`` rows (divisible by N) and trains on
+its rows; the validation losses and accuracies are those of the whole validation batches (each rank
+evaluates its rows; sums and counts are added over the ranks). The memory columns are then per rank
+(local shards of the parameters, gradients and optimizer state; the activations of the rank's rows);
+the adapter file and its round trip are made on an unsharded copy loaded from the gathered state
+dict. Only rank 0 writes and logs.
 """
 
 from __future__ import annotations
@@ -116,6 +127,7 @@ class FinetuneConfig:
     threads: Optional[int] = None
     tensorboard: bool = True
     cache_dir: Optional[str] = None
+    fsdp: bool = False
 
     def validate(self) -> None:
         for k in ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "pretrain_steps", "steps", "eval_every",
@@ -185,13 +197,51 @@ def _loss(model, x, y):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+def _part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a batch (contiguous, as equal as possible; all of it in one process)."""
+    from .ranks import dist_info
+
+    rank, world = dist_info()
+    return t if world == 1 else torch.tensor_split(t, world)[rank]
+
+
+def _add_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    from .ranks import dist_info
+
+    if dist_info()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
 @torch.no_grad()
-def _val(model, batches, device) -> float:
+def _val_plain(model, batches, device) -> float:
+    """:func:`_val` of an unsharded model in this process alone (no collective)."""
     was = model.training
     model.eval()
     v = sum(float(_loss(model, x.to(device), y.to(device))) for x, y in batches) / len(batches)
     model.train(was)
     return v
+
+
+@torch.no_grad()
+def _val(model, batches, device) -> float:
+    """The mean over ``batches`` of each batch's mean loss (with several ranks: the sums and counts of
+    the ranks' rows, added over the ranks — the loss of the whole batch)."""
+    from .ranks import dist_info
+
+    if dist_info()[1] == 1:
+        return _val_plain(model, batches, device)
+    was = model.training
+    model.eval()
+    sums = torch.zeros(len(batches), 2, dtype=torch.float64)
+    for i, (x, y) in enumerate(batches):
+        logits = model(_part(x).to(device))
+        sums[i, 0] = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), _part(y).to(device).reshape(-1),
+                                           reduction="sum"))
+        sums[i, 1] = _part(y).numel()
+    _add_over_ranks(sums)
+    model.train(was)
+    return float((sums[:, 0] / sums[:, 1]).mean())
 
 
 def _sched(opt, total: int, warmup: float):
@@ -315,8 +365,10 @@ def _acc(model, batches, device) -> float:
     model.eval()
     hit = n = 0
     for x, y in batches:
+        x, y = _part(x), _part(y)
         hit += int((model(x.to(device)).argmax(-1) == y.to(device)).sum())
         n += y.numel()
+    hit, n = _add_over_ranks(torch.tensor([hit, n], dtype=torch.int64)).tolist()
     model.train(was)
     return hit / n
 
@@ -380,7 +432,7 @@ def pretrained(cfg: FinetuneConfig, task: Task, device, log=print):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-    v = _val(model, task.old_val, device)
+    v = _val_plain(model, task.old_val, device)  # (rank 0 alone under torchrun: no collective)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / "pretrained.pt.tmp"
     torch.save({k: t.detach().cpu() for k, t in model.state_dict().items()}, tmp)
@@ -415,8 +467,36 @@ def _rank_for(kind: str, cfg: FinetuneConfig, task: Task) -> int:
     return max(1, budget_bits // (task.per_block * d * bits))
 
 
-def _make(method: str, base, cfg: FinetuneConfig, task: Task):
-    """``(model, optimizer)`` of one row on a copy of ``base``."""
+def _shard(model, task: Task) -> None:
+    """FSDP2: ``fully_shard`` every block (the modules named by ``task.blocks``, controls included),
+    then the root."""
+    import re
+
+    from torch.distributed.fsdp import fully_shard
+
+    pattern = re.compile(task.blocks[3:] if task.blocks.startswith("re:") else re.escape(task.blocks))
+    # FSDP2 shards no 0-dim parameter (a discrete control's trainable scale α): those stay plain
+    # tensors on every rank, their gradients averaged by :func:`_average_plain_grads`
+    scalars = {p for p in model.parameters() if p.dim() == 0}
+    for name, m in list(model.named_modules()):
+        if name and pattern.fullmatch(name):
+            fully_shard(m, ignored_params=scalars)
+    fully_shard(model, ignored_params=scalars)
+
+
+def _average_plain_grads(params) -> None:
+    """Under FSDP2: average over the ranks the gradients of the parameters FSDP2 does not shard (its
+    ignored 0-dim ones), before clipping — FSDP2 averages only its own (pmptrain's optimizers would
+    average them too, but after the clip). Nothing in one process."""
+    from pmptrain import distributed as pdist
+
+    if pdist.world_size() > 1:
+        pdist.all_reduce_mean_([p.grad for p in params if p.grad is not None and not pdist.is_sharded(p)])
+
+
+def _make(method: str, base, cfg: FinetuneConfig, task: Task, shard: bool = False):
+    """``(model, optimizer)`` of one row on a copy of ``base`` (``shard``: the model wrapped by FSDP2
+    before the optimizer is built)."""
     import pmptrain
     from pmptrain import control
 
@@ -435,6 +515,8 @@ def _make(method: str, base, cfg: FinetuneConfig, task: Task):
         control.attach(model, task.subblocks, kind="parallel", rank=_rank_for(kind, cfg, task))
     else:
         control.attach(model, task.blocks, kind=kind, rank=_rank_for(kind, cfg, task), causal=task.name == "gpt")
+    if shard:
+        _shard(model, task)
     if optname == "adamw":
         lr = cfg.lr_full if kind is None else cfg.lr_adapter
         opt = get_spec("adamw").build(model, lr=lr) if kind is None else \
@@ -455,9 +537,20 @@ def _optimizer_state_bytes(opt) -> int:
     return state_bytes(sd.get("state", {})) + state_bytes(sd.get("pmptrain", {}))
 
 
+def _local_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``, of its local shard for a DTensor."""
+    from pmptrain import distributed as pdist
+
+    if pdist.is_sharded(t):
+        t = t.to_local()
+    return t.numel() * t.element_size()
+
+
 def _memory(model, opt, x, y, device) -> Dict[str, Any]:
-    """Saved-activation bytes of one training forward; the training footprint; CUDA peak."""
+    """Saved-activation bytes of one training forward; the training footprint; CUDA peak (per rank
+    under FSDP2: local shards, the rank's rows)."""
     from pmptrain.control import saved_tensor_bytes
+    from pmptrain.optim.sharded import has_sharded_params, state_bytes
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -471,10 +564,12 @@ def _memory(model, opt, x, y, device) -> Dict[str, Any]:
         torch.cuda.synchronize()
         cuda_peak = (torch.cuda.max_memory_allocated(device)) / 2**20
         cuda_peak_delta = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    params = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    grads = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
-                if p.requires_grad)
-    state = _optimizer_state_bytes(opt)
+    params = sum(_local_bytes(p) for p in {id(p): p for p in model.parameters()}.values())
+    grads = sum(_local_bytes(p) for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
+    if has_sharded_params(model.parameters()):
+        state = sum(state_bytes(opt).values())  # this rank's (the local shards of DTensor state)
+    else:
+        state = _optimizer_state_bytes(opt)
     opt.zero_grad(set_to_none=True)
     out = {"activation_mb": act / 2**20, "train_memory_mb": (params + grads + state + act) / 2**20,
            "optimizer_state_mb": state / 2**20, "cuda_peak_mb": cuda_peak}
@@ -509,29 +604,54 @@ def _adapter_bytes_and_roundtrip(method: str, model, base, probe, tmp: Path):
     return size, manifest["payload_nbytes"], exact
 
 
+def _unsharded_copy(method: str, model, base, cfg: FinetuneConfig, task: Task):
+    """A plain (one-process) model of the row, loaded with ``model``'s whole state dict (gathered:
+    every rank calls it)."""
+    from pmptrain import control
+
+    from .runner import full_state_dict
+
+    sd = full_state_dict(model)
+    kind = METHODS[method][0]
+    twin = copy.deepcopy(base)
+    if kind == "lora":
+        control.attach(twin, task.linears, kind="lora", rank=cfg.rank)
+    elif kind in ("binary", "ternary"):
+        control.attach(twin, task.linears, kind=kind, rank=_rank_for(kind, cfg, task))
+    elif kind == "parallel2":
+        control.attach(twin, task.subblocks, kind="parallel", rank=_rank_for(kind, cfg, task))
+    elif kind is not None:
+        control.attach(twin, task.blocks, kind=kind, rank=_rank_for(kind, cfg, task), causal=task.name == "gpt")
+    twin.load_state_dict(sd)
+    return twin
+
+
 def run_one(method: str, seed: int, base, cfg: FinetuneConfig, task: Task, device, tmp: Path,
             writer=None) -> Dict[str, Any]:
     from pmptrain import control
+    from pmptrain import distributed as pdist
     from pmptrain.optim.shell import PMPOptimizer
 
+    from .ranks import dist_info
     from .runner import progress_bar
     from .seeding import seed_all
 
+    rank, world = dist_info()
     seed_all(seed)
     new_val, old_val = task.new_val, task.old_val
-    model, opt = _make(method, base, cfg, task)
+    model, opt = _make(method, base, cfg, task, shard=world > 1)
     model.train()
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = {n: pdist.full_tensor(p).detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     sched = _sched(opt, cfg.steps, cfg.warmup)
     gen = torch.Generator().manual_seed(10_000 + seed)
     history = [{"step": 0, "seconds": 0.0, "val_loss": _val(model, new_val, device)}]
     clock, times = 0.0, []
-    bar = progress_bar(cfg.steps, f"{method} seed {seed}", 0)
+    bar = progress_bar(cfg.steps, f"{method} seed {seed}", rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
     first = None
     for step in range(1, cfg.steps + 1):
-        x, y = task.new_batch(gen)
-        x, y = x.to(device), y.to(device)
+        x, y = task.new_batch(gen)  # the global batch: every rank draws it, and trains on its rows
+        x, y = _part(x).to(device), _part(y).to(device)
         if first is None:
             first = (x, y)
         if device.type == "cuda":
@@ -540,6 +660,7 @@ def run_one(method: str, seed: int, base, cfg: FinetuneConfig, task: Task, devic
         opt.zero_grad(set_to_none=True)
         loss = _loss(model, x, y)
         loss.backward()
+        _average_plain_grads(trainable)
         torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
         opt.step()
         sched.step()
@@ -548,19 +669,23 @@ def run_one(method: str, seed: int, base, cfg: FinetuneConfig, task: Task, devic
         dt = time.perf_counter() - t0
         clock += dt
         times.append(dt)
+        train_loss = float(_add_over_ranks(torch.tensor([loss.item()], dtype=torch.float64))) / world
         if step % cfg.eval_every == 0 or step == cfg.steps:
             v = _val(model, new_val, device)
-            history.append({"step": step, "seconds": clock, "val_loss": v, "train_loss": loss.item()})
+            history.append({"step": step, "seconds": clock, "val_loss": v, "train_loss": train_loss})
             bar.set_postfix(val=f"{v:.3f}")
             if writer is not None:
                 writer.add_scalar(f"{method}/seed{seed}/val_loss", v, step)
         if writer is not None:
-            writer.add_scalar(f"{method}/seed{seed}/train_loss", loss.item(), step)
+            writer.add_scalar(f"{method}/seed{seed}/train_loss", train_loss, step)
         bar.update(1)
     bar.close()
     mem = _memory(model, opt, first[0], first[1], device)
-    base_untouched = all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    size, payload, exact = _adapter_bytes_and_roundtrip(method, model, base, first[0][:2], tmp)
+    base_untouched = all(torch.equal(pdist.full_tensor(p), frozen[n]) for n, p in model.named_parameters()
+                         if n in frozen)
+    probe = task.new_batch(torch.Generator().manual_seed(10_000 + seed))[0][:2].to(device)  # = the first batch's
+    plain = model if world == 1 else _unsharded_copy(method, model, base, cfg, task)
+    size, payload, exact = _adapter_bytes_and_roundtrip(method, plain, base, probe, tmp)
     skipped = opt.skipped_steps if isinstance(opt, PMPOptimizer) else 0
     if isinstance(opt, PMPOptimizer):
         opt.detach()
@@ -570,7 +695,7 @@ def run_one(method: str, seed: int, base, cfg: FinetuneConfig, task: Task, devic
             "final_val_loss": history[-1]["val_loss"], "old_val_loss": _val(model, old_val, device),
             "history": history, "median_step_ms": 1e3 * statistics.median(times), "adapter_bytes": size,
             "adapter_payload_bytes": payload, "roundtrip_exact": exact, "frozen_base_untouched": base_untouched,
-            "skipped_steps": skipped, **mem}
+            "skipped_steps": skipped, "world_size": world, **mem}
 
 
 # ------------------------------------------------------------------------------------- report
@@ -701,7 +826,22 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
     ``results.txt/json/csv``, ``config.json``, plots and TensorBoard logs under ``out_dir``."""
     import tempfile
 
+    from .ranks import dist_info
+
     cfg.validate()
+    rank, world = dist_info()
+    if world > 1:
+        if not cfg.fsdp:
+            raise ValueError(f"--fsdp: under torchrun ({world} ranks) the fine-tuning bench shards every row's model "
+                             "with FSDP2 and needs --fsdp (it has no DDP path)")
+        if cfg.batch_size % world:
+            raise ValueError(f"--batch-size: {cfg.batch_size} rows cannot be split evenly across {world} ranks")
+        if device not in (None, "cpu"):
+            raise ValueError(f"--device {device}: under torchrun the fine-tuning bench runs on the CPU (gloo); "
+                             "untested on NCCL")
+        device = "cpu"
+        if rank != 0:
+            log = _silent
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -714,20 +854,25 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
     log(f"old task: {old['name']} ({old['bytes']} {'bytes' if cfg.model == 'gpt' else 'examples'}, {old['source']}, "
         f"sha256 {old['sha256'][:12]}); new task: {new['name']} ({new['bytes']}, {new['source']}, "
         f"sha256 {new['sha256'][:12]}); device {device}")
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()  # rank 0 pretrains (or reads the cache) first; then the others read the cache
     base, pre_meta = pretrained(cfg, task, device, log)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
     for p in base.parameters():
         p.requires_grad_(False)
-    pre_old = _val(base, task.old_val, device)
+    pre_old = _val_plain(base, task.old_val, device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     writer = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tensorboard"))
     runs = []
     try:
-        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        with tempfile.TemporaryDirectory(dir=out_dir if rank == 0 else None) as tmp:
             for seed in cfg.seeds:
                 for m in cfg.methods:
                     r = run_one(m, seed, base, cfg, task, device, Path(tmp), writer)
@@ -739,7 +884,13 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
         if writer is not None:
             writer.close()
     corpora = task.data
+    if rank != 0:
+        return {"runs": runs, "world_size": world}
     return write_report(cfg, runs, pre_old, corpora, pre_meta, str(device), out_dir, log)
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
 
 
 def write_report(cfg: FinetuneConfig, runs, pre_old: float, corpora, pre_meta, device: str, out_dir: Path,
@@ -752,7 +903,8 @@ def write_report(cfg: FinetuneConfig, runs, pre_old: float, corpora, pre_meta, d
     summary = aggregate(cfg, runs, pre_old)
     names = {k: f"{v['name']} (sha256 {v['sha256'][:12]})" for k, v in corpora.items()}
     results = {"kind": "finetune", "config": dataclasses.asdict(cfg), "device": device, "corpora": corpora,
-               "pretrained": pre_meta, "summary": summary, "runs": runs, "versions": versions()}
+               "pretrained": pre_meta, "summary": summary, "runs": runs, "versions": versions(),
+               "world_size": max([r.get("world_size", 1) for r in runs] or [1])}
     atomic_write_json(results, out_dir / "results.json")
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -830,7 +982,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, default=None, help="torch intra-op threads")
     a("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     a("--cache-dir", default=None, help="where the pretrained model is cached (default ~/.cache/pmptrain/finetune)")
-    a("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    a("--device", default=None, help="cpu / cuda (default: cuda when available; cpu under torchrun)")
+    a("--fsdp", action="store_true", help="under torchrun: shard every row's model with FSDP2 (fully_shard on "
+      "each block, then the root), each rank training on its rows of every batch (required there)")
     a("--merge", default=None, metavar="DIR,DIR,...",
       help="do not train: pool the runs of benches that differ only in --seeds (e.g. one process per seed) "
            "into one report in --out")
@@ -860,11 +1014,26 @@ def main(argv: List[str]) -> int:
         cfg.validate()
         out = Path(ns.out) if ns.out else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
         check_out_dir(out)  # the classifier bench's check: exit 2 before anything is loaded
-        run_finetune_bench(cfg, out, device=ns.device)
     except (ValueError, FileNotFoundError) as e:
         print(f"pmptrain bench --task finetune: error: {e}", file=sys.stderr)
         return 2
+    from .ranks import broadcast_object, init_distributed
+
+    rank, world = init_distributed()  # under torchrun: a gloo group
+    try:
+        out = Path(broadcast_object(str(out)))
+        if world > 1:
+            torch.distributed.barrier()  # every rank checked --out before rank 0 creates it
+        run_finetune_bench(cfg, out, device=ns.device)
+    except (ValueError, FileNotFoundError) as e:
+        if rank == 0:
+            print(f"pmptrain bench --task finetune: error: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
-        print(f"pmptrain bench --task finetune: error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"pmptrain bench --task finetune: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return 0

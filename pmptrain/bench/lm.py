@@ -20,6 +20,15 @@ Corpora (``dataset``), all available offline:
 * any path to a text file.
 
 The last ``val_fraction`` of the bytes is the validation text.
+
+Distributed (``torchrun --nproc-per-node N -m pmptrain bench --model gpt --fsdp ...``, gloo): every
+rank draws the same global batch of ``batch_size`` sequences and trains on its ``batch_size/N``
+rows of it (``batch_size`` must be divisible by N); the model's blocks, then the root (embeddings,
+final LayerNorm, tied head), are wrapped by FSDP2's ``fully_shard`` (:func:`shard_blocks`), which
+averages the gradients over the ranks — the gradient of the union batch's mean loss, as in one
+process. The training and validation losses are the means over the ranks (each rank evaluates its
+rows of every validation batch); only rank 0 prints and writes files. Without ``--fsdp`` a
+distributed run is refused (the bench has no DDP path).
 """
 
 from __future__ import annotations
@@ -105,7 +114,7 @@ LM_FIELDS: Dict[str, Kind] = {
     "min_lr_ratio": Number(0, 1), "clip": Number(lo=0), "eval_every": Int(1, 10_000_000),
     "eval_batches": Int(1, 10_000), "seeds": Seeds(), "target_loss": Maybe(Number()),
     "tensorboard": Bool(), "threads": Maybe(Int(1, max_threads())),
-    "preset": Maybe(Text()),
+    "preset": Maybe(Text()), "fsdp": Bool(),
 }
 
 
@@ -119,7 +128,8 @@ class LMConfig:
     [200], batch_size [16] × seq_len [128] tokens per step; warmup [0.1 of the steps], min_lr_ratio
     [0.1], clip [1.0; 0 disables]; eval_every [20] steps on eval_batches [8] fixed validation
     batches; seeds [``[0, 1, 2]``]; target_loss [None: the first optimizer's median final loss];
-    tensorboard [True]; threads [None].
+    tensorboard [True]; threads [None]; fsdp [False: under ``torchrun``, shard the blocks with
+    FSDP2 — required there].
     """
 
     dataset: str = "pysrc"
@@ -143,6 +153,7 @@ class LMConfig:
     tensorboard: bool = True
     threads: Optional[int] = None
     preset: Optional[str] = None
+    fsdp: bool = False
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], where: str = "config") -> "LMConfig":
@@ -205,37 +216,71 @@ def _batch(data: torch.Tensor, seq_len: int, batch: int, gen: torch.Generator):
     return chunk[:, :-1], chunk[:, 1:]
 
 
+def _rows(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of a global batch (all of it in one process)."""
+    part = t.shape[0] // world
+    return t[rank * part:(rank + 1) * part]
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    """The mean of ``value`` over the ranks (a float64 all-reduce; ``value`` in one process)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t) / world
+
+
+def shard_blocks(model) -> None:
+    """FSDP2 for the GPT: ``fully_shard`` every transformer block, then the root (its embeddings,
+    final LayerNorm and the head tied to ``wte``), so a block's parameters are all-gathered only
+    around its own forward and backward."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
 @torch.no_grad()
-def _val_loss(model, batches) -> float:
+def _val_loss(model, batches, rank: int = 0, world: int = 1) -> float:
+    """The mean validation loss over ``batches``; with several ranks each evaluates its rows of every
+    batch and the means are averaged (equal rows per rank: the loss of the whole batches)."""
     was = model.training
     model.eval()
     total = 0.0
     for x, y in batches:
-        logits = model(x)
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+        logits = model(_rows(x, rank, world))
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), _rows(y, rank, world).reshape(-1)))
     model.train(was)
-    return total / len(batches)
+    return _mean_over_ranks(total / len(batches), world)
 
 
 def run_one(cfg: LMConfig, train_data: torch.Tensor, val_batches, name: str, seed: int, writer=None) -> Dict[str, Any]:
     """One optimizer × seed: the history of ``(step, seconds, train_loss, val_loss)``."""
     from .models import build_model
+    from .ranks import dist_info
     from .registry import get_spec
     from .runner import progress_bar
     from .seeding import seed_all
 
+    rank, world = dist_info()
     spec = get_spec(name)
     seed_all(seed)
     model = build_model("gpt", (cfg.seq_len,), 256, **cfg.model_args)
+    if world > 1:
+        shard_blocks(model)  # (run_lm_bench refuses world > 1 without cfg.fsdp)
     opt = spec.build(model, **cfg.settings(name))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_multiplier(s, cfg.steps, cfg.warmup, cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(10_000 + seed)
-    history = [{"step": 0, "seconds": 0.0, "train_loss": None, "val_loss": _val_loss(model, val_batches)}]
+    history = [{"step": 0, "seconds": 0.0, "train_loss": None,
+                "val_loss": _val_loss(model, val_batches, rank, world)}]
     clock, step_times = 0.0, []
-    bar = progress_bar(cfg.steps, f"{name} seed {seed}", 0)
+    bar = progress_bar(cfg.steps, f"{name} seed {seed}", rank)
     for step in range(1, cfg.steps + 1):
-        x, y = _batch(train_data, cfg.seq_len, cfg.batch_size, gen)
+        x, y = _batch(train_data, cfg.seq_len, cfg.batch_size, gen)  # the global batch: every rank draws it
+        x, y = _rows(x, rank, world), _rows(y, rank, world)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         logits = model(x)
@@ -248,11 +293,12 @@ def run_one(cfg: LMConfig, train_data: torch.Tensor, val_batches, name: str, see
         dt = time.perf_counter() - t0
         clock += dt
         step_times.append(dt)
+        train_loss = _mean_over_ranks(loss.item(), world)
         if writer is not None:
-            writer.add_scalar(f"{name}/seed{seed}/train_loss", loss.item(), step)
+            writer.add_scalar(f"{name}/seed{seed}/train_loss", train_loss, step)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            v = _val_loss(model, val_batches)
-            history.append({"step": step, "seconds": clock, "train_loss": loss.item(), "val_loss": v})
+            v = _val_loss(model, val_batches, rank, world)
+            history.append({"step": step, "seconds": clock, "train_loss": train_loss, "val_loss": v})
             bar.set_postfix(val_loss=f"{v:.3f}")
             if writer is not None:
                 writer.add_scalar(f"{name}/seed{seed}/val_loss", v, step)
@@ -369,20 +415,35 @@ def _preflight(cfg: LMConfig) -> None:
             opt.detach()
 
 
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
 def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
     """Run every optimizer × seed — interleaved, seed-major (seed 0 of every optimizer, then seed 1 …)
     so that a change of machine load does not fall on one optimizer — write ``results.txt``,
     ``results.json``, ``results.csv``, ``config.json``, plots and TensorBoard logs under ``out_dir``
-    and return the results."""
+    and return the results (under ``torchrun`` on every rank; only rank 0 writes and logs)."""
     import csv
 
+    from .ranks import dist_info
     from .records import atomic_write_json, versions
 
+    rank, world = dist_info()
+    if world > 1 and not cfg.fsdp:
+        raise ValueError(f"--fsdp: under torchrun ({world} ranks) the language-model bench shards the GPT with "
+                         "FSDP2 and needs --fsdp (it has no DDP path)")
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size: {cfg.batch_size} sequences cannot be split evenly across {world} ranks")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from .records import check_out_dir
 
     check_out_dir(Path(out_dir))  # refused before the corpus is read
+    if world > 1:
+        torch.distributed.barrier()  # every rank checked --out before rank 0 creates it
+    if rank != 0:
+        log = _silent
     corpus = load_corpus(cfg.dataset, cfg.max_bytes)
     n_val = max(cfg.seq_len + 2, int(len(corpus.data) * cfg.val_fraction))
     train_data, val_data = corpus.data[:-n_val], corpus.data[-n_val:]
@@ -390,9 +451,10 @@ def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
     val_batches = [_batch(val_data, cfg.seq_len, cfg.batch_size, gen) for _ in range(cfg.eval_batches)]
     _preflight(cfg)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     writer = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tensorboard"))
@@ -413,7 +475,9 @@ def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
     summary = aggregate(cfg, runs)
     results = {"kind": "language-model", "config": cfg.to_dict(), "corpus": {
         "name": corpus.name, "bytes": len(corpus.data), "source": corpus.source, "sha256": corpus.sha256},
-        "summary": summary, "runs": runs, "versions": versions()}
+        "summary": summary, "runs": runs, "versions": versions(), "world_size": world}
+    if rank != 0:
+        return results
     atomic_write_json(results, out_dir / "results.json")
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.writer(f)

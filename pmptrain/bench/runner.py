@@ -144,14 +144,16 @@ def _torch_opt_under_fsdp(model: nn.Module, opt) -> bool:
 
 
 def optimizer_state_dict(model: nn.Module, opt) -> Dict[str, Any]:
-    """The optimizer's state dict with whole tensors. pmptrain optimizers keep whole tensors under FSDP2
-    (pmptrain.optim.sharded); torch's optimizers hold DTensor shards, gathered here (a collective:
-    every rank calls it)."""
+    """The optimizer's state dict with whole tensors. Under FSDP2 the per-parameter state is held as
+    DTensor shards, by torch's optimizers and by pmptrain's (pmptrain.optim.sharded), gathered here
+    (a collective: every rank calls it)."""
     if _torch_opt_under_fsdp(model, opt):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
-    return opt.state_dict()
+    from ..optim.sharded import whole_state_dict
+
+    return whole_state_dict(opt.state_dict())
 
 
 def load_optimizer_state_dict(model: nn.Module, opt, sd: Dict[str, Any]) -> None:

@@ -381,7 +381,7 @@ class AffineEMSARule(EMSARuleBase):
                 scale = float(st.samples) * ctx.costate_inv_scale
                 sq = (st.g_sq * (scale * scale)).reshape(1).to(dt)
                 pdist.all_reduce_sum_([sq], pg)
-                raw.p_trace = float(sq) / b
+                raw.p_trace = _scalar(sq) / b
             return raw  # an embedding's input is not differentiable: no costate penalty
         gram_in = not running and choose_side(n, rows, route) and st.xx is None
         if gram_in:

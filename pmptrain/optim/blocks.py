@@ -16,7 +16,11 @@ Derivations: docs/algorithms.md §2, "Normalisation layers" and "Grouped convolu
 from __future__ import annotations
 
 from dataclasses import dataclass
+<<<<<<< HEAD
 from typing import List, Optional, Tuple
+=======
+from typing import ClassVar, Optional, Tuple
+>>>>>>> main
 
 import torch
 from torch import Tensor
@@ -25,7 +29,7 @@ from .. import distributed as pdist
 from .._profile import phase
 from ..capture import CaptureSpec
 from ..hamiltonian import solve_channel_affine, solve_grouped_affine
-from .affine import EMSARuleBase
+from .affine import EMSARuleBase, _scalar
 from .rule import Proposal, StepContext, Unit, Update
 
 __all__ = ["ChannelEMSARule", "ChannelState", "GroupedEMSARule", "GroupedState"]
@@ -45,6 +49,8 @@ def _ema(old: Optional[Tensor], new: Tensor, beta: float) -> Tensor:
 class ChannelState:
     """``step``; with running averages the per-sample statistics ``a = Σx̂²/B``, ``b = Σx̂/B``,
     ``e = Σp̂²/B`` (per channel) and ``rows_per_sample``; ``grad_avg`` with ``grad_decay > 0``."""
+
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("a", "b", "e")  # per channel: sharded under FSDP2
 
     step: int = 0
     a: Optional[Tensor] = None
@@ -221,13 +227,17 @@ class GroupedEMSARule(EMSARuleBase):
         if self.value(group, "costate") == "isotropic" and beta == 0.0:
             costate = cpp.diagonal(dim1=1, dim2=2).sum(-1) / m_g
         costate = costate * self.costate_ratio(group, b_)  # ρ_p/ρ_x: the solve uses ρ = ρ_x
-        rho = self.effective_rho(group, ctx, lambda: [(float(cpp.diagonal(dim1=1, dim2=2).sum()), g * m_g, L, 1.0)],
+        rho = self.effective_rho(group, ctx, lambda: [(_scalar(cpp.diagonal(dim1=1, dim2=2).sum()), g * m_g, L, 1.0)],
                                  batch=b_)
         eta_w = self._steps(ctx, [w])[id(w)] if gw is not None else 0.0
         eta_b = self._steps(ctx, [bias])[id(bias)] if gb is not None else 0.0
         if eta_w == 0.0 and eta_b == 0.0:
             return self._no_data(unit, ctx, [(p, torch.zeros_like(q)) for p, q in grads if q is not None])
-        grad_w = gw.to(dt).reshape(g, m_g, n_g) if gw is not None else torch.zeros(g, m_g, n_g, dtype=dt, device=dev)
+        tr = mb.adapter.transposed  # each stored block is W_jᵀ (a grouped transposed convolution)
+        if gw is None:
+            grad_w = torch.zeros(g, m_g, n_g, dtype=dt, device=dev)
+        else:
+            grad_w = gw.to(dt).reshape(g, n_g, m_g).transpose(1, 2) if tr else gw.to(dt).reshape(g, m_g, n_g)
         grad_b = gb.to(dt).reshape(g, m_g) if (gb is not None and eta_b > 0.0) else None
         if not ctx.solves(unit):  # solve sharding: the owner rank solves, the shell shares its result
             return ctx.deferred(unit)
@@ -244,6 +254,7 @@ class GroupedEMSARule(EMSARuleBase):
             db = -grad_b / (rho * L + 1.0 / eta_b) if grad_b is not None else None
         ups = []
         if gw is not None:
+            dw = dw.transpose(1, 2) if tr else dw
             ups.append(Update(w, dw.reshape(w.shape).to(w.dtype), decay=ctx.decay(w, self.decay_key)))
         if gb is not None:
             delta = db.reshape(bias.shape).to(bias.dtype) if db is not None else torch.zeros_like(bias)

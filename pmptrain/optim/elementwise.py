@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +76,8 @@ _EPS = Real(0.0, lo_open=True)
 @dataclass
 class FallbackState:
     """Adam's ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v) or SGD's ``momentum_buffer``."""
+
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "momentum_buffer")  # sharded under FSDP2
 
     step: int = 0
     exp_avg: Optional[Tensor] = None
@@ -148,6 +150,8 @@ class FallbackRule(ParamRule):
 @dataclass
 class DiscreteState:
     """``step`` and the accumulator ``M`` (an EMA of the Hamiltonian gradient ``−∇J``)."""
+
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("accumulator",)  # sharded under FSDP2
 
     step: int = 0
     accumulator: Optional[Tensor] = None
@@ -274,6 +278,8 @@ def discrete_info(d, w: Tensor, delta: Optional[Tensor], acc: Tensor, rho_k=None
 @dataclass
 class LatentState:
     """Adam on a latent real tensor: ``step``, ``latent``, ``exp_avg``, ``exp_avg_sq``."""
+
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("latent", "exp_avg", "exp_avg_sq")  # sharded under FSDP2
 
     step: int = 0
     latent: Optional[Tensor] = None
@@ -464,6 +470,8 @@ class TWNRule(ParamRule):
 @dataclass
 class BopState:
     """Bop's gradient EMA ``m`` (``exp_avg``)."""
+
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("exp_avg",)  # sharded under FSDP2
 
     exp_avg: Optional[Tensor] = None
 

@@ -222,6 +222,13 @@ class EMSA(PMPOptimizer):
             an ascent step of H̃; :mod:`pmptrain.trust`, docs/algorithms.md §5). Default 0.1; None
             turns it off (the 0.1.x step). Not applied with ρ = 0 or ``solver="iterative"``. An
             ``lr`` below 1e-2 with the closed form warns once (δ = 1/lr: not an Adam learning rate).
+        max_gain: κ > 0 or None — the predicted-gain guard of the whole step: when the loss ``J`` of
+            the gradient is known (``step(closure)``, or the model returned it: a 0-dim tensor or
+            Hugging Face's ``output.loss``) and the step's first-order gain
+            ``G = Σ⟨−∇J, Δθ⟩`` exceeds ``κ·J``, every update is shortened along itself by ``κJ/G``
+            (for a loss bounded below by 0 the units' summed steps would otherwise be predicted to
+            overshoot it; :func:`pmptrain.trust.gain_factor`, docs/algorithms.md §5). The factor is
+            ``opt.last_step["gain_scale"]``. Default 0.5; None turns it off. One process only.
         fallback: ``"adam"`` (default) or ``"sgd"`` for parameters without a maximiser.
         fallback_lr: step size of the fallback (default 1e-3), scaled by ``lr/base_lr``.
         betas, eps: Adam fallback coefficients (default (0.9, 0.999), 1e-8).
@@ -305,6 +312,7 @@ class EMSA(PMPOptimizer):
         eig_floor: float = 0.0,
         eig_float64: bool = False,
         max_step: Optional[float] = 0.1,
+        max_gain: Optional[float] = 0.5,
         fallback: str = "adam",
         fallback_lr: float = 1e-3,
         betas: Tuple[float, float] = (0.9, 0.999),
@@ -337,6 +345,9 @@ class EMSA(PMPOptimizer):
             setting, model, dict(lr=lr, rho=rho, rho_scale=rho_scale, grad_decay=grad_decay, stat_decay=stat_decay),
             self.solver)
         lr, rho, rho_scale, grad_decay, stat_decay = (values[k] for k in SETTING_KEYS)
+        if max_gain is not None and not (isinstance(max_gain, (int, float)) and 0 < float(max_gain) < float("inf")):
+            raise ValueError(f"invalid max_gain={max_gain!r}: must be a finite number > 0, or None")
+        self.max_gain = None if max_gain is None else float(max_gain)
         self._block_types, self._block_names = _check_blocks(blocks, model, self.solver)
         self._by_kind = {"matrix": AffineEMSARule(), "grouped": GroupedEMSARule(), "channel": ChannelEMSARule()}
         self._mha = MHAEMSARule()
@@ -381,7 +392,7 @@ class EMSA(PMPOptimizer):
         controlled functions, as the reference's ``ResidualDense`` layers are. The preset's values
         are :attr:`PAPER`. Report the regularised objective with :meth:`l2_penalty`.
         """
-        kwargs = dict(cls.PAPER)
+        kwargs = dict(cls.PAPER, max_gain=None)  # the reference has no predicted-gain guard
         kwargs.update(overrides)
         return cls(model, params, **kwargs)
 
@@ -519,6 +530,7 @@ class MSA(EMSA):
         if "rho" in kwargs:
             raise TypeError("MSA has no rho (it is EMSA with rho=0); use EMSA")
         kwargs.setdefault("max_step", None)  # MSA shows the unguarded step (see the class docstring)
+        kwargs.setdefault("max_gain", None)
         super().__init__(model, params, lr=lr, rho=0.0, **kwargs)
 
     def _validate_group(self, group):

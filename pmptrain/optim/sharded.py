@@ -12,9 +12,22 @@ shard.
 
 The update therefore equals the one a single process computes on the union batch: the captured
 statistics of a module are summed over the ranks by the rules, as under DDP, and the gradients are
-FSDP2's averages, as DDP's. Cost per step: one all-gather of every parameter and every gradient;
-memory: the whole parameters, gradients and optimizer state of every unit on every rank (the
-optimizer state is replicated, not sharded).
+FSDP2's averages, as DDP's.
+
+Optimizer state between steps stays sharded like the parameters (:func:`shard_record`): a record
+field listed in its type's ``_param_shaped`` (the fallback's Adam moments and SGD momentum, the
+discrete rules' accumulators, latent weights and their moments, Bop's EMA, a normalisation layer's
+per-channel statistics) holds the primary parameter's shape, and is kept as a ``DTensor`` with that
+parameter's mesh and placements: each rank stores its own rows, so that part of the state costs
+1/world of its size per rank. The statistics of a module unit that couple all of its rows and
+columns (E-MSA's covariances C_x, C_p and their eigenbases, kept between refreshes with
+``stat_decay``/``stat_every``) are replicated: every rank holds the whole of them, as every rank
+holds the summed statistics they are computed from.
+
+Cost per step: one all-gather of every sharded parameter, of its gradient and of each of its
+sharded state tensors (the stand-ins), no collective to re-shard (each rank keeps its rows of the
+result); memory during the step: the whole parameters, gradients and state of every sharded unit
+(the stand-ins of all units exist together until the step is applied).
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ from torch import Tensor, nn
 from .. import distributed as pdist
 from .rule import Unit
 
-__all__ = ["ShardedStep", "has_sharded_params", "whole_record"]
+__all__ = ["ShardedStep", "has_sharded_params", "whole_record", "shard_record", "state_bytes", "whole_state_dict"]
 
 
 def has_sharded_params(params) -> bool:
@@ -58,6 +71,69 @@ def whole_record(rec):
     if all(changes[k] is getattr(rec, k) for k in changes):
         return rec
     return dataclasses.replace(rec, **changes)
+
+
+def _shard_like(whole: Tensor, param) -> Tensor:
+    """This rank's rows of ``whole`` (a tensor of ``param``'s global shape) as a ``DTensor`` with
+    ``param``'s mesh and placements (no collective: the rows are sliced locally)."""
+    from torch.distributed.tensor import DTensor
+
+    offset, length = pdist.local_rows(param)
+    local = whole[offset:offset + length] if whole.dim() else whole
+    return DTensor.from_local(local.detach().clone(), param.device_mesh, param.placements, run_check=False,
+                              shape=whole.shape, stride=torch.empty(whole.shape, device="meta").stride())
+
+
+def shard_record(rec, param):
+    """``rec`` with each field its type lists in ``_param_shaped`` that holds a plain tensor of
+    ``param``'s (global) shape replaced by this rank's rows of it, a ``DTensor`` sharded like
+    ``param`` (a ``DTensor`` of FSDP2). Other fields (a module's covariances and eigenbases,
+    counters) stay whole; ``rec`` itself when ``param`` is not sharded or nothing changes."""
+    if rec is None or not dataclasses.is_dataclass(rec) or not pdist.is_sharded(param):
+        return rec
+    changes = {}
+    for name in getattr(type(rec), "_param_shaped", ()):
+        v = getattr(rec, name)
+        if isinstance(v, Tensor) and not pdist.is_sharded(v) and tuple(v.shape) == tuple(param.shape) and v.dim():
+            changes[name] = _shard_like(v, param)
+    return dataclasses.replace(rec, **changes) if changes else rec
+
+
+def whole_state_dict(sd):
+    """An optimizer ``state_dict()`` with every ``DTensor`` replaced by its whole tensor (a collective
+    per sharded tensor: every rank calls it, in the same order): what one rank can ``torch.save``
+    and any number of ranks load (``load_state_dict`` shards it again)."""
+    return _whole(sd)
+
+
+def state_bytes(opt) -> Dict[str, int]:
+    """The bytes of optimizer state this rank stores, from ``opt.state``: ``"sharded"`` — the local
+    shards of ``DTensor`` state (1/world of it per rank, to the rows of each shard), ``"whole"`` —
+    plain tensors (module statistics, eigenbases, state of unsharded parameters, step counters).
+    No collective."""
+    out = {"sharded": 0, "whole": 0}
+    seen = set()
+
+    def walk(v):
+        if isinstance(v, Tensor):
+            if id(v) in seen:
+                return
+            seen.add(id(v))
+            if pdist.is_sharded(v):
+                loc = v.to_local()
+                out["sharded"] += loc.numel() * loc.element_size()
+            else:
+                out["whole"] += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    for d in opt.state.values():
+        walk(d)
+    return out
 
 
 class ShardedStep:
@@ -105,6 +181,13 @@ class ShardedStep:
     def grads_present(self, params: List[Tensor]) -> List[Tensor]:
         """``params`` with every sharded parameter replaced by its stand-in."""
         return [self._whole.get(id(p), p) for p in params]
+
+    @staticmethod
+    def keep(real: Unit, state):
+        """The record to keep between steps for ``real`` (the unit, not its stand-in) after the step
+        proposed ``state`` (whole tensors): its parameter-shaped fields sharded like the unit's
+        primary parameter (:func:`shard_record`)."""
+        return shard_record(state, real.primary)
 
     @torch.no_grad()
     def write_back(self) -> None:

@@ -49,11 +49,13 @@ from .. import distributed as pdist
 from .._profile import phase
 from ..capture import ModuleCapture
 from ..modules import adapter_for, bypassed_by_parent
+from ..taps import attach_parent_tap
+from ..trust import gain_factor
 from ..views import views_of
 from . import ranks
 from .hyper import PENALTY_MAX, Real, Spec, is_number
 from .rule import Member, Proposal, Rule, StepContext, Unit, cast_state, clone_state, record_from_view, record_view
-from .sharded import ShardedStep, has_sharded_params
+from .sharded import ShardedStep, has_sharded_params, shard_record
 from .solve_shard import Deferred, SolveFailure, assign_owners, exchange
 
 __all__ = ["PMPOptimizer", "StepInfo", "Unsupported", "unwrap_model"]
@@ -67,7 +69,8 @@ class StepInfo(dict):
     Keys: ``skipped`` (bool), ``skip_reason`` (str or None: ``"non-finite loss"``, ``"non-finite
     gradient"``, ``"non-finite statistics or update in …"``, ``"empty batch (zero samples)"``), ``controlled`` (module units updated by
     their maximiser), ``fallback`` (parameters updated by the fallback), ``hamiltonian_gain``
-    (``Σ −⟨∇J, Δθ⟩`` over every rule update, decay excluded: the first-order gain of H); discrete
+    (``Σ −⟨∇J, Δθ⟩`` over every rule update, decay excluded: the first-order gain of H),
+    ``gain_scale`` (the factor of E-MSA's predicted-gain guard, ``max_gain``; 1 when it did not act); discrete
     configurations add ``"discrete"`` (:class:`~pmptrain.optim.discrete_msa.DiscreteDiagnostics`).
 
     Loggers read :meth:`scalars`, the declared per-step scalars (:attr:`SCALARS`), rather than
@@ -309,7 +312,8 @@ class PMPOptimizer(torch.optim.Optimizer):
 
     def _attach_capture(self) -> None:
         self.capture = ModuleCapture()
-        self.capture.watch_root(self.root)  # tells a zero-size batch from a zero gradient
+        # tells a zero-size batch from a zero gradient; notes the loss the root returns (max_gain)
+        self.capture.watch_root(self.root, losses=getattr(self, "max_gain", None) is not None)
         self._finalizer = weakref.finalize(self, self.capture.remove, "the optimizer was garbage-collected")
 
     # ------------------------------------------------------------------ configuration interface
@@ -656,6 +660,7 @@ class PMPOptimizer(torch.optim.Optimizer):
                     if spec is not None:
                         self.capture.add(mb.name, mb.module, mb.adapter, spec, mb.sentinel,
                                          counter=mb.adapter or adapter_for(mb.module))
+                        attach_parent_tap(self.capture, self.root, mb.name, mb.module)  # pmptrain.taps
                 elif entry.spec != spec:
                     entry.spec = spec
 
@@ -957,6 +962,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         if not finite:
             self._skip(self._skip_reason(loss, grads_present, "an update"))
             return
+        scale = self._guard_gain(proposals, world, sharded)
         with phase("apply"):
             for _, prop in proposals:
                 for u in prop.updates:
@@ -971,15 +977,37 @@ class PMPOptimizer(torch.optim.Optimizer):
                 sharded.write_back()
         for unit, prop in proposals:
             real = self.units[unit.name]  # (under FSDP2 `unit` is the step's whole-tensor stand-in)
-            real.state = prop.state
+            real.state = prop.state if sharded is None else sharded.keep(real, prop.state)
             self._publish(real)
         self._skip_run = 0
         n_mod = sum(1 for unit, _ in proposals if unit.rule.module_rule)
         n_fb = sum(1 for unit, _ in proposals if unit.rule.name == "fallback")
         gain = -self._gain if stacked is not None else 0.0
         self.last_step = self._step_info(
-            StepInfo(skipped=False, skip_reason=None, controlled=n_mod, fallback=n_fb, hamiltonian_gain=gain),
+            StepInfo(skipped=False, skip_reason=None, controlled=n_mod, fallback=n_fb, hamiltonian_gain=gain,
+                     gain_scale=scale),
             proposals)
+
+    def _guard_gain(self, proposals, world: int, sharded) -> float:
+        """The predicted-gain guard (``max_gain = κ``; :func:`pmptrain.trust.gain_factor`): when the
+        loss ``J`` of this gradient is known (``step(closure)``, or the root module returned it) and
+        the step's first-order gain ``G`` exceeds ``κJ``, every update is shortened along itself by
+        ``a = κJ/G`` (decay included: ``θ ← θ + a·(Δθ − decay·θ)``). Returns ``a`` (1: unchanged).
+        One process only (ranks see different losses); not for exact codes (discrete values)."""
+        kappa = getattr(self, "max_gain", None)
+        ref = getattr(self, "_ref_loss", None)
+        if kappa is None or ref is None or world > 1 or sharded is not None:
+            return 1.0
+        if any(u.value is not None for _, prop in proposals for u in prop.updates):
+            return 1.0
+        a = gain_factor(-self._gain, ref, kappa)
+        if a < 1.0:
+            for _, prop in proposals:
+                for u in prop.updates:
+                    u.alpha *= a
+                    u.decay *= a
+            self._gain *= a
+        return a
 
     def _sharded_step(self) -> ShardedStep:
         """The units of this step with whole-tensor stand-ins for FSDP2's sharded parameters
@@ -1026,6 +1054,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             if isinstance(loss, Tensor):
                 terms.append(loss.detach().float().sum() * 0.0)
             deferred = checks.ok() if checks else None
+            self._ref_loss = None
             if not terms and deferred is None:
                 self._gain = 0.0
                 return None, True
@@ -1033,8 +1062,15 @@ class PMPOptimizer(torch.optim.Optimizer):
             ok = torch.isfinite(stacked).all()
             if deferred is not None:
                 ok = ok & deferred
-            finite, gain = torch.stack([ok.to(stacked.dtype), stacked.sum()]).tolist()  # the one read
+            # the loss the predicted-gain guard compares with: the closure's, else what the root returned
+            ref = loss if isinstance(loss, Tensor) else self.capture.root_loss
+            read = [ok.to(stacked.dtype), stacked.sum()]
+            if ref is not None and getattr(self, "max_gain", None) is not None:
+                read.append(ref.detach().float().sum().to(stacked.device))
+            values = torch.stack(read).tolist()  # the one read
+            finite, gain = values[0], values[1]
             self._gain = gain
+            self._ref_loss = values[2] if len(values) > 2 else None
             return (stacked if terms else None), bool(finite)
 
     def _sharded_proposals(self, units, ctx: StepContext, world: int, sizes, loss, grads_present):
@@ -1236,7 +1272,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for name, st in states.items():
                 unit = self.units[name]
-                unit.state = st
+                unit.state = shard_record(st, unit.primary)  # FSDP2: each rank keeps its rows
                 unit.rule.restore(unit, self._group_of(unit.primary))
         self._publish_state()
         if extra is not None:

@@ -1,0 +1,94 @@
+"""Optimizer-state bytes per rank under FSDP2 (issue 20): 1, 2 and 4 gloo ranks on CPU.
+
+The GPT bench model (``pmptrain.bench.models.build_model("gpt", ...)``: 2 blocks × 128, tied
+embedding, vocabulary 256), each block and then the root wrapped by ``fully_shard``
+(:func:`pmptrain.bench.lm.shard_blocks`), trained for ``--steps`` steps by each configuration; then
+:func:`pmptrain.optim.sharded.state_bytes` on every rank: ``sharded`` — the local rows of the
+DTensor state (per-parameter state: fallback moments, per-channel statistics), ``whole`` — plain
+tensors every rank holds (the module units' running covariances and eigenbases, step counters).
+Bytes are counted, not timed: the numbers do not depend on the machine's load.
+
+    python benchmarks/fsdp_state_bytes.py            # ~1 min on 2 loaded cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+CONFIGS = {
+    "emsa": dict(rho=1.0),
+    "emsa-stat_decay": dict(rho=1.0, stat_decay=0.95),
+    # the embeddings, LayerNorms and MLPs by the Adam fallback (per-parameter moments); attention by E-MSA
+    "emsa-adam-fallback": dict(exclude=("wte", "lm_head", "wpe", "h.0.ln_1", "h.0.ln_2", "h.1.ln_1", "h.1.ln_2",
+                                        "ln_f", "h.0.mlp.0", "h.0.mlp.2", "h.1.mlp.0", "h.1.mlp.2")),
+}
+
+
+def _rank_main(rank, world, args):
+    import pmptrain
+    from pmptrain.bench.lm import shard_blocks
+    from pmptrain.bench.models import build_model
+    from pmptrain.optim.sharded import state_bytes
+
+    warnings.simplefilter("ignore")
+    out = {}
+    for name, kw in CONFIGS.items():
+        torch.manual_seed(0)
+        model = build_model("gpt", (args.seq,), 256)
+        if world > 1:
+            shard_blocks(model)
+        opt = pmptrain.EMSA(model, **kw)
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(args.steps):
+            x = torch.randint(0, 256, (args.batch, args.seq), generator=gen)
+            y = torch.randint(0, 256, (args.batch, args.seq), generator=gen)
+            part = args.batch // world
+            x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
+            opt.zero_grad()
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            opt.step()
+        out[name] = state_bytes(opt)
+        opt.detach()
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--json", default=None, help="write the table as JSON here")
+    args = p.parse_args(argv)
+    from dist_utils import run_distributed
+
+    torch.set_num_threads(1)
+    table = {1: [_rank_main(0, 1, args)]}
+    for world in (2, 4):
+        table[world] = run_distributed(_rank_main, world, args=(args,), timeout=600.0)
+    rows = []
+    print(f"{'config':<20} {'ranks':>5} {'sharded/rank (max)':>20} {'whole/rank':>12} {'total/rank':>12} "
+          f"{'vs 1 rank':>10}")
+    for name in CONFIGS:
+        one = table[1][0][name]["sharded"] + table[1][0][name]["whole"]
+        for world, ranks in table.items():
+            sh = max(r[name]["sharded"] for r in ranks)
+            wh = ranks[0][name]["whole"]
+            rows.append({"config": name, "ranks": world, "sharded_max": sh, "whole": wh, "total_max": sh + wh,
+                         "ratio": (sh + wh) / one})
+            print(f"{name:<20} {world:>5} {sh:>20,} {wh:>12,} {sh + wh:>12,} {(sh + wh) / one:>10.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
