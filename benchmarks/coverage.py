@@ -322,8 +322,9 @@ def coverage(model: nn.Module, batch=None, loss_fn=None, **emsa_kwargs) -> dict:
     return {"share": controlled / total if total else 1.0, "params": total, "fallback": fallback, "why": why}
 
 
-#: the two settings of the zoo test: the defaults, and the transformer setting
-SETTINGS = {"default": {}, "transformer": dict(rho=5, rho_scale="costate", lr=1e3)}
+#: the two settings of the zoo test (``EMSA(model)``'s default, ``setting="auto"``, is one of them:
+#: ``transformer`` for models with token embeddings or attention, ``classic`` otherwise)
+SETTINGS = {"classic": dict(setting="classic"), "transformer": dict(setting="transformer")}
 
 
 def steps(model: nn.Module, batch, loss_fn, n: int, **emsa_kwargs) -> Tuple[list, list]:

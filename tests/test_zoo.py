@@ -104,3 +104,23 @@ def test_a_few_steps_lower_the_loss_without_clipping(name, setting):
     assert opt.skipped_steps == 0
     assert losses[-1] < losses[0], losses
     assert max(losses[1:]) <= losses[0], losses
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_the_default_setting_follows_the_model_structure(name):
+    """``EMSA(model)`` (``setting="auto"``) takes the transformer setting exactly for the models with
+    a token embedding or attention module, and prints its choice in ``rule_table()``."""
+    _skip_without_transformers(name)
+    from torch import nn
+
+    model, _, _ = ZOO[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = pmptrain.EMSA(model)
+    kinds = (nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention)
+    expected = "transformer" if any(isinstance(m, kinds) for m in model.modules()) else "classic"
+    assert opt.setting == expected
+    assert str(opt.rule_table()).splitlines()[0].startswith(f"setting: {expected} (auto")
+    group = opt.param_groups[0]
+    assert {k: group[k] for k in pmptrain.optim.emsa.SETTING_KEYS} == pmptrain.optim.emsa.SETTINGS[expected]
+    opt.detach()

@@ -126,7 +126,7 @@ examples:
   pmptrain bench --optimizers sgd,emsa --tune lr
   pmptrain bench --preset lihao-binary-mnist
   pmptrain bench --preset resnet-fmnist
-  pmptrain bench --model gpt --optimizers adamw,emsa-costate,muon
+  pmptrain bench --model gpt --optimizers adamw,emsa-transformer,muon
   pmptrain bench --task finetune      (fine-tuning by control: LoRA, parallel, nonlinear, binary
                                        controls on a pretrained GPT; see --task finetune --help)
   pmptrain train --config experiments/configs/X.yaml --resume runs/X
@@ -259,7 +259,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "as JSON and exit (0 valid, 2 refused) without loading data, training or writing")
     g = p.add_argument_group(
         "language-model bench (--model gpt; --dataset pysrc|fortunes|FILE; default optimizers "
-        "adamw,emsa-costate,emsa; batch 16 sequences; --seeds, --lr, --opt-arg, --threads, --out as above)")
+        "adamw,emsa-transformer,emsa-costate; batch 16 sequences; --seeds, --lr, --opt-arg, --threads, --out as above)")
     g.add_argument("--steps", type=int, default=S, help="optimizer steps per run (default 200)")
     g.add_argument("--seq-len", type=int, default=S, help="tokens (bytes) per sequence (default 128)")
     g.add_argument("--eval-every", type=int, default=S, help="validation every N steps (default 20)")

@@ -51,7 +51,7 @@ from .schema import (Bool, ConfigError, Int, Kind, Mapping_, Maybe, NameList, Nu
 
 __all__ = ["LMConfig", "Corpus", "load_corpus", "lr_multiplier", "run_lm_bench", "DEFAULT_LM_OPTIMIZERS"]
 
-DEFAULT_LM_OPTIMIZERS = ("adamw", "emsa-costate", "emsa")
+DEFAULT_LM_OPTIMIZERS = ("adamw", "emsa-transformer", "emsa-costate")
 _FORTUNES = Path("/usr/share/games/fortunes")
 
 
