@@ -126,6 +126,8 @@ OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "emsa": lambda m: pmptrain.EMSA(m, setting="classic"),
     # EMSA(model)'s transformer setting (what it takes on models with token embeddings or attention)
     "emsa-transformer": lambda m: pmptrain.EMSA(m, setting="transformer"),
+    # ... with the eigenbases of the running statistics recomputed every 10th step (K-FAC's interval)
+    "emsa-transformer-refresh10": lambda m: pmptrain.EMSA(m, setting="transformer", eig_refresh=10),
     "emsa-costate": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3),
     # the careful path of every step (syncing checks, LU solves): the step before issue 17, for comparison
     "emsa-careful": lambda m: _careful(pmptrain.EMSA(m, setting="classic")),

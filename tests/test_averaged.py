@@ -180,3 +180,38 @@ def test_grad_decay_is_checked():
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="grad_decay"):
             pmptrain.EMSA(model, grad_decay=bad)
+
+
+def test_running_averages_keep_an_isotropic_costate_on_a_very_wide_side(monkeypatch):
+    """Under ``stat_decay`` a costate side wider than ``RUNNING_DENSE_COSTATE_MAX`` (a vocabulary-
+    sized head) keeps ``τ = tr(C_p)/m`` instead of the m×m ``C_p``: the first step equals the
+    isotropic primal step, and τ is averaged like the other statistics."""
+    from pmptrain.optim import affine
+
+    monkeypatch.setattr(affine, "RUNNING_DENSE_COSTATE_MAX", 3)
+    torch.manual_seed(0)
+    model = nn.Linear(5, 6).to(DT)  # m = 6 > 3: isotropic; the input side stays dense
+    twin = copy.deepcopy(model)
+    beta = 0.8
+    opt = pmptrain.EMSA(model, lr=2.0, rho=0.5, stat_decay=beta)
+    ref = pmptrain.EMSA(twin, lr=2.0, rho=0.5, costate="isotropic", route="primal")
+    taus = []
+    for t in range(2):
+        g = torch.Generator().manual_seed(300 + t)
+        x, y = torch.randn(12, 5, generator=g, dtype=DT), torch.randn(12, 6, generator=g, dtype=DT)
+        opt.zero_grad()
+        out = model(x)
+        out.retain_grad()
+        F.mse_loss(out, y).backward()
+        p_hat = -12 * out.grad  # p̂ = −B·∂J/∂y
+        taus.append(float(p_hat.pow(2).sum()) / (12 * 6))
+        opt.step()
+        if t == 0:
+            ref.zero_grad()
+            F.mse_loss(twin(x), y).backward()
+            ref.step()
+            torch.testing.assert_close(model.weight, twin.weight, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(model.bias, twin.bias, rtol=1e-10, atol=1e-12)
+    run = opt.unit_of(model.weight).state.running[0]
+    assert run.cpp is None
+    assert float(run.tau) == pytest.approx(beta * taus[0] + (1 - beta) * taus[1], rel=1e-10)
