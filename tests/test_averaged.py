@@ -215,3 +215,26 @@ def test_running_averages_keep_an_isotropic_costate_on_a_very_wide_side(monkeypa
     run = opt.unit_of(model.weight).state.running[0]
     assert run.cpp is None
     assert float(run.tau) == pytest.approx(beta * taus[0] + (1 - beta) * taus[1], rel=1e-10)
+
+
+def test_eigenbases_are_refreshed_every_step_while_the_running_averages_are_young():
+    """``eig_refresh = k``: every k-th step, and every step before the averages' time constant
+    ``1/(1−β)``; the optimizer keeps the eigenbasis exactly on the other steps."""
+    from pmptrain.optim.affine import eig_refresh_due
+
+    due = [s for s in range(30) if eig_refresh_due(s, 10, 0.9)]
+    assert due == list(range(10)) + [10, 20]
+    assert [s for s in range(25) if eig_refresh_due(s, 10, 0.95)] == list(range(20)) + [20]
+    assert [s for s in range(7) if eig_refresh_due(s, 3, 0.0)] == [0, 3, 6]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    opt = pmptrain.EMSA(model, stat_decay=0.5, eig_refresh=3)  # young for steps 0, 1
+    seen = []
+    for t in range(5):
+        g = torch.Generator().manual_seed(t)
+        opt.zero_grad()
+        F.mse_loss(model(torch.randn(16, 3, generator=g, dtype=DT)), torch.randn(16, 2, generator=g, dtype=DT)).backward()
+        opt.step()
+        seen.append(opt.unit_of(model[0].weight).state.eig_left[1].clone())
+    changed = [not torch.equal(a, b) for a, b in zip(seen, seen[1:])]  # steps 1, 2, 3, 4
+    assert changed == [True, False, True, False]

@@ -501,7 +501,8 @@ class AffineEMSARule(EMSARuleBase):
                 delta_w = 1.0 / eta_w
                 floor, f64 = float(self.value(group, "eig_floor")), bool(self.value(group, "eig_float64"))
                 if new_state.running is not None:
-                    refresh = state.eig_left is None or (fresh and state.step % int(self.value(group, "eig_refresh")) == 0)
+                    refresh = state.eig_left is None or (fresh and eig_refresh_due(
+                        state.step, int(self.value(group, "eig_refresh")), decay))
                     eig_l = curvature_eig(left, s, floor, f64) if refresh else state.eig_left
                     eig_r = curvature_eig(right, s, floor, f64) if refresh else state.eig_right
                     new_state.eig_left, new_state.eig_right = eig_l, eig_r
@@ -602,6 +603,13 @@ def scale_costate(raw: AffineMember, k: float) -> AffineMember:
         raw, tau=None if raw.tau is None else raw.tau * k,
         cpp=None if raw.cpp is None else raw.cpp * k,
         p_rows=None if raw.p_rows is None else raw.p_rows * math.sqrt(k))
+
+
+def eig_refresh_due(step: int, every: int, decay: float) -> bool:
+    """Whether step ``step`` recomputes the eigenbases of running statistics kept with ``stat_decay
+    = decay``: every ``every``-th step, and every step while the averages are younger than their
+    time constant ``1/(1 − decay)`` (they still move fast; K-FAC refreshes more often early too)."""
+    return step % every == 0 or (decay > 0.0 and step < 1.0 / (1.0 - decay))
 
 
 def _scalar(t: Tensor):

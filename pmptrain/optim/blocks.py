@@ -25,7 +25,7 @@ from .. import distributed as pdist
 from .._profile import phase
 from ..capture import CaptureSpec
 from ..hamiltonian import solve_channel_affine, solve_grouped_affine
-from .affine import EMSARuleBase, _scalar
+from .affine import EMSARuleBase, eig_refresh_due, _scalar
 from .rule import Proposal, StepContext, Unit, Update
 
 __all__ = ["ChannelEMSARule", "ChannelState", "GroupedEMSARule", "GroupedState"]
@@ -216,7 +216,7 @@ class GroupedEMSARule(EMSARuleBase):
             if old.cxx is not None:
                 cxx, x_mean, cpp = _ema(old.cxx, cxx, beta), _ema(old.x_mean, x_mean, beta), _ema(old.cpp, cpp, beta)
                 L = beta * old.rows_per_sample + (1.0 - beta) * L
-                if old.eig_in is not None and old.step % int(self.value(group, "eig_refresh")) != 0:
+                if old.eig_in is not None and not eig_refresh_due(old.step, int(self.value(group, "eig_refresh")), beta):
                     eig = (old.eig_in, old.eig_out)
             new_state.cxx, new_state.x_mean, new_state.cpp, new_state.rows_per_sample = cxx, x_mean, cpp, L
         costate = cpp
