@@ -446,6 +446,7 @@ class ModuleCapture:
         self.root_empty = False  # a training forward of the watched root had a zero-size batch
         self.root_trained = False  # a training forward of the watched root ran under autograd
         self.root_loss: Optional[Tensor] = None  # Σ of the losses the watched root returned (_RootLossHook)
+        self._grad_sq: Dict[int, Tensor] = {}  # ‖∇J_p‖² when p's gradient was last accumulated (watch_grads)
 
     def watch_root(self, root: nn.Module, losses: bool = False) -> None:
         """Record whether a training forward pass of ``root`` (under autograd) received a
@@ -456,6 +457,29 @@ class ModuleCapture:
         if losses:  # the loss the root returns, for E-MSA's predicted-gain guard (:class:`_RootLossHook`)
             self._handles.append(root.register_forward_hook(_RootLossHook(self), with_kwargs=True))
         _forget_compiled_code()
+
+    def watch_grads(self, params) -> None:
+        """Record ``‖∇J_p‖²`` of each parameter every time a backward pass accumulates its
+        gradient (a device scalar: no host read), so that a later uniform rescaling of ``.grad`` —
+        ``clip_grad_norm_``, GradScaler's unscaling — can be measured against it
+        (:meth:`grad_sq`; used by ``rho_scale="costate"``, whose costates must carry the same
+        scale as the gradient). Sharded (DTensor) parameters are not watched."""
+        for p in params:
+            sharded = hasattr(torch.distributed, "tensor") and isinstance(p, getattr(torch.distributed.tensor, "DTensor", ()))
+            if p.requires_grad and not sharded and hasattr(p, "register_post_accumulate_grad_hook"):
+                self._handles.append(p.register_post_accumulate_grad_hook(self._note_grad_sq))
+
+    def _note_grad_sq(self, p: Tensor) -> None:
+        g = p.grad
+        if g is None or g.is_sparse or self._paused:
+            return
+        g = g.detach()
+        self._grad_sq[id(p)] = (g.abs().square() if g.is_complex() else g.square()).sum()
+
+    def grad_sq(self, p: Tensor) -> Optional[Tensor]:
+        """``‖∇J_p‖²`` as the last backward pass accumulated it (None: not recorded since the last
+        :meth:`reset`)."""
+        return self._grad_sq.get(id(p))
 
     def recording(self, module: nn.Module) -> bool:
         """Whether a forward of ``module`` now is recorded: capture live and not paused, the module
@@ -679,6 +703,7 @@ class ModuleCapture:
                 reset()
         self.root_empty = self.root_trained = False
         self.root_loss = None
+        self._grad_sq.clear()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

@@ -221,3 +221,31 @@ def test_costate_scale_set_after_the_backward_pass_warns_and_uses_rho_as_given()
     ref(x).pow(2).sum().backward()
     opt_ref.step()
     torch.testing.assert_close(model[0].weight, ref[0].weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("route", ["auto", "primal"])
+def test_costate_scaled_steps_carry_the_scale_of_a_clipped_gradient(route):
+    """Under ``rho_scale="costate"`` the costates are in the units of the gradient the step uses:
+    clipping ``.grad`` by ``c`` after the backward pass scales ρ·r with it (measured against the
+    gradient's norm at the backward pass), so the clipped step at ``lr = η`` is the unclipped step
+    at ``lr = c·η`` — clipping acts on the proximal term only. Float64, Gram and primal routes."""
+    import copy
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 5)).double()
+    x, t = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    kw = dict(rho=3.0, rho_scale="costate", route=route, max_step=None, max_gain=None, fallback="sgd")
+    eta, clip = 2.0, 0.05
+    a = copy.deepcopy(base)
+    opt_a = pmptrain.EMSA(a, lr=eta, **kw)
+    torch.nn.functional.mse_loss(a(x), t).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(a.parameters(), clip))
+    c = clip / (norm + 1e-6)  # clip_grad_norm_'s factor
+    assert c < 0.5
+    opt_a.step()
+    b = copy.deepcopy(base)
+    opt_b = pmptrain.EMSA(b, lr=c * eta, **kw)
+    torch.nn.functional.mse_loss(b(x), t).backward()
+    opt_b.step()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=n)

@@ -270,12 +270,15 @@ class EMSARuleBase(Rule):
     def costate_scaled(self, group) -> bool:
         return self.value(group, "rho_scale") == "costate"
 
-    def effective_rho(self, group, ctx: StepContext, costate_parts=None, batch: float = 1.0) -> float:
+    def effective_rho(self, group, ctx: StepContext, costate_parts=None, batch: float = 1.0, params=None) -> float:
         """The state-penalty weight ρ_x of this step (:meth:`state_rho`, times ``batch`` = B with
         ``penalty_units="sum"``): ``ρ_x/s`` with ``s = lr/base_lr`` (unchanged while ``lr = 0``), times
         the rms costate entry ``r`` of ``costate_parts()`` (a callable returning ``(tr C_p, m, L, B)``
         per member, called only when ``rho_scale="costate"``; docs/algorithms.md, "The units of ρ,
-        and schedules"). The costate weight is this times :meth:`costate_ratio`."""
+        and schedules"), and times ``c`` when the loop rescaled the gradients of ``params`` by
+        ``c`` after the backward pass (:meth:`StepContext.grad_rescale`: clipping), so that the
+        costates carry the scale of the gradient the step uses. The costate weight is this times
+        :meth:`costate_ratio`."""
         rho = self.state_rho(group)
         if self.value(group, "penalty_units") == "sum":
             rho *= float(batch)
@@ -287,6 +290,9 @@ class EMSARuleBase(Rule):
                                 "in the backward pass (the option changed after it); this step uses rho as given")
                 return rho
             rho *= costate_rms(parts)
+            c = ctx.grad_rescale(params) if params is not None else None
+            if c is not None:
+                rho = rho * c.to(rho.dtype if isinstance(rho, Tensor) else torch.float64)
         return rho
 
     def describe_rho(self, group) -> str:
@@ -482,7 +488,7 @@ class AffineEMSARule(EMSARuleBase):
                         for mb, run in zip(members, state.running)]
             present = [r for r in raws if r is not None]
             batch = present[0].samples if present else 1.0
-            rho = self.effective_rho(group, ctx, lambda: self._costate_parts(members, raws), batch)
+            rho = self.effective_rho(group, ctx, lambda: self._costate_parts(members, raws), batch, unit.params)
             ratio = self.costate_ratio(group, batch)
             if ratio != 1.0:  # ρ_p ≠ ρ_x: the costate statistic carries ρ_p/ρ_x (the solve uses ρ = ρ_x)
                 raws = [None if r is None else scale_costate(r, ratio) for r in raws]

@@ -224,7 +224,7 @@ class GroupedEMSARule(EMSARuleBase):
             costate = cpp.diagonal(dim1=1, dim2=2).sum(-1) / m_g
         costate = costate * self.costate_ratio(group, b_)  # ρ_p/ρ_x: the solve uses ρ = ρ_x
         rho = self.effective_rho(group, ctx, lambda: [(_scalar(cpp.diagonal(dim1=1, dim2=2).sum()), g * m_g, L, 1.0)],
-                                 batch=b_)
+                                 batch=b_, params=[p for p in (w, bias) if p is not None])
         eta_w = self._steps(ctx, [w])[id(w)] if gw is not None else 0.0
         eta_b = self._steps(ctx, [bias])[id(bias)] if gb is not None else 0.0
         if eta_w == 0.0 and eta_b == 0.0:

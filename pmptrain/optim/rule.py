@@ -182,6 +182,27 @@ class StepContext:
             return self._linear[id(p)]
         return self.user_grad(p)
 
+    def grad_rescale(self, params) -> Optional[Tensor]:
+        """``c`` with ``.grad = c·∇J`` for ``params`` — the factor by which the loop rescaled the
+        gradients after the backward pass (``clip_grad_norm_``; GradScaler's unscaling is taken
+        out), as the least-squares ratio ``√(Σ‖.grad‖² / Σ‖∇J_backward‖²)`` times the loss scale: a 0-dim
+        device tensor (1 where nothing was recorded as non-zero), or None when it is unknown (no
+        record, several ranks: DDP averages after the record is taken)."""
+        if self.world > 1:
+            return None
+        now, then = [], []
+        for p in params:
+            g, ref = self.user_grad(p), self.capture.grad_sq(p) if p is not None else None
+            if g is None or ref is None:
+                continue
+            now.append((g.abs().square() if g.is_complex() else g.square()).sum().to(ref.dtype))
+            then.append(ref)
+        if not then:
+            return None
+        num, den = torch.stack(now).sum(), torch.stack(then).sum()
+        ratio = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.ones_like(den)).sqrt()
+        return ratio / self.costate_inv_scale
+
     def set_linear_term(self, p: Tensor, g: Tensor) -> None:
         """Make :meth:`grad` of ``p`` return ``g`` for the rest of the step (the running average of
         the gradient that a closed-form rule with ``grad_decay > 0`` maximises against)."""

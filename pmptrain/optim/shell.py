@@ -314,6 +314,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         self.capture = ModuleCapture()
         # tells a zero-size batch from a zero gradient; notes the loss the root returns (max_gain)
         self.capture.watch_root(self.root, losses=getattr(self, "max_gain", None) is not None)
+        self.capture.watch_grads(self.root.parameters())  # ‖∇J‖² at backward: rescalings of .grad (rho_scale="costate")
         self._finalizer = weakref.finalize(self, self.capture.remove, "the optimizer was garbage-collected")
 
     # ------------------------------------------------------------------ configuration interface
