@@ -127,7 +127,8 @@ class EMSARuleBase(Rule):
       ``amortise`` — the steps between refreshes: ``kept`` (the kept curvature as it is) or
       ``bounded`` (each kept-eigenbasis curvature ``μ_i + λ_j`` raised to ``2√k|(VᵀSU)_ij|``, the
       Cauchy–Schwarz bound this step's gradient puts on its own batch's curvature, ``k = ρ_p/ρ_x``;
-      docs/algorithms.md, "Amortised curvature");
+      docs/algorithms.md, "Amortised curvature"); ``stat_reduce`` — the rows of one sequence or
+      image summed before the outer product (K-FAC-reduce; the matrix rule, primal route);
       ``eig_floor``, ``eig_float64`` — eigensolver options.
 
     Decoupled weight decay uses the step size of ``decay_key`` (``fallback_lr``).
@@ -146,6 +147,7 @@ class EMSARuleBase(Rule):
         "stat_decay": Real(0.0, 1.0, hi_open=True),
         "stat_every": Int(1),
         "amortise": Choice(("kept", "bounded")),
+        "stat_reduce": Flag(),
         "eig_refresh": Int(1),
         "eig_floor": Real(0.0, PENALTY_MAX, why="rho times the floor must stay finite in float32"),
         "eig_float64": Flag(),
@@ -155,7 +157,7 @@ class EMSARuleBase(Rule):
     #: the defaults of the solver options (every key of ``hyper`` but lr and rho), as in ``EMSA``'s
     #: signature; configurations that do not expose them (DiscreteMSA's kept layers) use these
     SOLVER_DEFAULTS = dict(rho_scale="none", rho_state=None, rho_costate=None, penalty_units="mean", route="auto", costate="auto", stat_decay=0.0, stat_every=1,
-                           amortise="kept", eig_refresh=1, eig_floor=0.0, eig_float64=False, max_step=0.1)
+                           amortise="kept", stat_reduce=False, eig_refresh=1, eig_floor=0.0, eig_float64=False, max_step=0.1)
 
     def __init__(self, keys=None):
         super().__init__(keys)
@@ -297,6 +299,9 @@ class AffineEMSARule(EMSARuleBase):
         dt = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
         if adapter.index_input:
             return CaptureSpec("counts", "sqnorm" if self.costate_scaled(group) else "none", False, n, m, dt)
+        if self.value(group, "stat_reduce"):
+            costates = "sqnorm" if self.value(group, "costate") == "isotropic" else "dense"
+            return CaptureSpec("dense", costates, False, n, m, dt, reduce=True)
         if self.running_averages(group):
             return CaptureSpec("dense", "dense", False, n, m, dt)
         states = {"auto": "auto", "gram": "rows", "primal": "dense"}[self.value(group, "route")]
