@@ -68,7 +68,7 @@ class CaptureSpec:
         dtype: dtype of the statistics (float32 for half-precision activations).
         groups: with ``"dense"``, keep only the ``groups`` diagonal blocks (``groups × n/g × n/g``,
             resp. ``m``): the statistics of a grouped convolution.
-        reduce: with ``"dense"``, the rows of one entry of the leading (batch) dimension — a
+        reduce: when rows are folded into dense sums, the rows of one entry of the leading (batch) dimension — a
             sequence's tokens, an image's output positions — are summed and divided by ``√L``
             (``L`` rows per entry) before the outer product (K-FAC-reduce, Eschenhagen et al. 2023;
             docs/algorithms.md, "Reduced statistics"); ``Σx``, ``Σ‖g‖²`` and the row count stay
@@ -487,8 +487,8 @@ class ModuleCapture:
             if spec.states == "diag":
                 st.x_sq = _add(st.x_sq, xr.to(dt).pow(2).sum(0))
             elif spec.states == "dense" or (spec.states == "auto" and st.rows >= spec.in_dim):
-                xr = _reduce_rows(xr, per_entry) if spec.states == "dense" else xr
-                st.xx, st.x_rows = _fold(st.x_rows + [xr], st.xx, dt, spec.groups), []
+                blocks = [_reduce_rows(r, per_entry) for r in st.x_rows + [xr]]
+                st.xx, st.x_rows = _fold(blocks, st.xx, dt, spec.groups), []
             else:
                 st.x_rows.append(xr)
         if spec.costates != "none":
@@ -497,8 +497,8 @@ class ModuleCapture:
             if spec.costates == "diag":
                 st.g_sq_cols = _add(st.g_sq_cols, gc.pow(2).sum(0))
             elif spec.costates == "dense" or (spec.costates == "auto" and st.rows >= spec.out_dim):
-                gc = _reduce_rows(gc, per_entry) if spec.costates == "dense" else gc
-                st.gg, st.g_rows = _fold(st.g_rows + [gc], st.gg, dt, spec.groups), []
+                blocks = [_reduce_rows(r, per_entry) for r in st.g_rows + [gc]]
+                st.gg, st.g_rows = _fold(blocks, st.gg, dt, spec.groups), []
             elif spec.costates in ("rows", "auto"):
                 st.g_rows.append(gr)
 

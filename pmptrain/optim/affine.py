@@ -128,7 +128,8 @@ class EMSARuleBase(Rule):
       ``bounded`` (each kept-eigenbasis curvature ``μ_i + λ_j`` raised to ``2√k|(VᵀSU)_ij|``, the
       Cauchy–Schwarz bound this step's gradient puts on its own batch's curvature, ``k = ρ_p/ρ_x``;
       docs/algorithms.md, "Amortised curvature"); ``stat_reduce`` — the rows of one sequence or
-      image summed before the outer product (K-FAC-reduce; the matrix rule, primal route);
+      image summed before the outer product (K-FAC-reduce; the matrix rule, sides on the primal
+      route — a side in Gram form keeps its rows);
       ``eig_floor``, ``eig_float64`` — eigensolver options.
 
     Decoupled weight decay uses the step size of ``decay_key`` (``fallback_lr``).
@@ -299,14 +300,12 @@ class AffineEMSARule(EMSARuleBase):
         dt = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
         if adapter.index_input:
             return CaptureSpec("counts", "sqnorm" if self.costate_scaled(group) else "none", False, n, m, dt)
-        if self.value(group, "stat_reduce"):
-            costates = "sqnorm" if self.value(group, "costate") == "isotropic" else "dense"
-            return CaptureSpec("dense", costates, False, n, m, dt, reduce=True)
+        reduce = bool(self.value(group, "stat_reduce"))  # K-FAC-reduce wherever rows are folded
         if self.running_averages(group):
-            return CaptureSpec("dense", "dense", False, n, m, dt)
+            return CaptureSpec("dense", "dense", False, n, m, dt, reduce=reduce)
         states = {"auto": "auto", "gram": "rows", "primal": "dense"}[self.value(group, "route")]
         costates = "sqnorm" if self.value(group, "costate") == "isotropic" else states
-        return CaptureSpec(states, costates, False, n, m, dt)
+        return CaptureSpec(states, costates, False, n, m, dt, reduce=reduce)
 
     # ------------------------------------------------------------------ statistics
     def _gather(self, member: Member, st: ModuleStats, ctx: StepContext, group, dt, grad_b, delta_b) -> Optional[AffineMember]:

@@ -160,7 +160,8 @@ class EMSA(PMPOptimizer):
             output positions; ``L`` rows) are summed and divided by ``√L`` before the outer
             product, so ``C_x``, ``C_p`` cost ``L``× fewer flops. Exact when an entry's rows are
             equal, an approximation otherwise (docs/algorithms.md, "Reduced statistics"); the
-            matrix rule on the primal route (dense statistics).
+            matrix rule, on the sides folded into dense statistics (more rows than features, or
+            ``route="primal"``); a side in Gram form keeps its rows and stays exact.
         eig_floor: lower clamp of eigenvalues (default 0.0); eig_float64: eigensolves in float64
             (default False).
         max_step: τ > 0 or None — the trust region of every closed-form unit (module or tie, weight
