@@ -51,7 +51,10 @@ tables. ternary-msa uses ρ = 0.95 with the relative λ
 
 emsa-costate is the transformer setting (docs/algorithms.md, "The units of ρ, and schedules"): ρ
 measured in each layer's rms costate and a negligible proximal term; on the MLP benches the paper
-default ``emsa`` is better.
+default ``emsa`` is better. emsa-costate-bounded (lr 1e3, grid 1e2, 1e3, 1e4) is emsa-costate with
+amortised curvature: statistics captured every 10th step (``stat_every=10``), the steps in between
+solved in the kept eigenbases with each curvature raised to the bound of the step's own gradient
+(``amortise="bounded"``; docs/algorithms.md, "Amortised curvature").
 
 Fallback: parameters without a maximiser / rule (for the discrete optimizers: biases, BatchNorm
 affine, the full-precision first and last layers of a mixed-precision model) are trained by the optimizer's own fallback (Adam with
@@ -328,6 +331,11 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       (1e2, 1e3, 1e4), takes_wrapper=True,
                       forwards_to="EMSA", description="closed-form E-MSA, rho 5 x each layer's rms costate, delta 1e-3 "
                                   "(the transformer setting)"),
+        OptimizerSpec("emsa-costate-bounded", _emsa,
+                      {"lr": 1e3, "rho": 5.0, "rho_scale": "costate", "stat_every": 10, "amortise": "bounded"},
+                      "lr", (1e2, 1e3, 1e4), takes_wrapper=True, forwards_to="EMSA",
+                      description="emsa-costate with the statistics captured every 10th step; the steps "
+                                  "between keep the eigenbases, bounded by their own gradient"),
         OptimizerSpec("emsa-iterative", _emsa,
                       {"lr": 1.0, "rho": 1.0, "solver": "iterative", "inner_steps": 10,
                        "inner_lr": 1.0, "inner_optimizer": "lbfgs"},

@@ -124,6 +124,12 @@ class EMSARuleBase(Rule):
       step (the steps in between solve with the kept statistics and eigenbases and their own
       gradient: amortised curvature, K-FAC's factor interval; the matrix rule only, and only for
       units solved on the primal route — a unit in Gram form is solved exactly every step);
+      ``amortise`` — the steps between refreshes: ``kept`` (the kept curvature as it is) or
+      ``bounded`` (each kept-eigenbasis curvature ``μ_i + λ_j`` raised to ``2√k|(VᵀSU)_ij|``, the
+      Cauchy–Schwarz bound this step's gradient puts on its own batch's curvature, ``k = ρ_p/ρ_x``;
+      docs/algorithms.md, "Amortised curvature"); ``stat_reduce`` — the rows of one sequence or
+      image summed before the outer product (K-FAC-reduce; the matrix rule, sides on the primal
+      route — a side in Gram form keeps its rows);
       ``eig_floor``, ``eig_float64`` — eigensolver options.
 
     Decoupled weight decay uses the step size of ``decay_key`` (``fallback_lr``).
@@ -141,6 +147,8 @@ class EMSARuleBase(Rule):
         "costate": Choice(("auto", "exact", "isotropic")),
         "stat_decay": Real(0.0, 1.0, hi_open=True),
         "stat_every": Int(1),
+        "amortise": Choice(("kept", "bounded")),
+        "stat_reduce": Flag(),
         "eig_refresh": Int(1),
         "eig_floor": Real(0.0, PENALTY_MAX, why="rho times the floor must stay finite in float32"),
         "eig_float64": Flag(),
@@ -150,7 +158,7 @@ class EMSARuleBase(Rule):
     #: the defaults of the solver options (every key of ``hyper`` but lr and rho), as in ``EMSA``'s
     #: signature; configurations that do not expose them (DiscreteMSA's kept layers) use these
     SOLVER_DEFAULTS = dict(rho_scale="none", rho_state=None, rho_costate=None, penalty_units="mean", route="auto", costate="auto", stat_decay=0.0, stat_every=1,
-                           eig_refresh=1, eig_floor=0.0, eig_float64=False, max_step=0.1)
+                           amortise="kept", stat_reduce=False, eig_refresh=1, eig_floor=0.0, eig_float64=False, max_step=0.1)
 
     def __init__(self, keys=None):
         super().__init__(keys)
@@ -292,11 +300,12 @@ class AffineEMSARule(EMSARuleBase):
         dt = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
         if adapter.index_input:
             return CaptureSpec("counts", "sqnorm" if self.costate_scaled(group) else "none", False, n, m, dt)
+        reduce = bool(self.value(group, "stat_reduce"))  # K-FAC-reduce wherever rows are folded
         if self.running_averages(group):
-            return CaptureSpec("dense", "dense", False, n, m, dt)
+            return CaptureSpec("dense", "dense", False, n, m, dt, reduce=reduce)
         states = {"auto": "auto", "gram": "rows", "primal": "dense"}[self.value(group, "route")]
         costates = "sqnorm" if self.value(group, "costate") == "isotropic" else states
-        return CaptureSpec(states, costates, False, n, m, dt)
+        return CaptureSpec(states, costates, False, n, m, dt, reduce=reduce)
 
     # ------------------------------------------------------------------ statistics
     def _gather(self, member: Member, st: ModuleStats, ctx: StepContext, group, dt, grad_b, delta_b) -> Optional[AffineMember]:
@@ -450,7 +459,10 @@ class AffineEMSARule(EMSARuleBase):
                     eig_l = curvature_eig(left, s, floor, f64) if refresh else state.eig_left
                     eig_r = curvature_eig(right, s, floor, f64) if refresh else state.eig_right
                     new_state.eig_left, new_state.eig_right = eig_l, eig_r
-                    dws = sylvester_in_eigenbases(s, eig_l, eig_r, rho, delta_w)
+                    bound = 0.0  # between refreshes, "bounded": the kept curvature lifted to this step's bound
+                    if not fresh and self.value(group, "amortise") == "bounded":
+                        bound = 2.0 * math.sqrt(ratio)
+                    dws = sylvester_in_eigenbases(s, eig_l, eig_r, rho, delta_w, bound)
                 else:
                     dws = solve_sylvester(s, left, right, rho, delta_w, floor, f64, overwrite_s=True)
             else:
