@@ -143,6 +143,15 @@ OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     # the amortised transformer setting that trains (docs/performance.md: at lr 1e3 stale curvature diverges)
     "emsa-costate-amortised": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=100.0, stat_every=10,
                                                       stat_decay=0.95),
+    # stat_every=10 with the steps between refreshes bounded by their own gradient (issue 17)
+    "emsa-bounded": lambda m: pmptrain.EMSA(m, stat_every=10, amortise="bounded"),
+    "emsa-costate-bounded": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3, stat_every=10,
+                                                    amortise="bounded"),
+    "emsa-costate-bounded-reduce": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3, stat_every=10,
+                                                           amortise="bounded", stat_reduce=True),
+    "emsa-bounded-reduce": lambda m: pmptrain.EMSA(m, stat_every=10, amortise="bounded", stat_reduce=True),
+    "emsa-reduce": lambda m: pmptrain.EMSA(m, stat_reduce=True),
+    "emsa-costate-reduce": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3, stat_reduce=True),
     "binary-msa": lambda m: pmptrain.DiscreteMSA(m, rho=0.5),
 }
 

@@ -37,6 +37,7 @@ Rules (they mirror what autograd does with ``.grad``):
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 import weakref
@@ -78,6 +79,11 @@ class CaptureSpec:
         dtype: dtype of the statistics (float32 for half-precision activations).
         groups: with ``"dense"``, keep only the ``groups`` diagonal blocks (``groups × n/g × n/g``,
             resp. ``m``): the statistics of a grouped convolution.
+        reduce: when rows are folded into dense sums, the rows of one entry of the leading (batch) dimension — a
+            sequence's tokens, an image's output positions — are summed and divided by ``√L``
+            (``L`` rows per entry) before the outer product (K-FAC-reduce, Eschenhagen et al. 2023;
+            docs/algorithms.md, "Reduced statistics"); ``Σx``, ``Σ‖g‖²`` and the row count stay
+            those of the rows.
     """
 
     states: str = "none"
@@ -87,6 +93,7 @@ class CaptureSpec:
     out_dim: int = 0
     dtype: torch.dtype = torch.float32
     groups: int = 1
+    reduce: bool = False
 
 
 class ModuleStats:
@@ -158,6 +165,15 @@ def _fold(rows: List[Tensor], acc: Optional[Tensor], dtype, groups: int = 1) -> 
         else:
             acc = r.T @ r if acc is None else acc.addmm_(r.T, r)
     return acc
+
+
+def _reduce_rows(rows: Tensor, per_entry: int) -> Tensor:
+    """``rows`` (``E·L × k``, entry-major) summed over each entry's ``L = per_entry`` rows and divided
+    by ``√L`` (K-FAC-reduce): ``E × k``, whose outer products equal the rows' when an entry's rows
+    are equal. ``per_entry = 1`` (or rows that are not whole entries): ``rows`` unchanged."""
+    if per_entry <= 1 or rows.shape[0] % per_entry:
+        return rows
+    return rows.reshape(-1, per_entry, rows.shape[-1]).sum(1) * (1.0 / math.sqrt(per_entry))
 
 
 def _add(acc: Optional[Tensor], t: Tensor) -> Tensor:
@@ -598,11 +614,12 @@ class ModuleCapture:
             slices = [(x, g)]
         else:
             slices = [(x[i : i + step], g[i : i + step]) for i in range(0, lead, step)]
+        per_entry = rows_per_entry if spec.reduce and adapter.batched(module, x) else 1
         for xs, gs in slices:
-            self._add_rows(st, spec, adapter, module, xs, gs)
+            self._add_rows(st, spec, adapter, module, xs, gs, per_entry)
 
     @staticmethod
-    def _add_rows(st: ModuleStats, spec: CaptureSpec, adapter, module, x: Tensor, g: Tensor) -> None:
+    def _add_rows(st: ModuleStats, spec: CaptureSpec, adapter, module, x: Tensor, g: Tensor, per_entry: int = 1) -> None:
         # wider activations than the spec's dtype (``model.double()`` after the optimizer was built):
         # the statistics follow them, as the rules' solves follow the parameters' dtype
         dt = torch.promote_types(spec.dtype, g.dtype) if g.is_floating_point() else spec.dtype
@@ -620,7 +637,8 @@ class ModuleCapture:
             if spec.states == "diag":
                 st.x_sq = _add(st.x_sq, xr.to(dt).pow(2).sum(0))
             elif spec.states == "dense" or (spec.states == "auto" and st.rows >= spec.in_dim):
-                st.xx, st.x_rows = _fold(st.x_rows + [xr], st.xx, dt, spec.groups), []
+                blocks = [_reduce_rows(r, per_entry) for r in st.x_rows + [xr]]
+                st.xx, st.x_rows = _fold(blocks, st.xx, dt, spec.groups), []
             else:
                 st.x_rows.append(xr)
         if spec.costates != "none":
@@ -629,7 +647,8 @@ class ModuleCapture:
             if spec.costates == "diag":
                 st.g_sq_cols = _add(st.g_sq_cols, gc.pow(2).sum(0))
             elif spec.costates == "dense" or (spec.costates == "auto" and st.rows >= spec.out_dim):
-                st.gg, st.g_rows = _fold(st.g_rows + [gc], st.gg, dt, spec.groups), []
+                blocks = [_reduce_rows(r, per_entry) for r in st.g_rows + [gc]]
+                st.gg, st.g_rows = _fold(blocks, st.gg, dt, spec.groups), []
             elif spec.costates in ("rows", "auto"):
                 st.g_rows.append(gr)
 

@@ -212,3 +212,142 @@ def test_tied_gpt_amortised_with_costate_units_runs_without_warnings():
             assert not opt.last_step["skipped"]
     assert opt.units  # every unit stepped
     assert all(u.state.step == 4 for u in opt.units.values() if u.rule.module_rule)
+
+
+# ---------------------------------------------------------------- amortise="bounded"
+def _bounded_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+
+
+def _bounded_batch(i, n=24):
+    """Batch 0 leaves input feature 3 silent (the refresh batch does not excite it); later batches
+    use it at a large scale, so the bound lifts the kept curvature there."""
+    g = torch.Generator().manual_seed(200 + i)
+    x, t = torch.randn(n, 4, generator=g, dtype=DT), torch.randn(n, 3, generator=g, dtype=DT)
+    x[:, 3] = 0.0 if i == 0 else 5.0 * x[:, 3]
+    return x, t
+
+
+def _record(model):
+    """Each Linear's input rows and its output gradients, per backward pass."""
+    rec = {}
+
+    def hook(name):
+        def fwd(mod, inp, out):
+            rec[name] = {"x": inp[0].detach().clone()}
+            out.register_hook(lambda g: rec[name].__setitem__("g", g.detach().clone()))
+        return fwd
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            mod.register_forward_hook(hook(name))
+    return rec
+
+
+def _bounded_hamiltonian_maximiser(x, g_out, grad_w, grad_b, rho, lr, bounded):
+    """The maximiser of the amortised H̃ of docs/algorithms.md ("Amortised curvature") written from
+    its definition — refresh rows ``x``, refresh costates ``p̂ = −B·g_out``, this step's gradients —
+    found by a Newton step on the flattened ``(ΔW, Δb)`` (H̃ is quadratic: one step is its maximiser)."""
+    b = x.shape[0]
+    p = -b * g_out
+    cx, xbar, cp = x.T @ x / b, x.sum(0) / b, p.T @ p / b
+    d_w = d_b = 1.0 / lr
+    c = rho / (rho + d_b)
+    gw, gb = -grad_w, -grad_b
+    s = gw - c * torch.outer(gb, xbar)
+    mu, v = torch.linalg.eigh(cp)
+    lam, u = torch.linalg.eigh(cx - c * torch.outer(xbar, xbar))
+    excess = (2.0 * (v.T @ s @ u).abs() - mu[:, None] - lam[None, :]).clamp_min(0.0)
+    excess = excess if bounded else torch.zeros_like(excess)
+    m, n = gw.shape
+
+    def neg_h(z):
+        dw, db = z[: m * n].reshape(m, n), z[m * n:]
+        h = (gw * dw).sum() + gb @ db
+        h = h - rho / 2 * (torch.trace(dw @ cx @ dw.T) + 2 * db @ dw @ xbar + db @ db)
+        h = h - rho / 2 * torch.trace(dw.T @ cp @ dw)
+        h = h - rho / 2 * (excess * (v.T @ dw @ u) ** 2).sum()
+        h = h - d_w / 2 * (dw * dw).sum() - d_b / 2 * (db * db).sum()
+        return -h
+
+    z0 = torch.zeros(m * n + m, dtype=DT)
+    hess = torch.autograd.functional.hessian(neg_h, z0)
+    grad = torch.autograd.functional.jacobian(neg_h, z0)
+    z = -torch.linalg.solve(hess, grad)
+    return z[: m * n].reshape(m, n), z[m * n:], float((excess > 0).sum())
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_bounded_step_between_refreshes_maximises_its_stated_hamiltonian(k):
+    """amortise="bounded": step k−1 (between refreshes) is the maximiser of the refresh batch's
+    H̃ plus the excess penalty ``(ρ/2)Σ e_ij (VᵀΔWU)²_ij``, ``e = max(0, 2|VᵀSU| − μ_i − λ_j)``,
+    with this step's gradients — compared with a Newton step on that H̃ in float64, for both
+    layers; the excess is active (a silent feature of the refresh batch), so "kept" differs."""
+    rho, lr = 0.7, 0.5
+    model = _bounded_model()
+    rec = _record(model)
+    opt = pmptrain.EMSA(model, stat_every=k, amortise="bounded", lr=lr, rho=rho, max_step=None, fallback="sgd")
+    for t in range(k):
+        opt.zero_grad()
+        x, y = _bounded_batch(t)
+        F.mse_loss(model(x), y).backward()
+        if t == 0:
+            refresh = {name: dict(r) for name, r in rec.items()}
+        if t == k - 1:
+            before = {name: (mod.weight.detach().clone(), mod.bias.detach().clone(), mod.weight.grad.clone(),
+                             mod.bias.grad.clone()) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+        opt.step()
+    active = 0.0
+    for name, (w0, b0, gw, gb) in before.items():
+        mod = dict(model.named_modules())[name]
+        dw, db, n_active = _bounded_hamiltonian_maximiser(refresh[name]["x"], refresh[name]["g"], gw, gb, rho, lr, True)
+        active += n_active
+        torch.testing.assert_close(mod.weight.detach() - w0, dw, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(mod.bias.detach() - b0, db, rtol=1e-9, atol=1e-12)
+        kept_dw, _, _ = _bounded_hamiltonian_maximiser(refresh[name]["x"], refresh[name]["g"], gw, gb, rho, lr, False)
+        if n_active:
+            assert float((kept_dw - dw).abs().max()) > 1e-6
+    assert active > 0  # the bound is active somewhere: the test tells "bounded" from "kept"
+
+
+def test_bounded_steps_are_bounded_in_the_kept_basis():
+    """Each entry of the weight step in the kept eigenbases is at most 1/(2ρ) in magnitude (the
+    bound's divisor is at least 2ρ|S̃_ij|), however small the kept curvature — while "kept" steps
+    the silent feature by ≈ lr·S."""
+    rho, lr = 0.7, 1e3
+    steps = {}
+    for mode in ("kept", "bounded"):
+        model = _bounded_model()
+        opt = pmptrain.EMSA(model, stat_every=4, amortise=mode, lr=lr, rho=rho, max_step=None, fallback="sgd")
+        for t in range(2):
+            opt.zero_grad()
+            x, y = _bounded_batch(t)
+            F.mse_loss(model(x), y).backward()
+            w0 = model[0].weight.detach().clone()
+            opt.step()
+        st = opt.units["0"].state
+        v, u = st.eig_left[1], st.eig_right[1]
+        steps[mode] = v.T @ (model[0].weight.detach() - w0) @ u
+    assert float(steps["bounded"].abs().max()) <= 1.0 / (2.0 * rho) * (1 + 1e-12)
+    assert float(steps["kept"].abs().max()) > 10.0 / (2.0 * rho)
+
+
+def test_bounded_changes_nothing_on_refresh_steps_or_without_stat_every():
+    """Refresh steps (and every step with stat_every = 1) are the exact step whatever ``amortise``."""
+    for every, steps in ((1, 3), (3, 1)):
+        a, b = _bounded_model(), _bounded_model()
+        oa = pmptrain.EMSA(a, stat_every=every, amortise="bounded", fallback="sgd")
+        ob = pmptrain.EMSA(b, stat_every=every, fallback="sgd")
+        for t in range(steps):
+            for m, o in ((a, oa), (b, ob)):
+                o.zero_grad()
+                x, y = _bounded_batch(t)
+                F.mse_loss(m(x), y).backward()
+                o.step()
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q)
+
+
+def test_invalid_amortise_is_refused():
+    with pytest.raises(ValueError, match="amortise"):
+        pmptrain.EMSA(_model(), stat_every=2, amortise="soap")

@@ -59,6 +59,10 @@ emsa-transformer is EMSA's transformer setting (``EMSA(model, setting="transform
 penalties averaged over the recent batches. emsa-costate is the same without the averaging (ρ 5,
 the transformer setting before averaging existed). On the MLP benches the paper default ``emsa`` (the classic
 setting) is better.
+emsa-costate-bounded (lr 1e3, grid 1e2, 1e3, 1e4) is emsa-costate with
+amortised curvature: statistics captured every 10th step (``stat_every=10``), the steps in between
+solved in the kept eigenbases with each curvature raised to the bound of the step's own gradient
+(``amortise="bounded"``; docs/algorithms.md, "Amortised curvature").
 
 Fallback: parameters without a maximiser / rule (for the discrete optimizers: biases, BatchNorm
 affine, the full-precision first and last layers of a mixed-precision model) are trained by the optimizer's own fallback (Adam with
@@ -340,6 +344,11 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       forwards_to="EMSA", description="closed-form E-MSA, the transformer setting: rho 10 x each layer's "
                                   "rms costate, delta 1e-3, gradient and statistics averaged (beta 0.95); what "
                                   "EMSA(model) takes on models with token embeddings or attention"),
+        OptimizerSpec("emsa-costate-bounded", _emsa,
+                      {"lr": 1e3, "rho": 5.0, "rho_scale": "costate", "stat_every": 10, "amortise": "bounded"},
+                      "lr", (1e2, 1e3, 1e4), takes_wrapper=True, forwards_to="EMSA",
+                      description="emsa-costate with the statistics captured every 10th step; the steps "
+                                  "between keep the eigenbases, bounded by their own gradient"),
         OptimizerSpec("emsa-iterative", _emsa,
                       {"lr": 1.0, "rho": 1.0, "solver": "iterative", "inner_steps": 10,
                        "inner_lr": 1.0, "inner_optimizer": "lbfgs"},

@@ -214,6 +214,20 @@ class EMSA(PMPOptimizer):
             layers); a layer the step solves in Gram form (fewer rows than features, e.g. an MLP at
             batch 128) is cheap already and is solved exactly every step. Not with
             ``costate="isotropic"``.
+        amortise: the steps between two refreshes of ``stat_every = K > 1``: ``"kept"`` (default:
+            the kept statistics' closed form as it is) or ``"bounded"`` — in the kept eigenbases
+            ``V``, ``U``, each curvature ``μ_i + λ_j`` is raised to ``2√k·|(VᵀSU)_ij|`` (``k =
+            ρ_p/ρ_x``), the lower bound that this step's own gradient puts on its batch's curvature
+            (Cauchy–Schwarz), so a direction the refresh batch did not excite is not stepped by
+            ``lr·S``: each entry of the step in the kept basis is at most ``1/(2√k ρ)``. One
+            elementwise pass; nothing is captured (docs/algorithms.md, "Amortised curvature").
+        stat_reduce: K-FAC-reduce statistics (Eschenhagen et al. 2023; default False): the state
+            and costate rows of one entry of the batch dimension (a sequence's tokens, an image's
+            output positions; ``L`` rows) are summed and divided by ``√L`` before the outer
+            product, so ``C_x``, ``C_p`` cost ``L``× fewer flops. Exact when an entry's rows are
+            equal, an approximation otherwise (docs/algorithms.md, "Reduced statistics"); the
+            matrix rule, on the sides folded into dense statistics (more rows than features, or
+            ``route="primal"``); a side in Gram form keeps its rows and stays exact.
         eig_floor: lower clamp of eigenvalues (default 0.0); eig_float64: eigensolves in float64
             (default False).
         max_step: τ > 0 or None — the trust region of every closed-form unit (module or tie, weight
@@ -308,6 +322,8 @@ class EMSA(PMPOptimizer):
         stat_decay: Optional[float] = None,
         grad_decay: Optional[float] = None,
         stat_every: int = 1,
+        amortise: str = "kept",
+        stat_reduce: bool = False,
         eig_refresh: int = 1,
         eig_floor: float = 0.0,
         eig_float64: bool = False,
@@ -356,7 +372,8 @@ class EMSA(PMPOptimizer):
         self._additive = AdditiveEMSARule(self._fallback, strict=strict)
         defaults = dict(
             lr=lr, rho=rho, rho_scale=rho_scale, route=route, costate=costate, stat_decay=stat_decay,
-            grad_decay=grad_decay, stat_every=stat_every, eig_refresh=eig_refresh,
+            grad_decay=grad_decay, stat_every=stat_every, amortise=amortise, stat_reduce=stat_reduce,
+            eig_refresh=eig_refresh,
             eig_floor=eig_floor, eig_float64=eig_float64, max_step=max_step, fallback=fallback, fallback_lr=fallback_lr,
             betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay, inner_steps=inner_steps,
             inner_lr=inner_lr, inner_optimizer=inner_optimizer, inner_max_eval=inner_max_eval,
