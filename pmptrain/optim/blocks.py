@@ -16,11 +16,7 @@ Derivations: docs/algorithms.md §2, "Normalisation layers" and "Grouped convolu
 from __future__ import annotations
 
 from dataclasses import dataclass
-<<<<<<< HEAD
-from typing import List, Optional, Tuple
-=======
-from typing import ClassVar, Optional, Tuple
->>>>>>> main
+from typing import ClassVar, List, Optional, Tuple
 
 import torch
 from torch import Tensor
