@@ -101,6 +101,7 @@ class ChannelEMSARule(EMSARuleBase):
         c = mb.adapter.channels(mb.module)
         zeros = torch.zeros(c, dtype=dt, device=dev)
         scale_p = float(st.samples) * ctx.costate_inv_scale  # p̂ = −B_rank·g/S
+        st.unify_shared_(ctx.process_group, ctx.world, scale_p)  # calls without a batch dimension
         sums = [st.x_sq if st.x_sq is not None else zeros.clone(), st.x_sum if st.x_sum is not None else zeros.clone(),
                 (st.g_sq_cols if st.g_sq_cols is not None else zeros.clone()) * (scale_p * scale_p)]
         pdist.all_reduce_sum_(sums, ctx.process_group)
@@ -202,6 +203,7 @@ class GroupedEMSARule(EMSARuleBase):
         m, n = mb.adapter.weight_shape_2d(mb.module)
         m_g, n_g = m // g, n // g
         scale_p = float(st.samples) * ctx.costate_inv_scale
+        st.unify_shared_(ctx.process_group, ctx.world, scale_p)  # calls without a batch dimension
         xx = st.xx if st.xx is not None else torch.zeros(g, n_g, n_g, dtype=dt, device=dev)
         xs = st.x_sum if st.x_sum is not None else torch.zeros(g * n_g, dtype=dt, device=dev)
         gg = st.gg * (scale_p * scale_p) if st.gg is not None else torch.zeros(g, m_g, m_g, dtype=dt, device=dev)
