@@ -86,6 +86,7 @@ class AffineState:
     eig_right: Optional[Tuple[Tensor, Optional[Tensor]]] = None
     grad_avg: Optional[List[Optional[Tensor]]] = None
     _nested: ClassVar[dict] = {"RunningStats": RunningStats}
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("grad_avg",)  # sharded under FSDP2
 
 
 def join_reason(members: List[Member]) -> Optional[str]:

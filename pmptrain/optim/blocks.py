@@ -46,7 +46,7 @@ class ChannelState:
     """``step``; with running averages the per-sample statistics ``a = Σx̂²/B``, ``b = Σx̂/B``,
     ``e = Σp̂²/B`` (per channel) and ``rows_per_sample``; ``grad_avg`` with ``grad_decay > 0``."""
 
-    _param_shaped: ClassVar[Tuple[str, ...]] = ("a", "b", "e")  # per channel: sharded under FSDP2
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("a", "b", "e", "grad_avg")  # per channel: sharded under FSDP2
 
     step: int = 0
     a: Optional[Tensor] = None
@@ -157,6 +157,7 @@ class GroupedState:
     eig_in: Optional[Tuple[Tensor, Tensor]] = None
     eig_out: Optional[Tuple[Tensor, Tensor]] = None
     grad_avg: Optional[List[Optional[Tensor]]] = None
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("grad_avg",)  # sharded under FSDP2
 
 
 class GroupedEMSARule(EMSARuleBase):
