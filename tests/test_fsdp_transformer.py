@@ -92,9 +92,12 @@ def reference():
     return {k: _one(k) for k in KINDS}
 
 
-@pytest.mark.parametrize("world,fsdp", [(2, False), (2, True), (4, True)])
+@pytest.mark.parametrize("world,fsdp", [(2, False), (4, False), (2, True), (4, True)])
 def test_transformer_setting_exact_on_several_ranks(reference, world, fsdp):
-    kinds = KINDS if not fsdp else ("transformer", "averaged") if world == 2 else ("transformer",)
+    """DDP-style (pmptrain averages the gradients) and FSDP2, 2 and 4 ranks: ``rho_scale="costate"``
+    alone, the whole transformer setting, and running averages with the averaged gradient with the
+    solves shared out across the ranks (the default) and without."""
+    kinds = KINDS if (world, fsdp) == (2, False) else ("transformer", "averaged")
     results = run_distributed(_ranks, world, args=(kinds, fsdp), timeout=240.0)
     for kind in kinds:
         ref = reference[kind]

@@ -18,7 +18,8 @@ Optimizer state between steps stays sharded like the parameters (:func:`shard_re
 field listed in its type's ``_param_shaped`` (the fallback's Adam moments and SGD momentum, the
 discrete rules' accumulators, latent weights and their moments, Bop's EMA, a normalisation layer's
 per-channel statistics) holds the primary parameter's shape, and is kept as a ``DTensor`` with that
-parameter's mesh and placements: each rank stores its own rows, so that part of the state costs
+parameter's mesh and placements (a listed field holding a list — the closed-form units' averaged
+gradients ``grad_avg``, one per parameter of the unit — has each entry sharded like its own parameter): each rank stores its own rows, so that part of the state costs
 1/world of its size per rank. The statistics of a module unit that couple all of its rows and
 columns (E-MSA's covariances C_x, C_p and their eigenbases, kept between refreshes with
 ``stat_decay``/``stat_every``) are replicated: every rank holds the whole of them, as every rank
