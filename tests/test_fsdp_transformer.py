@@ -111,3 +111,45 @@ def test_transformer_setting_exact_on_several_ranks(reference, world, fsdp):
 
 def _one_start():
     return _params(_model())
+
+
+@pytest.mark.parametrize("costates", ["rows", "dense", "sqnorm"])
+def test_calls_without_a_batch_dimension_are_kept_apart_until_unified(costates):
+    """One process: the output-gradient rows of an embedding called on ``arange(T)`` (1-D) and of a
+    Linear called on a 1-D input are kept in ``shared_g`` and, once unified, give the statistics
+    of the rows themselves; a batched call (2-D indices) is folded at once."""
+    from pmptrain.capture import CaptureSpec, ModuleCapture
+    from pmptrain.modules import adapter_for
+
+    dt = torch.float64
+    torch.manual_seed(0)
+    emb, lin = torch.nn.Embedding(6, 3).double(), torch.nn.Linear(3, 4).double()
+    cap = ModuleCapture()
+    cap.add("emb", emb, adapter_for(emb), CaptureSpec("counts", "sqnorm", in_dim=6, out_dim=3, dtype=dt), emb.weight)
+    cap.add("lin", lin, adapter_for(lin), CaptureSpec("dense", costates, in_dim=3, out_dim=4, dtype=dt), lin.weight)
+    outs = []
+
+    def keep(t):
+        t.retain_grad()
+        outs.append(t)
+        return t
+
+    e = keep(emb(torch.arange(5)))
+    y = keep(lin(torch.tanh(e).sum(0)))  # a 1-D input: no batch dimension
+    (y.pow(2).sum() + e.pow(3).sum()).backward()
+    st_e, st_l = cap.pop("emb"), cap.pop("lin")
+    assert len(st_e.shared_g) == 1 and len(st_l.shared_g) == 1 and st_e.g_sq is None and st_l.g_sq is None
+    st_e.unify_shared_()
+    st_l.unify_shared_()
+    ge, gl = outs[0].grad, outs[1].grad.reshape(1, -1)
+    assert not st_e.shared_g and float(st_e.g_sq) == pytest.approx(float(ge.pow(2).sum()), rel=1e-14)
+    assert float(st_l.g_sq) == pytest.approx(float(gl.pow(2).sum()), rel=1e-14)
+    if costates == "dense":
+        torch.testing.assert_close(st_l.gg, gl.T @ gl, rtol=1e-14, atol=0)
+    elif costates == "rows":
+        torch.testing.assert_close(st_l.costate_rows(dt), gl, rtol=0, atol=0)
+    # a batched call of the embedding: folded at once, nothing kept apart
+    emb(torch.arange(5).reshape(1, 5)).sum().backward()
+    st = cap.pop("emb")
+    assert not st.shared_g and st.g_sq is not None
+    cap.remove()
