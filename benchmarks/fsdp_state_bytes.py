@@ -4,7 +4,8 @@ The GPT bench model (``pmptrain.bench.models.build_model("gpt", ...)``: 2 blocks
 embedding, vocabulary 256), each block and then the root wrapped by ``fully_shard``
 (:func:`pmptrain.bench.lm.shard_blocks`), trained for ``--steps`` steps by each configuration; then
 :func:`pmptrain.optim.sharded.state_bytes` on every rank: ``sharded`` — the local rows of the
-DTensor state (per-parameter state: fallback moments, per-channel statistics), ``whole`` — plain
+DTensor state (per-parameter state: fallback moments, per-channel statistics, the averaged gradients
+``grad_avg`` of ``grad_decay``), ``whole`` — plain
 tensors every rank holds (the module units' running covariances and eigenbases, step counters).
 Bytes are counted, not timed: the numbers do not depend on the machine's load.
 
@@ -27,9 +28,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 CONFIGS = {
     "emsa": dict(rho=1.0),
     "emsa-stat_decay": dict(rho=1.0, stat_decay=0.95),
+    "emsa-grad_decay": dict(rho=1.0, grad_decay=0.95),  # grad_avg: one sharded tensor per parameter
+    # EMSA(model)'s default on a GPT: rho_scale="costate", grad_decay and stat_decay 0.95
+    "emsa-transformer": dict(setting="transformer"),
     # the embeddings, LayerNorms and MLPs by the Adam fallback (per-parameter moments); attention by E-MSA
     "emsa-adam-fallback": dict(exclude=("wte", "lm_head", "wpe", "h.0.ln_1", "h.0.ln_2", "h.1.ln_1", "h.1.ln_2",
-                                        "ln_f", "h.0.mlp.0", "h.0.mlp.2", "h.1.mlp.0", "h.1.mlp.2")),
+                                        "ln_f", "h.0.mlp.0", "h.0.mlp.2", "h.1.mlp.0", "h.1.mlp.2"),
+                               setting="classic"),  # (the GPT's default setting would add stat_decay)
 }
 
 

@@ -105,10 +105,17 @@ class ModuleStats:
     (or its blocks), ``g_sq`` = Σ‖g‖², ``g_sq_cols`` = per-column Σg², ``calls`` =
     ``[(args, kwargs, grad)]``, ``repeated`` = costates that reached an already recorded call again. Gradients are raw ``∂J/∂y`` (loss-scaled under AMP):
     the costate is ``p̂ = −B·g``, formed by the rule.
+
+    ``shared_g``: the output-gradient rows of *shared* calls — calls on an input without a batch
+    dimension (a position embedding on ``arange(T)``), whose output every sample of the batch uses.
+    Under several ranks every rank records the same rows with its part of the gradient, so the
+    union's costate of such a row is the ranks' mean, not a further sample: these rows are kept
+    unfolded until :meth:`unify_shared_` (the rule, before it reads the costate statistics) replaces
+    them by that mean and folds them like the others (``shared_spec``: how).
     """
 
     __slots__ = ("samples", "rows", "x_rows", "xx", "x_sum", "x_sq", "counts", "g_rows", "gg", "g_sq",
-                 "g_sq_cols", "calls", "repeated", "_task")
+                 "g_sq_cols", "calls", "repeated", "shared_g", "shared_spec", "_task")
 
     def __init__(self):
         self.samples = 0
@@ -124,6 +131,8 @@ class ModuleStats:
         self.g_sq_cols: Optional[Tensor] = None
         self.calls: List[Tuple[Tuple, Dict, Tensor]] = []
         self.repeated = 0
+        self.shared_g: List[Tensor] = []
+        self.shared_spec: Optional[CaptureSpec] = None
         self._task = None
 
     @property
@@ -146,6 +155,33 @@ class ModuleStats:
         """Fold kept state rows into ``xx`` and return it (None if there is nothing)."""
         self.xx, self.x_rows = _fold(self.x_rows, self.xx, dtype), []
         return self.xx
+
+    def unify_shared_(self, process_group=None, world: int = 1, scale: float = 1.0) -> None:
+        """Fold the rows of shared calls (``shared_g``) into the costate statistics, each replaced
+        first by the union's costate: ``g ← Σ_r s_r·g_r / (world·s)`` (one all-reduce of the rows;
+        ``s = scale``, this rank's costate scale ``B_rank/S``), so that the statistics the rule sums
+        over the ranks and divides by the union's ``B`` (``world`` copies of the shared samples) are
+        those of one process, whose costate is the mean of the ranks' gradients. Every rank calls it
+        for the same modules (their shared calls are the model's structure); no-op without shared
+        rows."""
+        if not self.shared_g:
+            return
+        rows, spec = self.shared_g, self.shared_spec
+        self.shared_g, self.shared_spec = [], None
+        if world > 1:
+            from . import distributed as pdist
+
+            dt = torch.promote_types(spec.dtype, rows[0].dtype) if rows[0].is_floating_point() else spec.dtype
+            flat = torch.cat([r.reshape(-1).to(dt) for r in rows]) * scale
+            pdist.all_reduce_sum_([flat], process_group)
+            flat = flat / (world * scale) if scale != 0.0 else flat * 0.0
+            out, off = [], 0
+            for r in rows:
+                out.append(flat[off:off + r.numel()].reshape(r.shape))
+                off += r.numel()
+            rows = out
+        for gr in rows:
+            _add_costates(self, spec, gr)
 
     def fold_costates_(self, dtype) -> Optional[Tensor]:
         """Fold kept output-gradient rows into ``gg`` and return it (None if there is nothing)."""
@@ -174,6 +210,21 @@ def _reduce_rows(rows: Tensor, per_entry: int) -> Tensor:
     if per_entry <= 1 or rows.shape[0] % per_entry:
         return rows
     return rows.reshape(-1, per_entry, rows.shape[-1]).sum(1) * (1.0 / math.sqrt(per_entry))
+
+
+def _add_costates(st: ModuleStats, spec: CaptureSpec, gr: Tensor, per_entry: int = 1) -> None:
+    """Add output-gradient rows ``gr`` (N×m) to the costate statistics of ``st`` as ``spec`` asks
+    (``per_entry > 1``: K-FAC-reduce before a dense fold, :func:`_reduce_rows`)."""
+    dt = torch.promote_types(spec.dtype, gr.dtype) if gr.is_floating_point() else spec.dtype
+    gc = gr.to(dt)
+    st.g_sq = _add(st.g_sq, torch.linalg.vector_norm(gc).square())
+    if spec.costates == "diag":
+        st.g_sq_cols = _add(st.g_sq_cols, gc.pow(2).sum(0))
+    elif spec.costates == "dense" or (spec.costates == "auto" and st.rows >= spec.out_dim):
+        blocks = [_reduce_rows(r, per_entry) for r in st.g_rows + [gc]]
+        st.gg, st.g_rows = _fold(blocks, st.gg, dt, spec.groups), []
+    elif spec.costates in ("rows", "auto"):
+        st.g_rows.append(gr)
 
 
 def _add(acc: Optional[Tensor], t: Tensor) -> Tensor:
@@ -615,11 +666,14 @@ class ModuleCapture:
         else:
             slices = [(x[i : i + step], g[i : i + step]) for i in range(0, lead, step)]
         per_entry = rows_per_entry if spec.reduce and adapter.batched(module, x) else 1
+        # a call without a batch dimension: its output is every sample's (ModuleStats.shared_g)
+        shared = x.dim() <= 1 if getattr(adapter, "index_input", False) else not adapter.batched(module, x)
         for xs, gs in slices:
-            self._add_rows(st, spec, adapter, module, xs, gs, per_entry)
+            self._add_rows(st, spec, adapter, module, xs, gs, per_entry, shared)
 
     @staticmethod
-    def _add_rows(st: ModuleStats, spec: CaptureSpec, adapter, module, x: Tensor, g: Tensor, per_entry: int = 1) -> None:
+    def _add_rows(st: ModuleStats, spec: CaptureSpec, adapter, module, x: Tensor, g: Tensor, per_entry: int = 1,
+                  shared: bool = False) -> None:
         # wider activations than the spec's dtype (``model.double()`` after the optimizer was built):
         # the statistics follow them, as the rules' solves follow the parameters' dtype
         dt = torch.promote_types(spec.dtype, g.dtype) if g.is_floating_point() else spec.dtype
@@ -642,15 +696,11 @@ class ModuleCapture:
             else:
                 st.x_rows.append(xr)
         if spec.costates != "none":
-            gc = gr.to(dt)
-            st.g_sq = _add(st.g_sq, torch.linalg.vector_norm(gc).square())
-            if spec.costates == "diag":
-                st.g_sq_cols = _add(st.g_sq_cols, gc.pow(2).sum(0))
-            elif spec.costates == "dense" or (spec.costates == "auto" and st.rows >= spec.out_dim):
-                blocks = [_reduce_rows(r, per_entry) for r in st.g_rows + [gc]]
-                st.gg, st.g_rows = _fold(blocks, st.gg, dt, spec.groups), []
-            elif spec.costates in ("rows", "auto"):
-                st.g_rows.append(gr)
+            if shared:  # folded by ModuleStats.unify_shared_ once the ranks' rows are averaged
+                st.shared_g.append(gr)
+                st.shared_spec = spec
+            else:
+                _add_costates(st, spec, gr, per_entry)
 
     def _repeated(self, key: str) -> None:
         entry = self._entries.get(key)

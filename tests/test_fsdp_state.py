@@ -40,7 +40,11 @@ OPTIMIZERS = {
     "emsa-running": lambda m: pmptrain.EMSA(m, rho=1.0, stat_decay=0.5),  # running C_x, C_p; LN a, b, e
     "discrete-msa": lambda m: pmptrain.DiscreteMSA(m),  # fc2's accumulator
     "binaryconnect": lambda m: pmptrain.BinaryConnect(m),  # fc2's latent weight and its moments
+    "emsa-grad-decay": lambda m: pmptrain.EMSA(m, rho=1.0, grad_decay=0.9),  # every unit's grad_avg
+    # rho_scale="costate", grad_decay and stat_decay: grad_avg and the running statistics
+    "emsa-transformer": lambda m: pmptrain.EMSA(m, setting="transformer"),
 }
+GRAD_AVG = ("emsa-grad-decay", "emsa-transformer")
 DISCRETE = ("discrete-msa", "binaryconnect")
 SAVE_AT = 2
 
@@ -87,6 +91,15 @@ def _layout(model, opt) -> Dict[str, Dict[str, str]]:
                 kinds[key] = "shard" if ok else f"bad shard {v.placements} {tuple(v.to_local().shape)}"
             else:
                 kinds[key] = "whole"
+        # the running averages of the unit's gradients (one per parameter of the unit, in its order)
+        avg = opt.state.get(p, {}).get("grad_avg")
+        if isinstance(avg, list):
+            unit = next(u for u in opt.units.values() if u.primary is p)
+            kinds["grad_avg"] = [
+                ("shard" if pdist.is_sharded(t) and tuple(t.placements) == tuple(q.placements) and t.shape == q.shape
+                 and t.to_local().shape == q.to_local().shape else "whole" if not pdist.is_sharded(t) else "bad")
+                if pdist.is_sharded(q) else ("whole" if not pdist.is_sharded(t) else "bad")
+                for t, q in zip(avg, unit.params)]
         # module statistics of a unit's record (nested lists of RunningStats as dicts)
         running = opt.state.get(p, {}).get("running")
         if isinstance(running, list):
@@ -204,7 +217,12 @@ def test_per_parameter_state_is_sharded_like_the_parameter(sessions, opt_name, w
     }
     for rank, r in enumerate(sessions[world]):
         layout = r[opt_name]["layout"]
-        if opt_name == "emsa-running":
+        if opt_name in GRAD_AVG:  # every closed-form unit (fc1, ln, fc2, fc3): weight and bias, sharded
+            for n in ("fc1.weight", "ln.weight", "fc2.weight", "fc3.weight"):
+                assert layout[n]["grad_avg"] == ["shard", "shard"], (rank, n, layout)
+            if opt_name == "emsa-transformer":
+                assert layout["fc2.weight"]["running"] == "whole", layout
+        elif opt_name == "emsa-running":
             # per channel: sharded; the Linear units' running covariances: whole on every rank
             assert layout["ln.weight"] == {"a": "shard", "b": "shard", "e": "shard"}, layout
             for n in ("fc1.weight", "fc2.weight", "fc3.weight"):
@@ -250,7 +268,18 @@ def test_distributed_checkpoint_resharded_resume_is_bit_exact(sessions, opt_name
                 assert torch.equal(a, b), (rank, (a - b).abs().max())
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), (rank, (a - b).abs().max())
         assert any(not torch.equal(b, p0) for b, p0 in zip(want, init))  # it trained
-    assert any(isinstance(v, torch.Tensor) and v.dim() > 0 for d in saved["state"].values() for v in d.values())
+    assert any(v.dim() > 0 for d in saved["state"].values() for v in _tensors(d))
+
+
+def _tensors(v):
+    """Every tensor inside ``v`` (dicts and lists)."""
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, dict):
+        return [t for x in v.values() for t in _tensors(x)]
+    if isinstance(v, (list, tuple)):
+        return [t for x in v for t in _tensors(x)]
+    return []
 
 
 def test_layout_helpers_are_consistent_with_a_record_type():
@@ -258,6 +287,12 @@ def test_layout_helpers_are_consistent_with_a_record_type():
     from pmptrain.optim.blocks import ChannelState
     from pmptrain.optim.elementwise import BopState, DiscreteState, FallbackState, LatentState
 
-    for cls in (FallbackState, DiscreteState, LatentState, BopState, ChannelState):
+    from pmptrain.optim.additive import AdditiveState
+    from pmptrain.optim.affine import AffineState
+    from pmptrain.optim.attention import MHAState
+    from pmptrain.optim.blocks import GroupedState
+
+    for cls in (FallbackState, DiscreteState, LatentState, BopState, ChannelState, AffineState, MHAState,
+                GroupedState, AdditiveState):
         names = {f.name for f in dataclasses.fields(cls)}
         assert set(cls._param_shaped) <= names, cls

@@ -644,10 +644,13 @@ def run_one(method: str, seed: int, base, cfg: FinetuneConfig, task: Task, devic
     frozen = {n: pdist.full_tensor(p).detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     sched = _sched(opt, cfg.steps, cfg.warmup)
     gen = torch.Generator().manual_seed(10_000 + seed)
+    # before any forward: after an eval forward (no backward) FSDP2's root keeps its parameters
+    # unsharded, and model.parameters() would list those plain tensors, not the sharded parameters
+    # that receive the gradients (the clip would skip them)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     history = [{"step": 0, "seconds": 0.0, "val_loss": _val(model, new_val, device)}]
     clock, times = 0.0, []
     bar = progress_bar(cfg.steps, f"{method} seed {seed}", rank)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     first = None
     for step in range(1, cfg.steps + 1):
         x, y = task.new_batch(gen)  # the global batch: every rank draws it, and trains on its rows

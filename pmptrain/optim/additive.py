@@ -39,6 +39,7 @@ class AdditiveState:
     fallback: Dict[str, FallbackState] = field(default_factory=dict)
     grad_avg: Optional[List[Optional[Tensor]]] = None
     _nested = {"FallbackState": FallbackState}
+    _param_shaped = ("grad_avg",)  # sharded under FSDP2
 
 
 class AdditiveObserver:

@@ -86,6 +86,7 @@ class AffineState:
     eig_right: Optional[Tuple[Tensor, Optional[Tensor]]] = None
     grad_avg: Optional[List[Optional[Tensor]]] = None
     _nested: ClassVar[dict] = {"RunningStats": RunningStats}
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("grad_avg",)  # sharded under FSDP2
 
 
 def join_reason(members: List[Member]) -> Optional[str]:
@@ -379,6 +380,8 @@ class AffineEMSARule(EMSARuleBase):
                            delta_b=delta_b if grad_b is not None else None)
         m, n = adapter.weight_shape_2d(module)
         dev = member.weight.device
+        # calls without a batch dimension (positions): the union's costate is the ranks' mean
+        st.unify_shared_(pg, ctx.world, float(st.samples) * ctx.costate_inv_scale)
         route = self.value(group, "route")
         running = self.running_averages(group)
         b = float(samples)

@@ -54,6 +54,7 @@ class MHAState:
     parts: Dict[str, AffineState] = field(default_factory=dict)
     grad_avg: Optional[List[Optional[Tensor]]] = None
     _nested: ClassVar[dict] = {"AffineState": AffineState, "RunningStats": RunningStats}
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("grad_avg",)  # sharded under FSDP2
 
 
 class _BlockContext:

@@ -46,7 +46,7 @@ class ChannelState:
     """``step``; with running averages the per-sample statistics ``a = Σx̂²/B``, ``b = Σx̂/B``,
     ``e = Σp̂²/B`` (per channel) and ``rows_per_sample``; ``grad_avg`` with ``grad_decay > 0``."""
 
-    _param_shaped: ClassVar[Tuple[str, ...]] = ("a", "b", "e")  # per channel: sharded under FSDP2
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("a", "b", "e", "grad_avg")  # per channel: sharded under FSDP2
 
     step: int = 0
     a: Optional[Tensor] = None
@@ -101,6 +101,7 @@ class ChannelEMSARule(EMSARuleBase):
         c = mb.adapter.channels(mb.module)
         zeros = torch.zeros(c, dtype=dt, device=dev)
         scale_p = float(st.samples) * ctx.costate_inv_scale  # p̂ = −B_rank·g/S
+        st.unify_shared_(ctx.process_group, ctx.world, scale_p)  # calls without a batch dimension
         sums = [st.x_sq if st.x_sq is not None else zeros.clone(), st.x_sum if st.x_sum is not None else zeros.clone(),
                 (st.g_sq_cols if st.g_sq_cols is not None else zeros.clone()) * (scale_p * scale_p)]
         pdist.all_reduce_sum_(sums, ctx.process_group)
@@ -156,6 +157,7 @@ class GroupedState:
     eig_in: Optional[Tuple[Tensor, Tensor]] = None
     eig_out: Optional[Tuple[Tensor, Tensor]] = None
     grad_avg: Optional[List[Optional[Tensor]]] = None
+    _param_shaped: ClassVar[Tuple[str, ...]] = ("grad_avg",)  # sharded under FSDP2
 
 
 class GroupedEMSARule(EMSARuleBase):
@@ -202,6 +204,7 @@ class GroupedEMSARule(EMSARuleBase):
         m, n = mb.adapter.weight_shape_2d(mb.module)
         m_g, n_g = m // g, n // g
         scale_p = float(st.samples) * ctx.costate_inv_scale
+        st.unify_shared_(ctx.process_group, ctx.world, scale_p)  # calls without a batch dimension
         xx = st.xx if st.xx is not None else torch.zeros(g, n_g, n_g, dtype=dt, device=dev)
         xs = st.x_sum if st.x_sum is not None else torch.zeros(g * n_g, dtype=dt, device=dev)
         gg = st.gg * (scale_p * scale_p) if st.gg is not None else torch.zeros(g, m_g, m_g, dtype=dt, device=dev)

@@ -18,7 +18,8 @@ Optimizer state between steps stays sharded like the parameters (:func:`shard_re
 field listed in its type's ``_param_shaped`` (the fallback's Adam moments and SGD momentum, the
 discrete rules' accumulators, latent weights and their moments, Bop's EMA, a normalisation layer's
 per-channel statistics) holds the primary parameter's shape, and is kept as a ``DTensor`` with that
-parameter's mesh and placements: each rank stores its own rows, so that part of the state costs
+parameter's mesh and placements (a listed field holding a list — the closed-form units' averaged
+gradients ``grad_avg``, one per parameter of the unit — has each entry sharded like its own parameter): each rank stores its own rows, so that part of the state costs
 1/world of its size per rank. The statistics of a module unit that couple all of its rows and
 columns (E-MSA's covariances C_x, C_p and their eigenbases, kept between refreshes with
 ``stat_decay``/``stat_every``) are replicated: every rank holds the whole of them, as every rank
@@ -84,17 +85,30 @@ def _shard_like(whole: Tensor, param) -> Tensor:
                               shape=whole.shape, stride=torch.empty(whole.shape, device="meta").stride())
 
 
-def shard_record(rec, param):
+def _shardable(v, param) -> bool:
+    return (isinstance(v, Tensor) and param is not None and pdist.is_sharded(param) and not pdist.is_sharded(v)
+            and tuple(v.shape) == tuple(param.shape) and v.dim() > 0)
+
+
+def shard_record(rec, param, params=None):
     """``rec`` with each field its type lists in ``_param_shaped`` that holds a plain tensor of
     ``param``'s (global) shape replaced by this rank's rows of it, a ``DTensor`` sharded like
-    ``param`` (a ``DTensor`` of FSDP2). Other fields (a module's covariances and eigenbases,
-    counters) stay whole; ``rec`` itself when ``param`` is not sharded or nothing changes."""
-    if rec is None or not dataclasses.is_dataclass(rec) or not pdist.is_sharded(param):
+    ``param`` (a ``DTensor`` of FSDP2); a listed field holding a list (``grad_avg``: one tensor per
+    parameter of the unit, in ``params`` order, the unit's ``params``) has each entry sharded like
+    its own parameter. Other fields (a module's covariances and eigenbases, counters) stay whole;
+    ``rec`` itself when no parameter is sharded or nothing changes."""
+    params = list(params) if params is not None else [param]
+    if rec is None or not dataclasses.is_dataclass(rec) or not any(pdist.is_sharded(p) for p in params + [param]):
         return rec
     changes = {}
     for name in getattr(type(rec), "_param_shaped", ()):
         v = getattr(rec, name)
-        if isinstance(v, Tensor) and not pdist.is_sharded(v) and tuple(v.shape) == tuple(param.shape) and v.dim():
+        if isinstance(v, list):
+            new = [_shard_like(t, p) if _shardable(t, p) else t
+                   for t, p in zip(v, params + [None] * (len(v) - len(params)))]
+            if any(a is not b for a, b in zip(new, v)):
+                changes[name] = new
+        elif _shardable(v, param):
             changes[name] = _shard_like(v, param)
     return dataclasses.replace(rec, **changes) if changes else rec
 
@@ -186,8 +200,9 @@ class ShardedStep:
     def keep(real: Unit, state):
         """The record to keep between steps for ``real`` (the unit, not its stand-in) after the step
         proposed ``state`` (whole tensors): its parameter-shaped fields sharded like the unit's
-        primary parameter (:func:`shard_record`)."""
-        return shard_record(state, real.primary)
+        primary parameter, its per-parameter lists (``grad_avg``) like each parameter
+        (:func:`shard_record`)."""
+        return shard_record(state, real.primary, real.params)
 
     @torch.no_grad()
     def write_back(self) -> None:

@@ -1273,7 +1273,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for name, st in states.items():
                 unit = self.units[name]
-                unit.state = shard_record(st, unit.primary)  # FSDP2: each rank keeps its rows
+                unit.state = shard_record(st, unit.primary, unit.params)  # FSDP2: each rank keeps its rows
                 unit.rule.restore(unit, self._group_of(unit.primary))
         self._publish_state()
         if extra is not None:
