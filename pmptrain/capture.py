@@ -514,6 +514,7 @@ class ModuleCapture:
         self.root_trained = False  # a training forward of the watched root ran under autograd
         self.root_loss: Optional[Tensor] = None  # Σ of the losses the watched root returned (_RootLossHook)
         self._grad_sq: Dict[int, Tensor] = {}  # ‖∇J_p‖² when p's gradient was last accumulated (watch_grads)
+        self._grad_watched: set = set()  # ids of the parameters watch_grads hooked
 
     def watch_root(self, root: nn.Module, losses: bool = False) -> None:
         """Record whether a training forward pass of ``root`` (under autograd) received a
@@ -533,7 +534,10 @@ class ModuleCapture:
         scale as the gradient). Sharded (DTensor) parameters are not watched."""
         for p in params:
             sharded = hasattr(torch.distributed, "tensor") and isinstance(p, getattr(torch.distributed.tensor, "DTensor", ()))
-            if p.requires_grad and not sharded and hasattr(p, "register_post_accumulate_grad_hook"):
+            lazy = isinstance(p, nn.parameter.UninitializedParameter)  # watched when the optimizer partitions again
+            if (p.requires_grad and not sharded and not lazy and id(p) not in self._grad_watched
+                    and hasattr(p, "register_post_accumulate_grad_hook")):
+                self._grad_watched.add(id(p))
                 self._handles.append(p.register_post_accumulate_grad_hook(self._note_grad_sq))
 
     def _note_grad_sq(self, p: Tensor) -> None:

@@ -21,7 +21,7 @@ msa                float           MSA (basic, ρ = 0)           lr 0.1     0.03
 emsa               float           EMSA closed form, ρ = 1      lr 1.0     0.3, 1.0, 3.0
                                    (weight_decay: decay groups)
 emsa-transformer   float           EMSA's transformer setting:  lr 1e3     1e2, 1e3, 1e4
-                                   ρ = 6 × rms costate,
+                                   ρ = 8 × rms costate,
                                    gradient and statistics
                                    averaged (β 0.95)
 emsa-costate       float           EMSA, ρ = 5 × rms costate    lr 1e3     1e2, 1e3, 1e4
@@ -339,9 +339,9 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       (1e2, 1e3, 1e4), takes_wrapper=True,
                       forwards_to="EMSA", description="closed-form E-MSA, rho 5 x each layer's rms costate, delta 1e-3 "
                                   "(the transformer setting)"),
-        OptimizerSpec("emsa-transformer", _emsa, {"lr": 1e3, "rho": 6.0, "rho_scale": "costate", "grad_decay": 0.95,
+        OptimizerSpec("emsa-transformer", _emsa, {"lr": 1e3, "rho": 8.0, "rho_scale": "costate", "grad_decay": 0.95,
                                                   "stat_decay": 0.95}, "lr", (1e2, 1e3, 1e4), takes_wrapper=True,
-                      forwards_to="EMSA", description="closed-form E-MSA, the transformer setting: rho 6 x each layer's "
+                      forwards_to="EMSA", description="closed-form E-MSA, the transformer setting: rho 8 x each layer's "
                                   "rms costate, delta 1e-3, gradient and statistics averaged (beta 0.95); what "
                                   "EMSA(model) takes on models with token embeddings or attention"),
         OptimizerSpec("emsa-costate-bounded", _emsa,

@@ -51,11 +51,11 @@ SETTING_KEYS = ("lr", "rho", "rho_scale", "grad_decay", "stat_decay")
 
 #: E-MSA's settings (docs/algorithms.md, "Settings"): ``classic`` is the paper's E-MSA in mean units
 #: (ρ 1, δ = 1/lr = 1), measured best on the MLP/CNN/ResNet classifier benches; ``transformer``
-#: puts ρ in units of each layer's rms costate (ρ 6, δ 1e-3) and averages the linear term and the
+#: puts ρ in units of each layer's rms costate (ρ 8, δ 1e-3) and averages the linear term and the
 #: penalties over the recent batches (β 0.95), measured best on the GPT bench and nanoGPT.
 SETTINGS = {
     "classic": dict(lr=1.0, rho=1.0, rho_scale="none", grad_decay=0.0, stat_decay=0.0),
-    "transformer": dict(lr=1e3, rho=6.0, rho_scale="costate", grad_decay=0.95, stat_decay=0.95),
+    "transformer": dict(lr=1e3, rho=8.0, rho_scale="costate", grad_decay=0.95, stat_decay=0.95),
 }
 
 
@@ -172,7 +172,7 @@ class EMSA(PMPOptimizer):
         setting: which values ``lr``, ``rho``, ``rho_scale``, ``grad_decay`` and ``stat_decay`` take
             when left at None (:data:`SETTINGS`; docs/algorithms.md, "Settings"): ``"classic"``
             (ρ 1, lr 1, ρ as given, no averaging: the paper's E-MSA, best on the classifier
-            benches), ``"transformer"`` (ρ 6 × each layer's rms costate, lr 1e3, gradient and
+            benches), ``"transformer"`` (ρ 8 × each layer's rms costate, lr 1e3, gradient and
             statistics averaged with β 0.95: best on the GPT bench and nanoGPT) or ``"auto"``
             (default): ``classic`` if any of ``lr``, ``rho``, ``rho_scale`` is given or
             ``solver="iterative"``, else ``transformer`` for a model with token embeddings or
@@ -183,7 +183,7 @@ class EMSA(PMPOptimizer):
             the group's ``lr`` at creation) ρ becomes ``ρ/s`` too, so every closed-form step is
             exactly ``s`` times its value at ``base_lr``; the fallback steps scale with ``s``, so
             ``lr = 0`` freezes the whole model.
-        rho: 0 ≤ ρ ≤ 2**64, weight of the feasibility penalties (default: the setting's, 1.0 or 6.0); the bound (and
+        rho: 0 ≤ ρ ≤ 2**64, weight of the feasibility penalties (default: the setting's, 1.0 or 8.0); the bound (and
             ``lr`` = 0 or in [2**-64, 2**64]) keeps ρ·C, ρ² and δ = 1/lr finite in float32.
         rho_scale: ``"none"`` (classic: ρ as given, as in the paper) or ``"costate"`` (transformer): ρ in units
             of each unit's root-mean-square costate entry, ``ρ_t = ρ·r_t``

@@ -372,6 +372,7 @@ class PMPOptimizer(torch.optim.Optimizer):
     def _partition(self) -> None:
         """Assign rules to modules/parameters (at construction and after ``add_param_group``);
         existing units keep their state."""
+        self.capture.watch_grads(self.root.parameters())  # lazy parameters, now initialised
         group_of = self._group_map()
         lazy = self._hook_lazy(group_of)  # parameters of lazy modules not initialised yet: no unit for now
         pname: Dict[int, str] = {}
