@@ -515,6 +515,7 @@ class ModuleCapture:
         self.root_loss: Optional[Tensor] = None  # Σ of the losses the watched root returned (_RootLossHook)
         self._grad_sq: Dict[int, Tensor] = {}  # ‖∇J_p‖² when p's gradient was last accumulated (watch_grads)
         self._grad_watched: set = set()  # ids of the parameters watch_grads hooked
+        self.record_grad_sq = True  # the optimizer turns it off when no unit uses the record
 
     def watch_root(self, root: nn.Module, losses: bool = False) -> None:
         """Record whether a training forward pass of ``root`` (under autograd) received a
@@ -542,7 +543,7 @@ class ModuleCapture:
 
     def _note_grad_sq(self, p: Tensor) -> None:
         g = p.grad
-        if g is None or g.is_sparse or self._paused:
+        if g is None or g.is_sparse or self._paused or not self.record_grad_sq:
             return
         g = g.detach()
         self._grad_sq[id(p)] = (g.abs().square() if g.is_complex() else g.square()).sum()

@@ -369,10 +369,16 @@ class PMPOptimizer(torch.optim.Optimizer):
         self._validate_group(group)
 
     # ------------------------------------------------------------------ partition
+    def _want_grad_norms(self) -> None:
+        """Record ``‖∇J_p‖²`` in the coming backward passes only when a group measures ρ in costate
+        units (``rho_scale="costate"``: :meth:`StepContext.grad_rescale`); nothing otherwise."""
+        self.capture.record_grad_sq = any(g.get("rho_scale") == "costate" for g in self.param_groups)
+
     def _partition(self) -> None:
         """Assign rules to modules/parameters (at construction and after ``add_param_group``);
         existing units keep their state."""
         self.capture.watch_grads(self.root.parameters())  # lazy parameters, now initialised
+        self._want_grad_norms()
         group_of = self._group_map()
         lazy = self._hook_lazy(group_of)  # parameters of lazy modules not initialised yet: no unit for now
         pname: Dict[int, str] = {}
@@ -831,6 +837,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             self._check_new_backward()
             self._step(loss)  # an exception leaves everything as it was, statistics included
             self._remember_grads()
+            self._want_grad_norms()
             with phase("reset"):
                 self.capture.reset()
                 self._sync_capture()
