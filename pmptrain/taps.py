@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .capture import _CostateHook
+
 __all__ = ["FUNCTIONAL_CHILDREN", "ParentTap", "attach_parent_tap", "tapped_child"]
 
 _MAMBA = "transformers.models.mamba.modeling_mamba.MambaMixer"
@@ -93,33 +95,19 @@ def _tuple(v, d):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
 
 
-class _Record:
-    """Tensor hook on a tapped call's output: hands (state, costate in the child's layout) to its
-    entry once."""
+class _Record(_CostateHook):
+    """Tensor hook on a tapped call's output: the capture's own costate hook, with the output
+    gradient first put in the child's layout (``"columns"``: ``W @ t`` holds time steps as columns,
+    the child's rows are their transposes)."""
 
-    __slots__ = ("capture", "key", "x", "layout")
+    __slots__ = ("layout",)
 
     def __init__(self, capture, key, x, layout):
-        self.capture, self.key, self.x, self.layout = capture, key, x, layout
+        super().__init__(capture, key, x, ((x,), {}))
+        self.layout = layout
 
     def __call__(self, grad: Tensor):
-        cap = self.capture
-        if cap.removed:
-            return None
-        if self.x is None:
-            cap._repeated(self.key)
-            return None
-        x, self.x = self.x, None
-        g = grad.detach()
-        if self.layout == "columns":  # W @ t: time steps as columns; the child's rows are their transposes
-            g = g.transpose(-1, -2)
-        cap._accumulate(self.key, x, ((x,), {}), g)
-        return None
-
-    def __reduce__(self):
-        from .capture import _Inert
-
-        return (_Inert, ())
+        return super().__call__(grad.transpose(-1, -2) if self.layout == "columns" else grad)
 
 
 class _Mode(TorchFunctionMode):
