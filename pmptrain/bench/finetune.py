@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .records import check_out_dir
+from .records import check_out_dir, open_outputs
 
 __all__ = ["FinetuneConfig", "METHODS", "Task", "load_licenses", "pretrained", "gpt_task", "mnist1d_task",
            "run_finetune_bench", "merge_benches", "main"]
@@ -865,14 +865,7 @@ def run_finetune_bench(cfg: FinetuneConfig, out_dir: Path, log=print, device=Non
     for p in base.parameters():
         p.requires_grad_(False)
     pre_old = _val_plain(base, task.old_val, device)
-    out_dir = Path(out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    writer = None
-    if cfg.tensorboard and rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    out_dir, writer = open_outputs(out_dir, cfg.tensorboard, rank)
     runs = []
     try:
         with tempfile.TemporaryDirectory(dir=out_dir if rank == 0 else None) as tmp:

@@ -437,7 +437,7 @@ def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
         raise ValueError(f"--batch-size: {cfg.batch_size} sequences cannot be split evenly across {world} ranks")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from .records import check_out_dir
+    from .records import check_out_dir, open_outputs
 
     check_out_dir(Path(out_dir))  # refused before the corpus is read
     if world > 1:
@@ -450,14 +450,7 @@ def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
     gen = torch.Generator().manual_seed(12345)
     val_batches = [_batch(val_data, cfg.seq_len, cfg.batch_size, gen) for _ in range(cfg.eval_batches)]
     _preflight(cfg)
-    out_dir = Path(out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    writer = None
-    if cfg.tensorboard and rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    out_dir, writer = open_outputs(out_dir, cfg.tensorboard, rank)
     log(f"data: {corpus.name} ({len(corpus.data)} bytes from {corpus.source}, sha256 {corpus.sha256[:12]}); "
         f"{len(train_data)} train / {len(val_data)} validation bytes")
     runs = []

@@ -17,7 +17,7 @@ import torch
 from .._io import atomic_write
 from .schema import ConfigError
 
-__all__ = ["atomic_write_json", "check_out_dir", "git_hash", "versions"]
+__all__ = ["atomic_write_json", "check_out_dir", "git_hash", "open_outputs", "versions"]
 
 
 def check_out_dir(out: Path) -> None:
@@ -77,6 +77,21 @@ def versions() -> Dict[str, Any]:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "pmptrain": __version__, "platform": platform.platform(), "git": git_hash()}
+
+
+def open_outputs(out_dir: Path, tensorboard: bool, rank: int = 0):
+    """``(out_dir, writer)``: ``out_dir`` as a Path, created by rank 0 only, and a TensorBoard
+    ``SummaryWriter`` on ``out_dir/tensorboard`` for rank 0 when ``tensorboard`` (else None; the
+    import is deferred: it is heavy)."""
+    out_dir = Path(out_dir)
+    if rank != 0:
+        return out_dir, None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not tensorboard:
+        return out_dir, None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return out_dir, SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:
