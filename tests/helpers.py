@@ -29,3 +29,14 @@ class ExpScale(torch.nn.Module):
 
     def forward(self, x):
         return x * self.weight.exp()
+
+
+def tensors_in(v):
+    """Every tensor inside ``v`` (nested dicts, lists and tuples), in order."""
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, dict):
+        return [t for x in v.values() for t in tensors_in(x)]
+    if isinstance(v, (list, tuple)):
+        return [t for x in v for t in tensors_in(x)]
+    return []

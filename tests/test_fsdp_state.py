@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import pmptrain
 from dist_utils import run_distributed
+from helpers import tensors_in
 from test_fsdp import BATCH, K_STEPS, _data, _model, _shard
 
 pytestmark = pytest.mark.distributed
@@ -268,18 +269,7 @@ def test_distributed_checkpoint_resharded_resume_is_bit_exact(sessions, opt_name
                 assert torch.equal(a, b), (rank, (a - b).abs().max())
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), (rank, (a - b).abs().max())
         assert any(not torch.equal(b, p0) for b, p0 in zip(want, init))  # it trained
-    assert any(v.dim() > 0 for d in saved["state"].values() for v in _tensors(d))
-
-
-def _tensors(v):
-    """Every tensor inside ``v`` (dicts and lists)."""
-    if isinstance(v, torch.Tensor):
-        return [v]
-    if isinstance(v, dict):
-        return [t for x in v.values() for t in _tensors(x)]
-    if isinstance(v, (list, tuple)):
-        return [t for x in v for t in _tensors(x)]
-    return []
+    assert any(v.dim() > 0 for d in saved["state"].values() for v in tensors_in(d))
 
 
 def test_layout_helpers_are_consistent_with_a_record_type():

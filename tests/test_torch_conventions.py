@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pmptrain
-from helpers import assert_same
+from helpers import assert_same, tensors_in
 from test_contract import REGISTRY, by_name, data, train
 
 IDS = [c.name for c in REGISTRY]
@@ -23,15 +23,6 @@ IDS = [c.name for c in REGISTRY]
 def cfg(request):
     return request.param
 
-
-def _tensors(v):
-    if isinstance(v, torch.Tensor):
-        return [v]
-    if isinstance(v, dict):
-        return [t for x in v.values() for t in _tensors(x)]
-    if isinstance(v, (list, tuple)):
-        return [t for x in v for t in _tensors(x)]
-    return []
 
 
 # ------------------------------------------------------------------------- opt.state, state_dict
@@ -46,11 +37,11 @@ def test_state_is_visible_per_parameter_in_opt_state_and_state_dict(cfg):
     assert sd["state"], "state_dict()['state'] is empty"
     for unit in opt.units.values():
         p = unit.primary
-        assert p in opt.state and _tensors(opt.state[p]), unit.name  # the unit's record, on its primary parameter
+        assert p in opt.state and tensors_in(opt.state[p]), unit.name  # the unit's record, on its primary parameter
         entry = sd["state"][index[id(p)]]
-        assert _tensors(entry) and int(entry["step"]) >= 1 if "step" in entry else _tensors(entry), unit.name
-        for t in _tensors(entry):  # state_dict() is a snapshot: it does not alias the live state
-            assert all(t is not s for s in _tensors(opt.state[p]))
+        assert tensors_in(entry) and int(entry["step"]) >= 1 if "step" in entry else tensors_in(entry), unit.name
+        for t in tensors_in(entry):  # state_dict() is a snapshot: it does not alias the live state
+            assert all(t is not s for s in tensors_in(opt.state[p]))
     # a bias of a module unit carries the unit's step only: the module's record is on its weight
     primaries = {id(u.primary) for u in opt.units.values()}
     trained = [p for g in opt.param_groups for p in g["params"]]
@@ -67,7 +58,7 @@ def _poison_and_move(opt):
             if key == "step":
                 continue
             moved = _copy_tree(val)
-            old.extend(_tensors(val))
+            old.extend(tensors_in(val))
             st[key] = moved
     for t in old:
         if t.is_floating_point():
@@ -91,7 +82,7 @@ def test_state_moved_like_lightning_is_the_state_the_next_step_uses(cfg):
     train(ref, ref_opt, 3)
     train(run, opt, 3)
     moved = _poison_and_move(opt)
-    assert moved or not any(_tensors({k: v for k, v in st.items() if k != "step"}) for st in opt.state.values())
+    assert moved or not any(tensors_in({k: v for k, v in st.items() if k != "step"}) for st in opt.state.values())
     train(ref, ref_opt, 2, start=3)
     train(run, opt, 2, start=3)
     assert opt.skipped_steps == 0
@@ -231,7 +222,7 @@ def test_float64_state_loads_into_a_float32_optimizer_cast_like_torch(cfg):
         F.cross_entropy(big(x.double()), y).backward()
         opt64.step()
     sd = opt64.state_dict()
-    if not any(t.dtype == torch.float64 for t in _tensors(sd["state"])):
+    if not any(t.dtype == torch.float64 for t in tensors_in(sd["state"])):
         pytest.skip("E-MSA without kept statistics: a step counter only")
     small = cfg.make_model()
     small.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in big.state_dict().items()})
@@ -239,7 +230,7 @@ def test_float64_state_loads_into_a_float32_optimizer_cast_like_torch(cfg):
     opt32.load_state_dict(sd)
     for p, st in opt32.state.items():
         for key, v in st.items():
-            for t in _tensors(v):
+            for t in tensors_in(v):
                 if key != "step" and t.is_floating_point():
                     assert t.dtype == torch.float32, (key, t.dtype)
     train(small, opt32, 2)
