@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .capture import FunctionTap
+
 __all__ = ["PROJECTIONS", "projection_blocks", "MHATap", "tap_available"]
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -134,31 +136,17 @@ class _Mode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class MHATap:
+class MHATap(FunctionTap):
     """The pre-hook / hook pair of one ``nn.MultiheadAttention`` (see the module docstring);
     ``keys`` maps each projection to its capture key."""
 
     def __init__(self, capture, module: nn.MultiheadAttention, keys: Dict[str, str]):
-        self.capture_ref = weakref.ref(capture)
+        super().__init__(capture)
         self.module_ref = weakref.ref(module)
         self.keys = keys
-        self._modes: List[Optional[_Mode]] = []
 
-    def pre(self, module, args, kwargs):
-        cap = self.capture_ref()
-        active = (cap is not None and not cap._paused and not cap.removed and module.training
-                  and torch.is_grad_enabled())
-        mode = _Mode(self) if active else None
-        if mode is not None:
-            mode.__enter__()
-        self._modes.append(mode)
-        return None
-
-    def post(self, module, args, kwargs, output):
-        mode = self._modes.pop() if self._modes else None
-        if mode is not None:
-            mode.__exit__(None, None, None)
-        return None
+    def mode(self) -> "_Mode":
+        return _Mode(self)
 
     def seen(self, x: Tensor, w: Tensor, y: Tensor) -> None:
         """A ``linear`` call of the rebuilt forward: record it if ``w`` is a projection's weight."""

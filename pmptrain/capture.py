@@ -486,6 +486,38 @@ class _CostateHook:
         return (_Inert, ())
 
 
+class FunctionTap:
+    """Base of a forward pre-hook / hook pair that holds a ``TorchFunctionMode`` open while its
+    module's recorded forward runs, so that the functional calls inside it can be recorded
+    (:mod:`pmptrain.attention`, :mod:`pmptrain.taps`). Subclasses implement :meth:`mode` (a fresh
+    mode) and may narrow :meth:`active`; modes nest (one per pending forward)."""
+
+    def __init__(self, capture: "ModuleCapture"):
+        self.capture_ref = weakref.ref(capture)
+        self._modes: List[Optional[object]] = []
+
+    def mode(self):
+        raise NotImplementedError
+
+    def active(self, cap: "ModuleCapture", module: nn.Module) -> bool:
+        """Whether this forward is tapped: the capture records it (:meth:`ModuleCapture.recording`)."""
+        return cap.recording(module)
+
+    def pre(self, module, args, kwargs):
+        cap = self.capture_ref()
+        mode = self.mode() if cap is not None and self.active(cap, module) else None
+        if mode is not None:
+            mode.__enter__()
+        self._modes.append(mode)
+        return None
+
+    def post(self, module, args, kwargs, output):
+        mode = self._modes.pop() if self._modes else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+        return None
+
+
 class _Entry:
     __slots__ = ("module", "adapter", "spec", "sentinel", "stats", "token", "counter", "grad_seen")
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .capture import _CostateHook
+from .capture import FunctionTap, _CostateHook
 
 __all__ = ["FUNCTIONAL_CHILDREN", "ParentTap", "attach_parent_tap", "tapped_child"]
 
@@ -123,30 +123,21 @@ class _Mode(TorchFunctionMode):
         return out
 
 
-class ParentTap:
+class ParentTap(FunctionTap):
     """The pre-hook / hook pair of one parent (see the module docstring); ``keys`` maps each
     tapped child module to its capture key."""
 
     def __init__(self, capture, parent: nn.Module):
-        self.capture_ref = weakref.ref(capture)
+        super().__init__(capture)
         self.parent_ref = weakref.ref(parent)
         self.keys: Dict[nn.Module, str] = {}
         self.inside = 0  # > 0 while a tapped child's own forward runs (its own hook records that call)
-        self._modes = []
 
-    def pre(self, module, args, kwargs):
-        cap = self.capture_ref()
-        mode = _Mode(self) if cap is not None and self.keys and cap.recording(module) else None
-        if mode is not None:
-            mode.__enter__()
-        self._modes.append(mode)
-        return None
+    def mode(self) -> "_Mode":
+        return _Mode(self)
 
-    def post(self, module, args, kwargs, output):
-        mode = self._modes.pop() if self._modes else None
-        if mode is not None:
-            mode.__exit__(None, None, None)
-        return None
+    def active(self, cap, module) -> bool:
+        return bool(self.keys) and cap.recording(module)
 
     def _match(self, func, args, kwargs) -> Optional[Tuple[str, Tensor, str]]:
         """``(key, state, layout)`` when the call applies a tapped child's weight as the child
