@@ -178,6 +178,19 @@ def test_fsdp2_tensor_parallel_layout_is_refused(fsdp_results):
 DCP_OPTIMIZERS = ("emsa-amortised", "discrete-msa")
 
 
+def _train(model, opt, rank: int, world: int, steps) -> None:
+    """Steps ``steps`` of the fixed data (:func:`_data`), each rank on its share of the batch; none
+    may be skipped."""
+    xs, ys = _data()
+    part = BATCH // world
+    for i in steps:
+        x, y = xs[i][rank * part:(rank + 1) * part], ys[i][rank * part:(rank + 1) * part]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert not opt.last_step["skipped"], opt.last_step
+
+
 def _dcp_phase(rank: int, world: int, opt_name: str, ckpt: str, phase: str) -> List[torch.Tensor]:
     """``phase="save"``: 2 steps under FSDP2, then ``dcp.save`` of the model's whole state dict and
     ``opt.state_dict()``. ``phase="load"``: a fresh sharded (or, in one process, plain) model and
@@ -192,7 +205,6 @@ def _dcp_phase(rank: int, world: int, opt_name: str, ckpt: str, phase: str) -> L
     if world > 1:
         _shard(model, "all")
     opt = OPTIMIZERS[opt_name](model)
-    xs, ys = _data()
     steps = range(0, 2) if phase == "save" else range(2, K_STEPS)
     if phase == "load":
         state = {"model": full_state_dict(model), "optim": opt.state_dict()}
@@ -202,12 +214,7 @@ def _dcp_phase(rank: int, world: int, opt_name: str, ckpt: str, phase: str) -> L
         dcp.load(state, checkpoint_id=ckpt, planner=DefaultLoadPlanner(allow_partial_load=True))
         load_full_state_dict(model, state["model"])
         opt.load_state_dict(state["optim"])
-    part = BATCH // world
-    for i in steps:
-        x, y = xs[i][rank * part:(rank + 1) * part], ys[i][rank * part:(rank + 1) * part]
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    _train(model, opt, rank, world, steps)
     if phase == "save":
         dcp.save({"model": full_state_dict(model), "optim": opt.state_dict()}, checkpoint_id=ckpt)
     return [p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()

@@ -23,12 +23,11 @@ from typing import Dict, List
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pmptrain
 from dist_utils import run_distributed
 from helpers import tensors_in
-from test_fsdp import BATCH, K_STEPS, _data, _model, _shard
+from test_fsdp import K_STEPS, _model, _shard, _train
 
 pytestmark = pytest.mark.distributed
 
@@ -57,17 +56,6 @@ def _build(opt_name: str, world: int):
     if world > 1:
         _shard(model, "all")
     return model, OPTIMIZERS[opt_name](model)
-
-
-def _train(model, opt, rank: int, world: int, steps) -> None:
-    xs, ys = _data()
-    part = BATCH // world
-    for i in steps:
-        x, y = xs[i][rank * part:(rank + 1) * part], ys[i][rank * part:(rank + 1) * part]
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        assert not opt.last_step["skipped"], opt.last_step
 
 
 def _weights(model) -> List[torch.Tensor]:
