@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -25,8 +26,19 @@ def check_out_dir(out: Path) -> None:
     (with its missing parents) and a probe file written and removed, and what was created is removed
     again, so that ``/proc/x``, a symlink loop, a path through a file or a read-only place is refused
     (:class:`~pmptrain.bench.schema.ConfigError` naming ``--out``) before anything is loaded, and a
-    refusal later leaves nothing behind. Called by the CLI and by :func:`~pmptrain.bench.sweep.run_bench`."""
-    out = Path(out)
+    refusal later leaves nothing behind. Called by the CLI and by :func:`~pmptrain.bench.sweep.run_bench`.
+    The ranks of one ``torchrun`` check the same directory at once, each removing what it made, so a
+    refusal is confirmed by up to 4 more checks (0.1 s in all) before it is raised."""
+    for attempt in range(5):
+        try:
+            return _check_out_dir_once(Path(out))
+        except ConfigError:
+            if attempt == 4:
+                raise
+            time.sleep(0.01 * (attempt + 1))  # the ranks of one torchrun check the same --out at once
+
+
+def _check_out_dir_once(out: Path) -> None:
     if os.path.lexists(out) and not out.is_dir():
         what = "a broken symbolic link or a link loop" if out.is_symlink() else "not a directory"
         raise ConfigError(f"--out: {out} exists and is {what}")
