@@ -277,7 +277,29 @@ def _patch_rows(x: Tensor, kernel, dilation, stride) -> Tensor:
     return torch.stack(views, dim=-1).reshape(-1, x.shape[1] * math.prod(kernel))
 
 
-class ConvAdapter(AffineAdapter):
+class _SpatialAdapter(AffineAdapter):
+    """What convolutions and transposed convolutions share: ``spatial_dims`` (1, 2, 3), the
+    ``"matrix"`` kind or, with ``groups > 1`` (``grouped=True``), the ``"grouped"`` kind; an unbatched
+    input ``[C, *spatial]`` is one sample."""
+
+    def __init__(self, spatial_dims: int, grouped: bool = False):
+        self.spatial_dims = spatial_dims
+        self.kind = "grouped" if grouped else "matrix"
+
+    def groups(self, module):
+        return module.groups
+
+    def _as_batched(self, t: Tensor) -> Tensor:
+        return t if t.dim() == self.spatial_dims + 2 else t.unsqueeze(0)
+
+    def batch_size(self, module, x):
+        return self._as_batched(x).shape[0]
+
+    def batched(self, module, x):
+        return x.dim() == self.spatial_dims + 2
+
+
+class ConvAdapter(_SpatialAdapter):
     """``nn.Conv1d/2d/3d``: im2col patches are rows (``n = C_in/groups·∏k`` per group,
     ``m = C_out/groups``), every sample (batch entry) has ``L = output positions`` rows. With
     ``groups > 1`` the kind is ``"grouped"``: the state columns and costate columns of group ``j``
@@ -287,28 +309,12 @@ class ConvAdapter(AffineAdapter):
     (K-FAC/KFC style); see docs/algorithms.md.
     """
 
-    def __init__(self, spatial_dims: int, grouped: bool = False):
-        self.spatial_dims = spatial_dims
-        self.kind = "grouped" if grouped else "matrix"
-
-    def groups(self, module):
-        return module.groups
-
     def weight_shape_2d(self, module):
         w = module.weight
         return w.shape[0], w[0].numel() * module.groups  # the block-diagonal W, all groups
 
-    def _as_batched(self, module, t: Tensor) -> Tensor:
-        return t if t.dim() == self.spatial_dims + 2 else t.unsqueeze(0)
-
-    def batch_size(self, module, x):
-        return self._as_batched(module, x).shape[0]
-
-    def batched(self, module, x):
-        return x.dim() == self.spatial_dims + 2
-
     def input_rows(self, module, x):
-        x = self._as_batched(module, x)
+        x = self._as_batched(x)
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
@@ -317,11 +323,11 @@ class ConvAdapter(AffineAdapter):
         return _patch_rows(x, module.kernel_size, module.dilation, module.stride)
 
     def output_rows(self, module, grad_out):
-        g = self._as_batched(module, grad_out)
+        g = self._as_batched(grad_out)
         return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
 
 
-class ConvTransposeAdapter(AffineAdapter):
+class ConvTransposeAdapter(_SpatialAdapter):
     """A :class:`~pmptrain.views.ConvTransposeView` (``nn.ConvTranspose1d/2d/3d`` without its bias,
     ``groups = 1``) as the adjoint of a convolution: every *input* position ``i`` contributes
     ``z_i = Mᵀ x_i`` to the kernel window of outputs it reaches (``M`` = the weight stored
@@ -342,25 +348,9 @@ class ConvTransposeAdapter(AffineAdapter):
     transposed = True
     bias_name = None
 
-    def __init__(self, spatial_dims: int, grouped: bool = False):
-        self.spatial_dims = spatial_dims
-        self.kind = "grouped" if grouped else "matrix"
-
-    def groups(self, module):
-        return module.groups
-
     def weight_shape_2d(self, module):
         w = module.weight  # [C_in, C_out/groups, *k]: W = Mᵀ is block-diagonal, one block per group
         return w[0].numel() * module.groups, w.shape[0]
-
-    def _as_batched(self, t: Tensor) -> Tensor:
-        return t if t.dim() == self.spatial_dims + 2 else t.unsqueeze(0)
-
-    def batch_size(self, module, x):
-        return self._as_batched(x).shape[0]
-
-    def batched(self, module, x):
-        return x.dim() == self.spatial_dims + 2
 
     def input_rows(self, module, x):
         x = self._as_batched(x)
