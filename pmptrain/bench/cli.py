@@ -481,8 +481,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0
 
-    from .data import DataError
-    from .ranks import broadcast_object, init_distributed
+    from .ranks import run_ranked
     from .sweep import run_bench
 
     try:
@@ -494,30 +493,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ns.dry_run:
         print(json.dumps(cfg.to_dict(), indent=1, default=str))
         return 0
-    rank, world = init_distributed()
-    try:
-        out = Path(broadcast_object(str(out)))
+
+    def run(out: Path) -> None:
         if isinstance(cfg, LMConfig):
             from .lm import run_lm_bench
 
             run_lm_bench(cfg, out)
         else:
             run_bench(cfg, out, resume=resume)
-    except (ValueError, DataError, FileNotFoundError) as e:
-        if rank == 0:
-            print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if rank == 0:
-            print(f"pmptrain {ns.command}: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if world > 1:
-            import torch.distributed as dist
 
-            dist.destroy_process_group()
-    return 0
-
+    return run_ranked(f"pmptrain {ns.command}", out, run)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1013,23 +1013,6 @@ def main(argv: List[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"pmptrain bench --task finetune: error: {e}", file=sys.stderr)
         return 2
-    from .ranks import broadcast_object, init_distributed
+    from .ranks import run_ranked
 
-    rank, world = init_distributed()  # under torchrun: a gloo group
-    try:
-        out = Path(broadcast_object(str(out)))
-        if world > 1:
-            torch.distributed.barrier()  # every rank checked --out before rank 0 creates it
-        run_finetune_bench(cfg, out, device=ns.device)
-    except (ValueError, FileNotFoundError) as e:
-        if rank == 0:
-            print(f"pmptrain bench --task finetune: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if rank == 0:
-            print(f"pmptrain bench --task finetune: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-    return 0
+    return run_ranked("pmptrain bench --task finetune", out, lambda o: run_finetune_bench(cfg, o, device=ns.device))
