@@ -270,6 +270,32 @@ def _cell_step(kind: str, nonlinearity: str, gi: Tensor, h: Tensor, c: Optional[
     return (1.0 - z) * n + z * h, None
 
 
+def _rnn_layers(host, views: Dict[str, AffineView], layer_in, h0, c0, prepare, direction):
+    """The layer and direction loop of both recurrent forwards: for layer ``k`` and direction ``d``
+    the input map ``ih_l{k}`` (``_reverse`` for ``d = 1``) is called once on ``prepare(layer_in)``,
+    then ``direction(d, gi, hh, hr, h_0, c_0)`` runs the time steps (``hh``/``hr``: the hidden and
+    projection maps; ``h_0, c_0``: that layer and direction's initial states) and returns
+    ``(outputs, h, c)``; the directions' outputs are concatenated on the last dimension, with
+    dropout between layers in training, as torch's kernels do. Returns ``(last layer's outputs,
+    h_n, c_n)`` (``c_n`` None without cell states)."""
+    dirs = 2 if host.bidirectional else 1
+    h_n, c_n = [], []
+    for k in range(host.num_layers):
+        outs = []
+        for d, sfx in enumerate(("", "_reverse")[:dirs]):
+            gi = views[f"ih_l{k}{sfx}"](prepare(layer_in))
+            c_init = c0[k * dirs + d] if c0 is not None else None
+            out, h, c = direction(d, gi, views[f"hh_l{k}{sfx}"], views.get(f"hr_l{k}{sfx}"), h0[k * dirs + d], c_init)
+            outs.append(out)
+            h_n.append(h)
+            if c is not None:
+                c_n.append(c)
+        layer_in = outs[0] if dirs == 1 else torch.cat(outs, -1)
+        if host.dropout > 0 and host.training and k < host.num_layers - 1:
+            layer_in = F.dropout(layer_in, host.dropout, True)
+    return layer_in, torch.stack(h_n), (torch.stack(c_n) if c_n else None)
+
+
 def _rnn_forward(host, views: Dict[str, AffineView], args, kwargs):
     """``nn.RNN/LSTM/GRU.forward`` unrolled through the views (padded tensors and ``PackedSequence``)."""
     x = args[0] if args else kwargs["input"]
@@ -302,32 +328,19 @@ def _rnn_forward(host, views: Dict[str, AffineView], args, kwargs):
             c0 = x.new_zeros(host.num_layers * dirs, batch, host.hidden_size)
         elif not batched:
             c0 = c0.unsqueeze(1)
-    layer_in = x  # [T, B, features]
-    h_n, c_n = [], []
-    for k in range(host.num_layers):
-        outs = []
-        for d, sfx in enumerate(("", "_reverse")[:dirs]):
-            gi = views[f"ih_l{k}{sfx}"](layer_in.transpose(0, 1))  # one call: [B, T, G·H]
-            hh = views[f"hh_l{k}{sfx}"]
-            hr = views.get(f"hr_l{k}{sfx}")
-            h, c = h0[k * dirs + d], (c0[k * dirs + d] if c0 is not None else None)
-            steps = range(seq - 1, -1, -1) if d == 1 else range(seq)
-            ys = [None] * seq
-            for t in steps:
-                h, c = _cell_step(kind, host.nonlinearity if kind == "RNN" else "", gi[:, t], h, c, hh)
-                if hr is not None:
-                    h = hr(h)
-                ys[t] = h
-            outs.append(torch.stack(ys))
-            h_n.append(h)
-            if c is not None:
-                c_n.append(c)
-        layer_in = outs[0] if dirs == 1 else torch.cat(outs, -1)
-        if host.dropout > 0 and host.training and k < host.num_layers - 1:
-            layer_in = F.dropout(layer_in, host.dropout, True)
-    out = layer_in
-    h_n = torch.stack(h_n)
-    c_n = torch.stack(c_n) if c_n else None
+    nonlin = host.nonlinearity if kind == "RNN" else ""
+
+    def direction(d, gi, hh, hr, h, c):
+        ys = [None] * seq
+        for t in (range(seq - 1, -1, -1) if d == 1 else range(seq)):
+            h, c = _cell_step(kind, nonlin, gi[:, t], h, c, hh)
+            if hr is not None:
+                h = hr(h)
+            ys[t] = h
+        return torch.stack(ys), h, c
+
+    # one input-map call per layer and direction: [B, T, G·H]
+    out, h_n, c_n = _rnn_layers(host, views, x, h0, c0, lambda t: t.transpose(0, 1), direction)
     if not batched:
         out, h_n = out.squeeze(1), h_n.squeeze(1)
         c_n = c_n.squeeze(1) if c_n is not None else None
@@ -361,47 +374,36 @@ def _rnn_forward_packed(host, views: Dict[str, AffineView], x, hx):
         c0 = data.new_zeros(host.num_layers * dirs, batch, host.hidden_size) if c0 is None else \
             (c0.index_select(1, order) if order is not None else c0)
     nonlin = host.nonlinearity if kind == "RNN" else ""
-    layer_in = data  # [Σ b_t, features]
-    h_n, c_n = [], []
-    for k in range(host.num_layers):
-        outs = []
-        for d, sfx in enumerate(("", "_reverse")[:dirs]):
-            gi = views[f"ih_l{k}{sfx}"](layer_in)  # one call on the packed rows
-            hh, hr = views[f"hh_l{k}{sfx}"], views.get(f"hr_l{k}{sfx}")
-            hs, cs = h0[k * dirs + d], (c0[k * dirs + d] if c0 is not None else None)
-            ys = [None] * seq
-            if d == 0:
-                h, c = hs, cs
-                for t in range(seq):
-                    b = sizes[t]
-                    ht, ct = _cell_step(kind, nonlin, gi[starts[t]:starts[t + 1]], h[:b],
-                                        c[:b] if c is not None else None, hh)
-                    if hr is not None:
-                        ht = hr(ht)
-                    ys[t] = ht
-                    h = torch.cat([ht, h[b:]]) if b < batch else ht  # finished sequences keep their state
-                    c = (torch.cat([ct, c[b:]]) if b < batch else ct) if c is not None else None
-            else:
-                h = c = None
-                for t in range(seq - 1, -1, -1):
-                    b, was = sizes[t], (h.shape[0] if h is not None else 0)
-                    if b > was:  # sequences whose last step is t start from their h_0
-                        h = hs[:b] if h is None else torch.cat([h, hs[was:b]])
-                        if cs is not None:
-                            c = cs[:b] if c is None else torch.cat([c, cs[was:b]])
-                    h, c = _cell_step(kind, nonlin, gi[starts[t]:starts[t + 1]], h, c, hh)
-                    if hr is not None:
-                        h = hr(h)
-                    ys[t] = h
-            outs.append(torch.cat(ys))
-            h_n.append(h)
-            if c is not None:
-                c_n.append(c)
-        layer_in = outs[0] if dirs == 1 else torch.cat(outs, -1)
-        if host.dropout > 0 and host.training and k < host.num_layers - 1:
-            layer_in = F.dropout(layer_in, host.dropout, True)
-    h_n = torch.stack(h_n)
-    c_n = torch.stack(c_n) if c_n else None
+
+    def direction(d, gi, hh, hr, hs, cs):
+        ys = [None] * seq
+        if d == 0:
+            h, c = hs, cs
+            for t in range(seq):
+                b = sizes[t]
+                ht, ct = _cell_step(kind, nonlin, gi[starts[t]:starts[t + 1]], h[:b],
+                                    c[:b] if c is not None else None, hh)
+                if hr is not None:
+                    ht = hr(ht)
+                ys[t] = ht
+                h = torch.cat([ht, h[b:]]) if b < batch else ht  # finished sequences keep their state
+                c = (torch.cat([ct, c[b:]]) if b < batch else ct) if c is not None else None
+        else:
+            h = c = None
+            for t in range(seq - 1, -1, -1):
+                b, was = sizes[t], (h.shape[0] if h is not None else 0)
+                if b > was:  # sequences whose last step is t start from their h_0
+                    h = hs[:b] if h is None else torch.cat([h, hs[was:b]])
+                    if cs is not None:
+                        c = cs[:b] if c is None else torch.cat([c, cs[was:b]])
+                h, c = _cell_step(kind, nonlin, gi[starts[t]:starts[t + 1]], h, c, hh)
+                if hr is not None:
+                    h = hr(h)
+                ys[t] = h
+        return torch.cat(ys), h, c
+
+    # one input-map call per layer and direction on the packed rows [Σ b_t, features]
+    layer_in, h_n, c_n = _rnn_layers(host, views, data, h0, c0, lambda t: t, direction)
     if unorder is not None:
         h_n = h_n.index_select(1, unorder)
         c_n = c_n.index_select(1, unorder) if c_n is not None else None
