@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ._profile import phase
+from .symmetric import sym_gram
 
 __all__ = ["CaptureSpec", "ModuleStats", "ModuleCapture"]
 
@@ -199,7 +200,7 @@ def _fold(rows: List[Tensor], acc: Optional[Tensor], dtype, groups: int = 1) -> 
             blocks = torch.bmm(b.transpose(1, 2), b)
             acc = blocks if acc is None else acc.add_(blocks)
         else:
-            acc = r.T @ r if acc is None else acc.addmm_(r.T, r)
+            acc = sym_gram(r, acc)  # block-triangular: (b+1)/(2b) of the flops (pmptrain.symmetric)
     return acc
 
 
