@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["sym_gram", "sym_block_width", "plain_products"]
+__all__ = ["sym_gram", "sym_block_width", "plain_products", "conv2d_patch_gram", "shifted_gram_pays"]
 
 # Measured on a 1-thread CPU (MKL, AVX-512; docs/performance.md, "The exact step's floor, continued"):
 # blocks of about 64 columns gave 0.65–0.9 of the full product's time for widths 128–4608 once the
@@ -34,8 +34,8 @@ _blocking = True  # False inside plain_products()
 @contextlib.contextmanager
 def plain_products() -> Iterator[None]:
     """Inside the block every :func:`sym_gram` without an explicit ``block`` is the plain product
-    ``RᵀR`` (one GEMM, both triangles): the product before the block-triangular one, which the
-    benchmarks time against (``benchmarks/step_time.py``'s ``*-plain-gram`` entries) and the tests
+    ``RᵀR`` (one GEMM, both triangles) and :func:`shifted_gram_pays` says no (the capture forms a
+    convolution's im2col rows): the products before this module, which the benchmarks time against (``benchmarks/step_time.py``'s ``*-plain-gram`` entries) and the tests
     compare with. Not thread-safe (a module flag)."""
     global _blocking
     old, _blocking = _blocking, False
@@ -103,3 +103,92 @@ def sym_gram(rows: Tensor, out: Optional[Tensor] = None, alpha: float = 1.0, bet
         upper = diag.triu(1)
         diag.triu_().add_(upper.T)
     return out
+
+
+def shifted_gram_pays(out_hw: Tuple[int, int], kernel, channels: int) -> bool:
+    """Whether :func:`conv2d_patch_gram` is expected to beat ``sym_gram`` of the im2col rows for a
+    stride-1 convolution with ``out_hw`` output positions per image: its products cover
+    ``k_h(H_o + 2k_h − 2) + k_h(k_h+1)(k_h−1)/2`` row-blocks of ``(k_w C)²`` against ``f·k_h²·H_o`` for
+    the im2col rows (``f`` = :func:`sym_gram`'s flop fraction), i.e. ``H_o ≳ 10`` for 3×3. Measured
+    (1 thread, 3×3, both against im2col + one GEMM): 14×14×16 channels 0.68 vs 0.89, 32×32×64 0.41 vs
+    0.79, 16×16×128 0.48 vs 0.72, 8×8×256 0.73 vs 0.64 (im2col wins), 28×28×1 1.04 vs 1.01."""
+    kh, kw = int(kernel[0]), int(kernel[1])
+    ho, wo = out_hw
+    width = channels * kh * kw
+    if not _blocking or kh <= 1 or channels * kw < 16:  # one tap row / too narrow for GEMM efficiency
+        return False
+    w = sym_block_width(width, ho * wo * 64)  # the fraction for a typical batch (only the width matters)
+    blocks = -(-width // w)
+    frac = (blocks + 1) / (2 * blocks)
+    return kh * (ho + 2 * kh - 2) + kh * (kh + 1) * (kh - 1) / 2 < frac * kh * kh * ho
+
+
+def conv2d_patch_gram(xp: Tensor, kernel, zero_rows: Tuple[int, int] = (0, 0)) -> Tuple[Tensor, Tensor]:
+    r"""``(PᵀP, Σ_p P_p)`` of the im2col rows ``P`` of a 2-D convolution with stride 1 and dilation 1,
+    without forming ``P``: the statistic's shift structure (Toeplitz up to border rows).
+
+    ``xp`` = the *padded* input ``[N, C, H_p, W_p]``, ``kernel`` = ``(k_h, k_w)``; ``P`` has one row
+    per output position ``(n, i, j)`` (``H_o = H_p − k_h + 1`` × ``W_o = W_p − k_w + 1`` per image)
+    and ``C·k_h·k_w`` columns in the weight's order ``(c, a, b)``: ``P[(n,i,j), (c,a,b)] =
+    xp[n, c, i+a, j+b]``. ``zero_rows`` = ``(top, bottom)`` (default ``(0, 0)``): how many padded
+    rows at the top and bottom of every image are known to be zero (the convolution's zero
+    padding), whose border corrections vanish and are skipped. Returned in ``xp``'s dtype.
+
+    Let ``T`` be the width-only im2col of every padded row: ``T[n, h, j] = (xp[n, :, h, j+b])_{b,c}``
+    (``k_w·C`` columns), for ``h`` over the padded rows and ``k_h − 1`` extra zero rows per image,
+    flattened to rows ``g = (n, h, j)``. Then the block of rows ``a``, ``a'`` (``s = a' − a ≥ 0``) of
+    ``PᵀP`` is
+
+    .. math:: \sum_{n,\,i<H_o,\,j} T_{n,i+a,j}\,T_{n,i+a+s,j}^⊤ = C_s − \sum_{n,\,h∉[a,a+H_o),\,j} T_{n,h,j}\,T_{n,h+s,j}^⊤,
+       \qquad C_s = \sum_g T_g\,T_{g+sW_o}^⊤,
+
+    exactly: the shifted rows never cross into the next image (the zero rows), and the
+    correction runs over the ``k_h − 1`` padded rows outside the window of tap row ``a``. So ``PᵀP``
+    costs ``k_h`` products ``(k_w C)²`` over ``N(H_p + k_h − 1)W_o`` rows (:func:`sym_gram` for
+    ``s = 0``) plus the border corrections, instead of ``(k_h k_w C)²`` over ``N H_o W_o`` rows:
+    ≈ ``k_h·(H_p + k_h − 1)/(k_h² H_o)`` of the flops (0.43 for 3×3 on 14×14), and ``T`` holds
+    ``k_w`` copies of the input instead of ``k_h k_w``. ``Σ_p P_p`` comes from the same rows (column
+    sums of ``T`` less the corrections' rows). The same numbers as ``P.T @ P`` and ``P.sum(0)`` up to
+    rounding (tested in float64 against :func:`pmptrain.modules` ``_patch_rows``); the result is
+    exactly symmetric.
+    """
+    if xp.dim() != 4 or len(kernel) != 2:
+        raise ValueError(f"conv2d_patch_gram: a padded [N, C, H, W] input and a 2-D kernel, got shape "
+                         f"{tuple(xp.shape)} and kernel {tuple(kernel)}")
+    n, c, hp, wp = xp.shape
+    kh, kw = int(kernel[0]), int(kernel[1])
+    ho, wo = hp - kh + 1, wp - kw + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"conv2d_patch_gram: a {kh}×{kw} kernel does not fit a {hp}×{wp} padded input")
+    m, rows = kw * c, hp + kh - 1  # columns of T; T's rows per image (zero rows at the bottom)
+    xl = xp.movedim(1, -1).contiguous()  # [N, H_p, W_p, C]: the copies below then read contiguous rows
+    t = xp.new_empty(n, rows, wo, kw, c)
+    t[:, hp:].zero_()
+    for b in range(kw):
+        t[:, :hp, :, b].copy_(xl[:, :, b:b + wo])
+    t3 = t.view(n, rows, wo, m)
+    tf = t.view(n * rows * wo, m)
+    total = tf.shape[0]
+    shifted = [sym_gram(tf)] + [tf[: total - s * wo].T @ tf[s * wo:] for s in range(1, kh)]  # C_s
+    col_sum = tf.sum(0)
+    out = xp.new_empty(kh, m, kh, m)
+    sums = xp.new_empty(kh, m)
+    for a in range(kh):
+        # the padded rows outside tap row a's window, less the known zero rows (their terms vanish)
+        outside = [h for h in range(zero_rows[0], hp - zero_rows[1]) if not a <= h < a + ho]
+        left = t3[:, outside].reshape(-1, m) if outside else None
+        sums[a] = col_sum if left is None else col_sum - left.sum(0)
+        for s in range(kh - a):
+            block = out[a, :, a + s]
+            if left is None:
+                block.copy_(shifted[s])
+            else:
+                right = t3[:, [h + s for h in outside]].reshape(-1, m)
+                torch.sub(shifted[s], left.T @ right, out=block)
+    # blocks below the diagonal: the transposes; then the weight's order (c, a, b)
+    for a in range(kh):
+        for a2 in range(a):
+            out[a, :, a2].copy_(out[a2, :, a].T)
+    g = out.view(kh, kw, c, kh, kw, c).permute(2, 0, 1, 5, 3, 4).reshape(c * kh * kw, c * kh * kw)
+    upper = g.triu(1)
+    return g.triu_().add_(upper.T), sums.view(kh, kw, c).permute(2, 0, 1).reshape(-1)

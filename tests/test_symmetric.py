@@ -173,3 +173,61 @@ def test_exact_step_with_blocked_products_equals_plain_products_in_float64(monke
 def _fresh(build):
     torch.manual_seed(0)
     return list(build().double().parameters())
+
+
+# ------------------------------------------------------------------ the shifted (Toeplitz) patch statistic
+
+
+@pytest.mark.parametrize("shape,kernel,pad", [
+    ((3, 2, 6, 7), (3, 3), (1, 1)), ((2, 3, 5, 5), (3, 2), (0, 0)), ((2, 1, 4, 6), (1, 3), (0, 1)),
+    ((4, 5, 8, 8), (5, 5), (2, 2)), ((2, 2, 3, 3), (3, 3), (0, 0)), ((1, 4, 9, 4), (2, 4), (1, 2)),
+])
+def test_conv2d_patch_gram_equals_the_im2col_statistic(shape, kernel, pad):
+    from pmptrain.modules import _patch_rows
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    x[0, :, 1] = 0.0  # exact zeros inside the image
+    xp = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+    rows = _patch_rows(xp, kernel, (1, 1), (1, 1))
+    for zero_rows in ((0, 0), (pad[0], pad[0])):
+        gram, total = symmetric.conv2d_patch_gram(xp, kernel, zero_rows=zero_rows)
+        torch.testing.assert_close(gram, rows.T @ rows, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(total, rows.sum(0), rtol=1e-12, atol=1e-12)
+        assert torch.equal(gram, gram.T)
+    with pytest.raises(ValueError, match="does not fit"):
+        symmetric.conv2d_patch_gram(xp, (shape[2] + sum(pad) + 1, 1))
+    with pytest.raises(ValueError, match="padded"):
+        symmetric.conv2d_patch_gram(xp[0], kernel)
+
+
+def test_shifted_route_rule():
+    pays = symmetric.shifted_gram_pays
+    assert pays((14, 14), (3, 3), 16) and pays((32, 32), (3, 3), 64) and pays((16, 16), (3, 3), 128)
+    assert not pays((8, 8), (3, 3), 256) and not pays((4, 4), (3, 3), 512)  # measured: im2col wins
+    assert not pays((28, 28), (3, 3), 1)  # 3 columns: too narrow
+    assert not pays((28, 28), (1, 3), 64)  # one tap row: nothing to share
+    with plain_products():
+        assert not pays((32, 32), (3, 3), 64)
+
+
+def _wide_cnn():
+    return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 8, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+
+
+def test_capture_takes_the_shifted_route_and_the_step_equals_plain_products(monkeypatch):
+    import pmptrain.modules as mods
+
+    calls = []
+    real = mods.conv2d_patch_gram
+    monkeypatch.setattr(mods, "conv2d_patch_gram", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kwargs = {"costate": "exact"}
+    fast = _train(_wide_cnn, kwargs, plain=False, steps=2, batch=6, shape=(8, 14, 14))
+    assert len(calls) == 4  # both padded stride-1 convolutions, two steps (not the stride-2 one)
+    calls.clear()
+    ref = _train(_wide_cnn, kwargs, plain=True, steps=2, batch=6, shape=(8, 14, 14))
+    assert not calls
+    for a, b, p0 in zip(fast, ref, _fresh(_wide_cnn)):
+        assert (a - p0).abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
