@@ -331,10 +331,9 @@ class ConvAdapter(AffineAdapter):
         xp = self._padded(module, x)
         kernel = module.kernel_size
         out_hw = (xp.shape[2] - kernel[0] + 1, xp.shape[3] - kernel[1] + 1)
-        if not shifted_gram_pays(out_hw, kernel, xp.shape[1]):
+        pad = module.padding[0] if module.padding_mode == "zeros" and not isinstance(module.padding, str) else 0
+        if not shifted_gram_pays(out_hw, kernel, xp.shape[1], (pad, pad)):
             return None
-        zeros = module.padding_mode == "zeros" and not isinstance(module.padding, str)
-        pad = module.padding[0] if zeros else 0
         return conv2d_patch_gram(xp.to(dtype), kernel, zero_rows=(pad, pad))
 
     def output_rows(self, module, grad_out):

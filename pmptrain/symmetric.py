@@ -105,22 +105,28 @@ def sym_gram(rows: Tensor, out: Optional[Tensor] = None, alpha: float = 1.0, bet
     return out
 
 
-def shifted_gram_pays(out_hw: Tuple[int, int], kernel, channels: int) -> bool:
-    """Whether :func:`conv2d_patch_gram` is expected to beat ``sym_gram`` of the im2col rows for a
-    stride-1 convolution with ``out_hw`` output positions per image: its products cover
-    ``k_h(H_o + 2k_h − 2) + k_h(k_h+1)(k_h−1)/2`` row-blocks of ``(k_w C)²`` against ``f·k_h²·H_o`` for
-    the im2col rows (``f`` = :func:`sym_gram`'s flop fraction), i.e. ``H_o ≳ 10`` for 3×3. Measured
-    (1 thread, 3×3, both against im2col + one GEMM): 14×14×16 channels 0.68 vs 0.89, 32×32×64 0.41 vs
-    0.79, 16×16×128 0.48 vs 0.72, 8×8×256 0.73 vs 0.64 (im2col wins), 28×28×1 1.04 vs 1.01."""
+def shifted_gram_pays(out_hw: Tuple[int, int], kernel, channels: int, zero_rows: Tuple[int, int] = (0, 0)) -> bool:
+    """Whether :func:`conv2d_patch_gram` is expected to beat :func:`sym_gram` of the im2col rows for a
+    stride-1 convolution with ``out_hw`` output positions per image (``zero_rows`` as there). Cost in
+    units of ``W_o·(k_w C)²`` multiply-adds: the shifted products cover ``k_h(H_p + k_h − 1)`` rows plus
+    ``Σ_a (k_h − a)·(non-zero padded rows outside tap row a's window)`` correction rows; the im2col
+    route ``f·k_h²·H_o`` (``f`` = :func:`sym_gram`'s flop fraction) plus ``0.1·k_h²·H_o`` for writing
+    and reading the rows (fitted). Measured (1 thread, 3×3, zero padding 1; against im2col + one
+    GEMM; shifted vs im2col + :func:`sym_gram`): 14×14×16 channels 0.51 vs 0.92, 16×16×128 0.38 vs
+    0.73, 8×8×256 0.56 vs 0.63, 8×8×128 0.57 vs 0.71, 4×4×512 1.35 vs 0.68 (im2col wins); fewer than
+    16 columns ``k_w C`` (the first convolution of an image model) gained nothing."""
     kh, kw = int(kernel[0]), int(kernel[1])
     ho, wo = out_hw
-    width = channels * kh * kw
     if not _blocking or kh <= 1 or channels * kw < 16:  # one tap row / too narrow for GEMM efficiency
         return False
+    hp = ho + kh - 1
+    kept = range(zero_rows[0], hp - zero_rows[1])
+    corrections = sum((kh - a) * sum(1 for h in kept if not a <= h < a + ho) for a in range(kh))
+    shifted = kh * (hp + kh - 1) + corrections
+    width = channels * kh * kw
     w = sym_block_width(width, ho * wo * 64)  # the fraction for a typical batch (only the width matters)
     blocks = -(-width // w)
-    frac = (blocks + 1) / (2 * blocks)
-    return kh * (ho + 2 * kh - 2) + kh * (kh + 1) * (kh - 1) / 2 < frac * kh * kh * ho
+    return shifted < ((blocks + 1) / (2 * blocks) + 0.1) * kh * kh * ho
 
 
 def conv2d_patch_gram(xp: Tensor, kernel, zero_rows: Tuple[int, int] = (0, 0)) -> Tuple[Tensor, Tensor]:
