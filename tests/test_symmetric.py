@@ -234,3 +234,18 @@ def test_capture_takes_the_shifted_route_and_the_step_equals_plain_products(monk
     for a, b, p0 in zip(fast, ref, _fresh(_wide_cnn)):
         assert (a - p0).abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_benchmark_script_runs(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sym_products
+
+    sym_products.GRAM_SHAPES = [(64, 40, False, "tiny"), (300, 130, True, "tiny transposed")]
+    sym_products.CONV_SHAPES = [(2, 16, 14, "tiny conv")]
+    sym_products.main(["--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "| 64 × 40 | tiny | 40 |" in out and "| 300 × 130 | tiny transposed | 130 |" in out
+    assert "| 2×16×14×14 | tiny conv |" in out and out.rstrip().endswith("| shifted |")
