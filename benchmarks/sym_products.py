@@ -30,9 +30,9 @@ GRAM_SHAPES = [  # (rows, width, transposed view, what)
     (25088, 144, False, "small CNN conv2 patch rows"),
     (2048, 128, False, "GPT bench, d = 128"),
     (2048, 512, False, "GPT bench, d = 512"),
-    (784, 128, True, "MLP Gram AAᵀ, 128 × 784"),
+    (784, 128, True, "MLP Gram AAᵀ, A 128 × 784"),
     (4096, 576, False, "ResNet-18 stage-1 patch rows (a slice)"),
-    (1024, 4608, True, "ResNet-18 stage-4 Gram AAᵀ, 1024 × 4608"),
+    (4608, 1024, True, "ResNet-18 stage-4 Gram AAᵀ, A 1024 × 4608"),
 ]
 CONV_SHAPES = [  # (batch, channels, spatial, what)
     (128, 16, 14, "small CNN conv2"),
