@@ -81,9 +81,9 @@ def sym_gram(rows: Tensor, out: Optional[Tensor] = None, alpha: float = 1.0, bet
     n, k = rows.shape
     if out is not None and tuple(out.shape) != (k, k):
         raise ValueError(f"sym_gram: out must be {k}×{k} for rows of width {k}, got {tuple(out.shape)}")
-    width = sym_block_width(k, n) if block is None else int(block)
-    if width <= 0:
+    if block is not None and int(block) <= 0:
         raise ValueError(f"sym_gram: block must be a positive number of columns, got {block}")
+    width = sym_block_width(k, n) if block is None else int(block)
     if width >= k:  # one block: the plain product
         if out is None:
             prod = rows.T @ rows

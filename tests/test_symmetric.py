@@ -66,6 +66,14 @@ def test_sym_gram_keeps_exact_zeros_and_float32():
     torch.testing.assert_close(c.double(), r64.T @ r64, rtol=1e-5, atol=1e-4)
 
 
+def test_sym_gram_of_no_columns_or_no_rows():
+    # the Gram route's AAᵀ of a unit without kept rows: A is 0×n, rows = Aᵀ has no columns
+    assert sym_gram(torch.zeros(0, 5).T).shape == (0, 0)
+    assert sym_gram(torch.zeros(7, 0), block=3).shape == (0, 0)
+    assert torch.equal(sym_gram(torch.zeros(0, 300)), torch.zeros(300, 300))
+    assert torch.equal(sym_gram(torch.zeros(0, 300), block=64), torch.zeros(300, 300))
+
+
 def test_sym_gram_names_bad_input():
     with pytest.raises(ValueError, match="matrix"):
         sym_gram(torch.ones(3))
