@@ -2,7 +2,7 @@
 
 E-MSA's statistics are symmetric products of rows: the state statistic ``XᵀX`` of a layer's input
 rows (the im2col patches of a convolution), the costate statistic ``GᵀG``, the Gram matrix ``AAᵀ``
-of the Gram route (docs/algorithms.md, "Closed-form maximisers"). A general matrix product forms both
+of the Gram route (docs/algorithms.md §2, "Convolutions" for the patch statistic). A general matrix product forms both
 triangles; BLAS's ``syrk`` forms one, but torch exposes none (``x.T @ x`` is an ordinary GEMM, as fast
 as ``x.T @ y``). :func:`sym_gram` forms the upper triangle by GEMMs over ``b`` column blocks, only
 the ``b(b+1)/2`` blocks on and above the diagonal — ``(b+1)/(2b)`` of the flops — and mirrors it.
@@ -35,8 +35,9 @@ _blocking = True  # False inside plain_products()
 def plain_products() -> Iterator[None]:
     """Inside the block every :func:`sym_gram` without an explicit ``block`` is the plain product
     ``RᵀR`` (one GEMM, both triangles) and :func:`shifted_gram_pays` says no (the capture forms a
-    convolution's im2col rows): the products before this module, which the benchmarks time against (``benchmarks/step_time.py``'s ``*-plain-gram`` entries) and the tests
-    compare with. Not thread-safe (a module flag)."""
+    convolution's im2col rows): the products before this module, which the benchmarks time against
+    (``benchmarks/step_time.py``'s ``*-plain-gram`` entries) and the tests compare with. Not
+    thread-safe (a module flag)."""
     global _blocking
     old, _blocking = _blocking, False
     try:
