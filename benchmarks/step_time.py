@@ -55,6 +55,7 @@ from torch import nn
 import pmptrain
 from pmptrain.bench.memory import PeakRSS
 from pmptrain.bench.models import build_model
+from pmptrain.symmetric import plain_products
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -119,6 +120,11 @@ def _careful(opt):
     return opt
 
 
+def _plain_gram(opt):
+    opt._bench_plain_gram = True  # iteration() runs it inside pmptrain.symmetric.plain_products()
+    return opt
+
+
 OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.03, momentum=0.9),
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
@@ -132,6 +138,10 @@ OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     # the careful path of every step (syncing checks, LU solves): the step before issue 17, for comparison
     "emsa-careful": lambda m: _careful(pmptrain.EMSA(m, setting="classic")),
     "emsa-costate-careful": lambda m: _careful(pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3)),
+    # every symmetric product (XᵀX, GᵀG, AAᵀ) as one full GEMM: the product before i17c's block-triangular one
+    "emsa-plain-gram": lambda m: _plain_gram(pmptrain.EMSA(m, setting="classic")),
+    "emsa-costate-plain-gram": lambda m: _plain_gram(pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3)),
+    "emsa-transformer-plain-gram": lambda m: _plain_gram(pmptrain.EMSA(m, setting="transformer")),
     # the exact step without its trust region (max_step=None): what the default τ = 0.1 costs
     "emsa-no-trust": lambda m: pmptrain.EMSA(m, setting="classic", max_step=None),
     "emsa-exact": lambda m: pmptrain.EMSA(m, setting="classic", costate="exact"),
@@ -178,6 +188,13 @@ class Batches:
 
 
 def iteration(spec: ModelSpec, model, opt, batches: "Batches"):
+    if getattr(opt, "_bench_plain_gram", False):
+        with plain_products():
+            return _iteration(spec, model, opt, batches)
+    return _iteration(spec, model, opt, batches)
+
+
+def _iteration(spec: ModelSpec, model, opt, batches: "Batches"):
     x, y = batches.next()
     opt.zero_grad(set_to_none=True)
     out = model(x)

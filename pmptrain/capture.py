@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ._profile import phase
+from .symmetric import sym_gram
 
 __all__ = ["CaptureSpec", "ModuleStats", "ModuleCapture"]
 
@@ -199,7 +200,7 @@ def _fold(rows: List[Tensor], acc: Optional[Tensor], dtype, groups: int = 1) -> 
             blocks = torch.bmm(b.transpose(1, 2), b)
             acc = blocks if acc is None else acc.add_(blocks)
         else:
-            acc = r.T @ r if acc is None else acc.addmm_(r.T, r)
+            acc = sym_gram(r, acc)  # block-triangular: (b+1)/(2b) of the flops (pmptrain.symmetric)
     return acc
 
 
@@ -723,15 +724,22 @@ class ModuleCapture:
             # not torch.bincount: on a GPU it reads max(idx) to the host to size its output
             st.counts.index_add_(0, idx, torch.ones((), dtype=dt, device=idx.device).expand(idx.shape[0]))
         elif spec.states != "none":
-            xr = adapter.input_rows(module, x)
-            st.x_sum = _add(st.x_sum, xr.sum(0, dtype=dt))
-            if spec.states == "diag":
-                st.x_sq = _add(st.x_sq, xr.to(dt).pow(2).sum(0))
-            elif spec.states == "dense" or (spec.states == "auto" and st.rows >= spec.in_dim):
-                blocks = [_reduce_rows(r, per_entry) for r in st.x_rows + [xr]]
-                st.xx, st.x_rows = _fold(blocks, st.xx, dt, spec.groups), []
+            dense = spec.states == "dense" or (spec.states == "auto" and st.rows >= spec.in_dim)
+            gram = getattr(adapter, "input_gram", None)
+            gram = gram(module, x, dt) if gram is not None and dense and per_entry == 1 and spec.groups == 1 else None
+            if gram is not None:  # XᵀX and Σx without the rows (a stride-1 convolution: ConvAdapter.input_gram)
+                st.x_sum = _add(st.x_sum, gram[1])
+                st.xx, st.x_rows = _fold(st.x_rows, _add(st.xx, gram[0]), dt), []
             else:
-                st.x_rows.append(xr)
+                xr = adapter.input_rows(module, x)
+                st.x_sum = _add(st.x_sum, xr.sum(0, dtype=dt))
+                if spec.states == "diag":
+                    st.x_sq = _add(st.x_sq, xr.to(dt).pow(2).sum(0))
+                elif dense:
+                    blocks = [_reduce_rows(r, per_entry) for r in st.x_rows + [xr]]
+                    st.xx, st.x_rows = _fold(blocks, st.xx, dt, spec.groups), []
+                else:
+                    st.x_rows.append(xr)
         if spec.costates != "none":
             if shared:  # folded by ModuleStats.unify_shared_ once the ranks' rows are averaged
                 st.shared_g.append(gr)

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from . import _deferred
 from ._profile import phase
+from .symmetric import sym_gram
 
 __all__ = [
     "Curvature",
@@ -195,7 +196,7 @@ class Curvature:
         if self.dense is not None:
             out += self.dense
         if self.rows is not None:
-            out.addmm_(self.rows.T, self.rows)
+            sym_gram(self.rows, out)
         diag = out.diagonal()
         if self.diag is not None:
             diag += self.diag
@@ -358,7 +359,7 @@ def _gram_times_explicit(
     ``(ρAᵀA + d_j I) z_j = (SU)_j``, ``d_j = ρ(λ_j + s_A) + δ``, and Woodbury with
     ``AAᵀ = Q diag(μ) Qᵀ`` gives ``z_j = t_j/d_j − ρAᵀQ[(QᵀA t_j) ⊘ ((d_j + ρμ) d_j)]``."""
     lam, u = eig_other
-    mu, q = eigh_psd(rows @ rows.T, floor, f64)
+    mu, q = eigh_psd(sym_gram(rows.T), floor, f64)
     t = s if u is None else s @ u
     d = rho * (lam + shift) + delta
     aq = rows.T @ q  # m×N
@@ -379,8 +380,8 @@ def _gram_times_gram(
 
     with ``k = h/(ab) = (a + b + 2δ') / (δ'(a + δ')(b + δ')(a + b + δ'))`` (docs/algorithms.md §2)."""
     dp = delta + rho * (shift_l + shift_r)
-    mu, r = eigh_psd(left @ left.T, floor, f64)
-    lam, q = eigh_psd(right @ right.T, floor, f64)
+    mu, r = eigh_psd(sym_gram(left.T), floor, f64)
+    lam, q = eigh_psd(sym_gram(right.T), floor, f64)
     a, b = rho * mu, rho * lam
     pr = left.T @ r   # m×N_L  (PᵀR)
     aq = right.T @ q  # n×N_R  (AᵀQ)
@@ -496,7 +497,7 @@ def _one_sided(s: Tensor, c: Curvature, d: float, rho: float, side: str, overwri
             return out if side == "right" else out.T
         a, shift = c.rows, float(c.scalar)
         d = float(d) + rho * shift
-        gram = a @ a.T
+        gram = sym_gram(a.T)
         gram.mul_(rho).diagonal().add_(d)
         ta = t @ a.T  # m×N
         # (t − ρ·(ta K⁻¹)·a)/d as one product: no m×n temporaries (each would be a fresh allocation)
@@ -517,7 +518,7 @@ def _woodbury_right_deferred(t: Tensor, a: Tensor, d, rho: float, overwrite: boo
     synchronisation: ``d`` may be a 0-dim tensor (the isotropic costate's ``ρτ + δ``), whose
     ``1/d`` then costs one elementwise pass over ``t`` instead of a read of ``τ``. The same numbers
     as the careful route of :func:`_one_sided` up to rounding (Cholesky instead of LU)."""
-    gram = torch.mm(a, a.T)
+    gram = sym_gram(a.T)
     gram.mul_(rho).diagonal().add_(d)
     y = _spd_solve_right(t @ a.T, gram)  # m×N
     inplace = overwrite and t.is_contiguous()

@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .symmetric import conv2d_patch_gram, shifted_gram_pays
+
 __all__ = [
     "AffineAdapter",
     "LinearAdapter",
@@ -313,14 +315,32 @@ class ConvAdapter(_SpatialAdapter):
         w = module.weight
         return w.shape[0], w[0].numel() * module.groups  # the block-diagonal W, all groups
 
-    def input_rows(self, module, x):
+    def _padded(self, module, x):
         x = self._as_batched(x)
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        elif any(module.padding):
-            x = F.pad(x, tuple(p for p in reversed(module.padding) for _ in range(2)))
-        return _patch_rows(x, module.kernel_size, module.dilation, module.stride)
+            return F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        if any(module.padding):
+            return F.pad(x, tuple(p for p in reversed(module.padding) for _ in range(2)))
+        return x
+
+    def input_rows(self, module, x):
+        return _patch_rows(self._padded(module, x), module.kernel_size, module.dilation, module.stride)
+
+    def input_gram(self, module, x, dtype) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(XᵀX, Σx)`` of :meth:`input_rows` without forming the rows, where that is cheaper: a
+        ``Conv2d`` with stride 1, dilation 1 and one group, large enough that
+        :func:`~pmptrain.symmetric.conv2d_patch_gram` pays (``shifted_gram_pays``); None otherwise."""
+        if (self.spatial_dims != 2 or module.groups != 1 or tuple(module.stride) != (1, 1)
+                or tuple(module.dilation) != (1, 1)):
+            return None
+        xp = self._padded(module, x)
+        kernel = module.kernel_size
+        out_hw = (xp.shape[2] - kernel[0] + 1, xp.shape[3] - kernel[1] + 1)
+        pad = module.padding[0] if module.padding_mode == "zeros" and not isinstance(module.padding, str) else 0
+        if not shifted_gram_pays(out_hw, kernel, xp.shape[1], (pad, pad)):
+            return None
+        return conv2d_patch_gram(xp.to(dtype), kernel, zero_rows=(pad, pad))
 
     def output_rows(self, module, grad_out):
         g = self._as_batched(grad_out)

@@ -32,6 +32,7 @@ from .. import _deferred
 from .. import distributed as pdist
 from .._profile import phase
 from ..trust import trust_region_factor, unit_floor_sq
+from ..symmetric import sym_gram
 from ..capture import CaptureSpec, ModuleStats
 from ..hamiltonian import (
     AffineMember,
@@ -569,8 +570,8 @@ class AffineEMSARule(EMSARuleBase):
                 new_run.append(prev)
                 out.append(None if prev is None else _member_from_running(prev, None))
                 continue
-            cxx = raw.cxx if raw.x_rows is None else raw.x_rows.T @ raw.x_rows / raw.samples
-            cpp = raw.cpp if raw.p_rows is None else raw.p_rows.T @ raw.p_rows
+            cxx = raw.cxx if raw.x_rows is None else sym_gram(raw.x_rows) / raw.samples
+            cpp = raw.cpp if raw.p_rows is None else sym_gram(raw.p_rows)
             cur = RunningStats(cxx, raw.x_mean, cpp, raw.counts, raw.rows_per_sample, raw.p_trace, raw.tau)
             if prev is not None and beta > 0.0:
                 def ema(a, b):
