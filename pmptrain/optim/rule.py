@@ -131,6 +131,10 @@ class StepContext:
             by the shell before the step; None in one process).
         owners: with solve sharding, ``{unit name: owner rank}`` (:mod:`pmptrain.optim.solve_shard`;
             None: every rank solves every unit).
+        grad_sq: with ``world > 1``, ``{id(p): ‖∇J_p‖²}`` of the union batch's gradient at the end of
+            the backward pass, for the parameters whose gradients DDP or FSDP2 averaged there (set
+            by the shell; None: unknown — pmptrain averages the gradients in ``step()``, after the
+            loop edited each rank's own). One process reads the capture's records.
 
     Module rules call ``if not ctx.solves(unit): return ctx.deferred(unit)`` right after their
     statistics' collectives and before their solve: every rank takes part in the collectives, only
@@ -150,6 +154,7 @@ class StepContext:
         self.owners: Optional[Dict[str, int]] = None
         self.me = 0
         self.asked: List[str] = []  # units that reached their solve (in order): their results are exchanged
+        self.grad_sq: Optional[Dict[int, Tensor]] = None
 
     def solves(self, unit: Unit) -> bool:
         """Whether this rank solves ``unit`` (always without solve sharding). Called by a module rule
@@ -187,12 +192,18 @@ class StepContext:
         gradients after the backward pass (``clip_grad_norm_``; GradScaler's unscaling is taken
         out), as the least-squares ratio ``√(Σ‖.grad‖² / Σ‖∇J_backward‖²)`` times the loss scale: a 0-dim
         device tensor (1 where nothing was recorded as non-zero), or None when it is unknown (no
-        record, several ranks: DDP averages after the record is taken)."""
-        if self.world > 1:
+        record; several ranks without :attr:`grad_sq`: pmptrain averaged the gradients after the
+        loop edited them). ``∇J_backward`` is the gradient at the end of the backward pass — under
+        DDP and FSDP2 the ranks' average (:attr:`grad_sq`), as one process's on the union batch."""
+        if self.world > 1 and self.grad_sq is None:
             return None
         now, then = [], []
         for p in params:
-            g, ref = self.user_grad(p), self.capture.grad_sq(p) if p is not None else None
+            g = self.user_grad(p)
+            if p is None:
+                ref = None
+            else:
+                ref = self.grad_sq.get(id(p)) if self.world > 1 else self.capture.grad_sq(p)
             if g is None or ref is None:
                 continue
             now.append((g.abs().square() if g.is_complex() else g.square()).sum().to(ref.dtype))

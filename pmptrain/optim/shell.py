@@ -943,6 +943,8 @@ class PMPOptimizer(torch.optim.Optimizer):
         group_of = self._group_map() if sharded is None else sharded.group_of
         units = self.units if sharded is None else sharded.units
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
+        if world > 1:
+            ctx.grad_sq = self._union_grad_sq(units, group_of, sharded, world)
         # one process: the rules take the fast path, whose safety nets are deferred to the one check
         # below (pmptrain._deferred); if it fails, every proposal is redone on the careful path
         # before the step is skipped. (Several ranks: the careful path, so that every rank runs the
@@ -1017,6 +1019,50 @@ class PMPOptimizer(torch.optim.Optimizer):
                     u.decay *= a
             self._gain *= a
         return a
+
+    def _union_grad_sq(self, units, group_of, sharded, world: int) -> Optional[Dict[int, Tensor]]:
+        """With several ranks: ``{id(p): ‖∇J_p‖²}`` of the union batch's gradient at the end of the
+        backward pass, before the loop rescaled ``.grad`` (:meth:`StepContext.grad_rescale`), for
+        the parameters of costate-scaled units as the rules see them (FSDP2: the stand-ins).
+
+        DDP: the capture's record itself (taken after DDP's averaging, :meth:`ModuleCapture.watch_grads`:
+        every rank holds the same). FSDP2: the records of the local shards summed over the ranks
+        (one all-reduce of two numbers per sharded parameter, every rank alike: the units agree),
+        divided by the number of ranks holding each shard (HSDP's replicas; 1 under plain FSDP2).
+        A parameter some rank has no record of gets ``0`` (its unit's ratio falls back to the
+        others'). Left out: gradients pmptrain averages in ``step()`` — every one without a wrapper
+        (DDP-style), and the parameters FSDP2 leaves unsharded —, whose ranks' records precede
+        that average (and the loop's clip, of each rank's own gradient). None: nothing recorded."""
+        if not self._grads_averaged_by_wrapper or not self.capture.record_grad_sq:
+            return None
+        out: Dict[int, Tensor] = {}
+        pending = []  # (parameter the rules see, its sharded parameter)
+        seen = set()
+        for unit in units.values():
+            for p in unit.params:
+                if p is None or id(p) in seen or group_of[id(p)].get("rho_scale") != "costate":
+                    continue
+                seen.add(id(p))
+                real = sharded.real(p) if sharded is not None else p
+                if pdist.is_sharded(real):
+                    pending.append((p, real))
+                elif not self._sharded:  # DDP: every parameter's gradient is the ranks' average
+                    ref = self.capture.grad_sq(real)
+                    if ref is not None:
+                        out[id(p)] = ref
+        if pending:
+            local = pending[0][1].to_local()
+            sums = torch.zeros(2 * len(pending), dtype=torch.float64, device=local.device)
+            for i, (_, real) in enumerate(pending):
+                ref = self.capture.grad_sq(real)
+                if ref is not None:
+                    sums[2 * i] = ref.to(torch.float64)
+                    sums[2 * i + 1] = 1.0
+            pdist.all_reduce_sum_([sums], self.process_group)
+            for i, (p, real) in enumerate(pending):
+                copies = world // pdist.shard_count(real)
+                out[id(p)] = torch.where(sums[2 * i + 1] == world, sums[2 * i] / copies, sums.new_zeros(()))
+        return out
 
     def _sharded_step(self) -> ShardedStep:
         """The units of this step with whole-tensor stand-ins for FSDP2's sharded parameters
