@@ -11,7 +11,9 @@ Rules (they mirror what autograd does with ``.grad``):
 * **Accumulation.** Statistics add up over every backward pass since the last :meth:`ModuleCapture.reset`
   (``optimizer.zero_grad()``) — and since the module's gradient was last reset by any other means
   (``model.zero_grad()``, ``p.grad = None``, an in-place zeroing), detected when the next backward
-  reaches the module. The sample count ``B`` adds up too: a *sample* is a row of the first dimension
+  reaches the module (under FSDP2, whose sharded ``.grad`` appears only when a synchronising pass
+  reduce-scatters it, a missing gradient resets only after one was seen: passes under
+  ``set_requires_gradient_sync(False)`` accumulate). The sample count ``B`` adds up too: a *sample* is a row of the first dimension
   of the module's first call that a backward pass reaches (so a module called k times per forward,
   or several forwards whose losses are summed into one backward, count one batch). A module whose
   rule needs no statistics this step (an amortised step) counts its samples only: distributed steps
