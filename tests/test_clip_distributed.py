@@ -88,24 +88,25 @@ def _params(model):
     return {n: (p.full_tensor() if pdist.is_sharded(p) else p).detach().clone() for n, p in model.named_parameters()}
 
 
-def _wrapped(wrap, bucket_view=False):
+def _wrapped(wrap, ddp_options=""):
     model = _model()
     if wrap == "fsdp":
         from pmptrain.bench.lm import shard_blocks
 
         shard_blocks(model)
         return model, model
-    net = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
-    return model, net
+    options = {k: True for k in ddp_options.split(",") if k}
+    return model, torch.nn.parallel.DistributedDataParallel(model, **options)
 
 
 def _ranks(rank, world, cases):
     out = {}
-    for kind, wrap, accum, bucket_view in cases:
-        model, net = _wrapped(wrap, bucket_view)
+    for case in cases:
+        kind, wrap, accum, ddp_options = case
+        model, net = _wrapped(wrap, ddp_options)
         opt = _opt(net, kind)
         norms = _train(net, opt, rank, world, accum, wrap)
-        out[(kind, wrap, accum, bucket_view)] = (norms, _params(model))
+        out[case] = (norms, _params(model))
     return out
 
 
@@ -115,13 +116,15 @@ def _one(kind, clip=CLIP):
     return norms, _params(model)
 
 
-CASES = [  # (kind, wrapper, micro-batches per rank, DDP's gradient_as_bucket_view)
-    ("transformer", "ddp", 1, False),
-    ("costate", "ddp", 1, False),
-    ("transformer", "ddp", 2, True),  # no_sync accumulation into bucket views
-    ("transformer", "fsdp", 1, False),
-    ("costate", "fsdp", 1, False),
-    ("transformer", "fsdp", 2, False),  # set_requires_gradient_sync(False) accumulation
+CASES = [  # (kind, wrapper, micro-batches per rank, DDP options set to True)
+    ("transformer", "ddp", 1, ""),
+    ("costate", "ddp", 1, ""),
+    ("transformer", "ddp", 2, "gradient_as_bucket_view"),  # no_sync accumulation into bucket views
+    ("transformer", "ddp", 1, "static_graph"),  # the first step's all-reduce runs in a final callback
+    ("transformer", "fsdp", 1, ""),
+    ("costate", "fsdp", 1, ""),
+    # set_requires_gradient_sync(False) accumulation (the sharded .grad appears at the last pass only)
+    ("transformer", "fsdp", 2, ""),
 ]
 
 
