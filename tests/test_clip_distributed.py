@@ -167,22 +167,24 @@ def _one_unscaled(kind):
     return norms, _params(model)
 
 
-def _records(rank, world, wrap):
-    """The capture's ‖∇J_p‖² after a backward pass against ‖.grad‖² then (this rank's shard under
-    FSDP2), and against the square norm of this rank's own (local, unreduced) gradient."""
+def _records(rank, world):
+    """Per wrapper: the capture's ‖∇J_p‖² after a backward pass against ‖.grad‖² then (this rank's
+    shard under FSDP2), and against the square norm of this rank's own (local, unreduced) gradient."""
     from pmptrain import distributed as pdist
 
-    model, net = _wrapped(wrap)
-    opt = _opt(net, "costate")
-    local = _model()
-    x = _batches()[0][rank * BATCH // world:(rank + 1) * BATCH // world]
-    for m in (net, local):
-        F.cross_entropy(m(x[:, :-1]).reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
-    out = []
-    for (n, p), q in zip(model.named_parameters(), local.parameters()):
-        g = p.grad.to_local() if pdist.is_sharded(p.grad) else p.grad
-        mine = q.grad if not pdist.is_sharded(p) else q.grad[slice(*_rows(p))]
-        out.append((n, float(opt.capture.grad_sq(p)), float(g.square().sum()), float(mine.square().sum())))
+    out = {}
+    for wrap in ("ddp", "fsdp"):
+        model, net = _wrapped(wrap)
+        opt = _opt(net, "costate")
+        local = _model()
+        x = _batches()[0][rank * BATCH // world:(rank + 1) * BATCH // world]
+        for m in (net, local):
+            F.cross_entropy(m(x[:, :-1]).reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
+        rows = out[wrap] = []
+        for (n, p), q in zip(model.named_parameters(), local.parameters()):
+            g = p.grad.to_local() if pdist.is_sharded(p.grad) else p.grad
+            mine = q.grad if not pdist.is_sharded(p) else q.grad[slice(*_rows(p))]
+            rows.append((n, float(opt.capture.grad_sq(p)), float(g.square().sum()), float(mine.square().sum())))
     return out
 
 
@@ -193,13 +195,13 @@ def _rows(p):
     return offset, offset + length
 
 
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
-def test_the_record_follows_the_wrappers_reduction(wrap):
+def test_the_record_follows_the_wrappers_reduction():
     """The record runs after DDP's finalize_backward / FSDP2's reduce-scatter: it is the square
     norm of the averaged gradient (of this rank's shard), not of the rank's own gradient."""
-    for res in run_distributed(_records, 2, args=(wrap,), timeout=120.0):
-        differs = 0
-        for n, rec, avg, mine in res:
-            assert rec == pytest.approx(avg, rel=1e-14, abs=1e-300), n
-            differs += abs(mine - avg) > 1e-6 * max(avg, 1e-30)
-        assert differs >= len(res) // 2, res  # the ranks' own gradients differ from the average
+    for res in run_distributed(_records, 2, timeout=120.0):
+        for wrap, rows in res.items():
+            differs = 0
+            for n, rec, avg, mine in rows:
+                assert rec == pytest.approx(avg, rel=1e-14, abs=1e-300), (wrap, n)
+                differs += abs(mine - avg) > 1e-6 * max(avg, 1e-30)
+            assert differs >= len(rows) // 2, (wrap, rows)  # the ranks' own gradients differ from the average
