@@ -131,10 +131,11 @@ class StepContext:
             by the shell before the step; None in one process).
         owners: with solve sharding, ``{unit name: owner rank}`` (:mod:`pmptrain.optim.solve_shard`;
             None: every rank solves every unit).
-        grad_sq: with ``world > 1``, ``{id(p): ‖∇J_p‖²}`` of the union batch's gradient at the end of
-            the backward pass, for the parameters whose gradients DDP or FSDP2 averaged there (set
-            by the shell; None: unknown — pmptrain averages the gradients in ``step()``, after the
-            loop edited each rank's own). One process reads the capture's records.
+        grad_sq: ``{id(p): ‖∇J_p‖²}`` of the union batch's gradient at the end of the backward
+            pass, for the parameters whose gradients DDP or FSDP2 averaged there (set by the shell
+            with several ranks or FSDP2's stand-ins; None with several ranks: unknown — pmptrain
+            averages the gradients in ``step()``, after the loop edited each rank's own). One
+            process without FSDP2 reads the capture's records.
 
     Module rules call ``if not ctx.solves(unit): return ctx.deferred(unit)`` right after their
     statistics' collectives and before their solve: every rank takes part in the collectives, only
@@ -195,7 +196,8 @@ class StepContext:
         record; several ranks without :attr:`grad_sq`: pmptrain averaged the gradients after the
         loop edited them). ``∇J_backward`` is the gradient at the end of the backward pass — under
         DDP and FSDP2 the ranks' average (:attr:`grad_sq`), as one process's on the union batch."""
-        if self.world > 1 and self.grad_sq is None:
+        refs = self.grad_sq
+        if self.world > 1 and refs is None:
             return None
         now, then = [], []
         for p in params:
@@ -203,7 +205,7 @@ class StepContext:
             if p is None:
                 ref = None
             else:
-                ref = self.grad_sq.get(id(p)) if self.world > 1 else self.capture.grad_sq(p)
+                ref = refs.get(id(p)) if refs is not None else self.capture.grad_sq(p)
             if g is None or ref is None:
                 continue
             now.append((g.abs().square() if g.is_complex() else g.square()).sum().to(ref.dtype))

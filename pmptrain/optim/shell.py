@@ -943,7 +943,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         group_of = self._group_map() if sharded is None else sharded.group_of
         units = self.units if sharded is None else sharded.units
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
-        if world > 1:
+        if world > 1 or sharded is not None:
             ctx.grad_sq = self._union_grad_sq(units, group_of, sharded, world)
         # one process: the rules take the fast path, whose safety nets are deferred to the one check
         # below (pmptrain._deferred); if it fails, every proposal is redone on the careful path
@@ -1021,18 +1021,20 @@ class PMPOptimizer(torch.optim.Optimizer):
         return a
 
     def _union_grad_sq(self, units, group_of, sharded, world: int) -> Optional[Dict[int, Tensor]]:
-        """With several ranks: ``{id(p): ‖∇J_p‖²}`` of the union batch's gradient at the end of the
-        backward pass, before the loop rescaled ``.grad`` (:meth:`StepContext.grad_rescale`), for
-        the parameters of costate-scaled units as the rules see them (FSDP2: the stand-ins).
+        """With several ranks, or FSDP2's stand-ins: ``{id(p): ‖∇J_p‖²}`` of the union batch's
+        gradient at the end of the backward pass, before the loop rescaled ``.grad``
+        (:meth:`StepContext.grad_rescale`), for the parameters of costate-scaled units as the rules
+        see them (FSDP2: the stand-ins).
 
         DDP: the capture's record itself (taken after DDP's averaging, :meth:`ModuleCapture.watch_grads`:
         every rank holds the same). FSDP2: the records of the local shards summed over the ranks
         (one all-reduce of two numbers per sharded parameter, every rank alike: the units agree),
         divided by the number of ranks holding each shard (HSDP's replicas; 1 under plain FSDP2).
         A parameter some rank has no record of gets ``0`` (its unit's ratio falls back to the
-        others'). Left out: gradients pmptrain averages in ``step()`` — every one without a wrapper
-        (DDP-style), and the parameters FSDP2 leaves unsharded —, whose ranks' records precede
-        that average (and the loop's clip, of each rank's own gradient). None: nothing recorded."""
+        others'). Left out with several ranks: gradients pmptrain averages in ``step()`` — every one
+        without a wrapper (DDP-style), and the parameters FSDP2 leaves unsharded —, whose ranks'
+        records precede that average (and the loop's clip, of each rank's own gradient). None:
+        nothing recorded."""
         if not self._grads_averaged_by_wrapper or not self.capture.record_grad_sq:
             return None
         out: Dict[int, Tensor] = {}
@@ -1046,22 +1048,20 @@ class PMPOptimizer(torch.optim.Optimizer):
                 real = sharded.real(p) if sharded is not None else p
                 if pdist.is_sharded(real):
                     pending.append((p, real))
-                elif not self._sharded:  # DDP: every parameter's gradient is the ranks' average
+                elif not self._sharded or world == 1:  # DDP: every parameter's gradient is the ranks' average
                     ref = self.capture.grad_sq(real)
                     if ref is not None:
                         out[id(p)] = ref
         if pending:
-            local = pending[0][1].to_local()
-            sums = torch.zeros(2 * len(pending), dtype=torch.float64, device=local.device)
-            for i, (_, real) in enumerate(pending):
-                ref = self.capture.grad_sq(real)
-                if ref is not None:
-                    sums[2 * i] = ref.to(torch.float64)
-                    sums[2 * i + 1] = 1.0
+            refs = [self.capture.grad_sq(real) for _, real in pending]
+            device = pending[0][1].to_local().device
+            zero = torch.zeros((), dtype=torch.float64, device=device)
+            sums = torch.stack([torch.stack((zero, zero) if r is None else (r.to(torch.float64), zero + 1.0))
+                                for r in refs])
             pdist.all_reduce_sum_([sums], self.process_group)
             for i, (p, real) in enumerate(pending):
                 copies = world // pdist.shard_count(real)
-                out[id(p)] = torch.where(sums[2 * i + 1] == world, sums[2 * i] / copies, sums.new_zeros(()))
+                out[id(p)] = torch.where(sums[i, 1] == world, sums[i, 0] / copies, zero)
         return out
 
     def _sharded_step(self) -> ShardedStep:
