@@ -233,3 +233,38 @@ def test_clipped_transformer_setting_on_one_rank_fsdp2_and_hsdp(reference, world
         assert norms == pytest.approx(norms_ref, rel=1e-12)
         for n, p in params.items():
             assert float((p - ref[n]).abs().max()) <= TOL, n
+
+
+@pytest.mark.parametrize("wrapper_first", [True, False])
+def test_the_record_runs_after_callbacks_the_pass_queued(wrapper_first):
+    """One process, a stand-in for DDP: a post-accumulate-grad hook that queues a final callback
+    rewriting ``.grad`` (DDP's ``finalize_backward`` writes the averaged buckets so). The record
+    is of the rewritten gradient, whether the stand-in's hook runs before or after the capture's."""
+    from torch.autograd import Variable
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    queued = []
+
+    def finalize():
+        for p in model.parameters():
+            p.grad.mul_(0.25)
+        queued.clear()
+
+    def wrapper_hook(p):
+        if not queued:
+            queued.append(True)
+            Variable._execution_engine.queue_callback(finalize)
+
+    def hook_all():
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(wrapper_hook)
+
+    if wrapper_first:
+        hook_all()
+    opt = pmptrain.EMSA(model, lr=1.0, rho=1.0, rho_scale="costate")
+    if not wrapper_first:
+        hook_all()
+    model(torch.randn(5, 3, dtype=torch.float64)).square().sum().backward()
+    for p in model.parameters():
+        assert float(opt.capture.grad_sq(p)) == pytest.approx(float(p.grad.square().sum()), rel=1e-15)
