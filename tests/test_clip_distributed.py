@@ -180,12 +180,32 @@ def _records(rank, world):
         x = _batches()[0][rank * BATCH // world:(rank + 1) * BATCH // world]
         for m in (net, local):
             F.cross_entropy(m(x[:, :-1]).reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
-        rows = out[wrap] = []
+        rows = []
         for (n, p), q in zip(model.named_parameters(), local.parameters()):
             g = p.grad.to_local() if pdist.is_sharded(p.grad) else p.grad
             mine = q.grad if not pdist.is_sharded(p) else q.grad[slice(*_rows(p))]
             rows.append((n, float(opt.capture.grad_sq(p)), float(g.square().sum()), float(mine.square().sum())))
+        out[wrap] = (rows, _rescales_of_a_step(opt))
     return out
+
+
+def _rescales_of_a_step(opt):
+    """Every ``c`` the rules computed in ``opt.step()`` (StepContext.grad_rescale)."""
+    from pmptrain.optim.rule import StepContext
+
+    seen, original = [], StepContext.grad_rescale
+
+    def spy(self, params):
+        c = original(self, params)
+        seen.append(None if c is None else float(c))
+        return c
+
+    StepContext.grad_rescale = spy
+    try:
+        opt.step()
+    finally:
+        StepContext.grad_rescale = original
+    return seen
 
 
 def _rows(p):
@@ -197,9 +217,12 @@ def _rows(p):
 
 def test_the_record_follows_the_wrappers_reduction():
     """The record runs after DDP's finalize_backward / FSDP2's reduce-scatter: it is the square
-    norm of the averaged gradient (of this rank's shard), not of the rank's own gradient."""
+    norm of the averaged gradient (of this rank's shard), not of the rank's own gradient; and
+    without a clip the step's rescale is exactly 1."""
     for res in run_distributed(_records, 2, timeout=120.0):
-        for wrap, rows in res.items():
+        for wrap, (rows, rescales) in res.items():
+            # an untouched gradient: c = 1 exactly (FSDP2: both sums over the shards, in one order)
+            assert rescales and all(c == 1.0 for c in rescales), (wrap, rescales)
             differs = 0
             for n, rec, avg, mine in rows:
                 assert rec == pytest.approx(avg, rel=1e-14, abs=1e-300), (wrap, n)

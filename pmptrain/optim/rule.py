@@ -131,9 +131,10 @@ class StepContext:
             by the shell before the step; None in one process).
         owners: with solve sharding, ``{unit name: owner rank}`` (:mod:`pmptrain.optim.solve_shard`;
             None: every rank solves every unit).
-        grad_sq: ``{id(p): ‖∇J_p‖²}`` of the union batch's gradient at the end of the backward
-            pass, for the parameters whose gradients DDP or FSDP2 averaged there (set by the shell
-            with several ranks or FSDP2's stand-ins; None with several ranks: unknown — pmptrain
+        grad_sq: ``{id(p): (‖.grad_p‖² or None, ‖∇J_p‖²)}``, the second of the union batch's gradient
+            at the end of the backward pass, for the parameters whose gradients DDP or FSDP2
+            averaged there (set by the shell with several ranks or FSDP2's stand-ins; the first is
+            None where it is read from ``.grad``; None with several ranks: unknown — pmptrain
             averages the gradients in ``step()``, after the loop edited each rank's own). One
             process without FSDP2 reads the capture's records.
 
@@ -201,15 +202,17 @@ class StepContext:
             return None
         now, then = [], []
         for p in params:
-            g = self.user_grad(p)
             if p is None:
-                ref = None
-            else:
-                ref = refs.get(id(p)) if refs is not None else self.capture.grad_sq(p)
-            if g is None or ref is None:
                 continue
-            now.append((g.abs().square() if g.is_complex() else g.square()).sum().to(ref.dtype))
-            then.append(ref)
+            sq, ref = refs.get(id(p), (None, None)) if refs is not None else (None, self.capture.grad_sq(p))
+            g = self.user_grad(p) if sq is None else None
+            if ref is None or (sq is None and g is None):
+                continue
+            if sq is None:
+                sq = (g.abs().square() if g.is_complex() else g.square()).sum()
+            dtype = ref.dtype if refs is None else torch.float64  # (the ranks' sums are float64)
+            now.append(sq.to(dtype))
+            then.append(ref.to(dtype))
         if not then:
             return None
         num, den = torch.stack(now).sum(), torch.stack(then).sum()
