@@ -10,7 +10,9 @@ single process computes on the union batch —, so that a clipped run matches on
 Every case below: the GPT bench model in float64 (an uneven vocabulary: under FSDP2 the token
 embedding and the head are sharded 17/16 rows), ``EMSA(model)`` (the transformer setting) and
 ``rho_scale="costate"`` alone, clipped at a norm below every step's gradient norm; every parameter
-within ``TOL`` of one process on the union batch after ``STEPS`` steps.
+within ``TOL`` of one process on the union batch after ``STEPS`` steps. Also: FSDP2 accumulation
+with ``set_requires_gradient_sync(False)`` keeps the earlier passes' statistics (the classic setting
+too: the sharded ``.grad`` is absent until the synchronising pass, which is no reset).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def _opt(model, kind):
         return pmptrain.EMSA(model)  # setting "auto": the GPT has embeddings
     if kind == "costate":
         return pmptrain.EMSA(model, lr=1.0, rho=5.0, rho_scale="costate")
+    if kind == "plain":  # no costate scaling: the clip scales the step linearly
+        return pmptrain.EMSA(model, lr=1.0, rho=1.0, setting="classic")
     raise ValueError(kind)
 
 
@@ -125,12 +129,13 @@ CASES = [  # (kind, wrapper, micro-batches per rank, DDP options set to True)
     ("costate", "fsdp", 1, ""),
     # set_requires_gradient_sync(False) accumulation (the sharded .grad appears at the last pass only)
     ("transformer", "fsdp", 2, ""),
+    ("plain", "fsdp", 2, ""),  # (the earlier passes' statistics were dropped, for every closed-form unit)
 ]
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return {kind: _one(kind) for kind in ("transformer", "costate")}
+    return {kind: _one(kind) for kind in ("transformer", "costate", "plain")}
 
 
 def test_clipped_costate_scaled_steps_match_one_process_under_ddp_and_fsdp2(reference):
