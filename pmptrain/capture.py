@@ -11,7 +11,9 @@ Rules (they mirror what autograd does with ``.grad``):
 * **Accumulation.** Statistics add up over every backward pass since the last :meth:`ModuleCapture.reset`
   (``optimizer.zero_grad()``) — and since the module's gradient was last reset by any other means
   (``model.zero_grad()``, ``p.grad = None``, an in-place zeroing), detected when the next backward
-  reaches the module. The sample count ``B`` adds up too: a *sample* is a row of the first dimension
+  reaches the module (under FSDP2, whose sharded ``.grad`` appears only when a synchronising pass
+  reduce-scatters it, a missing gradient resets only after one was seen: passes under
+  ``set_requires_gradient_sync(False)`` accumulate). The sample count ``B`` adds up too: a *sample* is a row of the first dimension
   of the module's first call that a backward pass reaches (so a module called k times per forward,
   or several forwards whose losses are summed into one backward, count one batch). A module whose
   rule needs no statistics this step (an amortised step) counts its samples only: distributed steps
@@ -234,6 +236,12 @@ def _add(acc: Optional[Tensor], t: Tensor) -> Tensor:
 
 def _cat(rows: List[Tensor]) -> Tensor:
     return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's parameters and gradients)."""
+    dt = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    return dt is not None and isinstance(t, dt)
 
 
 def _detach(value):
@@ -479,6 +487,7 @@ class _CostateHook:
             return None
         x, call = self.x, self.call
         self.x = self.call = None
+        cap._backward_runs()
         with phase("capture"):
             cap._accumulate(self.key, x, call, grad.detach())
         return None
@@ -539,6 +548,7 @@ class ModuleCapture:
         self._handles = []
         self._taps = []
         self._sentinel_keys: Dict[int, List[str]] = {}
+        self._sharded_sentinels: List[Tuple[Tensor, List[str]]] = []  # FSDP2's (DTensor) sentinels, their keys
         self._paused = False
         self.removed = False
         self.removed_reason: Optional[str] = None
@@ -546,8 +556,9 @@ class ModuleCapture:
         self.root_empty = False  # a training forward of the watched root had a zero-size batch
         self.root_trained = False  # a training forward of the watched root ran under autograd
         self.root_loss: Optional[Tensor] = None  # Σ of the losses the watched root returned (_RootLossHook)
-        self._grad_sq: Dict[int, Tensor] = {}  # ‖∇J_p‖² when p's gradient was last accumulated (watch_grads)
-        self._grad_watched: set = set()  # ids of the parameters watch_grads hooked
+        self._grad_sq: Dict[int, Tensor] = {}  # ‖∇J_p‖² at the end of the last backward pass (watch_grads)
+        self._grad_watched: Dict[int, weakref.ref] = {}  # id → (weak reference to) a parameter watch_grads records
+        self._grad_sq_task = None  # the backward pass (graph task id) whose record is queued
         self.record_grad_sq = True  # the optimizer turns it off when no unit uses the record
 
     def watch_root(self, root: nn.Module, losses: bool = False) -> None:
@@ -561,29 +572,83 @@ class ModuleCapture:
         _forget_compiled_code()
 
     def watch_grads(self, params) -> None:
-        """Record ``‖∇J_p‖²`` of each parameter every time a backward pass accumulates its
-        gradient (a device scalar: no host read), so that a later uniform rescaling of ``.grad`` —
+        """Record ``‖∇J_p‖²`` of each parameter at the end of every backward pass that accumulates
+        into it (a device scalar: no host read), so that a later uniform rescaling of ``.grad`` —
         ``clip_grad_norm_``, GradScaler's unscaling — can be measured against it
         (:meth:`grad_sq`; used by ``rho_scale="costate"``, whose costates must carry the same
-        scale as the gradient). Sharded (DTensor) parameters are not watched."""
-        for p in params:
-            sharded = hasattr(torch.distributed, "tensor") and isinstance(p, getattr(torch.distributed.tensor, "DTensor", ()))
-            lazy = isinstance(p, nn.parameter.UninitializedParameter)  # watched when the optimizer partitions again
-            if (p.requires_grad and not sharded and not lazy and id(p) not in self._grad_watched
-                    and hasattr(p, "register_post_accumulate_grad_hook")):
-                self._grad_watched.add(id(p))
-                self._handles.append(p.register_post_accumulate_grad_hook(self._note_grad_sq))
+        scale as the gradient).
 
-    def _note_grad_sq(self, p: Tensor) -> None:
-        g = p.grad
-        if g is None or g.is_sparse or self._paused or not self.record_grad_sq:
+        The record is taken by an autograd-engine final callback that runs after every callback
+        the backward pass queued itself — DDP's ``finalize_backward`` (which writes the averaged
+        buckets into ``.grad``) and FSDP2's root post-backward callback (which reduce-scatters and
+        assigns the sharded gradients) —, so that under those wrappers it is the norm of the
+        gradient averaged over the ranks (of this rank's shard under FSDP2: :meth:`grad_sq`).
+        A plain parameter's post-accumulate-grad hook, and every costate hook (FSDP2's sharded
+        parameters are not in the autograd graph), note that a backward pass runs
+        (:meth:`_backward_runs`). The same callback notes the sharded gradients FSDP2 assigned
+        (:meth:`_reset_if_gradient_was_reset`)."""
+        for p in params:
+            lazy = isinstance(p, nn.parameter.UninitializedParameter)  # watched when the optimizer partitions again
+            known = self._grad_watched.get(id(p))
+            if not p.requires_grad or lazy or (known is not None and known() is p):
+                continue
+            self._grad_watched[id(p)] = weakref.ref(p)
+            if not _is_dtensor(p) and hasattr(p, "register_post_accumulate_grad_hook"):
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_accumulated))
+
+    def _grad_accumulated(self, p: Tensor) -> None:
+        self._backward_runs()
+
+    def _backward_runs(self) -> None:
+        """Called by hooks during a backward pass: queue :meth:`_after_backward` once per pass.
+
+        Final callbacks run in the order they were queued, and a callback queued by a callback
+        runs after those already queued. Every callback that a hook of this pass queued (DDP's
+        reducer queues ``finalize_backward`` from the hook of the last bucket's last gradient,
+        FSDP2 its root callback from the pre-backward hook) is in the queue when
+        :meth:`_queue_record` runs, so the record it queues runs after all of them."""
+        if self._paused or self.removed or not (self.record_grad_sq or self._sharded_sentinels):
             return
-        g = g.detach()
-        self._grad_sq[id(p)] = (g.abs().square() if g.is_complex() else g.square()).sum()
+        task = _graph_task_id() if _graph_task_id is not None else True
+        if task == self._grad_sq_task:
+            return
+        self._grad_sq_task = task
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._queue_record)
+        except RuntimeError:  # not inside a backward pass (cannot happen from a backward hook)
+            self._after_backward()
+
+    def _queue_record(self) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _after_backward(self) -> None:
+        """At the end of a backward pass: the token of every sharded sentinel's gradient, and
+        ``‖.grad‖²`` of every watched parameter that has a gradient (this rank's shard of a
+        ``DTensor`` gradient)."""
+        self._grad_sq_task = None
+        if self.removed:
+            return
+        for sentinel, keys in self._sharded_sentinels:
+            g = sentinel.grad
+            if g is not None:
+                token = (weakref.ref(g), g._version)
+                for k in keys:
+                    self._entries[k].token = token
+        if not self.record_grad_sq:
+            return
+        for key, ref in self._grad_watched.items():
+            p = ref()
+            g = p.grad if p is not None else None
+            if g is None or g.is_sparse:
+                continue
+            g = g.detach()
+            if _is_dtensor(g):
+                g = g.to_local()
+            self._grad_sq[key] = (g.abs().square() if g.is_complex() else g.square()).sum()
 
     def grad_sq(self, p: Tensor) -> Optional[Tensor]:
-        """``‖∇J_p‖²`` as the last backward pass accumulated it (None: not recorded since the last
-        :meth:`reset`)."""
+        """``‖∇J_p‖²`` as it was at the end of the last backward pass (None: not recorded since the
+        last :meth:`reset`); for a ``DTensor`` (FSDP2), the square norm of this rank's shard."""
         return self._grad_sq.get(id(p))
 
     def recording(self, module: nn.Module) -> bool:
@@ -616,7 +681,9 @@ class ModuleCapture:
             self._handles.append(module.register_forward_hook(_ForwardHook(self, key), with_kwargs=True))
         if sentinel is not None:
             keys = self._sentinel_keys.setdefault(id(sentinel), [])
-            if not keys:
+            if not keys and _is_dtensor(sentinel):  # not in the autograd graph: tokens at the end of a pass
+                self._sharded_sentinels.append((sentinel, keys))
+            elif not keys:
                 self._handles.append(sentinel.register_post_accumulate_grad_hook(self._make_token_hook(keys)))
             keys.append(key)
 
@@ -666,7 +733,11 @@ class ModuleCapture:
             return
         g = entry.sentinel.grad
         if g is None:
-            entry.stats = ModuleStats()
+            # FSDP2 assigns a sharded parameter's gradient only when a backward pass that synchronises
+            # reduce-scatters it: without a gradient seen since the last reset (no token), the
+            # statistics are those of passes that accumulated without synchronising (no_sync)
+            if entry.token is not None or not _is_dtensor(entry.sentinel):
+                entry.stats = ModuleStats()
             return
         token = entry.token
         if token is not None and token[0]() is g and token[1] == g._version:
@@ -811,6 +882,7 @@ class ModuleCapture:
         for e in self._entries.values():
             e.stats = ModuleStats()
             e.grad_seen = False
+            e.token = None
         for o in self._observers.values():
             reset = getattr(o, "reset", None)
             if reset is not None:
@@ -818,6 +890,7 @@ class ModuleCapture:
         self.root_empty = self.root_trained = False
         self.root_loss = None
         self._grad_sq.clear()
+        self._grad_sq_task = None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -838,6 +911,8 @@ class ModuleCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._grad_watched.clear()
+        self._sharded_sentinels.clear()
         for key, e in self._entries.items():
             ref = _OWNERS.get(e.module)
             if ref is not None and ref() is self:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["world_size", "rank", "all_reduce_sum_", "all_reduce_mean_", "all_gather_rows", "all_gather_parts",
-           "is_sharded", "check_placements", "full_tensor", "local_rows", "write_local_",
+           "is_sharded", "check_placements", "shard_count", "full_tensor", "local_rows", "write_local_",
            "all_gather_ints", "is_rank_zero"]
 
 
@@ -126,6 +126,18 @@ def check_placements(name: str, t) -> None:
             "FSDP2's layouts only (Shard(0) on one mesh dimension, optionally Replicate() in front: HSDP); "
             "tensor/sequence parallel layouts (Shard(d>0), Partial, several sharded mesh dimensions) are not "
             "supported")
+
+
+def shard_count(t) -> int:
+    """The number of distinct shards of the ``DTensor`` ``t``: the product of the mesh sizes along
+    its ``Shard`` placements (its other mesh dimensions hold replicas); 1 for a plain tensor."""
+    if not is_sharded(t):
+        return 1
+    n = 1
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard():
+            n *= t.device_mesh.size(dim)
+    return n
 
 
 def full_tensor(t: Tensor) -> Tensor:

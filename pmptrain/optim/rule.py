@@ -131,6 +131,12 @@ class StepContext:
             by the shell before the step; None in one process).
         owners: with solve sharding, ``{unit name: owner rank}`` (:mod:`pmptrain.optim.solve_shard`;
             None: every rank solves every unit).
+        grad_sq: ``{id(p): (‖.grad_p‖² or None, ‖∇J_p‖²)}``, the second of the union batch's gradient
+            at the end of the backward pass, for the parameters whose gradients DDP or FSDP2
+            averaged there (set by the shell with several ranks or FSDP2's stand-ins; the first is
+            None where it is read from ``.grad``; None with several ranks: unknown — pmptrain
+            averages the gradients in ``step()``, after the loop edited each rank's own). One
+            process without FSDP2 reads the capture's records.
 
     Module rules call ``if not ctx.solves(unit): return ctx.deferred(unit)`` right after their
     statistics' collectives and before their solve: every rank takes part in the collectives, only
@@ -150,6 +156,7 @@ class StepContext:
         self.owners: Optional[Dict[str, int]] = None
         self.me = 0
         self.asked: List[str] = []  # units that reached their solve (in order): their results are exchanged
+        self.grad_sq: Optional[Dict[int, Tensor]] = None
 
     def solves(self, unit: Unit) -> bool:
         """Whether this rank solves ``unit`` (always without solve sharding). Called by a module rule
@@ -187,16 +194,25 @@ class StepContext:
         gradients after the backward pass (``clip_grad_norm_``; GradScaler's unscaling is taken
         out), as the least-squares ratio ``√(Σ‖.grad‖² / Σ‖∇J_backward‖²)`` times the loss scale: a 0-dim
         device tensor (1 where nothing was recorded as non-zero), or None when it is unknown (no
-        record, several ranks: DDP averages after the record is taken)."""
-        if self.world > 1:
+        record; several ranks without :attr:`grad_sq`: pmptrain averaged the gradients after the
+        loop edited them). ``∇J_backward`` is the gradient at the end of the backward pass — under
+        DDP and FSDP2 the ranks' average (:attr:`grad_sq`), as one process's on the union batch."""
+        refs = self.grad_sq
+        if self.world > 1 and refs is None:
             return None
         now, then = [], []
         for p in params:
-            g, ref = self.user_grad(p), self.capture.grad_sq(p) if p is not None else None
-            if g is None or ref is None:
+            if p is None:
                 continue
-            now.append((g.abs().square() if g.is_complex() else g.square()).sum().to(ref.dtype))
-            then.append(ref)
+            sq, ref = refs.get(id(p), (None, None)) if refs is not None else (None, self.capture.grad_sq(p))
+            g = self.user_grad(p) if sq is None else None
+            if ref is None or (sq is None and g is None):
+                continue
+            if sq is None:
+                sq = (g.abs().square() if g.is_complex() else g.square()).sum()
+            dtype = ref.dtype if refs is None else torch.float64  # (the ranks' sums are float64)
+            now.append(sq.to(dtype))
+            then.append(ref.to(dtype))
         if not then:
             return None
         num, den = torch.stack(now).sum(), torch.stack(then).sum()

@@ -162,6 +162,7 @@ class ShardedStep:
     def __init__(self, units: Dict[str, Unit], group_of: Dict[int, dict], names: Dict[int, str]):
         self._whole: Dict[int, Tensor] = {}
         self._pairs: List[tuple] = []  # (sharded parameter, its stand-in)
+        self._real: Dict[int, Tensor] = {}  # id(stand-in) → its sharded parameter
         self.units: Dict[str, Unit] = {}
         self.group_of = dict(group_of)
         for key, unit in units.items():
@@ -181,6 +182,7 @@ class ShardedStep:
                 whole.grad = pdist.full_tensor(p.grad).detach()
             self._whole[key] = whole
             self._pairs.append((p, whole))
+            self._real[id(whole)] = p
             self.group_of[id(whole)] = self.group_of[key]
         return self._whole[key]
 
@@ -191,6 +193,10 @@ class ShardedStep:
         new.scratch = unit.scratch  # the same buffers: reused between steps as in one process
         new.state = whole_record(unit.state)
         return new
+
+    def real(self, p: Tensor) -> Tensor:
+        """The sharded parameter of the stand-in ``p`` (``p`` itself when it is no stand-in)."""
+        return self._real.get(id(p), p)
 
     def grads_present(self, params: List[Tensor]) -> List[Tensor]:
         """``params`` with every sharded parameter replaced by its stand-in."""

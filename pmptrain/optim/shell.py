@@ -943,6 +943,8 @@ class PMPOptimizer(torch.optim.Optimizer):
         group_of = self._group_map() if sharded is None else sharded.group_of
         units = self.units if sharded is None else sharded.units
         ctx = StepContext(group_of, costate_inv, self.capture, self.process_group, world, sizes)
+        if world > 1 or sharded is not None:
+            ctx.grad_sq = self._union_grad_sq(units, group_of, sharded, world)
         # one process: the rules take the fast path, whose safety nets are deferred to the one check
         # below (pmptrain._deferred); if it fails, every proposal is redone on the careful path
         # before the step is skipped. (Several ranks: the careful path, so that every rank runs the
@@ -1017,6 +1019,60 @@ class PMPOptimizer(torch.optim.Optimizer):
                     u.decay *= a
             self._gain *= a
         return a
+
+    def _union_grad_sq(self, units, group_of, sharded, world: int):
+        """With several ranks, or FSDP2's stand-ins: ``{id(p): (‖.grad_p‖², ‖∇J_p‖²)}``, the second of
+        the union batch's gradient at the end of the backward pass, before the loop rescaled ``.grad``
+        (:meth:`StepContext.grad_rescale`), for the parameters of costate-scaled units as the rules
+        see them (FSDP2: the stand-ins).
+
+        Each value is ``(‖.grad‖², ‖∇J‖²)``, the first None where the rules take it from ``.grad``.
+        DDP: ``(None, the capture's record)`` (taken after DDP's averaging,
+        :meth:`ModuleCapture.watch_grads`: every rank holds the same). FSDP2: both from the local
+        shards, summed over the ranks in the same order (one all-reduce of three numbers per sharded
+        parameter, every rank alike: the units agree; an untouched gradient gives a ratio of exactly
+        1), divided by the number of ranks holding each shard (HSDP's replicas; 1 under plain
+        FSDP2). A parameter some rank has no record or gradient of gets ``(0, 0)`` (its unit's ratio
+        falls back to the others'). Left out with several ranks: gradients pmptrain averages in ``step()`` — every one
+        without a wrapper (DDP-style), and the parameters FSDP2 leaves unsharded —, whose ranks'
+        records precede that average (and the loop's clip, of each rank's own gradient). None:
+        nothing recorded."""
+        if not self._grads_averaged_by_wrapper or not self.capture.record_grad_sq:
+            return None
+        out: Dict[int, Tuple[Optional[Tensor], Tensor]] = {}
+        pending = []  # (parameter the rules see, its sharded parameter)
+        seen = set()
+        for unit in units.values():
+            for p in unit.params:
+                if p is None or id(p) in seen or group_of[id(p)].get("rho_scale") != "costate":
+                    continue
+                seen.add(id(p))
+                real = sharded.real(p) if sharded is not None else p
+                if pdist.is_sharded(real):
+                    pending.append((p, real))
+                elif not self._sharded or world == 1:  # DDP: every parameter's gradient is the ranks' average
+                    ref = self.capture.grad_sq(real)
+                    if ref is not None:
+                        out[id(p)] = (None, ref)
+        if pending:
+            device = pending[0][1].to_local().device
+            zero = torch.zeros((), dtype=torch.float64, device=device)
+            rows = []
+            for _, real in pending:
+                ref, g = self.capture.grad_sq(real), real.grad
+                if ref is None or g is None:
+                    rows.append(torch.stack((zero, zero, zero)))
+                    continue
+                g = g.detach().to_local()
+                now = (g.abs().square() if g.is_complex() else g.square()).sum().to(torch.float64)
+                rows.append(torch.stack((ref.to(torch.float64), now, zero + 1.0)))
+            sums = torch.stack(rows)
+            pdist.all_reduce_sum_([sums], self.process_group)
+            for i, (p, real) in enumerate(pending):
+                copies = world // pdist.shard_count(real)
+                known = sums[i, 2] == world
+                out[id(p)] = (torch.where(known, sums[i, 1] / copies, zero), torch.where(known, sums[i, 0] / copies, zero))
+        return out
 
     def _sharded_step(self) -> ShardedStep:
         """The units of this step with whole-tensor stand-ins for FSDP2's sharded parameters
