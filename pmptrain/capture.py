@@ -44,7 +44,7 @@ import sys
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -114,11 +114,14 @@ class ModuleStats:
     Under several ranks every rank records the same rows with its part of the gradient, so the
     union's costate of such a row is the ranks' mean, not a further sample: these rows are kept
     unfolded until :meth:`unify_shared_` (the rule, before it reads the costate statistics) replaces
-    them by that mean and folds them like the others (``shared_spec``: how).
+    them by that mean and folds them like the others (``shared_spec``: how). The same holds for
+    the backward passes of one accumulation window (N micro-batches of ``loss/N``): each pass
+    records the shared rows with its micro-batch's part of the gradient, and the union's costate is
+    their mean over the passes (``shared_pass``: the pass of each row).
     """
 
     __slots__ = ("samples", "rows", "x_rows", "xx", "x_sum", "x_sq", "counts", "g_rows", "gg", "g_sq",
-                 "g_sq_cols", "calls", "repeated", "shared_g", "shared_spec", "_task")
+                 "g_sq_cols", "calls", "repeated", "shared_g", "shared_spec", "shared_pass", "_task")
 
     def __init__(self):
         self.samples = 0
@@ -136,6 +139,7 @@ class ModuleStats:
         self.repeated = 0
         self.shared_g: List[Tensor] = []
         self.shared_spec: Optional[CaptureSpec] = None
+        self.shared_pass: List[Any] = []
         self._task = None
 
     @property
@@ -161,20 +165,35 @@ class ModuleStats:
 
     def unify_shared_(self, process_group=None, world: int = 1, scale: float = 1.0) -> None:
         """Fold the rows of shared calls (``shared_g``) into the costate statistics, each replaced
-        first by the union's costate: ``g ← Σ_r s_r·g_r / (world·s)`` (one all-reduce of the rows;
-        ``s = scale``, this rank's costate scale ``B_rank/S``), so that the statistics the rule sums
-        over the ranks and divides by the union's ``B`` (``world`` copies of the shared samples) are
-        those of one process, whose costate is the mean of the ranks' gradients. Every rank calls it
-        for the same modules (their shared calls are the model's structure); no-op without shared
-        rows."""
+        first by the union's costate, the mean of the copies every backward pass and rank recorded.
+
+        Passes: the ``k``-th shared row piece of each of the ``P`` backward passes since the
+        statistics were reset (micro-batches of ``loss/P``) is replaced by their mean ``ḡ_k`` (when
+        every pass recorded the same pieces: the same shapes in the same order; otherwise they are
+        folded as recorded). Ranks: ``ḡ ← Σ_r s_r·ḡ_r / (world·s)`` (one all-reduce of the rows;
+        ``s = scale``, this rank's costate scale ``B_rank/S``). Each mean is folded once per copy
+        recorded, so the statistics that the rule sums over the passes and ranks and divides by the
+        union's ``B`` (``P·world`` copies of the shared samples) are those of one backward pass of
+        one process on the union batch, whose costate is the sum of the micro-batches' gradients
+        (the mean of the ranks'). Every rank calls it for the same modules (their shared calls are
+        the model's structure); no-op without shared rows."""
         if not self.shared_g:
             return
-        rows, spec = self.shared_g, self.shared_spec
-        self.shared_g, self.shared_spec = [], None
+        rows, spec, passes = self.shared_g, self.shared_spec, self.shared_pass
+        self.shared_g, self.shared_spec, self.shared_pass = [], None, []
+        dt = torch.promote_types(spec.dtype, rows[0].dtype) if rows[0].is_floating_point() else spec.dtype
+        copies = 1
+        by_pass: Dict[Any, List[Tensor]] = {}
+        for task, gr in zip(passes, rows):
+            by_pass.setdefault(id(task) if task is None else task, []).append(gr)
+        pieces = list(by_pass.values())
+        if len(pieces) > 1 and all(len(q) == len(pieces[0]) and all(a.shape == b.shape for a, b in zip(q, pieces[0]))
+                                   for q in pieces):
+            copies = len(pieces)
+            rows = [torch.stack([r.to(dt) for r in same]).mean(0) for same in zip(*pieces)]
         if world > 1:
             from . import distributed as pdist
 
-            dt = torch.promote_types(spec.dtype, rows[0].dtype) if rows[0].is_floating_point() else spec.dtype
             flat = torch.cat([r.reshape(-1).to(dt) for r in rows]) * scale
             pdist.all_reduce_sum_([flat], process_group)
             flat = flat / (world * scale) if scale != 0.0 else flat * 0.0
@@ -184,7 +203,8 @@ class ModuleStats:
                 off += r.numel()
             rows = out
         for gr in rows:
-            _add_costates(self, spec, gr)
+            for _ in range(copies):
+                _add_costates(self, spec, gr)
 
     def fold_costates_(self, dtype) -> Optional[Tensor]:
         """Fold kept output-gradient rows into ``gg`` and return it (None if there is nothing)."""
@@ -814,6 +834,7 @@ class ModuleCapture:
         if spec.costates != "none":
             if shared:  # folded by ModuleStats.unify_shared_ once the ranks' rows are averaged
                 st.shared_g.append(gr)
+                st.shared_pass.append(st._task)
                 st.shared_spec = spec
             else:
                 _add_costates(st, spec, gr, per_entry)
