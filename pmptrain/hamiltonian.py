@@ -326,7 +326,7 @@ def sylvester_in_eigenbases(
     eig_right: Tuple[Tensor, Optional[Tensor]],
     rho: float,
     delta: float,
-    bound: float = 0.0,
+    bound=0.0,
 ) -> Tensor:
     r"""``ΔW = V[(VᵀSU) ⊘ (ρ(μ_i + λ_j) + δ)]Uᵀ`` from eigendecompositions ``L = V diag(μ) Vᵀ``,
     ``R = U diag(λ) Uᵀ`` (``eig_left = (μ, V)``, ``eig_right = (λ, U)``; a basis of None is the
@@ -342,7 +342,7 @@ def sylvester_in_eigenbases(
     core = s if v is None else v.T @ s
     core = core if u is None else core @ u
     curv = mu[:, None] + lam[None, :]
-    if bound > 0.0:
+    if isinstance(bound, Tensor) or bound > 0.0:  # a 0-dim tensor (a device scalar) is taken as given
         curv = torch.maximum(curv, bound * core.abs())
     core = core / (rho * curv + delta)
     core = core if v is None else v @ core

@@ -136,7 +136,9 @@ class EMSARuleBase(Rule):
       ``amortise`` — the steps between refreshes: ``kept`` (the kept curvature as it is) or
       ``bounded`` (each kept-eigenbasis curvature ``μ_i + λ_j`` raised to ``2√k|(VᵀSU)_ij|``, the
       Cauchy–Schwarz bound this step's gradient puts on its own batch's curvature, ``k = ρ_p/ρ_x``;
-      docs/algorithms.md, "Amortised curvature"); ``stat_reduce`` — the rows of one sequence or
+      docs/algorithms.md, "Amortised curvature") or ``rescaled`` (``bounded`` with each side's kept
+      eigenvalues scaled by the ratio of this step's trace ``tr C`` to the kept one, captured as
+      ``Σ‖x‖²`` and ``Σ‖p̂‖²``: a unit of one Linear or convolution); ``stat_reduce`` — the rows of one sequence or
       image summed before the outer product (K-FAC-reduce; the matrix rule, sides on the primal
       route — a side in Gram form keeps its rows);
       ``eig_floor``, ``eig_float64`` — eigensolver options;
@@ -160,7 +162,7 @@ class EMSARuleBase(Rule):
         "stat_decay": Real(0.0, 1.0, hi_open=True),
         "grad_decay": Real(0.0, 1.0, hi_open=True),
         "stat_every": Int(1),
-        "amortise": Choice(("kept", "bounded")),
+        "amortise": Choice(("kept", "bounded", "rescaled")),
         "stat_reduce": Flag(),
         "eig_refresh": Int(1),
         "eig_floor": Real(0.0, PENALTY_MAX, why="rho times the floor must stay finite in float32"),
@@ -350,13 +352,25 @@ class AffineEMSARule(EMSARuleBase):
         every = int(self.value(group, "stat_every"))
         return every <= 1 or unit.state.running is None or unit.state.step % every == 0
 
+    def rescaled(self, unit, group) -> bool:
+        """``amortise="rescaled"`` applies to ``unit``: one member (a Linear or a convolution; not an
+        embedding, not a tie), whose kept statistics exist (docs/algorithms.md, "Amortised
+        curvature")."""
+        if self.value(group, "amortise") != "rescaled" or len(unit.members) != 1:
+            return False
+        run = unit.state.running
+        return (not unit.members[0].adapter.index_input and run is not None and run[0] is not None
+                and run[0].cxx is not None and (run[0].cpp is not None or run[0].tau is not None))
+
     def capture_spec(self, unit, member, group):
-        if not self.capture_active(group) or not self.refresh_step(unit, group):
+        if not self.capture_active(group):
             return None
         adapter, module = member.adapter, member.module
         m, n = adapter.weight_shape_2d(module)
         w = member.weight
         dt = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
+        if not self.refresh_step(unit, group):  # between refreshes: the traces for "rescaled", else nothing
+            return CaptureSpec("diag", "sqnorm", False, n, m, dt) if self.rescaled(unit, group) else None
         if adapter.index_input:
             return CaptureSpec("counts", "sqnorm" if self.costate_scaled(group) else "none", False, n, m, dt)
         reduce = bool(self.value(group, "stat_reduce"))  # K-FAC-reduce wherever rows are folded
@@ -468,6 +482,7 @@ class AffineEMSARule(EMSARuleBase):
 
         grads = [(w, gw)] + [(b, gb) for _, b, gb in biases]
         amortised = self.amortised(group)
+        scales = None  # (a_x, a_p) of a "rescaled" step between refreshes
         # statistics of this step's backward passes, or (an amortised step) the kept ones
         fresh = self.refresh_step(unit, group)
         if fresh and any(s is None for s in stats) or rho == 0.0:
@@ -499,6 +514,9 @@ class AffineEMSARule(EMSARuleBase):
                             or delta_b_of.get(id(mb)) is None else gb_of[id(mb)].to(dt),
                             delta_b=delta_b_of.get(id(mb)) if gb_of.get(id(mb)) is not None else None))
                         for mb, run in zip(members, state.running)]
+                scales = self._trace_ratios(unit, stats[0], ctx, group, dt) if self.rescaled(unit, group) else None
+                if scales is not None and raws[0] is not None:
+                    raws = [rescale_member(raws[0], *scales)]
             present = [r for r in raws if r is not None]
             batch = present[0].samples if present else 1.0
             rho = self.effective_rho(group, ctx, lambda: self._costate_parts(members, raws), batch, unit.params)
@@ -525,9 +543,17 @@ class AffineEMSARule(EMSARuleBase):
                     eig_l = curvature_eig(left, s, floor, f64) if refresh else state.eig_left
                     eig_r = curvature_eig(right, s, floor, f64) if refresh else state.eig_right
                     new_state.eig_left, new_state.eig_right = eig_l, eig_r
+                    if scales is not None:  # the kept eigenvalues at this step's traces (left: C_p unless transposed)
+                        a_l, a_r = scales[::-1] if not members[0].adapter.transposed else scales
+                        eig_l, eig_r = (eig_l[0] * a_l, eig_l[1]), (eig_r[0] * a_r, eig_r[1])
                     bound = 0.0  # between refreshes, "bounded": the kept curvature lifted to this step's bound
-                    if not fresh and self.value(group, "amortise") == "bounded":
+                    if not fresh and self.value(group, "amortise") in ("bounded", "rescaled"):
                         bound = 2.0 * math.sqrt(ratio)
+                        # ρ_t carries the clip factor c (S = c·∇J, effective_rho): the bound is on the
+                        # unclipped gradient, κ|S̃|/c, so that clipping still acts on δ only
+                        c = ctx.grad_rescale(unit.params) if self.costate_scaled(group) else None
+                        if c is not None:
+                            bound = bound / c.to(dt)
                     dws = sylvester_in_eigenbases(s, eig_l, eig_r, rho, delta_w, bound)
                 else:
                     dws = solve_sylvester(s, left, right, rho, delta_w, floor, f64, overwrite_s=True)
@@ -545,6 +571,31 @@ class AffineEMSARule(EMSARuleBase):
             ups.append(Update(b, (db if db is not None else torch.zeros_like(gb)).to(b.dtype),
                               decay=ctx.decay(b, self.decay_key)))
         return self.trust(unit, ctx, Proposal(ups, new_state))
+
+    def _trace_ratios(self, unit: Unit, st: Optional[ModuleStats], ctx: StepContext, group, dt):
+        """``(a_x, a_p)`` of a ``"rescaled"`` step between refreshes: ``a_x = tr C_x / tr C_x^r`` and
+        ``a_p = tr C_p / tr C_p^r``, this step's traces (``Σ‖x‖²/B``, ``Σ‖p̂‖²/B`` on the union of the
+        ranks' batches) over the kept statistics' (0-dim tensors; 1 where a kept trace is 0). None
+        without this step's traces."""
+        member = unit.members[0]
+        if st is None or st.x_sq is None:
+            return None
+        samples, _ = ctx.union_sizes(member.name, st)
+        if samples == 0:
+            return None
+        scale = float(st.samples) * ctx.costate_inv_scale
+        st.unify_shared_(ctx.process_group, ctx.world, scale)
+        if st.g_sq is None:
+            return None
+        sums = torch.stack([st.x_sq.sum().to(dt), st.g_sq.to(dt) * (scale * scale)])
+        pdist.all_reduce_sum_([sums], ctx.process_group)
+        run = unit.state.running[0]
+        m = member.adapter.weight_shape_2d(member.module)[0]
+        kept_p = run.cpp.diagonal(dim1=-2, dim2=-1).sum() if run.cpp is not None else torch.as_tensor(run.tau) * m
+        kept = torch.stack([run.cxx.diagonal(dim1=-2, dim2=-1).sum().to(dt), kept_p.to(dt)])
+        now = sums / float(samples)
+        ratio = torch.where(kept > 0, now / kept.clamp_min(torch.finfo(dt).tiny), torch.ones_like(now))
+        return ratio[0], ratio[1]
 
     @staticmethod
     def _costate_parts(members, raws):
@@ -617,6 +668,15 @@ def penalty_bases(rule, group) -> tuple:
     rho = float(rule.value(group, "rho"))
     rx, rp = rule.value(group, "rho_state"), rule.value(group, "rho_costate")
     return (rho if rx is None else float(rx)), (rho if rp is None else float(rp))
+
+
+def rescale_member(raw: AffineMember, a_x: Tensor, a_p: Tensor) -> AffineMember:
+    """``raw`` with its states scaled by ``√a_x`` and its costates by ``√a_p``: ``C_x → a_x C_x``,
+    ``x̄ → √a_x x̄``, ``C_p → a_p C_p`` (so ``C'_x → a_x C'_x`` exactly: the eigenvectors are kept)."""
+    def mul(t, a):
+        return None if t is None else t * a
+    return dataclasses.replace(raw, cxx=mul(raw.cxx, a_x), x_mean=mul(raw.x_mean, a_x.sqrt()), cpp=mul(raw.cpp, a_p),
+                               tau=mul(raw.tau, a_p), p_trace=mul(raw.p_trace, a_p))
 
 
 def scale_costate(raw: AffineMember, k: float) -> AffineMember:

@@ -485,6 +485,11 @@ class EMSA(PMPOptimizer):
                     raise ValueError(
                         f"invalid {key}={group[key]!r} with penalty_units='sum': sums over the batch need "
                         "the statistics of the step itself (stat_decay=0, stat_every=1)")
+        if group.get("amortise") == "rescaled" and group.get("stat_reduce"):
+            raise ValueError(
+                "invalid amortise='rescaled' with stat_reduce=True: the steps between refreshes compare "
+                "this step's row traces with the kept statistics', which are of reduced rows "
+                "(use amortise='bounded')")
         for key, off, what in (("stat_decay", 0.0, "running averages"), ("stat_every", 1, "amortised statistics")):
             if group.get("costate") == "isotropic" and float(group.get(key, off)) > off:
                 raise ValueError(
