@@ -144,21 +144,29 @@ def test_a_layer_in_gram_form_is_solved_exactly_every_step():
     assert not torch.allclose(model[0].weight, ref_model[0].weight)  # the amortised conv differs
 
 
-def test_stat_every_with_running_averages_blends_only_refreshes():
-    """stat_decay β with K = 2: the kept C_x after the refresh at step 2 is β·C_x(batch 0, θ_0) +
-    (1−β)·C_x(batch 2, θ_2), the stale step 1 contributing nothing."""
+def test_stat_every_with_running_averages_keeps_their_time_constant_in_steps():
+    """stat_decay β with K = 3: every step refreshes while the averages are younger than 1/(1−β)
+    (β = 0.25: steps 0 and 1), then every K-th; a refresh Δ steps after the last blends with β^Δ.
+    So the kept C_x after step 3 is β²·(β·C_x(0) + (1−β)·C_x(1)) + (1−β²)·C_x(3), each at the
+    weights of its step, the stale step 2 contributing nothing — the time constant stays 1/(1−β)
+    steps (β per refresh would make it K/(1−β))."""
+    beta = 0.25
     model = _model()
-    opt = pmptrain.EMSA(model, stat_every=2, stat_decay=0.25, fallback="sgd")
-    seen = []
+    opt = pmptrain.EMSA(model, stat_every=3, stat_decay=beta, fallback="sgd")
+    seen, active = [], []
     model[3].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
-    for t in range(3):
+    for t in range(4):
+        active.append(all(e.spec is not None for e in opt.capture._entries.values()))
         opt.zero_grad()
         _loss(model, t).backward()
         opt.step()
-    c0, c2 = (x.T @ x / x.shape[0] for x in (seen[0], seen[2]))
+    assert active == [True, True, False, True]
+    c, m = [x.T @ x / x.shape[0] for x in seen], [x.mean(0) for x in seen]
     kept = opt.units["3"].state.running[0]
-    torch.testing.assert_close(kept.cxx, 0.25 * c0 + 0.75 * c2, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(kept.x_mean, 0.25 * seen[0].mean(0) + 0.75 * seen[2].mean(0), rtol=1e-12, atol=1e-14)
+    b2 = beta ** 2
+    torch.testing.assert_close(kept.cxx, b2 * (beta * c[0] + (1 - beta) * c[1]) + (1 - b2) * c[3], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kept.x_mean, b2 * (beta * m[0] + (1 - beta) * m[1]) + (1 - b2) * m[3],
+                               rtol=1e-12, atol=1e-14)
 
 
 def test_resume_mid_interval_is_bit_exact():

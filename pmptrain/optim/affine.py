@@ -347,10 +347,13 @@ class AffineEMSARule(EMSARuleBase):
         return float(self.value(group, "stat_decay")) > 0.0
 
     def refresh_step(self, unit, group) -> bool:
-        """Whether the coming step captures statistics (always, unless ``stat_every = K > 1`` and
-        kept statistics exist and the step is not a multiple of K)."""
+        """Whether the coming step captures statistics: always, unless ``stat_every = K > 1`` and
+        kept statistics exist and the step is not a multiple of K — and, with running averages
+        (``stat_decay = β``), every step while they are younger than their time constant
+        ``1/(1 − β)`` (:func:`eig_refresh_due`: the statistics move fastest early in training)."""
         every = int(self.value(group, "stat_every"))
-        return every <= 1 or unit.state.running is None or unit.state.step % every == 0
+        return (every <= 1 or unit.state.running is None
+                or eig_refresh_due(unit.state.step, every, float(self.value(group, "stat_decay"))))
 
     def rescaled(self, unit, group) -> bool:
         """``amortise="rescaled"`` applies to ``unit``: one member (a Linear or a convolution; not an
@@ -505,7 +508,9 @@ class AffineEMSARule(EMSARuleBase):
                 if all(r is None for r in raws):
                     return self._no_data(unit, ctx, grads)
                 if amortised and (decay > 0.0 or all(r is None or r.primal() for r in raws)):
-                    raws, new_state.running = self._running(raws, state.running, decay)
+                    # β per step: a refresh Δ steps after the last blends with β^Δ (time constant 1/(1−β) steps)
+                    beta = decay ** steps_since_refresh(state.step, int(self.value(group, "stat_every")), decay)
+                    raws, new_state.running = self._running(raws, state.running, beta)
                 elif amortised:  # a unit solved in Gram form: exact every step (cheap), nothing kept
                     new_state.running = new_state.eig_left = new_state.eig_right = None
             else:  # an amortised step: the kept statistics, this step's bias gradients
@@ -692,6 +697,17 @@ def eig_refresh_due(step: int, every: int, decay: float) -> bool:
     = decay``: every ``every``-th step, and every step while the averages are younger than their
     time constant ``1/(1 − decay)`` (they still move fast; K-FAC refreshes more often early too)."""
     return step % every == 0 or (decay > 0.0 and step < 1.0 / (1.0 - decay))
+
+
+def steps_since_refresh(step: int, every: int, decay: float) -> int:
+    """``Δ``: how many steps before ``step`` the statistics were last captured under ``stat_every =
+    every`` (refresh steps: :func:`eig_refresh_due`; 1 when ``every = 1``). A refresh blends the
+    running averages with ``β^Δ``, as if its batch's statistics stood for each of the ``Δ`` steps
+    since the last one, so that ``stat_decay`` keeps its time constant of ``1/(1 − β)`` steps."""
+    for d in range(1, max(1, every)):
+        if step - d >= 0 and eig_refresh_due(step - d, every, decay):
+            return d
+    return max(1, every)
 
 
 def _scalar(t: Tensor):
