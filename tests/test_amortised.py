@@ -474,3 +474,24 @@ def test_rescaled_refresh_steps_are_the_exact_step_and_ties_and_embeddings_stay_
 def test_rescaled_with_reduced_statistics_is_refused():
     with pytest.raises(ValueError, match="rescaled"):
         pmptrain.EMSA(_model(), stat_every=2, amortise="rescaled", stat_reduce=True)
+
+
+def test_rescaled_traces_are_averaged_every_step_like_the_statistics():
+    """With stat_decay β the traces that "rescaled" scales the kept statistics to are averaged every
+    step, refresh or not: ``T_t = β·T_{t−1} + (1−β)·(Σ‖x‖²/B, Σ‖p̂‖²/B)_t`` (float64, by hand from
+    hooks), so the kept mixture is rescaled to the mixture's current trace, not to one batch's."""
+    beta = 0.5
+    model = _bounded_model()
+    rec = _record(model)
+    opt = pmptrain.EMSA(model, stat_every=3, stat_decay=beta, amortise="rescaled", lr=0.5, rho=0.7, fallback="sgd")
+    expect = None
+    for t in range(3):  # steps 0, 1 refresh (younger than 1/(1−β) = 2), step 2 between refreshes
+        opt.zero_grad()
+        x, y = _bounded_batch(t)
+        F.mse_loss(model(x), y).backward()
+        xt, gt = rec["0"]["x"], rec["0"]["g"]
+        b = xt.shape[0]
+        now = torch.stack([xt.square().sum() / b, (b * gt).square().sum() / b])
+        expect = now if expect is None else beta * expect + (1 - beta) * now
+        opt.step()
+        torch.testing.assert_close(opt.units["0"].state.traces, expect, rtol=1e-12, atol=1e-14)

@@ -78,13 +78,15 @@ class AffineState:
     """``step``; with running averages, ``running`` (per member) and the eigendecompositions
     ``eig_left`` / ``eig_right`` (``(values, vectors)``; vectors None for a diagonal side) reused
     between refreshes; with ``grad_decay > 0``, ``grad_avg``: the running average of the gradient
-    of each of the unit's parameters (in ``unit.params`` order)."""
+    of each of the unit's parameters (in ``unit.params`` order); with ``amortise="rescaled"``,
+    ``traces``: ``(tr C_x, tr C_p)`` of the recent batches, averaged every step with ``stat_decay``."""
 
     step: int = 0
     running: Optional[List[RunningStats]] = None
     eig_left: Optional[Tuple[Tensor, Optional[Tensor]]] = None
     eig_right: Optional[Tuple[Tensor, Optional[Tensor]]] = None
     grad_avg: Optional[List[Optional[Tensor]]] = None
+    traces: Optional[Tensor] = None
     _nested: ClassVar[dict] = {"RunningStats": RunningStats}
     _param_shaped: ClassVar[Tuple[str, ...]] = ("grad_avg",)  # sharded under FSDP2
 
@@ -481,7 +483,7 @@ class AffineEMSARule(EMSARuleBase):
         etas = {id(b): ctx.step_size(ctx.group(b), self.key("lr")) for _, b, _ in biases}
         decay_w = ctx.decay(w, self.decay_key)
         state: AffineState = unit.state
-        new_state = AffineState(state.step + 1, state.running, state.eig_left, state.eig_right)
+        new_state = AffineState(state.step + 1, state.running, state.eig_left, state.eig_right, traces=state.traces)
 
         grads = [(w, gw)] + [(b, gb) for _, b, gb in biases]
         amortised = self.amortised(group)
@@ -507,6 +509,10 @@ class AffineEMSARule(EMSARuleBase):
                         for mb, st in zip(members, stats)]
                 if all(r is None for r in raws):
                     return self._no_data(unit, ctx, grads)
+                if self.value(group, "amortise") == "rescaled" and len(members) == 1 and raws[0] is not None:
+                    now = _batch_traces(raws[0], members[0], dt)
+                    if now is not None:
+                        new_state.traces = _blend_traces(state.traces, now, decay)
                 if amortised and (decay > 0.0 or all(r is None or r.primal() for r in raws)):
                     # β per step: a refresh Δ steps after the last blends with β^Δ (time constant 1/(1−β) steps)
                     beta = decay ** steps_since_refresh(state.step, int(self.value(group, "stat_every")), decay)
@@ -519,8 +525,10 @@ class AffineEMSARule(EMSARuleBase):
                             or delta_b_of.get(id(mb)) is None else gb_of[id(mb)].to(dt),
                             delta_b=delta_b_of.get(id(mb)) if gb_of.get(id(mb)) is not None else None))
                         for mb, run in zip(members, state.running)]
-                scales = self._trace_ratios(unit, stats[0], ctx, group, dt) if self.rescaled(unit, group) else None
-                if scales is not None and raws[0] is not None:
+                now = self._step_traces(unit, stats[0], ctx, dt) if self.rescaled(unit, group) else None
+                if now is not None and raws[0] is not None:
+                    new_state.traces = _blend_traces(state.traces, now, decay)
+                    scales = _trace_ratios(new_state.traces, state.running[0], members[0], dt)
                     raws = [rescale_member(raws[0], *scales)]
             present = [r for r in raws if r is not None]
             batch = present[0].samples if present else 1.0
@@ -577,11 +585,9 @@ class AffineEMSARule(EMSARuleBase):
                               decay=ctx.decay(b, self.decay_key)))
         return self.trust(unit, ctx, Proposal(ups, new_state))
 
-    def _trace_ratios(self, unit: Unit, st: Optional[ModuleStats], ctx: StepContext, group, dt):
-        """``(a_x, a_p)`` of a ``"rescaled"`` step between refreshes: ``a_x = tr C_x / tr C_x^r`` and
-        ``a_p = tr C_p / tr C_p^r``, this step's traces (``Σ‖x‖²/B``, ``Σ‖p̂‖²/B`` on the union of the
-        ranks' batches) over the kept statistics' (0-dim tensors; 1 where a kept trace is 0). None
-        without this step's traces."""
+    def _step_traces(self, unit: Unit, st: Optional[ModuleStats], ctx: StepContext, dt) -> Optional[Tensor]:
+        """``(tr C_x, tr C_p)`` of this step's batch between refreshes (``Σ‖x‖²/B``, ``Σ‖p̂‖²/B`` on
+        the union of the ranks' batches; a 2-vector), or None without them."""
         member = unit.members[0]
         if st is None or st.x_sq is None:
             return None
@@ -594,13 +600,7 @@ class AffineEMSARule(EMSARuleBase):
             return None
         sums = torch.stack([st.x_sq.sum().to(dt), st.g_sq.to(dt) * (scale * scale)])
         pdist.all_reduce_sum_([sums], ctx.process_group)
-        run = unit.state.running[0]
-        m = member.adapter.weight_shape_2d(member.module)[0]
-        kept_p = run.cpp.diagonal(dim1=-2, dim2=-1).sum() if run.cpp is not None else torch.as_tensor(run.tau) * m
-        kept = torch.stack([run.cxx.diagonal(dim1=-2, dim2=-1).sum().to(dt), kept_p.to(dt)])
-        now = sums / float(samples)
-        ratio = torch.where(kept > 0, now / kept.clamp_min(torch.finfo(dt).tiny), torch.ones_like(now))
-        return ratio[0], ratio[1]
+        return sums / float(samples)
 
     @staticmethod
     def _costate_parts(members, raws):
@@ -673,6 +673,36 @@ def penalty_bases(rule, group) -> tuple:
     rho = float(rule.value(group, "rho"))
     rx, rp = rule.value(group, "rho_state"), rule.value(group, "rho_costate")
     return (rho if rx is None else float(rx)), (rho if rp is None else float(rp))
+
+
+def _batch_traces(raw: AffineMember, member: Member, dt) -> Optional[Tensor]:
+    """``(tr C_x, tr C_p)`` of a refresh step's batch statistics (before any blending), or None."""
+    if raw.cxx is not None:
+        tx = raw.cxx.diagonal(dim1=-2, dim2=-1).sum()
+    elif raw.x_rows is not None:
+        tx = raw.x_rows.square().sum() / raw.samples
+    else:
+        return None
+    tp = raw.costate_trace(member.adapter.weight_shape_2d(member.module)[0])
+    if tp is None:
+        return None
+    return torch.stack([torch.as_tensor(tx, dtype=dt), torch.as_tensor(tp, dtype=dt, device=tx.device)])
+
+
+def _blend_traces(old: Optional[Tensor], now: Tensor, beta: float) -> Tensor:
+    """The traces averaged every step, ``β·old + (1 − β)·now`` (``now`` at the first step or β = 0)."""
+    return now if old is None or beta == 0.0 else beta * old.to(now.dtype) + (1.0 - beta) * now
+
+
+def _trace_ratios(traces: Tensor, run: RunningStats, member: Member, dt):
+    """``(a_x, a_p)`` of a ``"rescaled"`` step between refreshes: the averaged traces of the recent
+    batches (this step's alone with ``stat_decay = 0``) over the kept statistics' (0-dim tensors; 1
+    where a kept trace is 0)."""
+    m = member.adapter.weight_shape_2d(member.module)[0]
+    kept_p = run.cpp.diagonal(dim1=-2, dim2=-1).sum() if run.cpp is not None else torch.as_tensor(run.tau) * m
+    kept = torch.stack([run.cxx.diagonal(dim1=-2, dim2=-1).sum().to(dt), torch.as_tensor(kept_p, dtype=dt)])
+    ratio = torch.where(kept > 0, traces.to(dt) / kept.clamp_min(torch.finfo(dt).tiny), torch.ones_like(kept))
+    return ratio[0], ratio[1]
 
 
 def rescale_member(raw: AffineMember, a_x: Tensor, a_p: Tensor) -> AffineMember:
