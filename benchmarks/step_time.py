@@ -152,7 +152,8 @@ OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "emsa-bounded-reduce": lambda m: pmptrain.EMSA(m, stat_every=10, amortise="bounded", stat_reduce=True),
     # the transformer setting (averaged) with stat_every=10 between refreshes (issue 17, engineer i17e); its
     # first 1/(1-0.95) = 20 steps refresh every step (time them with --warmup 20 for the steady state)
-    "emsa-transformer-bounded": lambda m: pmptrain.EMSA(m, setting="transformer", stat_every=10, amortise="bounded"),
+    "emsa-transformer-bounded": lambda m: pmptrain.EMSA(m, setting="transformer", lr=100.0, stat_every=10,
+                                                        amortise="bounded"),  # the registry entry (lr: no cost)
     "emsa-transformer-rescaled": lambda m: pmptrain.EMSA(m, setting="transformer", stat_every=10, amortise="rescaled"),
     "emsa-transformer-bounded-reduce": lambda m: pmptrain.EMSA(m, setting="transformer", stat_every=10,
                                                                amortise="bounded", stat_reduce=True),

@@ -333,7 +333,7 @@ def sylvester_in_eigenbases(
     identity, i.e. a diagonal operator). Exact for the given eigendecompositions (stale ones with
     running averages, see docs/algorithms.md).
 
-    ``bound = κ > 0`` (default 0: off) raises each divisor to ``ρ·max(μ_i + λ_j, κ|S̃_ij|) + δ``,
+    ``bound = κ > 0`` (a float or a 0-dim tensor; default 0: off) raises each divisor to ``ρ·max(μ_i + λ_j, κ|S̃_ij|) + δ``,
     ``S̃ = VᵀSU``: the maximiser of the amortised Hamiltonian of docs/algorithms.md, "Amortised
     curvature", whose kept curvature is lifted to the Cauchy–Schwarz bound ``μ_i + λ_j ≥
     2√k|S̃_ij|`` that this step's own gradient implies (``κ = 2√k``, ``k = ρ_p/ρ_x``)."""
