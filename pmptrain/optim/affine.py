@@ -140,8 +140,8 @@ class EMSARuleBase(Rule):
       Cauchy–Schwarz bound this step's gradient puts on its own batch's curvature, ``k = ρ_p/ρ_x``;
       docs/algorithms.md, "Amortised curvature") or ``rescaled`` (``bounded`` with each side's kept
       eigenvalues scaled by the ratio of this step's trace ``tr C`` to the kept one, captured as
-      ``Σ‖x‖²`` and ``Σ‖p̂‖²``: a unit of one Linear or convolution); ``stat_reduce`` — the rows of one sequence or
-      image summed before the outer product (K-FAC-reduce; the matrix rule, sides on the primal
+      ``Σ‖x‖²`` and ``Σ‖p̂‖²``: a unit of one Linear or convolution); ``stat_reduce`` — the rows of
+      one sequence or image summed before the outer product (K-FAC-reduce; the matrix rule, sides on the primal
       route — a side in Gram form keeps its rows);
       ``eig_floor``, ``eig_float64`` — eigensolver options;
     * ``grad_decay`` (β_S) — the linear term of H̃ is the running average of the gradient,
