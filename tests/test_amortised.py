@@ -495,3 +495,28 @@ def test_rescaled_traces_are_averaged_every_step_like_the_statistics():
         expect = now if expect is None else beta * expect + (1 - beta) * now
         opt.step()
         torch.testing.assert_close(opt.units["0"].state.traces, expect, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("amortise", ["bounded", "rescaled"])
+def test_averaged_gradient_is_the_linear_term_between_refreshes(amortise):
+    """With grad_decay β every step, refresh or not, is the step of ``grad_decay = 0`` whose ``.grad``
+    is replaced by ``S̄_t = β·S̄_{t−1} + (1−β)·∇J_t`` (float64, K = 3: one refresh, two steps between;
+    the statistics, captured in the backward pass, do not depend on ``.grad``)."""
+    beta = 0.5
+    a, b = _bounded_model(), _bounded_model()
+    kw = dict(stat_every=3, amortise=amortise, stat_decay=0.5, lr=0.5, rho=0.7, max_step=None, max_gain=None,
+              fallback="sgd")
+    oa, ob = pmptrain.EMSA(a, grad_decay=beta, **kw), pmptrain.EMSA(b, **kw)
+    avg = {}
+    for t in range(5):  # steps 0, 1 refresh (younger than 1/(1−β)), 2 and 4 between, 3 refreshes
+        x, y = _bounded_batch(t)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+        for p in b.parameters():
+            avg[p] = p.grad.clone() if p not in avg else beta * avg[p] + (1 - beta) * p.grad
+            p.grad.copy_(avg[p])
+        oa.step()
+        ob.step()
+        for (n, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=f"{n} at step {t}")
