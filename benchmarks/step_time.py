@@ -160,6 +160,15 @@ OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "emsa-costate-bounded-reduce": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3, stat_every=10,
                                                            amortise="bounded", stat_reduce=True),
     "emsa-bounded-reduce": lambda m: pmptrain.EMSA(m, stat_every=10, amortise="bounded", stat_reduce=True),
+    # the transformer setting (averaged) with stat_every=10 between refreshes (issue 17, engineer i17e); its
+    # first 1/(1-0.95) = 20 steps refresh every step (time them with --warmup 20 for the steady state)
+    "emsa-transformer-bounded": lambda m: pmptrain.EMSA(m, setting="transformer", lr=100.0, stat_every=10,
+                                                        amortise="bounded"),  # the registry entry (lr: no cost)
+    "emsa-transformer-rescaled": lambda m: pmptrain.EMSA(m, setting="transformer", stat_every=10, amortise="rescaled"),
+    "emsa-transformer-bounded-reduce": lambda m: pmptrain.EMSA(m, setting="transformer", stat_every=10,
+                                                               amortise="bounded", stat_reduce=True),
+    "emsa-costate-rescaled": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3, stat_every=10,
+                                                     amortise="rescaled"),
     "emsa-reduce": lambda m: pmptrain.EMSA(m, stat_reduce=True),
     "emsa-costate-reduce": lambda m: pmptrain.EMSA(m, rho=5.0, rho_scale="costate", lr=1e3, stat_reduce=True),
     "binary-msa": lambda m: pmptrain.DiscreteMSA(m, rho=0.5),

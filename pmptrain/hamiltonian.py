@@ -327,14 +327,14 @@ def sylvester_in_eigenbases(
     eig_right: Tuple[Tensor, Optional[Tensor]],
     rho: float,
     delta: float,
-    bound: float = 0.0,
+    bound=0.0,
 ) -> Tensor:
     r"""``ΔW = V[(VᵀSU) ⊘ (ρ(μ_i + λ_j) + δ)]Uᵀ`` from eigendecompositions ``L = V diag(μ) Vᵀ``,
     ``R = U diag(λ) Uᵀ`` (``eig_left = (μ, V)``, ``eig_right = (λ, U)``; a basis of None is the
     identity, i.e. a diagonal operator). Exact for the given eigendecompositions (stale ones with
     running averages, see docs/algorithms.md).
 
-    ``bound = κ > 0`` (default 0: off) raises each divisor to ``ρ·max(μ_i + λ_j, κ|S̃_ij|) + δ``,
+    ``bound = κ > 0`` (a float or a 0-dim tensor; default 0: off) raises each divisor to ``ρ·max(μ_i + λ_j, κ|S̃_ij|) + δ``,
     ``S̃ = VᵀSU``: the maximiser of the amortised Hamiltonian of docs/algorithms.md, "Amortised
     curvature", whose kept curvature is lifted to the Cauchy–Schwarz bound ``μ_i + λ_j ≥
     2√k|S̃_ij|`` that this step's own gradient implies (``κ = 2√k``, ``k = ρ_p/ρ_x``)."""
@@ -343,7 +343,7 @@ def sylvester_in_eigenbases(
     core = s if v is None else v.T @ s
     core = core if u is None else core @ u
     curv = mu[:, None] + lam[None, :]
-    if bound > 0.0:
+    if isinstance(bound, Tensor) or bound > 0.0:  # a 0-dim tensor (a device scalar) is taken as given
         curv = torch.maximum(curv, bound * core.abs())
     core = core / (rho * curv + delta)
     core = core if v is None else v @ core

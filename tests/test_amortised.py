@@ -144,21 +144,29 @@ def test_a_layer_in_gram_form_is_solved_exactly_every_step():
     assert not torch.allclose(model[0].weight, ref_model[0].weight)  # the amortised conv differs
 
 
-def test_stat_every_with_running_averages_blends_only_refreshes():
-    """stat_decay β with K = 2: the kept C_x after the refresh at step 2 is β·C_x(batch 0, θ_0) +
-    (1−β)·C_x(batch 2, θ_2), the stale step 1 contributing nothing."""
+def test_stat_every_with_running_averages_keeps_their_time_constant_in_steps():
+    """stat_decay β with K = 3: every step refreshes while the averages are younger than 1/(1−β)
+    (β = 0.25: steps 0 and 1), then every K-th; a refresh Δ steps after the last blends with β^Δ.
+    So the kept C_x after step 3 is β²·(β·C_x(0) + (1−β)·C_x(1)) + (1−β²)·C_x(3), each at the
+    weights of its step, the stale step 2 contributing nothing — the time constant stays 1/(1−β)
+    steps (β per refresh would make it K/(1−β))."""
+    beta = 0.25
     model = _model()
-    opt = pmptrain.EMSA(model, stat_every=2, stat_decay=0.25, fallback="sgd")
-    seen = []
+    opt = pmptrain.EMSA(model, stat_every=3, stat_decay=beta, fallback="sgd")
+    seen, active = [], []
     model[3].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
-    for t in range(3):
+    for t in range(4):
+        active.append(all(e.spec is not None for e in opt.capture._entries.values()))
         opt.zero_grad()
         _loss(model, t).backward()
         opt.step()
-    c0, c2 = (x.T @ x / x.shape[0] for x in (seen[0], seen[2]))
+    assert active == [True, True, False, True]
+    c, m = [x.T @ x / x.shape[0] for x in seen], [x.mean(0) for x in seen]
     kept = opt.units["3"].state.running[0]
-    torch.testing.assert_close(kept.cxx, 0.25 * c0 + 0.75 * c2, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(kept.x_mean, 0.25 * seen[0].mean(0) + 0.75 * seen[2].mean(0), rtol=1e-12, atol=1e-14)
+    b2 = beta ** 2
+    torch.testing.assert_close(kept.cxx, b2 * (beta * c[0] + (1 - beta) * c[1]) + (1 - b2) * c[3], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kept.x_mean, b2 * (beta * m[0] + (1 - beta) * m[1]) + (1 - b2) * m[3],
+                               rtol=1e-12, atol=1e-14)
 
 
 def test_resume_mid_interval_is_bit_exact():
@@ -351,3 +359,164 @@ def test_bounded_changes_nothing_on_refresh_steps_or_without_stat_every():
 def test_invalid_amortise_is_refused():
     with pytest.raises(ValueError, match="amortise"):
         pmptrain.EMSA(_model(), stat_every=2, amortise="soap")
+
+
+@pytest.mark.parametrize("amortise", ["bounded", "rescaled"])
+@pytest.mark.parametrize("grad_decay", [0.0, 0.9])
+def test_bounded_steps_under_clipping_are_the_unclipped_steps_at_c_lr(grad_decay, amortise):
+    """With ``rho_scale="costate"`` a gradient clipped by ``c`` after the backward pass scales ρ·r by
+    ``c`` (docs/algorithms.md, "The units of ρ"); the bound of a step between refreshes is on the
+    unclipped gradient (``κ|S̃|/c``), so clipping still acts on the proximal term only: the clipped
+    bounded step at ``lr = η`` is the unclipped one at ``lr = c·η`` — with the gradient averaged
+    too, the unclipped run's kept average being the clipped run's divided by ``c``. Float64; the
+    bound binds there (a silent feature of the refresh batch): the "kept" step differs."""
+    eta, clip = 0.5, 0.05
+    kw = dict(rho=0.7, rho_scale="costate", stat_every=4, grad_decay=grad_decay, max_step=None,
+              max_gain=None, fallback="sgd")
+    a, b, k = _bounded_model(), _bounded_model(), _bounded_model()
+    oa, ob = (pmptrain.EMSA(m, lr=eta, amortise=amortise, **kw) for m in (a, b))
+    ok = pmptrain.EMSA(k, lr=eta, amortise="kept", **kw)
+    for model, opt in ((a, oa), (b, ob), (k, ok)):  # step 0 (a refresh): the same unclipped step
+        opt.zero_grad()
+        x, y = _bounded_batch(0)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    x, y = _bounded_batch(1)
+    for model, opt in ((a, oa), (k, ok)):  # step 1 (between refreshes), clipped by c
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        c = clip / (norm + 1e-6)  # clip_grad_norm_'s factor
+        opt.step()
+    assert c < 0.1
+    if grad_decay:  # S̄_b = S̄_a / c: b's kept average of step 0 divided by c
+        for u in ob.units.values():
+            if u.state.grad_avg is not None:
+                u.state.grad_avg = [None if g is None else g / c for g in u.state.grad_avg]
+    ob.zero_grad()
+    F.mse_loss(b(x), y).backward()
+    for g in ob.param_groups:  # lr = c·η without a schedule (ρ/s unchanged)
+        g["lr"] = g["base_lr"] = c * eta
+    ob.step()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=n)
+    assert float((a[0].weight - k[0].weight).detach().abs().max()) > 1e-6  # the bound binds
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_rescaled_step_maximises_the_hamiltonian_of_the_refresh_batch_at_this_steps_traces(k):
+    """amortise="rescaled": step k−1 maximises the bounded H̃ of the refresh batch whose states are
+    scaled by ``√a_x`` and costates by ``√a_p``, ``a = tr C(this batch)/tr C(refresh batch)`` per side
+    (``C_x → a_x C_x``, ``x̄ → √a_x x̄``, ``C_p → a_p C_p``), with this step's gradients — against a
+    Newton step on that H̃ in float64; the traces differ (a feature 5× larger), so it is not
+    "bounded"."""
+    rho, lr = 0.7, 0.5
+    model, twin = _bounded_model(), _bounded_model()
+    rec = _record(model)
+    opt = pmptrain.EMSA(model, stat_every=k, amortise="rescaled", lr=lr, rho=rho, max_step=None, fallback="sgd")
+    o2 = pmptrain.EMSA(twin, stat_every=k, amortise="bounded", lr=lr, rho=rho, max_step=None, fallback="sgd")
+    for t in range(k):
+        for m, o in ((model, opt), (twin, o2)):
+            o.zero_grad()
+            x, y = _bounded_batch(t)
+            F.mse_loss(m(x), y).backward()
+        if t == 0:
+            refresh = {name: dict(r) for name, r in rec.items()}
+        if t == k - 1:
+            now = {name: dict(r) for name, r in rec.items()}
+            before = {name: (mod.weight.detach().clone(), mod.bias.detach().clone(), mod.weight.grad.clone(),
+                             mod.bias.grad.clone()) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+            # between refreshes only Σx², Σx and Σ‖g‖² are captured
+            assert all(e.spec is not None and e.spec.states == "diag" and e.spec.costates == "sqnorm"
+                       for e in opt.capture._entries.values())
+        opt.step()
+        o2.step()
+    for name, (w0, b0, gw, gb) in before.items():
+        mod = dict(model.named_modules())[name]
+        xr, gr, xt, gt = refresh[name]["x"], refresh[name]["g"], now[name]["x"], now[name]["g"]
+        a_x = (xt.square().sum() / xt.shape[0]) / (xr.square().sum() / xr.shape[0])
+        a_p = (xt.shape[0] * gt).square().sum() / xt.shape[0] / ((xr.shape[0] * gr).square().sum() / xr.shape[0])
+        assert abs(float(a_x) - 1.0) > 0.5 or abs(float(a_p) - 1.0) > 0.5
+        dw, db, _ = _bounded_hamiltonian_maximiser(xr * a_x.sqrt(), gr * a_p.sqrt(), gw, gb, rho, lr, True)
+        torch.testing.assert_close(mod.weight.detach() - w0, dw, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(mod.bias.detach() - b0, db, rtol=1e-9, atol=1e-12)
+    assert float((model[0].weight - twin[0].weight).detach().abs().max()) > 1e-6
+
+
+def test_rescaled_refresh_steps_are_the_exact_step_and_ties_and_embeddings_stay_bounded():
+    """Refresh steps of "rescaled" equal "bounded"'s (the exact step); a tied embedding and a
+    position embedding are not rescaled (their steps between refreshes equal "bounded"'s), a Linear
+    is."""
+    from pmptrain.bench.models import build_model
+    models, opts = [], []
+    for mode in ("bounded", "rescaled"):
+        torch.manual_seed(0)
+        m = build_model("gpt", (8,), 16, n_layer=1, n_embd=8, n_head=2).to(DT)
+        models.append(m)
+        opts.append(pmptrain.EMSA(m, stat_every=3, amortise=mode, rho=5.0, rho_scale="costate", lr=10.0, max_gain=None))
+    g = torch.Generator().manual_seed(0)
+    for t in range(2):
+        x = torch.randint(0, 16, (4, 8), generator=g)
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            F.cross_entropy(m(x).reshape(-1, 16), x.roll(-1, 1).reshape(-1)).backward()
+            o.step()
+        a, b = (dict(m.named_parameters()) for m in models)
+        same = {n for n in a if torch.equal(a[n], b[n])}
+        if t == 0:
+            assert same == set(a)
+        else:
+            assert {"wte.weight", "wpe.weight"} <= same and "h.0.mlp.0.weight" not in same
+
+
+def test_rescaled_with_reduced_statistics_is_refused():
+    with pytest.raises(ValueError, match="rescaled"):
+        pmptrain.EMSA(_model(), stat_every=2, amortise="rescaled", stat_reduce=True)
+
+
+def test_rescaled_traces_are_averaged_every_step_like_the_statistics():
+    """With stat_decay β the traces that "rescaled" scales the kept statistics to are averaged every
+    step, refresh or not: ``T_t = β·T_{t−1} + (1−β)·(Σ‖x‖²/B, Σ‖p̂‖²/B)_t`` (float64, by hand from
+    hooks), so the kept mixture is rescaled to the mixture's current trace, not to one batch's."""
+    beta = 0.5
+    model = _bounded_model()
+    rec = _record(model)
+    opt = pmptrain.EMSA(model, stat_every=3, stat_decay=beta, amortise="rescaled", lr=0.5, rho=0.7, fallback="sgd")
+    expect = None
+    for t in range(3):  # steps 0, 1 refresh (younger than 1/(1−β) = 2), step 2 between refreshes
+        opt.zero_grad()
+        x, y = _bounded_batch(t)
+        F.mse_loss(model(x), y).backward()
+        xt, gt = rec["0"]["x"], rec["0"]["g"]
+        b = xt.shape[0]
+        now = torch.stack([xt.square().sum() / b, (b * gt).square().sum() / b])
+        expect = now if expect is None else beta * expect + (1 - beta) * now
+        opt.step()
+        torch.testing.assert_close(opt.units["0"].state.traces, expect, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("amortise", ["bounded", "rescaled"])
+def test_averaged_gradient_is_the_linear_term_between_refreshes(amortise):
+    """With grad_decay β every step, refresh or not, is the step of ``grad_decay = 0`` whose ``.grad``
+    is replaced by ``S̄_t = β·S̄_{t−1} + (1−β)·∇J_t`` (float64, K = 3: one refresh, two steps between;
+    the statistics, captured in the backward pass, do not depend on ``.grad``)."""
+    beta = 0.5
+    a, b = _bounded_model(), _bounded_model()
+    kw = dict(stat_every=3, amortise=amortise, stat_decay=0.5, lr=0.5, rho=0.7, max_step=None, max_gain=None,
+              fallback="sgd")
+    oa, ob = pmptrain.EMSA(a, grad_decay=beta, **kw), pmptrain.EMSA(b, **kw)
+    avg = {}
+    for t in range(5):  # steps 0, 1 refresh (younger than 1/(1−β)), 2 and 4 between, 3 refreshes
+        x, y = _bounded_batch(t)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+        for p in b.parameters():
+            avg[p] = p.grad.clone() if p not in avg else beta * avg[p] + (1 - beta) * p.grad
+            p.grad.copy_(avg[p])
+        oa.step()
+        ob.step()
+        for (n, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=f"{n} at step {t}")

@@ -91,6 +91,7 @@ REGISTRY = [
     Config("emsa-running", _emsa(stat_decay=0.9, eig_refresh=2)),
     Config("emsa-amortised", _emsa(stat_every=2)),
     Config("emsa-amortised-bounded-reduce", _emsa(stat_every=2, amortise="bounded", stat_reduce=True)),
+    Config("emsa-amortised-rescaled-averaged", _emsa(stat_every=3, amortise="rescaled", stat_decay=0.5, grad_decay=0.5)),
     Config("emsa-sgd-fallback", _emsa(fallback="sgd", fallback_lr=0.01)),
     Config("emsa-iterative", _emsa(solver="iterative", inner_steps=2)),
     Config("msa", lambda model, params=None, **o: pmptrain.MSA(model, params, **{"lr": 0.5, **o}), captures=False),

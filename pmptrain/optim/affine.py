@@ -79,13 +79,15 @@ class AffineState:
     """``step``; with running averages, ``running`` (per member) and the eigendecompositions
     ``eig_left`` / ``eig_right`` (``(values, vectors)``; vectors None for a diagonal side) reused
     between refreshes; with ``grad_decay > 0``, ``grad_avg``: the running average of the gradient
-    of each of the unit's parameters (in ``unit.params`` order)."""
+    of each of the unit's parameters (in ``unit.params`` order); with ``amortise="rescaled"``,
+    ``traces``: ``(tr C_x, tr C_p)`` of the recent batches, averaged every step with ``stat_decay``."""
 
     step: int = 0
     running: Optional[List[RunningStats]] = None
     eig_left: Optional[Tuple[Tensor, Optional[Tensor]]] = None
     eig_right: Optional[Tuple[Tensor, Optional[Tensor]]] = None
     grad_avg: Optional[List[Optional[Tensor]]] = None
+    traces: Optional[Tensor] = None
     _nested: ClassVar[dict] = {"RunningStats": RunningStats}
     _param_shaped: ClassVar[Tuple[str, ...]] = ("grad_avg",)  # sharded under FSDP2
 
@@ -137,8 +139,10 @@ class EMSARuleBase(Rule):
       ``amortise`` — the steps between refreshes: ``kept`` (the kept curvature as it is) or
       ``bounded`` (each kept-eigenbasis curvature ``μ_i + λ_j`` raised to ``2√k|(VᵀSU)_ij|``, the
       Cauchy–Schwarz bound this step's gradient puts on its own batch's curvature, ``k = ρ_p/ρ_x``;
-      docs/algorithms.md, "Amortised curvature"); ``stat_reduce`` — the rows of one sequence or
-      image summed before the outer product (K-FAC-reduce; the matrix rule, sides on the primal
+      docs/algorithms.md, "Amortised curvature") or ``rescaled`` (``bounded`` with each side's kept
+      eigenvalues scaled by the ratio of this step's trace ``tr C`` to the kept one, captured as
+      ``Σ‖x‖²`` and ``Σ‖p̂‖²``: a unit of one Linear or convolution); ``stat_reduce`` — the rows of
+      one sequence or image summed before the outer product (K-FAC-reduce; the matrix rule, sides on the primal
       route — a side in Gram form keeps its rows);
       ``eig_floor``, ``eig_float64`` — eigensolver options;
     * ``grad_decay`` (β_S) — the linear term of H̃ is the running average of the gradient,
@@ -161,7 +165,7 @@ class EMSARuleBase(Rule):
         "stat_decay": Real(0.0, 1.0, hi_open=True),
         "grad_decay": Real(0.0, 1.0, hi_open=True),
         "stat_every": Int(1),
-        "amortise": Choice(("kept", "bounded")),
+        "amortise": Choice(("kept", "bounded", "rescaled")),
         "stat_reduce": Flag(),
         "eig_refresh": Int(1),
         "eig_floor": Real(0.0, PENALTY_MAX, why="rho times the floor must stay finite in float32"),
@@ -346,18 +350,33 @@ class AffineEMSARule(EMSARuleBase):
         return float(self.value(group, "stat_decay")) > 0.0
 
     def refresh_step(self, unit, group) -> bool:
-        """Whether the coming step captures statistics (always, unless ``stat_every = K > 1`` and
-        kept statistics exist and the step is not a multiple of K)."""
+        """Whether the coming step captures statistics: always, unless ``stat_every = K > 1`` and
+        kept statistics exist and the step is not a multiple of K — and, with running averages
+        (``stat_decay = β``), every step while they are younger than their time constant
+        ``1/(1 − β)`` (:func:`eig_refresh_due`: the statistics move fastest early in training)."""
         every = int(self.value(group, "stat_every"))
-        return every <= 1 or unit.state.running is None or unit.state.step % every == 0
+        return (every <= 1 or unit.state.running is None
+                or eig_refresh_due(unit.state.step, every, float(self.value(group, "stat_decay"))))
+
+    def rescaled(self, unit, group) -> bool:
+        """``amortise="rescaled"`` applies to ``unit``: one member (a Linear or a convolution; not an
+        embedding, not a tie), whose kept statistics exist (docs/algorithms.md, "Amortised
+        curvature")."""
+        if self.value(group, "amortise") != "rescaled" or len(unit.members) != 1:
+            return False
+        run = unit.state.running
+        return (not unit.members[0].adapter.index_input and run is not None and run[0] is not None
+                and run[0].cxx is not None and (run[0].cpp is not None or run[0].tau is not None))
 
     def capture_spec(self, unit, member, group):
-        if not self.capture_active(group) or not self.refresh_step(unit, group):
+        if not self.capture_active(group):
             return None
         adapter, module = member.adapter, member.module
         m, n = adapter.weight_shape_2d(module)
         w = member.weight
         dt = w.dtype if w.dtype in _FLOAT_TYPES else torch.float32
+        if not self.refresh_step(unit, group):  # between refreshes: the traces for "rescaled", else nothing
+            return CaptureSpec("diag", "sqnorm", False, n, m, dt) if self.rescaled(unit, group) else None
         if adapter.index_input:
             return CaptureSpec("counts", "sqnorm" if self.costate_scaled(group) else "none", False, n, m, dt)
         reduce = bool(self.value(group, "stat_reduce"))  # K-FAC-reduce wherever rows are folded
@@ -465,10 +484,11 @@ class AffineEMSARule(EMSARuleBase):
         etas = {id(b): ctx.step_size(ctx.group(b), self.key("lr")) for _, b, _ in biases}
         decay_w = ctx.decay(w, self.decay_key)
         state: AffineState = unit.state
-        new_state = AffineState(state.step + 1, state.running, state.eig_left, state.eig_right)
+        new_state = AffineState(state.step + 1, state.running, state.eig_left, state.eig_right, traces=state.traces)
 
         grads = [(w, gw)] + [(b, gb) for _, b, gb in biases]
         amortised = self.amortised(group)
+        scales = None  # (a_x, a_p) of a "rescaled" step between refreshes
         # statistics of this step's backward passes, or (an amortised step) the kept ones
         fresh = self.refresh_step(unit, group)
         if fresh and any(s is None for s in stats) or rho == 0.0:
@@ -490,8 +510,14 @@ class AffineEMSARule(EMSARuleBase):
                         for mb, st in zip(members, stats)]
                 if all(r is None for r in raws):
                     return self._no_data(unit, ctx, grads)
+                if self.value(group, "amortise") == "rescaled" and len(members) == 1 and raws[0] is not None:
+                    now = _batch_traces(raws[0], members[0], dt)
+                    if now is not None:
+                        new_state.traces = _blend_traces(state.traces, now, decay)
                 if amortised and (decay > 0.0 or all(r is None or r.primal() for r in raws)):
-                    raws, new_state.running = self._running(raws, state.running, decay)
+                    # β per step: a refresh Δ steps after the last blends with β^Δ (time constant 1/(1−β) steps)
+                    beta = decay ** steps_since_refresh(state.step, int(self.value(group, "stat_every")), decay)
+                    raws, new_state.running = self._running(raws, state.running, beta)
                 elif amortised:  # a unit solved in Gram form: exact every step (cheap), nothing kept
                     new_state.running = new_state.eig_left = new_state.eig_right = None
             else:  # an amortised step: the kept statistics, this step's bias gradients
@@ -500,6 +526,11 @@ class AffineEMSARule(EMSARuleBase):
                             or delta_b_of.get(id(mb)) is None else gb_of[id(mb)].to(dt),
                             delta_b=delta_b_of.get(id(mb)) if gb_of.get(id(mb)) is not None else None))
                         for mb, run in zip(members, state.running)]
+                now = self._step_traces(unit, stats[0], ctx, dt) if self.rescaled(unit, group) else None
+                if now is not None and raws[0] is not None:
+                    new_state.traces = _blend_traces(state.traces, now, decay)
+                    scales = _trace_ratios(new_state.traces, state.running[0], members[0], dt)
+                    raws = [rescale_member(raws[0], *scales)]
             present = [r for r in raws if r is not None]
             batch = present[0].samples if present else 1.0
             rho = self.effective_rho(group, ctx, lambda: self._costate_parts(members, raws), batch, unit.params)
@@ -526,9 +557,17 @@ class AffineEMSARule(EMSARuleBase):
                     eig_l = curvature_eig(left, s, floor, f64) if refresh else state.eig_left
                     eig_r = curvature_eig(right, s, floor, f64) if refresh else state.eig_right
                     new_state.eig_left, new_state.eig_right = eig_l, eig_r
+                    if scales is not None:  # the kept eigenvalues at this step's traces (left: C_p unless transposed)
+                        a_l, a_r = scales[::-1] if not members[0].adapter.transposed else scales
+                        eig_l, eig_r = (eig_l[0] * a_l, eig_l[1]), (eig_r[0] * a_r, eig_r[1])
                     bound = 0.0  # between refreshes, "bounded": the kept curvature lifted to this step's bound
-                    if not fresh and self.value(group, "amortise") == "bounded":
+                    if not fresh and self.value(group, "amortise") in ("bounded", "rescaled"):
                         bound = 2.0 * math.sqrt(ratio)
+                        # ρ_t carries the clip factor c (S = c·∇J, effective_rho): the bound is on the
+                        # unclipped gradient, κ|S̃|/c, so that clipping still acts on δ only
+                        c = ctx.grad_rescale(unit.params) if self.costate_scaled(group) else None
+                        if c is not None:
+                            bound = bound / c.to(dt)
                     dws = sylvester_in_eigenbases(s, eig_l, eig_r, rho, delta_w, bound)
                 else:
                     dws = solve_sylvester(s, left, right, rho, delta_w, floor, f64, overwrite_s=True)
@@ -546,6 +585,23 @@ class AffineEMSARule(EMSARuleBase):
             ups.append(Update(b, (db if db is not None else torch.zeros_like(gb)).to(b.dtype),
                               decay=ctx.decay(b, self.decay_key)))
         return self.trust(unit, ctx, Proposal(ups, new_state))
+
+    def _step_traces(self, unit: Unit, st: Optional[ModuleStats], ctx: StepContext, dt) -> Optional[Tensor]:
+        """``(tr C_x, tr C_p)`` of this step's batch between refreshes (``Σ‖x‖²/B``, ``Σ‖p̂‖²/B`` on
+        the union of the ranks' batches; a 2-vector), or None without them."""
+        member = unit.members[0]
+        if st is None or st.x_sq is None:
+            return None
+        samples, _ = ctx.union_sizes(member.name, st)
+        if samples == 0:
+            return None
+        scale = float(st.samples) * ctx.costate_inv_scale
+        st.unify_shared_(ctx.process_group, ctx.world, scale)
+        if st.g_sq is None:
+            return None
+        sums = torch.stack([st.x_sq.sum().to(dt), st.g_sq.to(dt) * (scale * scale)])
+        pdist.all_reduce_sum_([sums], ctx.process_group)
+        return sums / float(samples)
 
     @staticmethod
     def _costate_parts(members, raws):
@@ -620,6 +676,45 @@ def penalty_bases(rule, group) -> tuple:
     return (rho if rx is None else float(rx)), (rho if rp is None else float(rp))
 
 
+def _batch_traces(raw: AffineMember, member: Member, dt) -> Optional[Tensor]:
+    """``(tr C_x, tr C_p)`` of a refresh step's batch statistics (before any blending), or None."""
+    if raw.cxx is not None:
+        tx = raw.cxx.diagonal(dim1=-2, dim2=-1).sum()
+    elif raw.x_rows is not None:
+        tx = raw.x_rows.square().sum() / raw.samples
+    else:
+        return None
+    tp = raw.costate_trace(member.adapter.weight_shape_2d(member.module)[0])
+    if tp is None:
+        return None
+    return torch.stack([torch.as_tensor(tx, dtype=dt), torch.as_tensor(tp, dtype=dt, device=tx.device)])
+
+
+def _blend_traces(old: Optional[Tensor], now: Tensor, beta: float) -> Tensor:
+    """The traces averaged every step, ``β·old + (1 − β)·now`` (``now`` at the first step or β = 0)."""
+    return now if old is None or beta == 0.0 else beta * old.to(now.dtype) + (1.0 - beta) * now
+
+
+def _trace_ratios(traces: Tensor, run: RunningStats, member: Member, dt):
+    """``(a_x, a_p)`` of a ``"rescaled"`` step between refreshes: the averaged traces of the recent
+    batches (this step's alone with ``stat_decay = 0``) over the kept statistics' (0-dim tensors; 1
+    where a kept trace is 0)."""
+    m = member.adapter.weight_shape_2d(member.module)[0]
+    kept_p = run.cpp.diagonal(dim1=-2, dim2=-1).sum() if run.cpp is not None else torch.as_tensor(run.tau) * m
+    kept = torch.stack([run.cxx.diagonal(dim1=-2, dim2=-1).sum().to(dt), torch.as_tensor(kept_p, dtype=dt)])
+    ratio = torch.where(kept > 0, traces.to(dt) / kept.clamp_min(torch.finfo(dt).tiny), torch.ones_like(kept))
+    return ratio[0], ratio[1]
+
+
+def rescale_member(raw: AffineMember, a_x: Tensor, a_p: Tensor) -> AffineMember:
+    """``raw`` with its states scaled by ``√a_x`` and its costates by ``√a_p``: ``C_x → a_x C_x``,
+    ``x̄ → √a_x x̄``, ``C_p → a_p C_p`` (so ``C'_x → a_x C'_x`` exactly: the eigenvectors are kept)."""
+    def mul(t, a):
+        return None if t is None else t * a
+    return dataclasses.replace(raw, cxx=mul(raw.cxx, a_x), x_mean=mul(raw.x_mean, a_x.sqrt()), cpp=mul(raw.cpp, a_p),
+                               tau=mul(raw.tau, a_p), p_trace=mul(raw.p_trace, a_p))
+
+
 def scale_costate(raw: AffineMember, k: float) -> AffineMember:
     """``raw`` with its costate statistic multiplied by ``k`` (``C_p → k·C_p``)."""
     return dataclasses.replace(
@@ -633,6 +728,17 @@ def eig_refresh_due(step: int, every: int, decay: float) -> bool:
     = decay``: every ``every``-th step, and every step while the averages are younger than their
     time constant ``1/(1 − decay)`` (they still move fast; K-FAC refreshes more often early too)."""
     return step % every == 0 or (decay > 0.0 and step < 1.0 / (1.0 - decay))
+
+
+def steps_since_refresh(step: int, every: int, decay: float) -> int:
+    """``Δ``: how many steps before ``step`` the statistics were last captured under ``stat_every =
+    every`` (refresh steps: :func:`eig_refresh_due`; 1 when ``every = 1``). A refresh blends the
+    running averages with ``β^Δ``, as if its batch's statistics stood for each of the ``Δ`` steps
+    since the last one, so that ``stat_decay`` keeps its time constant of ``1/(1 − β)`` steps."""
+    for d in range(1, max(1, every)):
+        if step - d >= 0 and eig_refresh_due(step - d, every, decay):
+            return d
+    return max(1, every)
 
 
 def _scalar(t: Tensor):

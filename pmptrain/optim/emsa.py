@@ -220,7 +220,13 @@ class EMSA(PMPOptimizer):
             ρ_p/ρ_x``), the lower bound that this step's own gradient puts on its batch's curvature
             (Cauchy–Schwarz), so a direction the refresh batch did not excite is not stepped by
             ``lr·S``: each entry of the step in the kept basis is at most ``1/(2√k ρ)``. One
-            elementwise pass; nothing is captured (docs/algorithms.md, "Amortised curvature").
+            elementwise pass; nothing is captured (docs/algorithms.md, "Amortised curvature"). Or
+            ``"rescaled"``: ``"bounded"`` with each side's kept eigenvalues scaled by the ratio of this
+            step's trace to the kept one (``tr C_x``, ``tr C_p``, from ``Σ‖x‖²`` and ``Σ‖p̂‖²``
+            captured between refreshes — one elementwise pass per side), and ``rho_scale="costate"``'s
+            rms costate from this step: the kept curvature follows the scale of the states and
+            costates, which moves by orders of magnitude early in training (a unit of one Linear or
+            convolution; embeddings and ties stay ``"bounded"``; not with ``stat_reduce``).
         stat_reduce: K-FAC-reduce statistics (Eschenhagen et al. 2023; default False): the state
             and costate rows of one entry of the batch dimension (a sequence's tokens, an image's
             output positions; ``L`` rows) are summed and divided by ``√L`` before the outer
@@ -485,6 +491,11 @@ class EMSA(PMPOptimizer):
                     raise ValueError(
                         f"invalid {key}={group[key]!r} with penalty_units='sum': sums over the batch need "
                         "the statistics of the step itself (stat_decay=0, stat_every=1)")
+        if group.get("amortise") == "rescaled" and group.get("stat_reduce"):
+            raise ValueError(
+                "invalid amortise='rescaled' with stat_reduce=True: the steps between refreshes compare "
+                "this step's row traces with the kept statistics', which are of reduced rows "
+                "(use amortise='bounded')")
         for key, off, what in (("stat_decay", 0.0, "running averages"), ("stat_every", 1, "amortised statistics")):
             if group.get("costate") == "isotropic" and float(group.get(key, off)) > off:
                 raise ValueError(
