@@ -99,6 +99,29 @@ def test_opt_arg_values_go_through_the_same_schema(tmp_path, capsys, arg, names)
     assert not out.exists()
 
 
+@pytest.mark.parametrize("text, value", [("1e3", 1000.0), ("1e-3", 1e-3), ("-2E+5", -2e5), ("1.5e3", 1500.0),
+                                         (".5e3", 500.0), ("1.0e+3", 1000.0), ("12", 12), ("1.5", 1.5),
+                                         ("1e", "1e"), ("e3", "e3"), ("'1e3'", "1e3"), ("{lr: 1e-4}", {"lr": 1e-4})])
+def test_yaml_reads_exponent_floats_as_numbers(text, value):
+    """PyYAML's YAML 1.1 read ``1e3`` and ``1.5e3`` as strings (``--opt-arg emsa.rho=1e3`` was refused
+    as "not a number"); the bench reads them as YAML 1.2 does, a quoted one stays a string."""
+    got = schema.load_yaml(text, "x")
+    assert got == value and type(got) is type(value)
+
+
+def test_opt_arg_exponent_and_null_for_optional_keywords(capsys):
+    code = cli.main(["bench", "--optimizers", "emsa", "--opt-arg", "emsa.rho=1e3", "--opt-arg", "emsa.max_gain=null",
+                     "--dry-run"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    import json
+    args = json.loads(out.out)["optimizer_args"]["emsa"]
+    assert args == {"rho": 1000.0, "max_gain": None}
+    assert "max_gain" in get_spec("emsa").nullable() and "fallback" not in get_spec("emsa").nullable()
+    code = cli.main(["bench", "--optimizers", "sgd", "--opt-arg", "sgd.momentum=null", "--dry-run"])
+    assert code == 2 and "--opt-arg sgd.momentum: must be a finite number" in capsys.readouterr().err
+
+
 def test_good_spellings_are_normalised():
     cfg = BenchConfig.from_dict({"optimizers": "sgd, EMSA, binary_msa", "seeds": 3, "keep": "none", "scale": "None",
                                  "dataset": "fashion_mnist", "lr": {"Emsa": 2}, "data_dir": "/x",

@@ -163,6 +163,31 @@ class OptimizerSpec:
             out[k] = v
         return out
 
+    def nullable(self) -> set:
+        """The keywords of :meth:`options` whose annotation admits None (``Optional[X]``: e.g.
+        ``EMSA(max_step=None)`` turns the trust region off), so a configuration may give ``null``
+        for them although their default is not None."""
+        import typing
+
+        out = set()
+        targets = [self.builder]
+        if self.forwards_to:
+            from .. import optim
+
+            cls = getattr(optim, self.forwards_to)
+            targets += [c.__init__ for c in cls.__mro__ if "__init__" in vars(c) and c is not object]
+        for fn in targets:
+            try:
+                hints = typing.get_type_hints(fn)
+            except Exception:  # an annotation that does not resolve: judged by its text
+                hints = {k: str(v.annotation) for k, v in inspect.signature(fn).parameters.items()}
+            for name, ann in hints.items():
+                text = ann if isinstance(ann, str) else None
+                if (text is not None and ("Optional[" in text or "None" in text)) or (
+                        text is None and type(None) in typing.get_args(ann)):
+                    out.add(name)
+        return out
+
     @property
     def default_lr(self) -> float:
         """Default value of the step-size hyper-parameter ``lr_key``."""

@@ -326,7 +326,8 @@ def check_optimizer_args(optimizer_args: Any, opt: str = "optimizer_args") -> Di
     each key one of its declared keywords (:meth:`~pmptrain.bench.registry.OptimizerSpec.options`);
     each value plain data (bool, string, null, a finite number of magnitude at most
     :data:`MAX_MAGNITUDE`, or a flat list of those) of the type of the keyword's default (a number
-    where the default is a number, true/false where it is a bool, …); the step-size
+    where the default is a number, true/false where it is a bool, …; null also where the keyword's
+    annotation is ``Optional``: :meth:`~pmptrain.bench.registry.OptimizerSpec.nullable`); the step-size
     hyper-parameter (``spec.lr_key``) in ``[0,`` :data:`MAX_STEP_SIZE` ``]`` as ``--lr``. Other
     ranges are the optimizer's own business: it checks them when the bench builds it before training.
     """
@@ -345,7 +346,7 @@ def check_optimizer_args(optimizer_args: Any, opt: str = "optimizer_args") -> Di
             kwargs = {}
         if not isinstance(kwargs, Mapping):
             raise _fail(f"{opt}.{spec.name}", "a mapping {key: value}", kwargs)
-        options = spec.options()
+        options, nullable = spec.options(), spec.nullable()
         for key, value in kwargs.items():
             where = f"--opt-arg {spec.name}.{key}"
             if key not in options:
@@ -354,7 +355,7 @@ def check_optimizer_args(optimizer_args: Any, opt: str = "optimizer_args") -> Di
                 raise ConfigError(f"{where}: must be finite, got {_show(value)}")
             if not _plain(value):
                 raise ConfigError(f"{where}: must be {_PLAIN_WHAT}, got {_show(value)}")
-            need = _like_default(value, options[key])
+            need = None if value is None and key in nullable else _like_default(value, options[key])
             if need is not None:
                 raise ConfigError(f"{where}: must be {need} (the default is {options[key]!r}), got {value!r}")
             if key == spec.lr_key:
@@ -510,22 +511,47 @@ def _expanded_nodes(root) -> int:
     return size(root)
 
 
+_YAML_LOADER = None
+
+
+def _yaml_loader():
+    """``yaml.SafeLoader`` that also reads YAML 1.2 floats: ``1e3``, ``1e-3``, ``1.5e3``, ``-2E+5``
+    (YAML 1.1, PyYAML's default, wants a dot in the mantissa and a sign in the exponent and reads
+    the others as *strings*, so
+    ``--opt-arg emsa.rho=1e3`` or ``lr: 1e-3`` in a config were refused as "not a number")."""
+    global _YAML_LOADER
+    if _YAML_LOADER is None:
+        import re
+
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        exponent = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789."))
+        _YAML_LOADER = Loader
+    return _YAML_LOADER
+
+
 def load_yaml(text: str, where: str) -> Any:
     """``yaml.safe_load(text)`` within bounds: at most :data:`MAX_YAML_BYTES` bytes and
     :data:`MAX_YAML_NODES` nodes after alias expansion; a refusal or syntax error is a
-    :class:`ConfigError` starting with ``where``."""
+    :class:`ConfigError` starting with ``where``. Exponent floats without a dot (``1e-3``) are
+    numbers, as in YAML 1.2 (:func:`_yaml_loader`)."""
     import yaml
 
     if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
         raise ConfigError(f"{where}: YAML larger than {MAX_YAML_BYTES} bytes; a configuration is a few lines")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = _yaml_loader()
+        node = yaml.compose(text, Loader=loader)
         if node is None:
             return None
         if _expanded_nodes(node) > MAX_YAML_NODES:
             raise ConfigError(f"{where}: YAML expands to more than {MAX_YAML_NODES} values (through aliases "
                               "or nesting); refused")
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass (one float resolver added)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML: {e}") from None
     except RecursionError:
