@@ -264,12 +264,32 @@ def _hidden_matrices(model: nn.Module):
     return hidden, other
 
 
-def _muon(model, lr=0.02, momentum=0.95, weight_decay=0.0, adamw_lr=1e-3, adamw_wd=0.0):
+def _muon(model, lr=0.02, momentum=0.95, weight_decay=0.0, adamw_lr=1e-3, adamw_wd=0.0, ns_dtype="bfloat16"):
+    """pytorch-optimizer's Muon; ``ns_dtype="float32"`` runs its Newton–Schulz iteration in float32
+    instead of its bfloat16 (for CPUs without fast bfloat16 products)."""
     po = _pytorch_optimizer("muon")
+    if ns_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"ns_dtype: expected bfloat16 or float32, got {ns_dtype!r}")
     hidden, other = _hidden_matrices(model)
     groups = [{"params": hidden, "use_muon": True}, {"params": other, "use_muon": False}]
-    return po.Muon(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, adamw_lr=adamw_lr,
-                   adamw_wd=adamw_wd)
+    cls = po.Muon if ns_dtype == "bfloat16" else _float32_muon(po.Muon)
+    return cls(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, adamw_lr=adamw_lr,
+               adamw_wd=adamw_wd)
+
+
+def _float32_muon(base):
+    """``base`` (pytorch-optimizer's Muon) with each update orthogonalised by its own quintic
+    Newton–Schulz function in float32 (one matrix at a time) instead of bfloat16."""
+    from pytorch_optimizer.optimizer.utils.matrix import zero_power_via_newton_schulz_5
+
+    class Float32Muon(base):
+        @staticmethod
+        def _orthogonalize(group, updates):
+            return [zero_power_via_newton_schulz_5(u.reshape(u.size(0), -1), num_steps=group["ns_steps"],
+                                                   weights=group["ns_coeffs"], dtype=torch.float32)
+                    for u in updates]
+
+    return Float32Muon
 
 
 def _soap(model, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10):
