@@ -81,7 +81,7 @@ FIELDS: Dict[str, Kind] = {
     "tensorboard": Bool(),
     "threads": Maybe(Int(1, max_threads())),
     "clock": OneOf(("wall", "cpu")),
-    "eval_every": Maybe(Int(1, MAX_EPOCHS * MAX_EXAMPLES)),
+    "eval_every": Maybe(Int(1, 10_000_000)),
     "fsdp": Bool(),
     "preset": Maybe(Text()),
 }

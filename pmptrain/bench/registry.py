@@ -15,7 +15,9 @@ adamw              float           AdamW, betas (0.9, 0.95),    lr 1e-3    3e-4,
 adagrad            float           Adagrad (torch's defaults:   lr 0.01    3e-3, 0.01, 0.03
                                    accumulator 0, eps 1e-10)
 muon               float           Muon (hidden matrices) +     lr 0.02    0.005, 0.02, 0.05
-                                   AdamW 1e-3 (the rest)
+                                   AdamW 1e-3 (the rest);
+                                   ns_dtype=float32: Newton–
+                                   Schulz in float32
 soap               float           SOAP                         lr 3e-3    1e-3, 3e-3, 1e-2
 msa                float           MSA (basic, ρ = 0)           lr 0.1     0.03, 0.1, 0.3
 emsa               float           EMSA closed form, ρ = 1      lr 1.0     0.3, 1.0, 3.0
@@ -26,6 +28,11 @@ emsa-transformer   float           EMSA's transformer setting:  lr 1e3     1e2, 
                                    averaged (β 0.95)
 emsa-costate       float           EMSA, ρ = 5 × rms costate    lr 1e3     1e2, 1e3, 1e4
                                    (rho_scale="costate")
+emsa-bounded-…     float           emsa-bounded-reduce: emsa    lr 1.0     0.3, 1.0, 3.0
+                                   with stat_every=10,
+                                   amortise="bounded",
+                                   stat_reduce (the conv
+                                   setting; issue 17)
 emsa-iterative     float           EMSA solver="iterative"      lr 1.0     0.3, 1.0, 3.0
                                    (10 L-BFGS inner iterations)
 emsa-paper         float           EMSA.paper: the reference    ρ 1.0      0.3, 1.0, 3.0
@@ -369,6 +376,12 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       "lr", (1e2, 1e3, 1e4), takes_wrapper=True, forwards_to="EMSA",
                       description="emsa-costate with the statistics captured every 10th step; the steps "
                                   "between keep the eigenbases, bounded by their own gradient"),
+        OptimizerSpec("emsa-bounded-reduce", _emsa,
+                      {"lr": 1.0, "rho": 1.0, "stat_every": 10, "amortise": "bounded", "stat_reduce": True},
+                      "lr", (0.3, 1.0, 3.0), takes_wrapper=True, forwards_to="EMSA",
+                      description="emsa (the classic setting) with the statistics captured every 10th step, "
+                                  "K-FAC-reduce statistics of convolutions, the steps between bounded by their "
+                                  "own gradient"),
         OptimizerSpec("emsa-iterative", _emsa,
                       {"lr": 1.0, "rho": 1.0, "solver": "iterative", "inner_steps": 10,
                        "inner_lr": 1.0, "inner_optimizer": "lbfgs"},
