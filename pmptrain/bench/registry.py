@@ -159,6 +159,10 @@ class OptimizerSpec:
                 out.setdefault(prm.name, prm.default)
             if not any(prm.kind is prm.VAR_KEYWORD for prm in params):
                 break
+        if self.forwards_to:  # keywords a setting fills (default None): their type, for the schema
+            for k, v in getattr(cls, "OPTION_DEFAULTS", {}).items():
+                if out.get(k) is None:
+                    out[k] = v
         for k, v in self.defaults.items():
             out[k] = v
         return out

@@ -434,6 +434,10 @@ class EMSA(PMPOptimizer):
                          strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler,
                          shard_solves=shard_solves)
 
+    #: What the bench's schema types ``stat_every``, ``amortise`` and ``stat_reduce`` by (their
+    #: values in the classic setting): the setting fills them when left at None.
+    OPTION_DEFAULTS = {k: SETTINGS["classic"][k] for k in ("stat_every", "amortise", "stat_reduce")}
+
     def _table_note(self) -> Optional[str]:
         values = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in SETTINGS[self.setting].items())
