@@ -322,8 +322,9 @@ def coverage(model: nn.Module, batch=None, loss_fn=None, **emsa_kwargs) -> dict:
     return {"share": controlled / total if total else 1.0, "params": total, "fallback": fallback, "why": why}
 
 
-#: the two settings of the zoo test (``EMSA(model)``'s default, ``setting="auto"``, is one of them:
-#: ``transformer`` for models with token embeddings or attention, ``classic`` otherwise)
+#: two settings of the zoo test (``EMSA(model)``'s default, ``setting="auto"``, is ``transformer`` for
+#: models with token embeddings or attention, ``conv`` — classic with amortised statistics — for other
+#: models with convolutions, ``classic`` otherwise)
 SETTINGS = {"classic": dict(setting="classic"), "transformer": dict(setting="transformer")}
 
 

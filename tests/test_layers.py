@@ -445,7 +445,7 @@ def test_rule_table_lists_every_unit_and_prints_as_a_table():
         ("0", "emsa", ["0.weight", "0.bias"]), ("1", "emsa-channel", ["1.weight", "1.bias"]),
         ("3", "emsa", ["3.weight", "3.bias"]), ("2.weight", "fallback", ["2.weight"])]
     note, *lines = str(table).splitlines()  # the first line: the setting EMSA(model) chose, and why
-    assert note == table.note and note.startswith("setting: classic (auto: no token embedding or attention module")
+    assert note == table.note and note.startswith("setting: classic (auto: no token embedding, attention or convolution module")
     assert lines[0].split() == ["unit", "rule", "params", "description"] and set(lines[1]) <= {"-", " "}
     assert lines[3].startswith("1 ") and "emsa-channel" in lines[3] and "1.weight, 1.bias" in lines[3]
     assert lines[5].split()[:3] == ["2.weight", "fallback", "2.weight"] and len(lines) == 6

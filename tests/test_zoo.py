@@ -109,7 +109,8 @@ def test_a_few_steps_lower_the_loss_without_clipping(name, setting):
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_the_default_setting_follows_the_model_structure(name):
     """``EMSA(model)`` (``setting="auto"``) takes the transformer setting exactly for the models with
-    a token embedding or attention module, and prints its choice in ``rule_table()``."""
+    a token embedding or attention module, the conv setting for the other models with a trainable
+    convolution, and prints its choice in ``rule_table()``."""
     _skip_without_transformers(name)
     from torch import nn
 
@@ -118,7 +119,9 @@ def test_the_default_setting_follows_the_model_structure(name):
         warnings.simplefilter("ignore")
         opt = pmptrain.EMSA(model)
     kinds = (nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention)
-    expected = "transformer" if any(isinstance(m, kinds) for m in model.modules()) else "classic"
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    expected = ("transformer" if any(isinstance(m, kinds) for m in model.modules()) else
+                "conv" if any(isinstance(m, convs) and m.weight.requires_grad for m in model.modules()) else "classic")
     assert opt.setting == expected
     assert str(opt.rule_table()).splitlines()[0].startswith(f"setting: {expected} (auto")
     group = opt.param_groups[0]

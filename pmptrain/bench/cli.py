@@ -111,7 +111,9 @@ outputs (in --out, default runs/<timestamp>):
   results.txt, results.json, results.csv
                               the table: final/best test accuracy (median [min-max] over seeds),
                               epochs and seconds to --target-acc, median step time and its ratio
-                              to SGD in the same bench, peak RSS, optimizer-state size
+                              to SGD in the same bench, peak RSS, optimizer-state size, and the
+                              seconds every optimizer takes to reach every optimizer's final
+                              accuracy (times on --clock: wall or cpu)
   acc_vs_epoch.png, acc_vs_seconds.png   one line per optimizer, band = seed spread
   runs/<opt>[/<hp>=<v>]/seed<k>/{{checkpoint.pt,run.json}}   per-run record, atomic checkpoints
   tensorboard/<opt>[/<hp>=<v>]/seed<k>/   TensorBoard logs (train/test loss & accuracy, step
@@ -254,6 +256,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="write TensorBoard logs (default on)")
     g.add_argument("--threads", type=int, default=S,
                    help="torch.set_num_threads, at most 4 x the CPUs (default: torch's)")
+    g.add_argument("--clock", default=S, choices=["wall", "cpu"],
+                   help="the training clock of step times and seconds to target: wall (time.perf_counter, "
+                        "default) or cpu (process CPU time, time.process_time: not inflated by other processes' "
+                        "load on a shared machine; needs --threads 1); recorded in results.json and the tables")
     g.add_argument("--dry-run", action="store_true", default=False,
                    help="check every setting and the output directory, print the resolved configuration "
                         "as JSON and exit (0 valid, 2 refused) without loading data, training or writing")
@@ -262,7 +268,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "adamw,emsa-transformer,emsa-costate; batch 16 sequences; --seeds, --lr, --opt-arg, --threads, --out as above)")
     g.add_argument("--steps", type=int, default=S, help="optimizer steps per run (default 200)")
     g.add_argument("--seq-len", type=int, default=S, help="tokens (bytes) per sequence (default 128)")
-    g.add_argument("--eval-every", type=int, default=S, help="validation every N steps (default 20)")
+    g.add_argument("--eval-every", type=int, default=S,
+                   help="gpt: validation every N steps (default 20); classifiers: also the test accuracy every "
+                        "N steps (not timed), for a finer time to every optimizer's final accuracy (default: "
+                        "after each epoch only)")
     g.add_argument("--warmup", type=float, default=S, help="linear warmup, fraction of the steps (default 0.1)")
     g.add_argument("--clip", type=float, default=S, help="gradient-norm clipping, 0 = off (default 1.0)")
     g.add_argument("--max-bytes", type=int, default=S, help="corpus size in bytes (default 2000000)")

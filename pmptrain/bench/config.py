@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
 from .data.catalog import DATASETS, INPUT_SHAPES, canonical_name
+from .clock import check_clock
 from .losses import LOSSES
 from .models import MODELS
 from .registry import get_spec
@@ -79,6 +80,8 @@ FIELDS: Dict[str, Kind] = {
     "download": Maybe(Bool()),
     "tensorboard": Bool(),
     "threads": Maybe(Int(1, max_threads())),
+    "clock": OneOf(("wall", "cpu")),
+    "eval_every": Maybe(Int(1, 10_000_000)),
     "fsdp": Bool(),
     "preset": Maybe(Text()),
 }
@@ -114,6 +117,11 @@ class BenchConfig:
         max_train, max_test: truncate the splits (smoke runs) [None]. mnist1d_samples: size of
             the generated MNIST-1D set [5000]. data_dir, download: see :mod:`pmptrain.bench.data`.
         tensorboard: write TensorBoard logs [True]. threads: ``torch.set_num_threads`` [None].
+        clock: the training clock, ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (process CPU
+            time, ``time.process_time``; needs ``threads = 1``; :mod:`pmptrain.bench.clock`) ["wall"].
+        eval_every: also evaluate on the test set every this many training steps (counted over the
+            whole run), for a finer time to the targets than one point per epoch [None: after each
+            epoch only].
         fsdp: under ``torchrun``, shard the model with FSDP2 (``fully_shard`` on every module with
             parameters of its own, then the root) instead of wrapping it in DDP [False].
         preset: name of the preset the config came from, for the record [None].
@@ -145,6 +153,8 @@ class BenchConfig:
     download: Optional[bool] = None
     tensorboard: bool = True
     threads: Optional[int] = None
+    clock: str = "wall"
+    eval_every: Optional[int] = None
     fsdp: bool = False
     preset: Optional[str] = None
 
@@ -187,6 +197,7 @@ class BenchConfig:
         self.lr = check_lr(self.lr, self.optimizers)
         if self.tune and self.lr is not None:
             raise ConfigError("--tune: --tune lr and --lr are exclusive")
+        check_clock(self.clock, self.threads)
         return self
 
     # ---------------------------------------------------------------- derived

@@ -4,7 +4,8 @@ Every optimizer trains the same seeded :class:`~pmptrain.bench.models.GPT` (tied
 same seeded batches of a byte corpus, with linear warmup and cosine decay of ``lr`` (a
 ``LambdaLR``; pmptrain optimizers scale every step size with it) and gradient clipping. The
 validation loss (and perplexity ``exp(loss)``) is measured every ``eval_every`` steps on fixed
-validation batches; the training clock excludes evaluation. The report gives, per optimizer, the
+validation batches; the training clock (``--clock``: wall-clock or process CPU time,
+:mod:`pmptrain.bench.clock`) excludes evaluation. The report gives, per optimizer, the
 median final validation loss over seeds, the steps and seconds to reach the reference loss (the
 first optimizer's median final loss, AdamW in the default bench), the median step time and its ratio
 to the first optimizer's; plots of validation loss against steps and seconds.
@@ -38,7 +39,6 @@ import hashlib
 import math
 import statistics
 import sysconfig
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from ..optim.shell import PMPOptimizer
-from .schema import (Bool, ConfigError, Int, Kind, Mapping_, Maybe, NameList, Number, Seeds, Text, check_fields,
+from .clock import CLOCK_SOURCES, clock_fn, clock_label
+from .schema import (Bool, ConfigError, Int, Kind, Mapping_, Maybe, NameList, Number, OneOf, Seeds, Text, check_fields,
                      check_model_args, check_model_size, check_optimizer_args, max_threads, refused_as)
 
 __all__ = ["LMConfig", "Corpus", "load_corpus", "lr_multiplier", "run_lm_bench", "DEFAULT_LM_OPTIMIZERS"]
@@ -113,7 +114,7 @@ LM_FIELDS: Dict[str, Kind] = {
     "batch_size": Int(1, 1_000_000), "seq_len": Int(1, 1 << 16), "warmup": Number(0, 1),
     "min_lr_ratio": Number(0, 1), "clip": Number(lo=0), "eval_every": Int(1, 10_000_000),
     "eval_batches": Int(1, 10_000), "seeds": Seeds(), "target_loss": Maybe(Number()),
-    "tensorboard": Bool(), "threads": Maybe(Int(1, max_threads())),
+    "tensorboard": Bool(), "threads": Maybe(Int(1, max_threads())), "clock": OneOf(("wall", "cpu")),
     "preset": Maybe(Text()), "fsdp": Bool(),
 }
 
@@ -128,8 +129,9 @@ class LMConfig:
     [200], batch_size [16] × seq_len [128] tokens per step; warmup [0.1 of the steps], min_lr_ratio
     [0.1], clip [1.0; 0 disables]; eval_every [20] steps on eval_batches [8] fixed validation
     batches; seeds [``[0, 1, 2]``]; target_loss [None: the first optimizer's median final loss];
-    tensorboard [True]; threads [None]; fsdp [False: under ``torchrun``, shard the blocks with
-    FSDP2 — required there].
+    tensorboard [True]; threads [None]; clock [``"wall"``: ``time.perf_counter``; ``"cpu"``: process
+    CPU time, needs threads 1; :mod:`pmptrain.bench.clock`]; fsdp [False: under ``torchrun``, shard
+    the blocks with FSDP2 — required there].
     """
 
     dataset: str = "pysrc"
@@ -152,6 +154,7 @@ class LMConfig:
     target_loss: Optional[float] = None
     tensorboard: bool = True
     threads: Optional[int] = None
+    clock: str = "wall"
     preset: Optional[str] = None
     fsdp: bool = False
 
@@ -197,6 +200,9 @@ class LMConfig:
         self.optimizer_args = check_optimizer_args(self.optimizer_args)
         check_args_in_run(self.optimizer_args, self.optimizers)
         self.lr = check_lr(self.lr, self.optimizers)
+        from .clock import check_clock
+
+        check_clock(self.clock, self.threads)
 
     def settings(self, name: str) -> Dict[str, Any]:
         from .registry import get_spec
@@ -257,7 +263,8 @@ def _val_loss(model, batches, rank: int = 0, world: int = 1) -> float:
 
 
 def run_one(cfg: LMConfig, train_data: torch.Tensor, val_batches, name: str, seed: int, writer=None) -> Dict[str, Any]:
-    """One optimizer × seed: the history of ``(step, seconds, train_loss, val_loss)``."""
+    """One optimizer × seed: the history of ``(step, seconds, train_loss, val_loss)`` (seconds on
+    ``cfg.clock``)."""
     from .models import build_model
     from .ranks import dist_info
     from .registry import get_spec
@@ -276,12 +283,13 @@ def run_one(cfg: LMConfig, train_data: torch.Tensor, val_batches, name: str, see
     gen = torch.Generator().manual_seed(10_000 + seed)
     history = [{"step": 0, "seconds": 0.0, "train_loss": None,
                 "val_loss": _val_loss(model, val_batches, rank, world)}]
+    now = clock_fn(cfg.clock)
     clock, step_times = 0.0, []
     bar = progress_bar(cfg.steps, f"{name} seed {seed}", rank)
     for step in range(1, cfg.steps + 1):
         x, y = _batch(train_data, cfg.seq_len, cfg.batch_size, gen)  # the global batch: every rank draws it
         x, y = _rows(x, rank, world), _rows(y, rank, world)
-        t0 = time.perf_counter()
+        t0 = now()
         opt.zero_grad(set_to_none=True)
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -290,7 +298,7 @@ def run_one(cfg: LMConfig, train_data: torch.Tensor, val_batches, name: str, see
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         sched.step()
-        dt = time.perf_counter() - t0
+        dt = now() - t0
         clock += dt
         step_times.append(dt)
         train_loss = _mean_over_ranks(loss.item(), world)
@@ -357,7 +365,9 @@ def aggregate(cfg: LMConfig, runs: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def format_table(summary: Dict[str, Any], cfg: LMConfig) -> str:
-    head = ["optimizer", "final val loss [min-max]", "ppl", "steps→tgt", "s→tgt", "step ms", f"×{summary['reference']}"]
+    tag = "" if cfg.clock == "wall" else f" ({cfg.clock})"
+    head = ["optimizer", "final val loss [min-max]", "ppl", "steps→tgt", f"s→tgt{tag}", f"step ms{tag}",
+            f"×{summary['reference']}"]
     lines = [head]
     for r in summary["rows"]:
         reach = f"{r['reached']}/{r['seeds']}"
@@ -372,7 +382,8 @@ def format_table(summary: Dict[str, Any], cfg: LMConfig) -> str:
     out.insert(1, "  ".join("-" * w for w in widths))
     out.append(f"\n{cfg.dataset} / gpt {cfg.model_args or ''}, {cfg.steps} steps of {cfg.batch_size}×{cfg.seq_len} "
                f"tokens, warmup {cfg.warmup:g} + cosine, clip {cfg.clip:g}, seeds {cfg.seeds}; target = "
-               f"{summary['target_loss']:.3f} (validation loss); medians over seeds.")
+               f"{summary['target_loss']:.3f} (validation loss); medians over seeds; times: "
+               f"{clock_label(cfg.clock)} ({CLOCK_SOURCES[cfg.clock]}).")
     return "\n".join(out)
 
 
@@ -466,7 +477,7 @@ def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
             writer.close()
     runs.sort(key=lambda r: cfg.optimizers.index(r["optimizer"]))
     summary = aggregate(cfg, runs)
-    results = {"kind": "language-model", "config": cfg.to_dict(), "corpus": {
+    results = {"kind": "language-model", "config": cfg.to_dict(), "clock": cfg.clock, "corpus": {
         "name": corpus.name, "bytes": len(corpus.data), "source": corpus.source, "sha256": corpus.sha256},
         "summary": summary, "runs": runs, "versions": versions(), "world_size": world}
     if rank != 0:

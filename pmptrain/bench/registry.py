@@ -15,7 +15,9 @@ adamw              float           AdamW, betas (0.9, 0.95),    lr 1e-3    3e-4,
 adagrad            float           Adagrad (torch's defaults:   lr 0.01    3e-3, 0.01, 0.03
                                    accumulator 0, eps 1e-10)
 muon               float           Muon (hidden matrices) +     lr 0.02    0.005, 0.02, 0.05
-                                   AdamW 1e-3 (the rest)
+                                   AdamW 1e-3 (the rest);
+                                   ns_dtype=float32: Newton–
+                                   Schulz in float32
 soap               float           SOAP                         lr 3e-3    1e-3, 3e-3, 1e-2
 msa                float           MSA (basic, ρ = 0)           lr 0.1     0.03, 0.1, 0.3
 emsa               float           EMSA closed form, ρ = 1      lr 1.0     0.3, 1.0, 3.0
@@ -26,6 +28,11 @@ emsa-transformer   float           EMSA's transformer setting:  lr 1e3     1e2, 
                                    averaged (β 0.95)
 emsa-costate       float           EMSA, ρ = 5 × rms costate    lr 1e3     1e2, 1e3, 1e4
                                    (rho_scale="costate")
+emsa-bounded-…     float           emsa-bounded-reduce: emsa    lr 1.0     0.3, 1.0, 3.0
+                                   with stat_every=10,
+                                   amortise="bounded",
+                                   stat_reduce (the conv
+                                   setting; issue 17)
 emsa-iterative     float           EMSA solver="iterative"      lr 1.0     0.3, 1.0, 3.0
                                    (10 L-BFGS inner iterations)
 emsa-paper         float           EMSA.paper: the reference    ρ 1.0      0.3, 1.0, 3.0
@@ -159,6 +166,10 @@ class OptimizerSpec:
                 out.setdefault(prm.name, prm.default)
             if not any(prm.kind is prm.VAR_KEYWORD for prm in params):
                 break
+        if self.forwards_to:  # keywords a setting fills (default None): their type, for the schema
+            for k, v in getattr(cls, "OPTION_DEFAULTS", {}).items():
+                if out.get(k) is None:
+                    out[k] = v
         for k, v in self.defaults.items():
             out[k] = v
         return out
@@ -296,12 +307,32 @@ def _hidden_matrices(model: nn.Module):
     return hidden, other
 
 
-def _muon(model, lr=0.02, momentum=0.95, weight_decay=0.0, adamw_lr=1e-3, adamw_wd=0.0):
+def _muon(model, lr=0.02, momentum=0.95, weight_decay=0.0, adamw_lr=1e-3, adamw_wd=0.0, ns_dtype="bfloat16"):
+    """pytorch-optimizer's Muon; ``ns_dtype="float32"`` runs its Newton–Schulz iteration in float32
+    instead of its bfloat16 (for CPUs without fast bfloat16 products)."""
     po = _pytorch_optimizer("muon")
+    if ns_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"ns_dtype: expected bfloat16 or float32, got {ns_dtype!r}")
     hidden, other = _hidden_matrices(model)
     groups = [{"params": hidden, "use_muon": True}, {"params": other, "use_muon": False}]
-    return po.Muon(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, adamw_lr=adamw_lr,
-                   adamw_wd=adamw_wd)
+    cls = po.Muon if ns_dtype == "bfloat16" else _float32_muon(po.Muon)
+    return cls(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, adamw_lr=adamw_lr,
+               adamw_wd=adamw_wd)
+
+
+def _float32_muon(base):
+    """``base`` (pytorch-optimizer's Muon) with each update orthogonalised by its own quintic
+    Newton–Schulz function in float32 (one matrix at a time) instead of bfloat16."""
+    from pytorch_optimizer.optimizer.utils.matrix import zero_power_via_newton_schulz_5
+
+    class Float32Muon(base):
+        @staticmethod
+        def _orthogonalize(group, updates):
+            return [zero_power_via_newton_schulz_5(u.reshape(u.size(0), -1), num_steps=group["ns_steps"],
+                                                   weights=group["ns_coeffs"], dtype=torch.float32)
+                    for u in updates]
+
+    return Float32Muon
 
 
 def _soap(model, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10):
@@ -388,6 +419,12 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       description="emsa-transformer with the statistics captured every 10th step (every step "
                                   "for the first 20), the steps between in the kept eigenbases bounded by "
                                   "their own gradient, lr 1e2 (needs gradient clipping: spikes without)"),
+        OptimizerSpec("emsa-bounded-reduce", _emsa,
+                      {"lr": 1.0, "rho": 1.0, "stat_every": 10, "amortise": "bounded", "stat_reduce": True},
+                      "lr", (0.3, 1.0, 3.0), takes_wrapper=True, forwards_to="EMSA",
+                      description="emsa (the classic setting) with the statistics captured every 10th step, "
+                                  "K-FAC-reduce statistics of convolutions, the steps between bounded by their "
+                                  "own gradient"),
         OptimizerSpec("emsa-iterative", _emsa,
                       {"lr": 1.0, "rho": 1.0, "solver": "iterative", "inner_steps": 10,
                        "inner_lr": 1.0, "inner_optimizer": "lbfgs"},

@@ -2,8 +2,9 @@
 
 Files written by :func:`write_report` into the bench directory:
 
-* ``results.json`` — ``{"schema": 1, "meta", "target_acc", "sgd_reference", "rows", "runs",
-  "time_to_final_acc"}``: ``rows`` has one entry per optimizer (its selected setting; fields
+* ``results.json`` — ``{"schema": 1, "meta", "clock", "target_acc", "sgd_reference", "rows", "runs",
+  "time_to_final_acc"}``: ``clock`` is the training clock of every time in the file (``"wall"`` or
+  ``"cpu"``, :mod:`pmptrain.bench.clock`), ``rows`` has one entry per optimizer (its selected setting; fields
   :data:`ROW_FIELDS`), ``runs`` one per (optimizer, setting, seed) with its summary and per-epoch
   curves, ``time_to_final_acc`` the seconds every optimizer takes to reach every optimizer's final
   accuracy (:func:`time_to_final_acc`; also a second table in ``results.txt``).
@@ -26,6 +27,8 @@ import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
+
+from .clock import CLOCK_SOURCES, clock_label
 
 __all__ = ["ROW_FIELDS", "aggregate", "format_table", "format_time_to_final_acc", "time_to_final_acc",
            "write_report", "plot"]
@@ -52,9 +55,21 @@ def _med(xs) -> Optional[float]:
 
 def _curves(rec: Dict[str, Any]) -> Dict[str, List[float]]:
     h = rec["history"]
-    return {"epoch": [e["epoch"] + 1 for e in h], "test_acc": [e["test_acc"] for e in h],
-            "test_loss": [e["test_loss"] for e in h], "train_loss": [e["train_loss"] for e in h],
-            "seconds": [e["seconds"] for e in h]}
+    out = {"epoch": [e["epoch"] + 1 for e in h], "test_acc": [e["test_acc"] for e in h],
+           "test_loss": [e["test_loss"] for e in h], "train_loss": [e["train_loss"] for e in h],
+           "seconds": [e["seconds"] for e in h]}
+    probes = [p for e in h for p in e.get("probes", ())]
+    if probes:  # --eval-every: test accuracy between the epochs' ends
+        out.update({"probe_step": [p["step"] for p in probes], "probe_seconds": [p["seconds"] for p in probes],
+                    "probe_acc": [p["test_acc"] for p in probes]})
+    return out
+
+
+def _points(c: Dict[str, List[float]]) -> List[tuple]:
+    """``(seconds, test_acc)`` of a run's curves in time order: every epoch's end and, with
+    ``--eval-every``, the evaluations between them."""
+    pts = list(zip(c["seconds"], c["test_acc"])) + list(zip(c.get("probe_seconds", ()), c.get("probe_acc", ())))
+    return sorted(pts, key=lambda p: p[0])
 
 
 def aggregate(runs: List[Dict[str, Any]], chosen: Dict[str, Dict[str, Any]], cfg, meta: Dict[str, Any],
@@ -97,7 +112,7 @@ def aggregate(runs: List[Dict[str, Any]], chosen: Dict[str, Dict[str, Any]], cfg
     run_list = [{"optimizer": r["optimizer"], "hparams": r["hparams"], "seed": r["seed"],
                  "selected": bool(r.get("selected")), "summary": r["summary"], "curves": _curves(r)}
                 for r in runs]
-    return {"schema": 1, "meta": meta, "target_acc": cfg.target_acc,
+    return {"schema": 1, "meta": meta, "clock": getattr(cfg, "clock", "wall"), "target_acc": cfg.target_acc,
             "sgd_reference": {"median_step_ms": None if sgd_time is None else 1e3 * sgd_time,
                               "source": sgd_source},
             "rows": rows, "runs": run_list, "time_to_final_acc": time_to_final_acc(rows, run_list)}
@@ -110,8 +125,10 @@ def time_to_final_acc(rows: List[Dict[str, Any]], run_list: List[Dict[str, Any]]
     accuracy; for each optimizer O, ``seconds[O]`` is the median over O's selected seeds that reach
     it of the cumulative training seconds (evaluation excluded) at the first epoch whose test
     accuracy is ≥ the target — None if no seed did — and ``reached[O]`` counts those seeds out of
-    O's. Epoch granularity: an optimizer that reaches the target mid-epoch is charged the whole
-    epoch. ``{B: {"target_acc", "seconds": {O: s}, "reached": {O: [k, n]}}}``.
+    O's. Granularity: the evaluations of the run — each epoch's end and, with ``--eval-every K``,
+    every K-th step (the curves' ``probe_*``); an optimizer that reaches the target between two
+    evaluations is charged up to the later one. The seconds are on the bench's clock (results'
+    ``clock``). ``{B: {"target_acc", "seconds": {O: s}, "reached": {O: [k, n]}}}``.
     """
     curves: Dict[str, List[Dict[str, List[float]]]] = {}
     for r in run_list:
@@ -126,8 +143,7 @@ def time_to_final_acc(rows: List[Dict[str, Any]], run_list: List[Dict[str, Any]]
         for name, cs in curves.items():
             hits = []
             for c in cs:
-                hit = next((sec for acc, sec in zip(c["test_acc"], c["seconds"])
-                            if acc is not None and acc >= target), None)
+                hit = next((sec for sec, acc in _points(c) if acc is not None and acc >= target), None)
                 if hit is not None:
                     hits.append(hit)
             seconds[name] = _med(hits)
@@ -136,14 +152,15 @@ def time_to_final_acc(rows: List[Dict[str, Any]], run_list: List[Dict[str, Any]]
     return out
 
 
-def format_time_to_final_acc(ttf: Dict[str, Any]) -> str:
+def format_time_to_final_acc(ttf: Dict[str, Any], clock: str = "wall") -> str:
     """:func:`time_to_final_acc` as a text table: one row per optimizer, one column per baseline's
-    final accuracy (seconds, medians over the seeds that reached it; ``k/n`` when not all did)."""
+    final accuracy (seconds on ``clock``, medians over the seeds that reached it; ``k/n`` when not
+    all did)."""
     if not ttf:
         return ""
     bases = list(ttf)
     names = list(next(iter(ttf.values()))["seconds"])
-    head = ["seconds to the final acc of →"] + [f"{b} ({_pct(ttf[b]['target_acc'])}%)" for b in bases]
+    head = [f"{clock_label(clock)} seconds to the final acc of →"] + [f"{b} ({_pct(ttf[b]['target_acc'])}%)" for b in bases]
     lines = []
     for n in names:
         cells = [n]
@@ -168,9 +185,12 @@ def _num(v, fmt) -> str:
 
 
 def format_table(results: Dict[str, Any]) -> str:
-    """The results as an aligned text table (accuracies in %)."""
-    head = ["optimizer", "setting", "final acc % [min-max]", "best acc %", "ep→tgt", "s→tgt",
-            "step ms", "×SGD", "peak MB", "state MB"]
+    """The results as an aligned text table (accuracies in %); the time columns name the clock
+    (``(cpu)`` for process CPU time)."""
+    clock = results.get("clock", "wall")
+    tag = "" if clock == "wall" else f" ({clock})"
+    head = ["optimizer", "setting", "final acc % [min-max]", "best acc %", "ep→tgt", f"s→tgt{tag}",
+            f"step ms{tag}", "×SGD", "peak MB", "state MB"]
     lines = []
     for r in results["rows"]:
         setting = r["setting"] + (" (best of grid)" if r["tuned"] else "")
@@ -188,13 +208,14 @@ def format_table(results: Dict[str, Any]) -> str:
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*row) for row in lines]
     cfgd = results["meta"]["config"]
-    ttf = format_time_to_final_acc(results.get("time_to_final_acc") or {})
+    ttf = format_time_to_final_acc(results.get("time_to_final_acc") or {}, clock)
     if ttf:
         out += ["", ttf]
     out.append("")
     out.append(f"{cfgd['dataset']} / {cfgd['model']}, {cfgd['epochs']} epochs, batch "
                f"{cfgd['batch_size']}, seeds {cfgd['seeds']}; target {100 * results['target_acc']:g}% "
-               f"test accuracy; medians over seeds; ×SGD relative to "
+               f"test accuracy; medians over seeds; times: {clock_label(clock)} "
+               f"({CLOCK_SOURCES[clock]}); ×SGD relative to "
                f"{_num(results['sgd_reference']['median_step_ms'], '.2f')} ms "
                f"({results['sgd_reference']['source']}).")
     return "\n".join(out)
@@ -209,8 +230,9 @@ def plot(results: Dict[str, Any], out_dir: Path) -> List[Path]:
     import numpy as np
 
     paths = []
+    seconds_label = f"training time (s, {clock_label(results.get('clock', 'wall'))})"
     for xkey, fname, xlabel in (("epoch", "acc_vs_epoch.png", "epoch"),
-                                ("seconds", "acc_vs_seconds.png", "training time (s)")):
+                                ("seconds", "acc_vs_seconds.png", seconds_label)):
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
         for row in results["rows"]:
             runs = [r for r in results["runs"] if r["optimizer"] == row["optimizer"] and r["selected"]]

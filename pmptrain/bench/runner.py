@@ -14,12 +14,17 @@ checkpoint, at most one more.
 
 Measurements (per run):
 
-* ``step_time``: wall-clock of one training step (zero_grad, forward, backward, optimizer step),
-  ``time.perf_counter``; the run reports the median over all its steps. The ratio to SGD uses SGD's
+* ``step_time``: the time of one training step (zero_grad, forward, backward, optimizer step) on
+  the bench's clock (``cfg.clock``, :mod:`pmptrain.bench.clock`): wall-clock (``time.perf_counter``,
+  the default) or process CPU time (``time.process_time``, with one thread); the run reports the
+  median over all its steps. The ratio to SGD uses SGD's
   median step time measured in the same bench (the ``sgd`` runs, or a 30-step SGD reference on the
   same model, data and seed when ``sgd`` is not benchmarked).
-* ``seconds``: cumulative training wall-clock at the end of each epoch (evaluation excluded);
-  ``epochs_to_target`` / ``seconds_to_target``: first epoch whose test accuracy ≥ ``target_acc``.
+* ``seconds``: cumulative training time on that clock at the end of each epoch (evaluation
+  excluded); ``epochs_to_target`` / ``seconds_to_target``: first epoch whose test accuracy ≥
+  ``target_acc``. With ``cfg.eval_every = K`` the test set is also evaluated after every K-th step
+  of the run (not timed): each epoch's ``probes`` list ``{step, seconds, test_acc}`` for those
+  steps, which :func:`pmptrain.bench.report.time_to_final_acc` uses for a finer time to target.
 * ``peak_rss_mb``: peak resident set size of the whole process during the run: the kernel's
   high-water mark (``VmHWM``), reset when the run starts (Linux; :mod:`pmptrain.bench.memory`;
   sampled every 10 ms where the reset is not allowed); ``rss_increase_mb`` is that peak
@@ -47,7 +52,6 @@ import dataclasses
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -57,6 +61,7 @@ from torch import nn
 from ..export import density
 from ..optim.shell import PMPOptimizer
 from . import checkpoint
+from .clock import clock_fn
 from .config import BenchConfig
 from .data import ArrayDataset, load_dataset, make_loader
 from .losses import LOSSES
@@ -231,6 +236,7 @@ class _EpochStats:
     count: int = 0
     diag_sum: Dict[str, float] = dataclasses.field(default_factory=dict)
     diag_n: Dict[str, int] = dataclasses.field(default_factory=dict)
+    probes: List[Dict[str, float]] = dataclasses.field(default_factory=list)
 
     def add_scalars(self, diag: Dict[str, float]) -> None:
         for k, v in diag.items():
@@ -249,9 +255,13 @@ def _uneven_tail(cfg: BenchConfig, data, world: int) -> bool:
 
 
 def _train_epoch(cfg: BenchConfig, data, opt, wrapped: nn.Module, loss_fn, seed: int, epoch: int,
-                 rank: int, world: int, desc: str, writer=None, max_steps: Optional[int] = None
-                 ) -> _EpochStats:
-    """Train one epoch of global batches (stop after ``max_steps`` steps if given)."""
+                 rank: int, world: int, desc: str, writer=None, max_steps: Optional[int] = None,
+                 probe=None, steps_before: int = 0, seconds_before: float = 0.0) -> _EpochStats:
+    """Train one epoch of global batches (stop after ``max_steps`` steps if given). With
+    ``cfg.eval_every = K`` and ``probe`` (a function returning the test accuracy), after every
+    K-th step of the run (``steps_before`` steps and ``seconds_before`` seconds precede this epoch)
+    but the epoch's last, ``probe()`` is recorded in ``probes`` with the run's step and training
+    seconds; its own time is not counted."""
     loader = make_loader(data.train_x, data.train_y, cfg.batch_size, shuffle=cfg.shuffle,
                          seed=seed, epoch=epoch, rank=rank, world_size=world,
                          drop_last=_uneven_tail(cfg, data, world))
@@ -259,16 +269,17 @@ def _train_epoch(cfg: BenchConfig, data, opt, wrapped: nn.Module, loss_fn, seed:
     wrapped.train()
     st = _EpochStats()
     bar = progress_bar(len(batches), desc, rank)
+    now = clock_fn(cfg.clock)
     for i, (xb, yb) in enumerate(loader):
         gb = len(batches[i])
-        t0 = time.perf_counter()
+        t0 = now()
         opt.zero_grad(set_to_none=True)
         out = wrapped(xb)
         per = loss_fn(out, yb)
         loss = per.mean() if world == 1 else per.sum() * (world / gb)
         loss.backward()
         opt.step()
-        dt = time.perf_counter() - t0
+        dt = now() - t0
         st.step_times.append(dt)
         sums = torch.stack([per.detach().sum().double(), (out.detach().argmax(1) == yb).sum().double()])
         if world > 1:
@@ -288,6 +299,9 @@ def _train_epoch(cfg: BenchConfig, data, opt, wrapped: nn.Module, loss_fn, seed:
                 writer.add_scalar(f"pmp/{k}", v, gstep)
         if max_steps is not None and len(st.step_times) >= max_steps:
             break
+        step = steps_before + len(st.step_times)
+        if probe is not None and cfg.eval_every and step % cfg.eval_every == 0 and i + 1 < len(batches):
+            st.probes.append({"step": step, "seconds": seconds_before + sum(st.step_times), "test_acc": probe()})
     bar.close()
     return st
 
@@ -300,6 +314,8 @@ def _epoch_record(cfg: BenchConfig, data, model: nn.Module, opt, loss_fn, spec: 
          "train_acc": st.correct / max(st.count, 1), "test_loss": test_loss, "test_acc": test_acc,
          "seconds": seconds, "epoch_seconds": sum(st.step_times), "step_times": st.step_times,
          "skipped_steps": opt.skipped_steps if isinstance(opt, PMPOptimizer) else 0}
+    if cfg.eval_every:
+        h["probes"] = st.probes
     if data.val_x is not None:
         h["val_loss"], h["val_acc"] = evaluate(model, data.val_x, data.val_y, loss_fn, cfg.eval_batch_size)
     h.update(st.diag_means())
@@ -351,7 +367,7 @@ def _detach(opt) -> None:
 
 
 def time_steps(cfg: BenchConfig, data, name: str, seed: int, steps: int, desc: str = "") -> List[float]:
-    """Wall-clock seconds of the first ``steps`` training steps of optimizer ``name`` (registry
+    """Seconds (on ``cfg.clock``) of the first ``steps`` training steps of optimizer ``name`` (registry
     defaults) on ``cfg``'s model and data with ``seed``; nothing is written (the SGD timing
     reference of :func:`pmptrain.bench.sweep.run_bench`)."""
     rank, world = dist_info()
@@ -383,7 +399,8 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
     Returns:
         the run record: ``optimizer``, ``hparams``, ``seed``, ``history`` (one dict per epoch:
         ``epoch, train_loss, train_acc, test_loss, test_acc, [val_loss, val_acc], seconds,
-        epoch_seconds, step_times, skipped_steps, [density, hamiltonian_gain, flip_ratio]``) and
+        epoch_seconds, step_times, skipped_steps, [probes], [density, hamiltonian_gain,
+        flip_ratio]``; times on ``cfg.clock``) and
         ``summary`` (see :func:`_summarise`).
     """
     rank, world = dist_info()
@@ -427,11 +444,17 @@ def run_one(cfg: BenchConfig, data, name: str, overrides: Dict[str, Any], seed: 
 
     state_mb = state_bytes(opt.state_dict()) / 2**20
     seconds = history[-1]["seconds"] if history else 0.0
+
+    def probe() -> float:
+        return evaluate(model, data.test_x, data.test_y, loss_fn, cfg.eval_batch_size)[1]
+
     try:
         with PeakRSS() as mem:
             for epoch in range(start_epoch, cfg.epochs):
                 st = _train_epoch(cfg, data, opt, wrapped, loss_fn, seed, epoch, rank, world,
-                                  desc or f"{spec.name} seed {seed} ep {epoch + 1}", writer)
+                                  desc or f"{spec.name} seed {seed} ep {epoch + 1}", writer, probe=probe,
+                                  steps_before=sum(len(h["step_times"]) for h in history),
+                                  seconds_before=seconds)
                 if isinstance(opt, PMPOptimizer):
                     opt.end_epoch()  # e.g. DiscreteMSA: 1 - decay shrinks by decay_gamma
                 seconds += sum(st.step_times)
