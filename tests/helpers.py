@@ -40,3 +40,37 @@ def tensors_in(v):
     if isinstance(v, (list, tuple)):
         return [t for x in v for t in tensors_in(x)]
     return []
+
+
+def tiny_gpt(vocab: int, block: int):
+    """The GPT bench's model at 1 layer, 2 heads, width 8, in float64, seeded (the distributed GPT
+    tests' model)."""
+    from pmptrain.bench.models import GPT
+
+    torch.manual_seed(0)
+    return GPT(vocab_size=vocab, block_size=block, n_layer=1, n_head=2, n_embd=8).double()
+
+
+def token_batches(steps: int, batch: int, t: int, vocab: int):
+    """``steps`` seeded batches of ``batch`` token sequences of length ``t + 1`` (inputs and targets)."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (batch, t + 1), generator=g) for _ in range(steps)]
+
+
+def gpt_emsa(model, kind: str):
+    """The E-MSA configurations the distributed GPT tests compare with one process:
+    ``transformer`` (``EMSA(model)``: the setting auto picks for a model with embeddings),
+    ``costate`` (ρ 5 × rms costate, lr 1), ``plain`` (classic ρ 1: a clip scales its step linearly),
+    ``averaged`` (running statistics and gradient, β 0.9) and ``averaged-unsharded``."""
+    import pmptrain
+
+    if kind == "transformer":
+        return pmptrain.EMSA(model)
+    if kind == "costate":
+        return pmptrain.EMSA(model, lr=1.0, rho=5.0, rho_scale="costate")
+    if kind == "plain":
+        return pmptrain.EMSA(model, lr=1.0, rho=1.0, setting="classic")
+    if kind in ("averaged", "averaged-unsharded"):
+        return pmptrain.EMSA(model, lr=1.0, rho=1.0, stat_decay=0.9, grad_decay=0.9,
+                             shard_solves=kind == "averaged")
+    raise ValueError(kind)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import pmptrain
 from dist_utils import run_distributed
-from pmptrain.bench.models import GPT
+from helpers import gpt_emsa, tiny_gpt, token_batches
 
 pytestmark = pytest.mark.distributed
 
@@ -36,23 +36,14 @@ TOL = 1e-10
 
 
 def _model():
-    torch.manual_seed(0)
-    return GPT(vocab_size=VOCAB, block_size=T, n_layer=1, n_head=2, n_embd=8).double()
+    return tiny_gpt(VOCAB, T)
 
 
 def _batches():
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, VOCAB, (BATCH, T + 1), generator=g) for _ in range(STEPS)]
+    return token_batches(STEPS, BATCH, T, VOCAB)
 
 
-def _opt(model, kind):
-    if kind == "transformer":
-        return pmptrain.EMSA(model)  # setting "auto": the GPT has embeddings
-    if kind == "costate":
-        return pmptrain.EMSA(model, lr=1.0, rho=5.0, rho_scale="costate")
-    if kind == "plain":  # no costate scaling: the clip scales the step linearly
-        return pmptrain.EMSA(model, lr=1.0, rho=1.0, setting="classic")
-    raise ValueError(kind)
+_opt = gpt_emsa
 
 
 def _norm(t):
