@@ -337,17 +337,54 @@ def sylvester_in_eigenbases(
     ``bound = κ > 0`` (a float or a 0-dim tensor; default 0: off) raises each divisor to ``ρ·max(μ_i + λ_j, κ|S̃_ij|) + δ``,
     ``S̃ = VᵀSU``: the maximiser of the amortised Hamiltonian of docs/algorithms.md, "Amortised
     curvature", whose kept curvature is lifted to the Cauchy–Schwarz bound ``μ_i + λ_j ≥
-    2√k|S̃_ij|`` that this step's own gradient implies (``κ = 2√k``, ``k = ρ_p/ρ_x``)."""
+    2√k|S̃_ij|`` that this step's own gradient implies (``κ = 2√k``, ``k = ρ_p/ρ_x``). Where a side's
+    kept eigenvalues are (numerically) zero — the null space of a rank-deficient statistic, whose
+    basis the eigensolver chooses arbitrarily — ``|S̃_ij|`` is replaced by the norm of ``S̃`` over
+    that null block (:func:`_bound_magnitudes`), so the step does not depend on that choice."""
     mu, v = eig_left
     lam, u = eig_right
     core = s if v is None else v.T @ s
     core = core if u is None else core @ u
     curv = mu[:, None] + lam[None, :]
     if isinstance(bound, Tensor) or bound > 0.0:  # a 0-dim tensor (a device scalar) is taken as given
-        curv = torch.maximum(curv, bound * core.abs())
+        curv = torch.maximum(curv, bound * _bound_magnitudes(core, mu if v is not None else None,
+                                                             lam if u is not None else None))
     core = core / (rho * curv + delta)
     core = core if v is None else v @ core
     return core if u is None else core @ u.T
+
+def _bound_magnitudes(core: Tensor, mu: Optional[Tensor], lam: Optional[Tensor]) -> Tensor:
+    """``|S̃_ij|`` for the bound of :func:`sylvester_in_eigenbases`, invariant to the basis of each
+    side's null space: ``N_L = {i : μ_i ≤ √ε·max μ}`` (likewise ``N_R`` for ``λ``; None: an identity
+    basis, nothing to choose) — for ``i ∈ N_L, j ∉ N_R`` the norm of column ``j`` over ``N_L``, for
+    ``i ∉ N_L, j ∈ N_R`` the norm of row ``i`` over ``N_R``, on ``N_L × N_R`` the Frobenius norm of
+    the block. A column (row) norm is the largest ``|vᵀS̃u_j|`` over unit ``v`` in the null space, so
+    it is the Cauchy–Schwarz bound of the worst direction there; elsewhere (and wherever a side has
+    no null eigenvalue) the entries as they are. Rotating a null basis ``V_N → V_N Q`` changes
+    ``S̃``'s null rows to ``QᵀS̃_N`` and leaves these norms, so the step, unchanged (tested)."""
+    out = core.abs()
+    masks = []
+    for eig in (mu, lam):
+        if eig is None or eig.numel() < 2:
+            masks.append(None)
+            continue
+        tol = math.sqrt(torch.finfo(eig.dtype).eps) * eig.max().clamp_min(torch.finfo(eig.dtype).tiny)
+        masks.append(eig <= tol)
+    a, b = masks
+    if a is None and b is None:
+        return out
+    sq = core.square()
+    zero = torch.zeros((), dtype=torch.bool, device=core.device)
+    a2 = a[:, None] if a is not None else zero
+    b2 = b[None, :] if b is not None else zero
+    if a is not None:
+        out = torch.where(a2, (sq * a2).sum(0, keepdim=True).sqrt(), out)
+    if b is not None:
+        out = torch.where(b2, (sq * b2).sum(1, keepdim=True).sqrt(), out)
+    if a is not None and b is not None:
+        out = torch.where(a2 & b2, (sq * (a2 & b2)).sum().sqrt(), out)
+    return out
+
 
 
 def _gram_times_explicit(

@@ -520,3 +520,37 @@ def test_averaged_gradient_is_the_linear_term_between_refreshes(amortise):
         ob.step()
         for (n, p), q in zip(a.named_parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=f"{n} at step {t}")
+
+
+def test_bounded_step_does_not_depend_on_the_basis_of_a_null_space():
+    """A rank-deficient kept statistic (reduced rows of a small batch) has a null space whose basis
+    the eigensolver picks arbitrarily; the bound takes the norm over that block, so rotating the
+    null basis leaves the step unchanged — and with distinct eigenvalues it is the entrywise rule."""
+    from pmptrain.hamiltonian import sylvester_in_eigenbases
+
+    g = torch.Generator().manual_seed(0)
+    m, n, r = 7, 6, 3
+    a = torch.randn(r, m, generator=g, dtype=torch.float64)
+    mu, v = torch.linalg.eigh(a.T @ a)  # rank 3: a 4-dimensional null space
+    mu = mu.clamp_min(0.0)
+    b = torch.randn(n, n, generator=g, dtype=torch.float64)
+    lam, u = torch.linalg.eigh(b @ b.T)
+    s = torch.randn(m, n, generator=g, dtype=torch.float64)
+    null = mu <= 1e-8 * mu.max()
+    assert int(null.sum()) == m - r
+    q, _ = torch.linalg.qr(torch.randn(m - r, m - r, generator=g, dtype=torch.float64))
+    v2 = v.clone()
+    v2[:, null] = v[:, null] @ q  # another orthonormal basis of the same null space
+    step = sylvester_in_eigenbases(s, (mu, v), (lam, u), rho=1.0, delta=0.01, bound=3.0)
+    rotated = sylvester_in_eigenbases(s, (mu, v2), (lam, u), rho=1.0, delta=0.01, bound=3.0)
+    torch.testing.assert_close(rotated, step, rtol=1e-12, atol=1e-14)
+    # the entrywise rule depends on the basis here (what the block norm removes)
+    core, core2 = v.T @ s @ u, v2.T @ s @ u
+    entry = [x @ ((c / (torch.maximum(mu[:, None] + lam[None, :], 3.0 * c.abs()) + 0.01)) @ u.T)
+             for x, c in ((v, core), (v2, core2))]
+    assert (entry[0] - entry[1]).abs().max() > 1e-3
+    # distinct eigenvalues on both sides: exactly the entrywise rule
+    mu_full = mu + torch.arange(1, m + 1, dtype=torch.float64)
+    want = v @ ((core / (torch.maximum(mu_full[:, None] + lam[None, :], 3.0 * core.abs()) + 0.01)) @ u.T)
+    torch.testing.assert_close(sylvester_in_eigenbases(s, (mu_full, v), (lam, u), 1.0, 0.01, 3.0), want,
+                               rtol=1e-12, atol=1e-14)

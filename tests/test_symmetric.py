@@ -135,10 +135,7 @@ def _mlp():
 def _train(build, kwargs, plain, steps=3, batch=24, shape=(3, 8, 8)):
     torch.manual_seed(0)
     model = build().double()
-    # the exact step (classic): the conv setting's bounded amortisation on reduced statistics is
-    # basis-dependent where the kept statistic is degenerate (docs/algorithms.md, "Amortised
-    # curvature"), so a rounding-level change may move its step by more than rounding
-    opt = pmptrain.EMSA(model, **{"setting": "classic", **kwargs})
+    opt = pmptrain.EMSA(model, **kwargs)  # the CNN: the conv setting (bounded steps on reduced statistics)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
