@@ -97,7 +97,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Dict, Tuple, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import torch
 from torch import nn
@@ -146,19 +146,24 @@ class OptimizerSpec:
     description: str = ""
     forwards_to: str = ""
 
-    def options(self) -> Dict[str, Any]:
-        """Every keyword :meth:`build` accepts, with its default (``inspect.Parameter.empty`` when
-        it has none): the builder's keywords and, for ``**kwargs`` builders, those of
-        :attr:`forwards_to` and the classes it forwards to in turn. Objects that a configuration
-        cannot hold (``process_group``, ``grad_scaler``) are left out."""
-        out: Dict[str, Any] = {}
+    def _signatures(self) -> List[Callable]:
+        """The callables whose keywords :meth:`build` accepts, in order: the builder and, for
+        ``**kwargs`` builders, the ``__init__`` of :attr:`forwards_to` and of its bases."""
         targets = [self.builder]
         if self.forwards_to:
             from .. import optim
 
             cls = getattr(optim, self.forwards_to)
             targets += [c.__init__ for c in cls.__mro__ if "__init__" in vars(c) and c is not object]
-        for fn in targets:
+        return targets
+
+    def options(self) -> Dict[str, Any]:
+        """Every keyword :meth:`build` accepts, with its default (``inspect.Parameter.empty`` when
+        it has none): the builder's keywords and, for ``**kwargs`` builders, those of
+        :attr:`forwards_to` and the classes it forwards to in turn. Objects that a configuration
+        cannot hold (``process_group``, ``grad_scaler``) are left out."""
+        out: Dict[str, Any] = {}
+        for fn in self._signatures():
             params = list(inspect.signature(fn).parameters.values())
             for prm in params:
                 if prm.kind in (prm.VAR_KEYWORD, prm.VAR_POSITIONAL) or prm.name in _NOT_OPTIONS:
@@ -167,7 +172,9 @@ class OptimizerSpec:
             if not any(prm.kind is prm.VAR_KEYWORD for prm in params):
                 break
         if self.forwards_to:  # keywords a setting fills (default None): their type, for the schema
-            for k, v in getattr(cls, "OPTION_DEFAULTS", {}).items():
+            from .. import optim
+
+            for k, v in getattr(getattr(optim, self.forwards_to), "OPTION_DEFAULTS", {}).items():
                 if out.get(k) is None:
                     out[k] = v
         for k, v in self.defaults.items():
@@ -181,13 +188,7 @@ class OptimizerSpec:
         import typing
 
         out = set()
-        targets = [self.builder]
-        if self.forwards_to:
-            from .. import optim
-
-            cls = getattr(optim, self.forwards_to)
-            targets += [c.__init__ for c in cls.__mro__ if "__init__" in vars(c) and c is not object]
-        for fn in targets:
+        for fn in self._signatures():
             try:
                 hints = typing.get_type_hints(fn)
             except Exception:  # an annotation that does not resolve: judged by its text
@@ -197,6 +198,8 @@ class OptimizerSpec:
                 if (text is not None and ("Optional[" in text or "None" in text)) or (
                         text is None and type(None) in typing.get_args(ann)):
                     out.add(name)
+            if not any(prm.kind is prm.VAR_KEYWORD for prm in inspect.signature(fn).parameters.values()):
+                break  # where options() stops: the keywords further on are not the entry's
         return out
 
     @property
