@@ -494,11 +494,26 @@ def _average_plain_grads(params) -> None:
         pdist.all_reduce_mean_([p.grad for p in params if p.grad is not None and not pdist.is_sharded(p)])
 
 
+def _attach_controls(model, kind: str, cfg: FinetuneConfig, task: Task) -> None:
+    """Attach a method's controls (``kind``: its :data:`METHODS` entry) to ``model``: LoRA and the
+    binary/ternary adapters on the task's linears, ``parallel2`` on its sub-blocks, the rest on its
+    blocks (causal on the GPT)."""
+    from pmptrain import control
+
+    if kind == "lora":
+        control.attach(model, task.linears, kind="lora", rank=cfg.rank)
+    elif kind in ("binary", "ternary"):
+        control.attach(model, task.linears, kind=kind, rank=_rank_for(kind, cfg, task))
+    elif kind == "parallel2":
+        control.attach(model, task.subblocks, kind="parallel", rank=_rank_for(kind, cfg, task))
+    else:
+        control.attach(model, task.blocks, kind=kind, rank=_rank_for(kind, cfg, task), causal=task.name == "gpt")
+
+
 def _make(method: str, base, cfg: FinetuneConfig, task: Task, shard: bool = False):
     """``(model, optimizer)`` of one row on a copy of ``base`` (``shard``: the model wrapped by FSDP2
     before the optimizer is built)."""
     import pmptrain
-    from pmptrain import control
 
     from .registry import get_spec
 
@@ -507,14 +522,8 @@ def _make(method: str, base, cfg: FinetuneConfig, task: Task, shard: bool = Fals
     if kind is None:
         for p in model.parameters():
             p.requires_grad_(True)
-    elif kind == "lora":
-        control.attach(model, task.linears, kind="lora", rank=cfg.rank)
-    elif kind in ("binary", "ternary"):
-        control.attach(model, task.linears, kind=kind, rank=_rank_for(kind, cfg, task))
-    elif kind == "parallel2":
-        control.attach(model, task.subblocks, kind="parallel", rank=_rank_for(kind, cfg, task))
     else:
-        control.attach(model, task.blocks, kind=kind, rank=_rank_for(kind, cfg, task), causal=task.name == "gpt")
+        _attach_controls(model, kind, cfg, task)
     if shard:
         _shard(model, task)
     if optname == "adamw":
@@ -607,21 +616,13 @@ def _adapter_bytes_and_roundtrip(method: str, model, base, probe, tmp: Path):
 def _unsharded_copy(method: str, model, base, cfg: FinetuneConfig, task: Task):
     """A plain (one-process) model of the row, loaded with ``model``'s whole state dict (gathered:
     every rank calls it)."""
-    from pmptrain import control
-
     from .runner import full_state_dict
 
     sd = full_state_dict(model)
     kind = METHODS[method][0]
     twin = copy.deepcopy(base)
-    if kind == "lora":
-        control.attach(twin, task.linears, kind="lora", rank=cfg.rank)
-    elif kind in ("binary", "ternary"):
-        control.attach(twin, task.linears, kind=kind, rank=_rank_for(kind, cfg, task))
-    elif kind == "parallel2":
-        control.attach(twin, task.subblocks, kind="parallel", rank=_rank_for(kind, cfg, task))
-    elif kind is not None:
-        control.attach(twin, task.blocks, kind=kind, rank=_rank_for(kind, cfg, task), causal=task.name == "gpt")
+    if kind is not None:
+        _attach_controls(twin, kind, cfg, task)
     twin.load_state_dict(sd)
     return twin
 
