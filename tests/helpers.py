@@ -42,6 +42,15 @@ def tensors_in(v):
     return []
 
 
+def feed_gradient_average(params, avg: dict, beta: float) -> None:
+    """Replace each ``.grad`` of ``params`` by its running average ``ḡ ← β ḡ + (1−β) g`` (the first
+    gradient as it is; ``avg`` keeps ``ḡ`` per parameter): the reference a ``grad_decay = β``
+    optimizer is compared with, fed the average as its plain gradient."""
+    for p in params:
+        avg[p] = p.grad.clone() if p not in avg else beta * avg[p] + (1 - beta) * p.grad
+        p.grad.copy_(avg[p])
+
+
 def tiny_gpt(vocab: int, block: int):
     """The GPT bench's model at 1 layer, 2 heads, width 8, in float64, seeded (the distributed GPT
     tests' model)."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pmptrain
+from helpers import feed_gradient_average
 
 DT = torch.float64
 
@@ -223,6 +224,12 @@ def test_tied_gpt_amortised_with_costate_units_runs_without_warnings():
 
 
 # ---------------------------------------------------------------- amortise="bounded"
+def _linear_snapshot(model):
+    """``{name: (W, b, ∇W, ∇b)}`` of every Linear, copied (the step under test is checked from them)."""
+    return {name: (mod.weight.detach().clone(), mod.bias.detach().clone(), mod.weight.grad.clone(),
+                   mod.bias.grad.clone()) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+
+
 def _bounded_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
@@ -302,8 +309,7 @@ def test_bounded_step_between_refreshes_maximises_its_stated_hamiltonian(k):
         if t == 0:
             refresh = {name: dict(r) for name, r in rec.items()}
         if t == k - 1:
-            before = {name: (mod.weight.detach().clone(), mod.bias.detach().clone(), mod.weight.grad.clone(),
-                             mod.bias.grad.clone()) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+            before = _linear_snapshot(model)
         opt.step()
     active = 0.0
     for name, (w0, b0, gw, gb) in before.items():
@@ -426,8 +432,7 @@ def test_rescaled_step_maximises_the_hamiltonian_of_the_refresh_batch_at_this_st
             refresh = {name: dict(r) for name, r in rec.items()}
         if t == k - 1:
             now = {name: dict(r) for name, r in rec.items()}
-            before = {name: (mod.weight.detach().clone(), mod.bias.detach().clone(), mod.weight.grad.clone(),
-                             mod.bias.grad.clone()) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+            before = _linear_snapshot(model)
             # between refreshes only Σx², Σx and Σ‖g‖² are captured
             assert all(e.spec is not None and e.spec.states == "diag" and e.spec.costates == "sqnorm"
                        for e in opt.capture._entries.values())
@@ -513,9 +518,7 @@ def test_averaged_gradient_is_the_linear_term_between_refreshes(amortise):
         for m, o in ((a, oa), (b, ob)):
             o.zero_grad()
             F.mse_loss(m(x), y).backward()
-        for p in b.parameters():
-            avg[p] = p.grad.clone() if p not in avg else beta * avg[p] + (1 - beta) * p.grad
-            p.grad.copy_(avg[p])
+        feed_gradient_average(b.parameters(), avg, beta)
         oa.step()
         ob.step()
         for (n, p), q in zip(a.named_parameters(), b.parameters()):

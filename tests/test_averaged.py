@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pmptrain
+from helpers import feed_gradient_average
 
 DT = torch.float64
 
@@ -87,10 +88,7 @@ def test_the_averaged_step_is_the_step_on_the_averaged_gradient(beta):
         for model, opt in ((a, opt_a), (b, opt_b)):
             opt.zero_grad()
             _loss(model, t).backward()
-        for p in b.parameters():
-            if id(p) in controlled:
-                avg[p] = p.grad.clone() if p not in avg else beta * avg[p] + (1 - beta) * p.grad
-                p.grad.copy_(avg[p])
+        feed_gradient_average([p for p in b.parameters() if id(p) in controlled], avg, beta)
         opt_a.step()
         opt_b.step()
         for (n, p), q in zip(a.named_parameters(), b.parameters()):
