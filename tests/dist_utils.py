@@ -17,7 +17,9 @@ file). Every child runs with ``torch.set_num_threads(1)``.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -40,6 +42,12 @@ def free_port() -> int:
 
 def _worker(rank: int, fn: Callable, world_size: int, port: int, args: Sequence, out_dir: str):
     # ``rank`` is supplied first by torch.multiprocessing.start_processes
+    # The rank's native stderr (gloo's and libc's messages before an abort) and, on a fatal signal,
+    # the Python stack of every thread (faulthandler) go to rank<k>.log, which the parent reports.
+    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(file=log, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)  # the parent's timeout asks for stacks
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
@@ -64,6 +72,14 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, args: Sequence,
         dist.destroy_process_group()
 
 
+def _tail(path: str, chars: int = 4000) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-chars:].strip()
+    except OSError:
+        return ""
+
+
 def run_distributed(
     fn: Callable[..., Any], world_size: int = 2, args: Sequence = (), timeout: float = 120.0
 ) -> List[Any]:
@@ -81,14 +97,19 @@ def run_distributed(
             # raises on the first failing rank and terminates the others
             while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
                 if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        if p.is_alive():
-                            p.kill()
+                    alive = [p for p in ctx.processes if p.is_alive()]
+                    for p in alive:  # each stuck rank writes every thread's stack to its log
+                        os.kill(p.pid, signal.SIGUSR1)
+                    time.sleep(1.0)
+                    for p in alive:
+                        p.kill()
                     for p in ctx.processes:
                         p.join()
+                    logs = [f"---- rank {r} stderr ----\n{_tail(os.path.join(out_dir, f'rank{r}.log'))}"
+                            for r in range(world_size)]
                     raise TimeoutError(
                         f"distributed test {getattr(fn, '__qualname__', fn)} did not finish within "
-                        f"{timeout} s (a rank is probably stuck in a collective)"
+                        f"{timeout} s (a rank is probably stuck in a collective):\n" + "\n".join(logs)
                     )
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             # The first rank to die is often a *victim* (its collective lost its peer); report every
@@ -98,7 +119,12 @@ def run_distributed(
                 path = os.path.join(out_dir, f"rank{rank}.err")
                 if os.path.exists(path):
                     with open(path) as f:
-                        reports.append(f"---- rank {rank} ----\n{f.read()}")
+                        text = f.read().rstrip()
+                    # the exception's own line first: a long traceback is cut in CI's summary
+                    reports.append(f"---- rank {rank}: {text.splitlines()[-1] if text else ''}\n{text}")
+                log = _tail(os.path.join(out_dir, f"rank{rank}.log"))
+                if log:
+                    reports.append(f"---- rank {rank} stderr (last 4000 characters) ----\n{log}")
             if not reports:
                 raise
             raise RuntimeError(
