@@ -1,16 +1,18 @@
-"""Per-rank bytes of the module units' kept statistics, replicated (today) vs owner-only (a projection).
+"""Per-rank bytes of the module units' kept statistics, replicated vs owner-only (a projection).
 
-Under FSDP2 and DDP every rank keeps the whole state record of every closed-form unit — the running
-covariances ``C_x, C_p`` and their eigenbases of ``stat_decay``/``stat_every`` (docs/api.md,
-"Distributed training"): the same bytes per rank at any number of ranks. If each unit's record
+Under DDP, and under FSDP2 with ``shard_statistics=False``, every rank keeps the whole state record of
+every closed-form unit — the running covariances ``C_x, C_p`` and their eigenbases of
+``stat_decay``/``stat_every`` (docs/api.md, "Distributed training"): the same bytes per rank at any
+number of ranks (FSDP2's default splits them by rows instead: 1/world per rank,
+``benchmarks/fsdp_state_bytes.py``). If each unit's record
 lived only on its solve owner (:func:`pmptrain.optim.solve_shard.assign_owners`, the assignment by
 solve cost that solve sharding uses), a rank would keep only its units' records. This script counts
 both for the GPT bench model (as ``benchmarks/fsdp_state_bytes.py``: 2 blocks × 128, vocabulary 256,
 batch 8 × 32 tokens) after ``--steps`` steps in one process: the bytes of every unit's record except
 its parameter-shaped fields (``grad_avg``: sharded under FSDP2 already), and the owners the shell
 would assign on ``world`` ranks from the same union row counts. Bytes are counted, not timed: the
-numbers do not depend on the machine's load. Nothing here is built: it measures what an owner-only
-storage would save, for docs/api.md.
+numbers do not depend on the machine's load. Owner-only storage is not built: this measures what it
+would save, the comparison docs/api.md makes with the row shards.
 
     python benchmarks/owner_state_bytes.py     # a few seconds
 """

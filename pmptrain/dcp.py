@@ -7,8 +7,9 @@ module unit's statistics kept between steps (E-MSA's running covariances and eig
 ``stat_decay`` / ``stat_every``) are created at the first step, so the fresh template holds
 ``None`` where the checkpoint holds tensors, which ``dcp.load`` refuses ("Missing key in checkpoint
 state_dict"). :func:`load` loads everything else in place as ``dcp.load`` does (sharded tensors
-resharded from N ranks to M), and those entries whole from the checkpoint (they are replicated:
-every rank holds the whole statistics). Usage::
+resharded from N ranks to M), and those entries whole from the checkpoint on every rank (however
+many ranks saved them, as row shards or whole); ``set_optimizer_state_dict`` (the optimizer's
+``load_state_dict``) then keeps each rank's rows of them under FSDP2. Usage::
 
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)

@@ -5,14 +5,15 @@ Algorithm code calls these unconditionally and never branches on rank.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+import math
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["world_size", "rank", "all_reduce_sum_", "all_reduce_mean_", "all_gather_rows", "all_gather_parts",
-           "is_sharded", "check_placements", "shard_count", "full_tensor", "local_rows", "write_local_",
+           "is_sharded", "check_placements", "shard_count", "full_tensor", "full_tensors", "local_rows", "write_local_",
            "all_gather_ints", "is_rank_zero"]
 
 
@@ -143,6 +144,73 @@ def shard_count(t) -> int:
 def full_tensor(t: Tensor) -> Tensor:
     """The whole tensor of a ``DTensor`` (one all-gather), a plain tensor as it is."""
     return t.full_tensor() if is_sharded(t) else t
+
+
+def _chunk_rows(n: int, k: int, r: int) -> tuple:
+    """``(offset, length)`` of chunk ``r`` of ``n`` rows split into ``k`` as ``torch.chunk`` (and
+    ``DTensor``'s ``Shard``) splits them: chunks of ``ceil(n/k)`` rows, the last ones shorter or empty."""
+    c = -(-n // k) if n else 0
+    start = min(n, c * r)
+    return start, max(0, min(n, start + c) - start)
+
+
+@torch.no_grad()
+def full_tensors(ts: Sequence) -> List[Tensor]:
+    """The whole tensor of each of ``ts`` (``DTensor`` s; a plain tensor is returned as it is), with
+    one all-gather per mesh and dtype instead of one per tensor.
+
+    Tensors with FSDP2's layout (``Shard(0)`` on the mesh's last dimension, ``Replicate()`` on the
+    others) of the same mesh, dtype and device are gathered together: each rank concatenates its
+    local rows of all of them into one flat buffer (padded to the longest rank's), one
+    ``all_gather_into_tensor`` over the shard dimension's group, and each whole tensor is
+    reassembled from every rank's rows (the rows each rank holds follow ``torch.chunk``, as
+    ``DTensor`` splits them). Fully replicated ones are a copy of their local tensor; any other layout goes
+    through ``DTensor.full_tensor``. Every rank must call it with the same list (a collective)."""
+    from torch.distributed.tensor import Shard
+
+    out: List[Optional[Tensor]] = [None] * len(ts)
+    batches: dict = {}
+    for i, t in enumerate(ts):
+        if not is_sharded(t):
+            out[i] = t
+            continue
+        placements = tuple(t.placements)
+        if all(p.is_replicate() for p in placements):
+            out[i] = t.to_local().clone()
+        elif (t.dim() > 0 and isinstance(placements[-1], Shard) and placements[-1].dim == 0
+              and all(p.is_replicate() for p in placements[:-1])):
+            batches.setdefault((id(t.device_mesh), t.dtype, t.device), []).append(i)
+        else:
+            out[i] = t.full_tensor()
+    for idx in batches.values():
+        mesh = ts[idx[0]].device_mesh
+        k, me = mesh.size(-1), mesh.get_local_rank(-1)
+        group = mesh.get_group(-1)
+        rows = [[_chunk_rows(ts[i].shape[0], k, r)[1] for i in idx] for r in range(k)]
+        inner = [math.prod(ts[i].shape[1:]) for i in idx]
+        counts = [sum(n * m for n, m in zip(rs, inner)) for rs in rows]
+        width = max(counts)
+        t0 = ts[idx[0]]
+        buf = torch.zeros(width, dtype=t0.dtype, device=t0.to_local().device)
+        offset = 0
+        for i, n, m in zip(idx, rows[me], inner):
+            local = ts[i].to_local()
+            if local.shape[0] != n:  # not torch.chunk's split: a layout this function does not know
+                raise RuntimeError(f"full_tensors: a DTensor of shape {tuple(ts[i].shape)} holds {local.shape[0]} "
+                                   f"rows on mesh rank {me} of {k}, expected {n}")
+            buf[offset:offset + n * m].copy_(local.reshape(-1))
+            offset += n * m
+        gathered = torch.empty(k * width, dtype=buf.dtype, device=buf.device)
+        dist.all_gather_into_tensor(gathered, buf, group=group)
+        parts = [[] for _ in idx]
+        for r in range(k):
+            offset = r * width
+            for j, (n, m) in enumerate(zip(rows[r], inner)):
+                parts[j].append(gathered[offset:offset + n * m].view(n, *ts[idx[j]].shape[1:]))
+                offset += n * m
+        for j, i in enumerate(idx):
+            out[i] = torch.cat(parts[j]) if k > 1 else parts[j][0].clone()
+    return out
 
 
 def local_rows(t) -> tuple:

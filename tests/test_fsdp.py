@@ -122,7 +122,41 @@ def _all_cases(rank: int, world: int) -> Dict[str, List[torch.Tensor]]:
         warnings.simplefilter("ignore")
         out = {f"{o}-{w}": train(o, w, rank, world) for o in OPTIMIZERS for w in WRAPS if _case(o, w)}
         out["refused"] = _refused_layouts(rank, world)
+        out["full_tensors"] = _full_tensors_agree(rank, world)
         return out
+
+
+def _full_tensors_agree(rank: int, world: int) -> List[str]:
+    """``pmptrain.distributed.full_tensors`` (one all-gather per mesh and dtype) against
+    ``DTensor.full_tensor`` one by one, for shapes that split unevenly (a rank with no row), several
+    dtypes, vectors and 3-d tensors, a replicated tensor, a Shard(1) tensor (gathered on its own), and
+    on 4 ranks an HSDP mesh (Replicate, Shard(0)). Returns the mismatches."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from pmptrain import distributed as pdist
+
+    g = torch.Generator().manual_seed(3)
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(5, 3), (3, 4), (1, 2), (8,), (7, 2, 3), (world, world)]
+    whole = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    whole += [torch.randn(6, 5, generator=g).float(), torch.randint(0, 9, (5, 2), generator=g)]
+    ts = [distribute_tensor(w, mesh, [Shard(0)]) for w in whole]
+    ts.append(distribute_tensor(whole[0], mesh, [Replicate()]))
+    ts.append(distribute_tensor(whole[2].t().contiguous(), mesh, [Shard(1)]))
+    if world == 4:
+        hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        ts += [distribute_tensor(w, hsdp, [Replicate(), Shard(0)]) for w in whole[:3]]
+    ts.append(whole[1])  # a plain tensor: returned as it is
+    got = pdist.full_tensors(ts)
+    bad = []
+    for i, (t, w) in enumerate(zip(ts, got)):
+        want = t.full_tensor() if pdist.is_sharded(t) else t
+        if pdist.is_sharded(w) or w.dtype != want.dtype or not torch.equal(w, want):
+            bad.append(f"{i}: {tuple(want.shape)} {want.dtype}")
+    if got[-1] is not ts[-1]:
+        bad.append("plain tensor copied")
+    return bad
 
 
 def _refused_layouts(rank: int, world: int) -> str:
@@ -165,6 +199,12 @@ def test_fsdp2_matches_one_process_on_the_union_batch(fsdp_results, references, 
         for a, b, p0 in zip(got, ref, init):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), (rank, (a - b).abs().max())
         assert any(not torch.equal(b, p0) for b, p0 in zip(ref, init))  # the reference trained
+
+
+def test_full_tensors_gathers_what_full_tensor_gathers(fsdp_results):
+    world, results = fsdp_results
+    for rank, r in enumerate(results):
+        assert r["full_tensors"] == [], (rank, r["full_tensors"])
 
 
 def test_fsdp2_tensor_parallel_layout_is_refused(fsdp_results):

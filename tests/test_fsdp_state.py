@@ -3,7 +3,8 @@
 Per-parameter state of a sharded parameter (the fallback's Adam moments, the discrete rules'
 accumulators, BinaryConnect's latent weights and their moments, a LayerNorm's per-channel running
 statistics) is a ``DTensor`` with the parameter's mesh and placements, each rank holding the rows of
-its own shard; module statistics (E-MSA's running covariances) are plain tensors on every rank.
+its own shard; module statistics (E-MSA's running covariances and their eigenbases) are
+``DTensor`` s split by their own rows, each rank holding 1/world of them.
 
 Checkpoints go through torch's own tools: ``get_model_state_dict``/``get_optimizer_state_dict`` and
 ``dcp.save`` after 2 steps on N ranks, a fresh model and optimizer, ``dcp.load`` into their
@@ -38,6 +39,8 @@ if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
 OPTIMIZERS = {
     "emsa-fallback": lambda m: pmptrain.EMSA(m, exclude=("ln", "fc2")),  # Adam moments of ln, fc2
     "emsa-running": lambda m: pmptrain.EMSA(m, rho=1.0, stat_decay=0.5),  # running C_x, C_p; LN a, b, e
+    # the same, with the running statistics kept whole on every rank
+    "emsa-running-whole": lambda m: pmptrain.EMSA(m, rho=1.0, stat_decay=0.5, shard_statistics=False),
     "discrete-msa": lambda m: pmptrain.DiscreteMSA(m),  # fc2's accumulator
     "binaryconnect": lambda m: pmptrain.BinaryConnect(m),  # fc2's latent weight and its moments
     "emsa-grad-decay": lambda m: pmptrain.EMSA(m, rho=1.0, grad_decay=0.9),  # every unit's grad_avg
@@ -89,14 +92,35 @@ def _layout(model, opt) -> Dict[str, Dict[str, str]]:
                  and t.to_local().shape == q.to_local().shape else "whole" if not pdist.is_sharded(t) else "bad")
                 if pdist.is_sharded(q) else ("whole" if not pdist.is_sharded(t) else "bad")
                 for t, q in zip(avg, unit.params)]
-        # module statistics of a unit's record (nested lists of RunningStats as dicts)
-        running = opt.state.get(p, {}).get("running")
-        if isinstance(running, list):
-            kinds["running"] = "whole" if all(not pdist.is_sharded(t) for r in running for t in r.values()
-                                              if isinstance(t, torch.Tensor)) else "sharded"
+        # module statistics of a unit's record (nested lists of RunningStats as dicts) and their
+        # eigendecompositions: "rows" when every matrix is a DTensor with the parameter's placements
+        # holding this rank's rows of its own dimension 0 (as FSDP2 splits that many rows) and every
+        # vector is whole
+        for key in ("running", "eig_left", "eig_right"):
+            v = opt.state.get(p, {}).get(key)
+            if isinstance(v, list):
+                kinds[key] = _stat_layout(tensors_in(v), p)
         if kinds:
             out[name] = kinds
     return out
+
+
+def _stat_layout(ts: List[torch.Tensor], p) -> str:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from pmptrain import distributed as pdist
+
+    for t in ts:
+        if t.dim() < 2:
+            if pdist.is_sharded(t):
+                return f"sharded vector {tuple(t.shape)}"
+            continue
+        if not pdist.is_sharded(t):
+            return f"whole matrix {tuple(t.shape)}"
+        rows = compute_local_shape_and_global_offset(t.shape, p.device_mesh, p.placements)[0][0]
+        if tuple(t.placements) != tuple(p.placements) or t.to_local().shape[0] != rows:
+            return f"bad shard {t.placements} {tuple(t.to_local().shape)} of {tuple(t.shape)}"
+    return "rows"
 
 
 def _whole(v):
@@ -210,12 +234,18 @@ def test_per_parameter_state_is_sharded_like_the_parameter(sessions, opt_name, w
             for n in ("fc1.weight", "ln.weight", "fc2.weight", "fc3.weight"):
                 assert layout[n]["grad_avg"] == ["shard", "shard"], (rank, n, layout)
             if opt_name == "emsa-transformer":
-                assert layout["fc2.weight"]["running"] == "whole", layout
+                assert layout["fc2.weight"]["running"] == "rows", layout
         elif opt_name == "emsa-running":
-            # per channel: sharded; the Linear units' running covariances: whole on every rank
+            # per channel: sharded like the parameter; the Linear units' running covariances and
+            # their eigenbases: each rank holds its rows of them
             assert layout["ln.weight"] == {"a": "shard", "b": "shard", "e": "shard"}, layout
             for n in ("fc1.weight", "fc2.weight", "fc3.weight"):
-                assert layout[n] == {"running": "whole"}, (n, layout)
+                assert layout[n] == {"running": "rows", "eig_left": "rows", "eig_right": "rows"}, (n, layout)
+        elif opt_name == "emsa-running-whole":
+            assert layout["ln.weight"] == {"a": "shard", "b": "shard", "e": "shard"}, layout
+            for n in ("fc1.weight", "fc2.weight", "fc3.weight"):
+                assert set(layout[n]) == {"running", "eig_left", "eig_right"}, (n, layout)
+                assert all(v.startswith("whole matrix") for v in layout[n].values()), (n, layout)
         else:
             for n, kinds in expected[opt_name].items():
                 assert {k: layout[n][k] for k in kinds} == kinds, (rank, n, layout)
@@ -274,3 +304,20 @@ def test_layout_helpers_are_consistent_with_a_record_type():
                 GroupedState, AdditiveState):
         names = {f.name for f in dataclasses.fields(cls)}
         assert set(cls._param_shaped) <= names, cls
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_statistics_give_the_replicated_run_bit_for_bit(sessions, world):
+    """Row shards of the running statistics, gathered for each step, are the same numbers as the
+    statistics every rank keeps whole: the weights are identical bit for bit; and the sharded
+    statistics take less memory on every rank."""
+    for rank, r in enumerate(sessions[world]):
+        for a, b in zip(r["emsa-running"]["weights"], r["emsa-running-whole"]["weights"]):
+            assert torch.equal(a, b), (rank, (a - b).abs().max())
+        sharded, whole = r["emsa-running"]["bytes"], r["emsa-running-whole"]["bytes"]
+        assert sharded["sharded"] + sharded["whole"] < whole["sharded"] + whole["whole"], (sharded, whole)
+
+
+def test_shard_statistics_must_be_a_bool():
+    with pytest.raises(TypeError, match="shard_statistics"):
+        pmptrain.EMSA(_model(), shard_statistics="yes")

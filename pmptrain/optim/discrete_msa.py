@@ -96,7 +96,7 @@ class DiscreteMSA(DiscreteConfig):
             decay does not apply to codes.
         exclude: non-discrete module names whose parameters take the fallback step.
         strict: raise instead of warning for modules without a rule.
-        process_group, grad_scaler, shard_solves: as in :class:`~pmptrain.EMSA`.
+        process_group, grad_scaler, shard_solves, shard_statistics: as in :class:`~pmptrain.EMSA`.
 
     Diagnostics: after each step ``opt.last_step["discrete"]`` is a :class:`DiscreteDiagnostics`
     (per-layer flip ratio, density, ρ_k, ``|M|`` mean/max, totals), converted lazily.
@@ -141,6 +141,7 @@ class DiscreteMSA(DiscreteConfig):
         process_group=None,
         grad_scaler=None,
         shard_solves: bool = True,
+        shard_statistics: bool = True,
     ):
         self.continuous = Choice(("fallback", "emsa")).check("continuous", continuous)
         self.acc_init = float(Real(0.0, _ACC_INIT_MAX, lo_open=True).check("acc_init", acc_init))
@@ -159,7 +160,7 @@ class DiscreteMSA(DiscreteConfig):
         self._extra_specs = {"decay_gamma": Real(0.0, 1.0, lo_open=True), "decay_floor": Real(0.0, 1.0, hi_open=True)}
         super().__init__(model, params, defaults, [self._discrete_rule, self._affine, self._fallback],
                          strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler,
-                         shard_solves=shard_solves)
+                         shard_solves=shard_solves, shard_statistics=shard_statistics)
 
     def _validate_group(self, group):
         for key, spec in self._extra_specs.items():

@@ -350,6 +350,11 @@ class EMSA(PMPOptimizer):
             every rank, the same update as solving everywhere, solve time per rank ≈ 1/world
             (:mod:`pmptrain.optim.solve_shard`). False: every rank solves every module (one
             ``all_gather_object`` and a few broadcasts per step fewer). No effect in one process.
+        shard_statistics: under FSDP2 (default True), the statistics a module unit keeps between
+            steps (``C_x``, ``C_p`` and their eigenbases, with ``stat_decay``/``stat_every``) are
+            stored as ``DTensor`` row shards, 1/world of them per rank, and all-gathered for each
+            step (one all-gather per kept matrix per step); False: every rank keeps them whole
+            (more memory, no all-gather). No effect without FSDP2.
 
     Note:
         A sample is a token (a row of a ``[..., d]`` input) for row-wise layers (Linear, Conv1D,
@@ -405,6 +410,7 @@ class EMSA(PMPOptimizer):
         process_group=None,
         grad_scaler=None,
         shard_solves: bool = True,
+        shard_statistics: bool = True,
     ):
         self.solver = Choice(("closed", "iterative")).check("solver", solver)
         params, given = self._positional_lr(params, {"lr": lr})
@@ -439,7 +445,7 @@ class EMSA(PMPOptimizer):
         super().__init__(model, params, defaults,
                          [*self._by_kind.values(), self._mha, self._iterative, self._fallback, self._additive],
                          strict=strict, exclude=exclude, process_group=process_group, grad_scaler=grad_scaler,
-                         shard_solves=shard_solves)
+                         shard_solves=shard_solves, shard_statistics=shard_statistics)
 
     #: What the bench's schema types ``stat_every``, ``amortise`` and ``stat_reduce`` by (their
     #: values in the classic setting): the setting fills them when left at None.

@@ -228,6 +228,11 @@ class PMPOptimizer(torch.optim.Optimizer):
         shard_solves: with several ranks, each module unit's solve runs on one owner rank and the
             results are exchanged (:mod:`pmptrain.optim.solve_shard`; identical updates, solve
             time per rank ≈ 1/world). False: every rank solves every unit. No effect in one process.
+        shard_statistics: under FSDP2, the statistics a module unit keeps between steps (E-MSA's
+            ``C_x``, ``C_p`` and their eigenbases with ``stat_decay``/``stat_every``) are stored as
+            ``DTensor`` row shards, 1/world per rank, and all-gathered for each step
+            (:func:`~pmptrain.optim.sharded.shard_record`); False: every rank keeps them whole. No
+            effect without FSDP2's sharded parameters.
     """
 
     # The standard GradScaler path (no ``_step_supports_amp_scaling``): ``scaler.step(opt)`` unscales
@@ -248,6 +253,7 @@ class PMPOptimizer(torch.optim.Optimizer):
         process_group=None,
         grad_scaler=None,
         shard_solves: bool = True,
+        shard_statistics: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -259,6 +265,9 @@ class PMPOptimizer(torch.optim.Optimizer):
         if not isinstance(shard_solves, bool):
             raise TypeError(f"invalid shard_solves={shard_solves!r}: must be True or False")
         self.shard_solves = shard_solves
+        if not isinstance(shard_statistics, bool):
+            raise TypeError(f"invalid shard_statistics={shard_statistics!r}: must be True or False")
+        self.shard_statistics = shard_statistics
         if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):
             raise TypeError(f"invalid exclude={exclude!r}: must be a list of module names")
         self.model = model
@@ -796,6 +805,7 @@ class PMPOptimizer(torch.optim.Optimizer):
             state.setdefault("process_group", None)
             state.setdefault("grad_scaler", None)
             state.setdefault("shard_solves", True)
+            state.setdefault("shard_statistics", True)
             state["_lazy_hooks"], state["_stepped"] = [], {}
         super().__setstate__(state)
         self._attach_capture()
@@ -988,7 +998,7 @@ class PMPOptimizer(torch.optim.Optimizer):
                 sharded.write_back()
         for unit, prop in proposals:
             real = self.units[unit.name]  # (under FSDP2 `unit` is the step's whole-tensor stand-in)
-            real.state = prop.state if sharded is None else sharded.keep(real, prop.state)
+            real.state = prop.state if sharded is None else sharded.keep(real, prop.state, self.shard_statistics)
             self._publish(real)
         self._skip_run = 0
         n_mod = sum(1 for unit, _ in proposals if unit.rule.module_rule)
@@ -1337,7 +1347,8 @@ class PMPOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for name, st in states.items():
                 unit = self.units[name]
-                unit.state = shard_record(st, unit.primary, unit.params)  # FSDP2: each rank keeps its rows
+                # FSDP2: each rank keeps its rows
+                unit.state = shard_record(st, unit.primary, unit.params, statistics=self.shard_statistics)
                 unit.rule.restore(unit, self._group_of(unit.primary))
         self._publish_state()
         if extra is not None:
