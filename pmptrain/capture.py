@@ -118,10 +118,18 @@ class ModuleStats:
     the backward passes of one accumulation window (N micro-batches of ``loss/N``): each pass
     records the shared rows with its micro-batch's part of the gradient, and the union's costate is
     their mean over the passes (``shared_pass``: the pass of each row).
+
+    ``shared_x``: for each piece of ``shared_g``, None for a call without a batch dimension, or the
+    indices of an embedding called with a batch dimension of 1 (Hugging Face GPT-2's
+    ``wpe(position_ids)``, ``position_ids`` of shape ``[1, T]``): such a call may be a shared table
+    broadcast over the batch or an ordinary sample of a micro-batch of one, which its shape does not
+    tell; it is treated as shared when every pass of the window called it on the same indices,
+    and with several ranks every rank on the same indices too (:meth:`unify_shared_`), and folded
+    as recorded otherwise.
     """
 
     __slots__ = ("samples", "rows", "x_rows", "xx", "x_sum", "x_sq", "counts", "g_rows", "gg", "g_sq",
-                 "g_sq_cols", "calls", "repeated", "shared_g", "shared_spec", "shared_pass", "_task")
+                 "g_sq_cols", "calls", "repeated", "shared_g", "shared_spec", "shared_pass", "shared_x", "_task")
 
     def __init__(self):
         self.samples = 0
@@ -140,6 +148,7 @@ class ModuleStats:
         self.shared_g: List[Tensor] = []
         self.shared_spec: Optional[CaptureSpec] = None
         self.shared_pass: List[Any] = []
+        self.shared_x: List[Optional[Tensor]] = []
         self._task = None
 
     @property
@@ -163,7 +172,8 @@ class ModuleStats:
         self.xx, self.x_rows = _fold(self.x_rows, self.xx, dtype), []
         return self.xx
 
-    def unify_shared_(self, process_group=None, world: int = 1, scale: float = 1.0) -> None:
+    def unify_shared_(self, process_group=None, world: int = 1, scale: float = 1.0, agree: bool = False,
+                      device=None) -> None:
         """Fold the rows of shared calls (``shared_g``) into the costate statistics, each replaced
         first by the union's costate, the mean of the copies every backward pass and rank recorded.
 
@@ -176,11 +186,36 @@ class ModuleStats:
         union's ``B`` (``P·world`` copies of the shared samples) are those of one backward pass of
         one process on the union batch, whose costate is the sum of the micro-batches' gradients
         (the mean of the ranks'). Every rank calls it for the same modules (their shared calls are
-        the model's structure); no-op without shared rows."""
+        the model's structure); no-op without shared rows.
+
+        Pieces of an embedding called with a batch dimension of 1 (``shared_x``) are shared when
+        every pass called it on the same indices (a position table broadcast over every
+        micro-batch: the union's one call) and, with several ranks, when every rank recorded the
+        same pieces on the same indices — agreed by one all-gather of a few integers per step, which
+        every rank runs for an embedding (``agree=True``, the rule's call for such a module,
+        ``device`` for that all-gather), whatever it recorded; otherwise (a micro-batch of one
+        sample: different indices) they are folded as recorded, as any sample's rows. With several
+        ranks and ``agree=False`` they are folded as recorded."""
+        maybe = [(task, gr, x) for task, gr, x in zip(self.shared_pass, self.shared_g, self.shared_x) if x is not None]
+        if world > 1:
+            merge = agree and _agreed_across_ranks(maybe, process_group, device)  # a collective on every rank
+        else:
+            merge = _same_in_every_pass(maybe)
         if not self.shared_g:
             return
-        rows, spec, passes = self.shared_g, self.shared_spec, self.shared_pass
-        self.shared_g, self.shared_spec, self.shared_pass = [], None, []
+        rows, spec, passes, xs = self.shared_g, self.shared_spec, self.shared_pass, self.shared_x
+        self.shared_g, self.shared_spec, self.shared_pass, self.shared_x = [], None, [], []
+        if maybe:
+            if merge:
+                rows = [gr for gr, x in zip(rows, xs) if x is None] + [gr for _, gr, _ in maybe]
+                passes = [t for t, x in zip(passes, xs) if x is None] + [t for t, _, _ in maybe]
+            else:
+                for _, gr, _ in maybe:
+                    _add_costates(self, spec, gr)
+                rows = [gr for gr, x in zip(rows, xs) if x is None]
+                passes = [t for t, x in zip(passes, xs) if x is None]
+                if not rows:
+                    return
         dt = torch.promote_types(spec.dtype, rows[0].dtype) if rows[0].is_floating_point() else spec.dtype
         copies = 1
         by_pass: Dict[Any, List[Tensor]] = {}
@@ -233,6 +268,43 @@ def _reduce_rows(rows: Tensor, per_entry: int) -> Tensor:
     if per_entry <= 1 or rows.shape[0] % per_entry:
         return rows
     return rows.reshape(-1, per_entry, rows.shape[-1]).sum(1) * (1.0 / math.sqrt(per_entry))
+
+
+def _calls_by_pass(pieces: List[Tuple[Any, Tensor, Tensor]]) -> List[List[Tensor]]:
+    by_pass: Dict[Any, List[Tensor]] = {}
+    for task, _, x in pieces:
+        by_pass.setdefault(id(task) if task is None else task, []).append(x)
+    return list(by_pass.values())
+
+
+def _equal_passes(calls: List[List[Tensor]]) -> bool:
+    return all(len(c) == len(calls[0]) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(c, calls[0]))
+               for c in calls)
+
+
+def _same_in_every_pass(pieces: List[Tuple[Any, Tensor, Tensor]]) -> bool:
+    """Whether ``pieces`` (``(pass, rows, indices)``) come from more than one backward pass and every
+    pass recorded the same number of pieces, with equal indices piece by piece."""
+    calls = _calls_by_pass(pieces)
+    return len(calls) > 1 and _equal_passes(calls)
+
+
+def _agreed_across_ranks(pieces: List[Tuple[Any, Tensor, Tensor]], process_group, device) -> bool:
+    """Whether every rank recorded pieces (``(pass, rows, indices)``) of the same calls — the same
+    number of passes and of pieces per pass, every pass on the same indices, and the same indices
+    on every rank (compared by their count and three sums: ``Σx``, ``Σ(i+1)·x_i``, ``Σx²``). One
+    all-gather of 7 integers; every rank calls it, with or without pieces."""
+    from . import distributed as pdist
+
+    calls = _calls_by_pass(pieces)
+    ok = bool(calls) and _equal_passes(calls)
+    sig = [int(ok), len(calls), len(calls[0]) if calls else 0, 0, 0, 0, 0]
+    if ok:
+        v = torch.cat([x.reshape(-1) for x in calls[0]]).to(torch.int64)
+        w = torch.arange(1, v.numel() + 1, dtype=torch.int64, device=v.device)
+        sig[3:] = [v.numel(), int(v.sum()), int((v * w).sum()), int((v * v).sum())]
+    every = pdist.all_gather_ints(sig, process_group, device=device)
+    return all(s == every[0] for s in every) and every[0][0] == 1
 
 
 def _add_costates(st: ModuleStats, spec: CaptureSpec, gr: Tensor, per_entry: int = 1) -> None:
@@ -795,14 +867,21 @@ class ModuleCapture:
         else:
             slices = [(x[i : i + step], g[i : i + step]) for i in range(0, lead, step)]
         per_entry = rows_per_entry if spec.reduce and adapter.batched(module, x) else 1
-        # a call without a batch dimension: its output is every sample's (ModuleStats.shared_g)
-        shared = x.dim() <= 1 if getattr(adapter, "index_input", False) else not adapter.batched(module, x)
+        # a call without a batch dimension: its output is every sample's (ModuleStats.shared_g); an
+        # embedding's call with a batch dimension of 1 may be one too (decided in unify_shared_)
+        index = getattr(adapter, "index_input", False)
+        shared = x.dim() <= 1 if index else not adapter.batched(module, x)
+        if index and not shared and x.dim() >= 2 and x.shape[0] == 1 and per_entry == 1:
+            shared = x
         for xs, gs in slices:
             self._add_rows(st, spec, adapter, module, xs, gs, per_entry, shared)
 
     @staticmethod
     def _add_rows(st: ModuleStats, spec: CaptureSpec, adapter, module, x: Tensor, g: Tensor, per_entry: int = 1,
-                  shared: bool = False) -> None:
+                  shared=False) -> None:
+        """Add a call's rows to ``st``. ``shared``: True for a call without a batch dimension, the
+        call's indices for an embedding called with a batch dimension of 1 (both kept as
+        ``shared_g`` until :meth:`ModuleStats.unify_shared_`), False otherwise."""
         # wider activations than the spec's dtype (``model.double()`` after the optimizer was built):
         # the statistics follow them, as the rules' solves follow the parameters' dtype
         dt = torch.promote_types(spec.dtype, g.dtype) if g.is_floating_point() else spec.dtype
@@ -832,9 +911,10 @@ class ModuleCapture:
                 else:
                     st.x_rows.append(xr)
         if spec.costates != "none":
-            if shared:  # folded by ModuleStats.unify_shared_ once the ranks' rows are averaged
+            if shared is not False:  # folded by ModuleStats.unify_shared_ once the ranks' rows are averaged
                 st.shared_g.append(gr)
                 st.shared_pass.append(st._task)
+                st.shared_x.append(None if shared is True else shared.detach().clone())
                 st.shared_spec = spec
             else:
                 _add_costates(st, spec, gr, per_entry)

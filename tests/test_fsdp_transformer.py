@@ -138,7 +138,83 @@ def test_calls_without_a_batch_dimension_are_kept_apart_until_unified(costates):
     elif costates == "rows":
         torch.testing.assert_close(st_l.costate_rows(dt), gl, rtol=0, atol=0)
     # a batched call of the embedding: folded at once, nothing kept apart
-    emb(torch.arange(5).reshape(1, 5)).sum().backward()
+    emb(torch.arange(10).reshape(2, 5) % 6).sum().backward()
     st = cap.pop("emb")
     assert not st.shared_g and st.g_sq is not None
+    # a call with a batch dimension of 1: kept apart with its indices; alone in its window, it is
+    # folded as recorded
+    out = keep(emb(torch.arange(5).reshape(1, 5)))
+    out.pow(2).sum().backward()
+    st = cap.pop("emb")
+    assert len(st.shared_g) == 1 and torch.equal(st.shared_x[0], torch.arange(5).reshape(1, 5)) and st.g_sq is None
+    st.unify_shared_()
+    assert float(st.g_sq) == pytest.approx(float(out.grad.pow(2).sum()), rel=1e-14)
     cap.remove()
+
+
+# ------------------------------------------------------------------ positions of shape [1, T]
+BATCH1_CONFIGS = {"transformer": dict(setting="transformer", max_step=None),
+                  "costate": dict(lr=1.0, rho=5.0, rho_scale="costate", max_step=None)}
+BATCH1_WAYS = ("ddp", "fsdp", "accumulate", "micro1")
+
+
+def _batch1_data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 11, (8, 5), generator=g), torch.randint(0, 11, (8, 5), generator=g)
+
+
+def _batch1_train(kw, way="one", rank=0, world=1):
+    """Hugging Face GPT-2's positions (``wpe(position_ids)``, ``position_ids`` of shape [1, T]) in the
+    position model of tests/test_optim.py, 2 steps; each rank on its rows of the batch: wrapped in
+    DDP, sharded by FSDP2, unwrapped with 2 micro-batches of loss/2, or unwrapped with micro-batches
+    of one sample (whose token-table calls are [1, T] too, on different tokens)."""
+    from test_optim import _PositionModel
+
+    torch.manual_seed(0)
+    model = _PositionModel("batch1").double()
+    net = model
+    if way == "ddp":
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    elif way == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    opt = pmptrain.EMSA(net if way == "ddp" else model, **kw)
+    idx, t = _batch1_data()
+    part = 8 // world
+    idx, t = idx[rank * part:(rank + 1) * part], t[rank * part:(rank + 1) * part]
+    micro = {"accumulate": part // 2, "micro1": 1}.get(way, part)
+    n = part // micro
+    for _ in range(2):
+        opt.zero_grad()
+        for i in range(n):
+            sl = slice(micro * i, micro * (i + 1))
+            (F.cross_entropy(net(idx[sl]).flatten(0, 1), t[sl].flatten()) / n).backward()
+        opt.step()
+        assert not opt.last_step["skipped"], opt.last_step
+    return _params(model)
+
+
+def _batch1_ranks(rank, world):
+    return {(c, w): _batch1_train(kw, w, rank, world) for c, kw in BATCH1_CONFIGS.items() for w in BATCH1_WAYS}
+
+
+def test_positions_of_shape_1_T_are_shared_across_ranks():
+    """The position table's [1, T] calls, on the same indices on every rank, are shared (every rank
+    agrees for an embedding, one all-gather of 7 integers), so the costate-scaled steps equal one
+    process's on the union batch; the token table's [1, T] calls of one-sample micro-batches, on
+    different tokens, stay samples. 2 gloo ranks, float64, within 1e-10 (without the agreement,
+    7e-4)."""
+    from test_optim import _PositionModel
+
+    results = run_distributed(_batch1_ranks, 2, timeout=240.0)
+    torch.manual_seed(0)
+    pos0 = _PositionModel("batch1").double().pos.weight.detach()
+    for c, kw in BATCH1_CONFIGS.items():
+        ref = _batch1_train(kw)
+        assert float((ref["pos.weight"] - pos0).abs().max()) > 1e-3  # the position table moved
+        for w in BATCH1_WAYS:
+            for r, res in enumerate(results):
+                for n, p in res[c, w].items():
+                    err = float((p - ref[n]).abs().max())
+                    assert err <= TOL, (c, w, r, n, err)

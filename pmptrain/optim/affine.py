@@ -400,8 +400,10 @@ class AffineEMSARule(EMSARuleBase):
                            delta_b=delta_b if grad_b is not None else None)
         m, n = adapter.weight_shape_2d(module)
         dev = member.weight.device
-        # calls without a batch dimension (positions): the union's costate is the ranks' mean
-        st.unify_shared_(pg, ctx.world, float(st.samples) * ctx.costate_inv_scale)
+        # calls without a batch dimension (positions), and an embedding's [1, T] calls on the same
+        # indices everywhere: the union's costate is the ranks' mean (every rank agrees for an embedding)
+        st.unify_shared_(pg, ctx.world, float(st.samples) * ctx.costate_inv_scale,
+                         agree=getattr(adapter, "index_input", False), device=member.weight.device)
         route = self.value(group, "route")
         running = self.running_averages(group)
         b = float(samples)
