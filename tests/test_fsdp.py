@@ -31,7 +31,7 @@ fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
     pytest.skip("torch.distributed.fsdp.fully_shard is not available", allow_module_level=True)
 
-K_STEPS = 4
+K_STEPS = 5  # issue 20: every parameter within tolerance of one process after 5 steps
 BATCH = 8
 
 
