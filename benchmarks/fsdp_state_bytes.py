@@ -12,7 +12,7 @@ covariances too with ``shard_statistics=False``, the ``-whole`` rows). Bytes are
 those numbers do not depend on the machine's load.
 
 ``--time-steps N`` then times, on 2 and 4 ranks, ``N`` steps of the transformer setting with the
-statistics sharded (one all-gather per kept matrix per step) and kept whole, interleaved step by step
+statistics sharded (gathered with the parameters in the step's batched all-gather) and kept whole, interleaved step by step
 in the same ranks (a barrier before each step; rank 0's wall time of ``step()``; medians).
 
     python benchmarks/fsdp_state_bytes.py --time-steps 20   # a few minutes on 2 loaded cores

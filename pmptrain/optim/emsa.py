@@ -353,7 +353,7 @@ class EMSA(PMPOptimizer):
         shard_statistics: under FSDP2 (default True), the statistics a module unit keeps between
             steps (``C_x``, ``C_p`` and their eigenbases, with ``stat_decay``/``stat_every``) are
             stored as ``DTensor`` row shards, 1/world of them per rank, and all-gathered for each
-            step (one all-gather per kept matrix per step); False: every rank keeps them whole
+            step (in the step's one batched all-gather of the sharded tensors); False: every rank keeps them whole
             (more memory, no all-gather). No effect without FSDP2.
 
     Note:
