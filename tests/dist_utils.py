@@ -98,7 +98,9 @@ def run_distributed(
     try:
         return _run_once(fn, world_size, args, timeout)
     except RankKilled as e:
-        warnings.warn(f"a rank died of a signal; running the spawn once more. {e}", RuntimeWarning, stacklevel=2)
+        with warnings.catch_warnings():  # reported, never raised (a caller's "error" filter must not end it here)
+            warnings.simplefilter("always")
+            warnings.warn(f"a rank died of a signal; running the spawn once more. {e}", RuntimeWarning, stacklevel=2)
     return _run_once(fn, world_size, args, timeout)
 
 
