@@ -123,7 +123,41 @@ def _all_cases(rank: int, world: int) -> Dict[str, List[torch.Tensor]]:
         out = {f"{o}-{w}": train(o, w, rank, world) for o in OPTIMIZERS for w in WRAPS if _case(o, w)}
         out["refused"] = _refused_layouts(rank, world)
         out["full_tensors"] = _full_tensors_agree(rank, world)
+        out.update({f"bench-{n}": _bench_baseline(n, rank, world) for n in BENCH_BASELINES})
         return out
+
+
+#: the benches' baselines (pmptrain.bench.registry), built as ``pmptrain bench`` builds them
+BENCH_BASELINES = ("adam", "adamw", "adagrad", "muon", "soap")
+
+
+def _bench_baseline(name: str, rank: int, world: int):
+    """``name`` from the benches' registry on the "all" wrapping: the whole weights, or (for an
+    entry whose ``no_fsdp`` says it cannot run under FSDP2, on several ranks) the error its step
+    raises — the reason ``--fsdp`` refuses it; None without pytorch-optimizer (Muon, SOAP)."""
+    from pmptrain.bench.registry import build_optimizer, get_spec
+
+    if name in ("muon", "soap"):
+        try:
+            import pytorch_optimizer  # noqa: F401
+        except ImportError:
+            return None
+    model = _model()
+    if world > 1:
+        _shard(model, "all")
+    opt = build_optimizer(name, model)
+    xs, ys = _data()
+    part = BATCH // world
+    try:
+        for x, y in zip(xs, ys):
+            opt.zero_grad()
+            F.cross_entropy(model(x[rank * part:(rank + 1) * part]), y[rank * part:(rank + 1) * part]).backward()
+            opt.step()
+    except Exception as e:  # noqa: BLE001 - the error is the result
+        if world > 1 and get_spec(name).no_fsdp:
+            return f"{type(e).__name__}: {e}"
+        raise
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
 
 
 def _full_tensors_agree(rank: int, world: int) -> List[str]:
@@ -199,6 +233,32 @@ def test_fsdp2_matches_one_process_on_the_union_batch(fsdp_results, references, 
         for a, b, p0 in zip(got, ref, init):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), (rank, (a - b).abs().max())
         assert any(not torch.equal(b, p0) for b, p0 in zip(ref, init))  # the reference trained
+
+
+@pytest.mark.parametrize("name", BENCH_BASELINES)
+def test_bench_baselines_under_fsdp2_match_one_process_or_are_refused(fsdp_results, name):
+    """Issue 20's target for the baselines: every registry baseline that runs under FSDP2 gives one
+    process's weights on the union batch; one that cannot (``no_fsdp``: SOAP) does fail in its step
+    under FSDP2 — so ``--fsdp`` refusing it up front (check_fsdp) is not a guess — and the refusal
+    names it."""
+    from pmptrain.bench.registry import check_fsdp, get_spec
+    from pmptrain.bench.schema import ConfigError
+
+    world, results = fsdp_results
+    if results[0][f"bench-{name}"] is None:
+        pytest.skip("pytorch-optimizer is not installed")
+    if get_spec(name).no_fsdp:
+        for rank, r in enumerate(results):
+            assert isinstance(r[f"bench-{name}"], str) and "DTensor" in r[f"bench-{name}"], (rank, r[f"bench-{name}"])
+        with pytest.raises(ConfigError, match=f"--optimizers: under --fsdp {name} cannot run"):
+            check_fsdp(["adamw", name])
+        return
+    check_fsdp([name])  # accepted
+    ref = _bench_baseline(name, 0, 1)
+    assert any(not torch.equal(a, b) for a, b in zip(ref, _model().parameters()))  # it trained
+    for rank, r in enumerate(results):
+        for a, b in zip(r[f"bench-{name}"], ref):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), (name, world, rank, (a - b).abs().max())
 
 
 def test_full_tensors_gathers_what_full_tensor_gathers(fsdp_results):

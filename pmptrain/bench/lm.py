@@ -444,6 +444,10 @@ def run_lm_bench(cfg: LMConfig, out_dir: Path, log=print) -> Dict[str, Any]:
     if world > 1 and not cfg.fsdp:
         raise ValueError(f"--fsdp: under torchrun ({world} ranks) the language-model bench shards the GPT with "
                          "FSDP2 and needs --fsdp (it has no DDP path)")
+    if world > 1:
+        from .registry import check_fsdp
+
+        check_fsdp(cfg.optimizers)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size: {cfg.batch_size} sequences cannot be split evenly across {world} ranks")
     if cfg.threads:

@@ -97,7 +97,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -106,7 +106,7 @@ from ..optim.emsa import EMSA
 from .schema import ConfigError
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "get_spec", "build_optimizer", "optimizer_names",
-           "UnknownOptimizerError", "decay_groups"]
+           "UnknownOptimizerError", "decay_groups", "check_fsdp"]
 
 
 class UnknownOptimizerError(ConfigError):
@@ -134,6 +134,9 @@ class OptimizerSpec:
         forwards_to: name of the :mod:`pmptrain.optim` class a builder's ``**kwargs`` go to
             (``"EMSA"``, …), so that :meth:`options` can list them; ``""`` when the builder's own
             signature lists every keyword.
+        no_fsdp: why the optimizer cannot train FSDP2's sharded (``DTensor``) parameters, which
+            the benches' ``--fsdp`` refuses up front (:func:`check_fsdp`); ``""`` when it can
+            (``tests/test_fsdp.py`` checks each such baseline against one process).
     """
 
     name: str
@@ -145,6 +148,7 @@ class OptimizerSpec:
     takes_wrapper: bool = False
     description: str = ""
     forwards_to: str = ""
+    no_fsdp: str = ""
 
     def _signatures(self) -> List[Callable]:
         """The callables whose keywords :meth:`build` accepts, in order: the builder and, for
@@ -396,7 +400,9 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                       description="Muon on hidden matrices + AdamW on the rest (pytorch-optimizer; "
                                   "optional extra 'baselines')"),
         OptimizerSpec("soap", _soap, {"lr": 3e-3}, "lr", (1e-3, 3e-3, 1e-2),
-                      description="SOAP (pytorch-optimizer; optional extra 'baselines')"),
+                      description="SOAP (pytorch-optimizer; optional extra 'baselines')",
+                      no_fsdp="pytorch-optimizer's SOAP keeps plain tensors beside FSDP2's DTensor gradients in "
+                              "its state and its first step fails (aten.lerp_ refuses the mix)"),
         OptimizerSpec("msa", _msa, {"lr": 0.1}, "lr", (0.03, 0.1, 0.3), takes_wrapper=True,
                       forwards_to="MSA", description="basic MSA (rho = 0) with proximal step lr"),
         OptimizerSpec("emsa", _emsa, {"lr": 1.0, "rho": 1.0}, "lr", (0.3, 1.0, 3.0),
@@ -493,3 +499,13 @@ def build_optimizer(name: str, model: nn.Module, **overrides) -> torch.optim.Opt
     """``get_spec(name).build(model, **overrides)``; the model must already be discretised if
     the spec needs it (``spec.levels``)."""
     return get_spec(name).build(model, **overrides)
+
+
+def check_fsdp(names: Sequence[str]) -> None:
+    """Refuse (a :class:`~pmptrain.bench.schema.ConfigError` naming ``--optimizers``) the optimizers
+    among ``names`` that cannot train FSDP2's sharded parameters (:attr:`OptimizerSpec.no_fsdp`):
+    ``--fsdp`` checks this before anything trains."""
+    bad = [(get_spec(n).name, get_spec(n).no_fsdp) for n in names if get_spec(n).no_fsdp]
+    if bad:
+        raise ConfigError("--optimizers: under --fsdp " + "; ".join(f"{n} cannot run: {why}" for n, why in bad)
+                          + "; run it without --fsdp")

@@ -18,7 +18,7 @@ from . import report
 from .config import BenchConfig
 from .ranks import broadcast_object, dist_info
 from .records import atomic_write_json, check_out_dir, versions
-from .registry import get_spec
+from .registry import check_fsdp, get_spec
 from .schema import ConfigError
 from .runner import load_data, preflight, run_one, time_steps
 
@@ -52,6 +52,8 @@ def run_bench(cfg: BenchConfig, out_dir: Path, resume: bool = False,
         torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
     say = log if rank == 0 else (lambda *_: None)
+    if world > 1 and cfg.fsdp:
+        check_fsdp(cfg.optimizers)
     if world > 1 and cfg.batch_size % world:
         raise ConfigError(f"--batch-size: {cfg.batch_size} is not divisible by the {world} ranks: the PMP optimizers "
                           "refuse unequal per-rank batches under DistributedDataParallel")
