@@ -113,3 +113,26 @@ def test_profile_counts_operations_and_flops_per_step():
     fwd = 2 * 16 * (784 * 256 + 256 * 256 + 256 * 10) / 1e9
     assert sgd["count::gflop"] == pytest.approx(3 * fwd - 2 * 16 * 784 * 256 / 1e9, rel=0.05)
     assert sgd.get("count::step_gflop", 0.0) == 0.0 and emsa["count::step_gflop"] > 0.0
+
+
+def test_gain_ratio_reads_the_bench_logs(tmp_path, capsys):
+    """benchmarks/gain_ratio.py divides each step's logged pmp/hamiltonian_gain by the same step's
+    train/loss; a run without PMP scalars (a baseline) is left out."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    import gain_ratio
+
+    run = tmp_path / "tensorboard" / "emsa" / "seed0"
+    w = SummaryWriter(str(run))
+    for step, (loss, gain) in enumerate([(2.0, 1.0), (1.0, 1.5), (0.5, 0.1)]):
+        w.add_scalar("train/loss", loss, step)
+        w.add_scalar("pmp/hamiltonian_gain", gain, step)
+    w.close()
+    base = SummaryWriter(str(tmp_path / "tensorboard" / "sgd" / "seed0"))
+    base.add_scalar("train/loss", 1.0, 0)
+    base.close()
+    assert sorted(gain_ratio.ratios(run)) == pytest.approx([0.2, 0.5, 1.5])
+    gain_ratio.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "emsa/seed0" in out and "sgd/seed0" not in out
+    assert out.splitlines()[1].split()[1:] == ["3", "0.50", "0.50", "1.50", "1"]
