@@ -203,25 +203,20 @@ class ModuleStats:
             merge = _same_in_every_pass(maybe)
         if not self.shared_g:
             return
-        rows, spec, passes, xs = self.shared_g, self.shared_spec, self.shared_pass, self.shared_x
+        spec = self.shared_spec
+        shared = [(task, gr) for task, gr, x in zip(self.shared_pass, self.shared_g, self.shared_x) if x is None]
         self.shared_g, self.shared_spec, self.shared_pass, self.shared_x = [], None, [], []
-        if maybe:
-            if merge:
-                rows = [gr for gr, x in zip(rows, xs) if x is None] + [gr for _, gr, _ in maybe]
-                passes = [t for t, x in zip(passes, xs) if x is None] + [t for t, _, _ in maybe]
-            else:
-                for _, gr, _ in maybe:
-                    _add_costates(self, spec, gr)
-                rows = [gr for gr, x in zip(rows, xs) if x is None]
-                passes = [t for t, x in zip(passes, xs) if x is None]
-                if not rows:
-                    return
+        if merge:
+            shared += [(task, gr) for task, gr, _ in maybe]
+        else:  # samples: folded as recorded
+            for _, gr, _ in maybe:
+                _add_costates(self, spec, gr)
+        if not shared:
+            return
+        rows = [gr for _, gr in shared]
         dt = torch.promote_types(spec.dtype, rows[0].dtype) if rows[0].is_floating_point() else spec.dtype
         copies = 1
-        by_pass: Dict[Any, List[Tensor]] = {}
-        for task, gr in zip(passes, rows):
-            by_pass.setdefault(id(task) if task is None else task, []).append(gr)
-        pieces = list(by_pass.values())
+        pieces = _by_pass(shared)
         if len(pieces) > 1 and all(len(q) == len(pieces[0]) and all(a.shape == b.shape for a, b in zip(q, pieces[0]))
                                    for q in pieces):
             copies = len(pieces)
@@ -270,11 +265,16 @@ def _reduce_rows(rows: Tensor, per_entry: int) -> Tensor:
     return rows.reshape(-1, per_entry, rows.shape[-1]).sum(1) * (1.0 / math.sqrt(per_entry))
 
 
-def _calls_by_pass(pieces: List[Tuple[Any, Tensor, Tensor]]) -> List[List[Tensor]]:
-    by_pass: Dict[Any, List[Tensor]] = {}
-    for task, _, x in pieces:
-        by_pass.setdefault(id(task) if task is None else task, []).append(x)
+def _by_pass(items: List[Tuple[Any, Any]]) -> List[List[Any]]:
+    """The values of ``items`` (``(backward pass, value)``) grouped by their pass, in order."""
+    by_pass: Dict[Any, List[Any]] = {}
+    for task, v in items:
+        by_pass.setdefault(id(task) if task is None else task, []).append(v)
     return list(by_pass.values())
+
+
+def _calls_by_pass(pieces: List[Tuple[Any, Tensor, Tensor]]) -> List[List[Tensor]]:
+    return _by_pass([(task, x) for task, _, x in pieces])
 
 
 def _equal_passes(calls: List[List[Tensor]]) -> bool:

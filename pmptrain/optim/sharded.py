@@ -96,27 +96,17 @@ def whole_record(rec, cache=None):
     return dataclasses.replace(rec, **changes)
 
 
-def _shard_like(whole: Tensor, param) -> Tensor:
-    """This rank's rows of ``whole`` (a tensor of ``param``'s global shape) as a ``DTensor`` with
-    ``param``'s mesh and placements (no collective: the rows are sliced locally)."""
-    from torch.distributed.tensor import DTensor
-
-    offset, length = pdist.local_rows(param)
-    local = whole[offset:offset + length] if whole.dim() else whole
-    return DTensor.from_local(local.detach().clone(), param.device_mesh, param.placements, run_check=False,
-                              shape=whole.shape, stride=torch.empty(whole.shape, device="meta").stride())
-
-
 def _shardable(v, param) -> bool:
     return (isinstance(v, Tensor) and param is not None and pdist.is_sharded(param) and not pdist.is_sharded(v)
             and tuple(v.shape) == tuple(param.shape) and v.dim() > 0)
 
 
 def _shard_rows(whole: Tensor, param) -> Tensor:
-    """This rank's rows of ``whole`` (any tensor of two or more dimensions: a covariance, an
-    eigenbasis) as a ``DTensor`` with ``param``'s mesh and placements, split along its own dimension
-    0 as FSDP2 splits a parameter of that many rows (no collective: sliced locally, then copied, so
-    that the whole tensor is freed)."""
+    """This rank's rows of ``whole`` (a tensor of one or more dimensions: a parameter-shaped moment,
+    a covariance, an eigenbasis) as a ``DTensor`` with ``param``'s mesh and placements, split along
+    its own dimension 0 as FSDP2 splits a parameter of that many rows — for a tensor of ``param``'s
+    shape, the rows of ``param``'s own shard (no collective: sliced locally, then copied, so that
+    the whole tensor is freed)."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -171,12 +161,12 @@ def shard_record(rec, param, params=None, statistics: bool = True):
     for name in listed:
         v = getattr(rec, name)
         if isinstance(v, list):
-            new = [_shard_like(t, p) if _shardable(t, p) else t
+            new = [_shard_rows(t, p) if _shardable(t, p) else t
                    for t, p in zip(v, params + [None] * (len(v) - len(params)))]
             if any(a is not b for a, b in zip(new, v)):
                 changes[name] = new
         elif _shardable(v, param):
-            changes[name] = _shard_like(v, param)
+            changes[name] = _shard_rows(v, param)
     mesh_of = param if pdist.is_sharded(param) else next(p for p in params if pdist.is_sharded(p))
     for f in dataclasses.fields(rec) if statistics else ():
         if f.name in listed:
@@ -254,10 +244,9 @@ class ShardedStep:
         for unit in todo:
             _dtensors_in(unit.state, leaves)
         cache = {id(t): w for t, w in zip(leaves, pdist.full_tensors(leaves))}
+        sharded = {id(unit) for unit in todo}
         for key, unit in units.items():
-            if any(pdist.is_sharded(p) for p in unit.params):
-                unit = self._stand_in_unit(unit, cache)
-            self.units[key] = unit
+            self.units[key] = self._stand_in_unit(unit, cache) if id(unit) in sharded else unit
 
     def _stand_in(self, p, cache: Dict[int, Tensor]) -> Tensor:
         if p is None or not pdist.is_sharded(p):
